@@ -1,0 +1,3 @@
+"""The gRPC status API and its generated stubs.
+
+Reads the applied state; never writes it."""

@@ -1,0 +1,114 @@
+"""bpf(2) operations BCC does not offer (links, pins, queries), through Debian's libbpf.
+
+Thin ctypes wrappers that raise OSError with the errno; nothing here knows our layouts."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import enum
+import os
+import struct
+
+_libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+
+_libbpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_libbpf.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_libbpf.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+_libbpf.bpf_obj_get.argtypes = [ctypes.c_char_p]
+_libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p,
+                                           ctypes.POINTER(ctypes.c_uint32)]
+_libbpf.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+_libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
+                                   ctypes.POINTER(ctypes.c_uint32),
+                                   ctypes.POINTER(ctypes.c_uint32),
+                                   ctypes.POINTER(ctypes.c_uint32)]
+
+
+class AttachType(enum.IntEnum):
+    """enum bpf_attach_type values of the cgroup hooks we use (uapi/linux/bpf.h)."""
+    CGROUP_INET4_CONNECT = 10
+    CGROUP_INET6_CONNECT = 11
+    CGROUP_UDP4_SENDMSG = 14
+    CGROUP_UDP6_SENDMSG = 15
+    CGROUP_UDP4_RECVMSG = 19
+    CGROUP_UDP6_RECVMSG = 20
+    CGROUP_INET4_GETPEERNAME = 29
+    CGROUP_INET6_GETPEERNAME = 30
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        # libbpf returns -errno and also sets errno
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: AttachType) -> int:
+    return _check(_libbpf.bpf_link_create(prog_fd, target_fd, int(attach_type), None),
+                  f"bpf_link_create({attach_type.name})")
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Atomically swap the program behind a link: no moment without a program."""
+    _check(_libbpf.bpf_link_update(link_fd, new_prog_fd, None), "bpf_link_update")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_libbpf.bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin({path})")
+
+
+def obj_get(path: str) -> int:
+    return _check(_libbpf.bpf_obj_get(path.encode()), f"bpf_obj_get({path})")
+
+
+def _info(fd: int, size: int = 256) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(length)),
+           "bpf_obj_get_info_by_fd")
+    return buf.raw[:length.value]
+
+
+def link_cgroup_id(link_fd: int) -> int:
+    """struct bpf_link_info: type, id, prog_id, then (8-aligned) cgroup.cgroup_id."""
+    info = _info(link_fd)
+    return struct.unpack_from("=Q", info, 16)[0]
+
+
+def map_info(map_fd: int) -> dict[str, int]:
+    """The fields of struct bpf_map_info that describe a map's layout."""
+    map_type, map_id, key_size, value_size, max_entries, map_flags = \
+        struct.unpack_from("=6I", _info(map_fd))
+    return {"type": map_type, "id": map_id, "key_size": key_size,
+            "value_size": value_size, "max_entries": max_entries, "flags": map_flags}
+
+
+def cgroup_program_ids(cgroup_dir: str, attach_type: AttachType) -> list[int]:
+    """Ids of the programs attached directly to a cgroup for one hook."""
+    fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ids = (ctypes.c_uint32 * 64)()
+        count = ctypes.c_uint32(64)
+        flags = ctypes.c_uint32(0)
+        _check(_libbpf.bpf_prog_query(fd, int(attach_type), 0, ctypes.byref(flags), ids,
+                                      ctypes.byref(count)), "bpf_prog_query")
+        return list(ids[:count.value])
+    finally:
+        os.close(fd)
+
+
+def program_name(prog_id: int) -> str:
+    """struct bpf_prog_info.name (16 bytes at offset 64); "" when the program is gone."""
+    ret = _libbpf.bpf_prog_get_fd_by_id(prog_id)
+    if ret < 0:
+        return ""
+    try:
+        return _info(ret)[64:80].split(b"\0", 1)[0].decode()
+    finally:
+        os.close(ret)
+
+
+def cgroup_id(cgroup_dir: str) -> int:
+    """The kernel's cgroup id is the inode number of its cgroup2 directory."""
+    return os.stat(cgroup_dir).st_ino

@@ -1,0 +1,29 @@
+"""Datapath configuration: the one table from which every -D macro given to bpf/*.c comes.
+
+A unit test checks that these defaults equal the #ifndef defaults in bpf/maps.h."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/bpfproxy")
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathConfig:
+    pin_dir: Path = DEFAULT_PIN_DIR
+    max_frontends: int = 262144       # service address:port/protocol entries
+    max_slots: int = 2097152          # backend slots over all service ports
+    max_revnat: int = 524288          # live UDP flows/sockets remembered for reverse NAT
+
+    def macros(self) -> dict[str, str]:
+        """C macro name -> C literal."""
+        return {
+            "BPFP_PIN_DIR": f'"{self.pin_dir}"',
+            "BPFP_MAX_FRONTENDS": str(self.max_frontends),
+            "BPFP_MAX_SLOTS": str(self.max_slots),
+            "BPFP_MAX_REVNAT": str(self.max_revnat),
+        }
+
+    def cflags(self) -> list[str]:
+        return [f"-D{name}={value}" for name, value in self.macros().items()]

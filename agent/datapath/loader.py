@@ -1,0 +1,189 @@
+"""Compiles bpf/*.c with BCC, pins the maps, and attaches the socket programs to a cgroup.
+
+Attachments are pinned bpf_links: they outlive the agent, and a new agent swaps its
+programs in atomically (bpf_link_update), so traffic never sees a moment without one."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.datapath import bpfsys
+from agent.datapath.bpfsys import AttachType
+from agent.datapath.config import DatapathConfig
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(os.environ.get("BPFPROXY_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
+
+# (function in bpf/socklb.c, hook)
+SOCKET_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
+    ("bpfp_connect4", AttachType.CGROUP_INET4_CONNECT),
+    ("bpfp_sendmsg4", AttachType.CGROUP_UDP4_SENDMSG),
+    ("bpfp_recvmsg4", AttachType.CGROUP_UDP4_RECVMSG),
+    ("bpfp_getpeername4", AttachType.CGROUP_INET4_GETPEERNAME),
+)
+
+# Pinned maps (file names carry the layout version) and their BCC table names.
+PINNED_MAPS = {"bpfp_svc4": "bpfp_svc4_v1", "bpfp_slot4": "bpfp_slot4_v1",
+               "bpfp_revnat4": "bpfp_revnat4_v1"}
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+class DatapathError(RuntimeError):
+    """The kernel refused something; the message says what and what to do."""
+
+
+def inline_headers(path: Path, seen: frozenset[Path] = frozenset()) -> str:
+    """BCC resolves map access only in the text it compiles, so local headers are pasted
+    in; #line markers keep compiler and verifier messages pointing at the real file."""
+    out = [f'#line 1 "{path.name}"']
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _INCLUDE.match(line)
+        if match:
+            header = (path.parent / match.group(1)).resolve()
+            if header not in seen:
+                out.append(inline_headers(header, seen | {path.resolve()}))
+            out.append(f'#line {number + 1} "{path.name}"')
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def ensure_bpffs(pin_dir: Path) -> None:
+    """bpffs is not mounted at boot on every machine; pins need it."""
+    mounts = Path("/proc/mounts").read_text().split("\n")
+    if not any(m.split(" ")[1:3] == ["/sys/fs/bpf", "bpf"] for m in mounts if m):
+        if os.system("mount -t bpf bpf /sys/fs/bpf") != 0:
+            raise DatapathError("bpffs is not mounted at /sys/fs/bpf and mounting it failed; "
+                                "run: mount -t bpf bpf /sys/fs/bpf")
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    (pin_dir / "links").mkdir(exist_ok=True)
+
+
+def check_kernel_headers() -> None:
+    release = os.uname().release
+    kdir = Path("/lib/modules") / release
+    if any((kdir / d / "include/linux/kconfig.h").exists() for d in ("build", "source")) \
+            or Path("/sys/kernel/kheaders.tar.xz").exists():
+        return
+    raise DatapathError(f"no kernel headers for {release} under {kdir}: BCC cannot compile "
+                        f"the programs; run `make install` (it links Debian's headers)")
+
+
+@dataclass
+class LoadedDatapath:
+    bpf: object                    # bcc.BPF: owns the program fds and the map tables
+    config: DatapathConfig
+
+
+def compile_programs(config: DatapathConfig) -> LoadedDatapath:
+    """Compile socklb.c; its maps are created and pinned, or adopted when already pinned."""
+    from bcc import BPF   # only here: importing bcc is slow and needs root-ish setup
+
+    check_kernel_headers()
+    ensure_bpffs(config.pin_dir)
+    text = inline_headers(BPF_DIR / "socklb.c")
+    try:
+        bpf = BPF(text=text, cflags=config.cflags())
+    except Exception as exc:
+        raise DatapathError(f"compiling bpf/socklb.c failed: {exc}") from exc
+    _check_pinned_layouts(bpf, config)
+    return LoadedDatapath(bpf, config)
+
+
+def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
+    """BCC silently adopts a pinned map even when its size differs; refuse instead."""
+    for table_name, pin_name in PINNED_MAPS.items():
+        table = bpf[table_name]
+        info = bpfsys.map_info(table.map_fd)
+        want_key, want_value = table.Key, table.Leaf
+        if info["key_size"] != ctypes.sizeof(want_key) or \
+                info["value_size"] != ctypes.sizeof(want_value):
+            raise DatapathError(
+                f"pinned map {config.pin_dir / pin_name} has another layout "
+                f"(key {info['key_size']} B, value {info['value_size']} B); "
+                f"run `bpfproxy cleanup` and start again")
+        expected_max = {"bpfp_svc4": config.max_frontends, "bpfp_slot4": config.max_slots,
+                        "bpfp_revnat4": config.max_revnat}[table_name]
+        if info["max_entries"] != expected_max:
+            log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
+                        "action=keeping_pinned", pin_name, info["max_entries"], expected_max)
+
+
+def attach_socket_programs(loaded: LoadedDatapath, cgroup_dir: Path) -> None:
+    """Attach (or atomically replace) each socket hook through a pinned bpf_link."""
+    from bcc import BPF
+
+    cgroup_id = bpfsys.cgroup_id(str(cgroup_dir))
+    cgroup_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for func_name, attach_type in SOCKET_PROGRAMS:
+            fn = loaded.bpf.load_func(func_name.encode(), BPF.CGROUP_SOCK_ADDR,
+                                      attach_type=int(attach_type))
+            link_path = str(loaded.config.pin_dir / "links" / func_name)
+            if os.path.exists(link_path):
+                link_fd = bpfsys.obj_get(link_path)
+                try:
+                    if bpfsys.link_cgroup_id(link_fd) == cgroup_id:
+                        bpfsys.link_update(link_fd, fn.fd)
+                        log.info("event=program_replaced hook=%s", attach_type.name)
+                        continue
+                finally:
+                    os.close(link_fd)
+                # attached to another cgroup by an earlier run: unpinning detaches it
+                os.unlink(link_path)
+            link_fd = bpfsys.link_create(fn.fd, cgroup_fd, attach_type)
+            try:
+                bpfsys.obj_pin(link_fd, link_path)
+            finally:
+                os.close(link_fd)
+            log.info("event=program_attached hook=%s cgroup=%s", attach_type.name, cgroup_dir)
+    finally:
+        os.close(cgroup_fd)
+
+
+def cleanup(pin_dir: Path) -> list[str]:
+    """Remove every pin the agent made: unpinning a link detaches its program, unpinning
+    a map frees it once no program uses it. Returns what was removed."""
+    removed = []
+    links = pin_dir / "links"
+    if links.is_dir():
+        for link in sorted(links.iterdir()):
+            link.unlink()
+            removed.append(str(link))
+        links.rmdir()
+    if pin_dir.is_dir():
+        for pin in sorted(pin_dir.iterdir()):
+            if pin.name.startswith("bpfp_"):
+                pin.unlink()
+                removed.append(str(pin))
+        try:
+            pin_dir.rmdir()
+        except OSError as exc:
+            log.warning("event=cleanup_left_dir dir=%s error=%s", pin_dir, exc)
+    return removed
+
+
+def attached_programs(cgroup_dir: Path) -> list[str]:
+    """Our programs (by name) attached to the cgroup at any of our hooks."""
+    names = []
+    for _, hook in SOCKET_PROGRAMS:
+        for prog_id in bpfsys.cgroup_program_ids(str(cgroup_dir), hook):
+            name = bpfsys.program_name(prog_id)
+            if name.startswith("bpfp_"):
+                names.append(name)
+    return names
+
+
+def wait_detached(cgroup_dir: Path, timeout: float) -> list[str]:
+    """The kernel releases an unpinned link asynchronously; wait for it, return leftovers."""
+    deadline = time.monotonic() + timeout
+    while (left := attached_programs(cgroup_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left

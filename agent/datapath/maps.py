@@ -1,0 +1,159 @@
+"""The service maps behind one door: apply planner operations in batches, read state back.
+
+Keys and values are the ctypes structs BCC derives from bpf/maps.h, so the Python side
+can never disagree with the C layout."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import itertools
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Protocol as TypingProtocol
+
+from agent.model.types import Protocol
+from agent.planner import (AppliedState, BackendAddr, DeleteFrontend, DeleteSlot, FrontendKey,
+                           KernelService, MapOp, PutFrontend, PutSlot)
+
+log = logging.getLogger(__name__)
+
+_PROTOCOLS = {p.number: p for p in Protocol}
+_READ_CHUNK = 4096
+
+
+class MapFullError(RuntimeError):
+    """A map has no room left: raise its size (--max-* flags) or shrink the cluster."""
+
+
+class ServiceMaps(TypingProtocol):
+    def apply(self, ops: Sequence[MapOp]) -> None: ...
+    def read_back(self) -> AppliedState: ...
+
+
+def _be32(address: ipaddress.IPv4Address) -> int:
+    """An address as the u32 whose memory holds it in network order (ctx->user_ip4)."""
+    return int.from_bytes(address.packed, sys.byteorder)
+
+
+def _from_be32(value: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder))
+
+
+class BpfServiceMaps:
+    """ServiceMaps on the pinned BPF maps of a compiled datapath."""
+
+    def __init__(self, bpf) -> None:
+        self.svc = bpf["bpfp_svc4"]
+        self.slots = bpf["bpfp_slot4"]
+
+    # --- writes -----------------------------------------------------------------------
+
+    def apply(self, ops: Sequence[MapOp]) -> None:
+        """Ops are applied in their order; consecutive ops of one kind go in one batch."""
+        for kind, group in itertools.groupby(ops, key=type):
+            batch = list(group)
+            if kind is PutSlot:
+                self._update(self.slots, [self._slot_key(o.svc_id, o.slot) for o in batch],
+                             [self._backend(o.backend) for o in batch])
+            elif kind is PutFrontend:
+                self._update(self.svc, [self._svc_key(o.frontend) for o in batch],
+                             [self._svc_value(o) for o in batch])
+            elif kind is DeleteFrontend:
+                self._delete(self.svc, [self._svc_key(o.frontend) for o in batch])
+            elif kind is DeleteSlot:
+                self._delete(self.slots, [self._slot_key(o.svc_id, o.slot) for o in batch])
+
+    def _update(self, table, keys: list, values: list) -> None:
+        for start in range(0, len(keys), _READ_CHUNK):
+            k = keys[start:start + _READ_CHUNK]
+            v = values[start:start + _READ_CHUNK]
+            ct_keys = (table.Key * len(k))(*k)
+            ct_values = (table.Leaf * len(v))(*v)
+            count = ctypes.c_uint32(len(k))
+            from bcc.libbcc import lib
+            if lib.bpf_update_batch(table.map_fd, ctypes.byref(ct_keys),
+                                    ctypes.byref(ct_values), ctypes.byref(count)) != 0:
+                err = ctypes.get_errno()
+                if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                    raise MapFullError(f"map {table.name.decode()} is full "
+                                       f"({table.max_entries} entries): {os.strerror(err)}")
+                raise OSError(err, f"updating {table.name.decode()}: {os.strerror(err)}")
+
+    def _delete(self, table, keys: list) -> None:
+        """Deleting what is already gone is fine (a crash between write and record)."""
+        from bcc.libbcc import lib
+        for key in keys:
+            if lib.bpf_delete_elem(table.map_fd, ctypes.byref(key)) != 0:
+                err = ctypes.get_errno()
+                if err != errno.ENOENT:
+                    raise OSError(err, f"deleting from {table.name.decode()}: "
+                                       f"{os.strerror(err)}")
+
+    # --- reads ------------------------------------------------------------------------
+
+    def read_back(self) -> AppliedState:
+        """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
+        frontends: dict[int, set[FrontendKey]] = {}
+        counts: dict[int, int] = {}
+        for key, value in _read_all(self.svc):
+            fkey = FrontendKey(_from_be32(key.addr), socket.ntohs(key.port),
+                               _PROTOCOLS.get(key.proto, Protocol.TCP))
+            frontends.setdefault(value.svc_id, set()).add(fkey)
+            counts[value.svc_id] = max(counts.get(value.svc_id, 0), value.count)
+        tables: dict[int, dict[int, BackendAddr]] = {}
+        for key, value in _read_all(self.slots):
+            tables.setdefault(key.svc_id, {})[key.slot] = \
+                BackendAddr(_from_be32(value.addr), socket.ntohs(value.port))
+        state: AppliedState = {}
+        for svc_id in frontends.keys() | tables.keys():
+            table = tables.get(svc_id, {})
+            # Slots past the count are leftovers of an interrupted write: not live.
+            count = counts.get(svc_id, len(table))
+            backends = tuple(itertools.takewhile(lambda b: b is not None,
+                                                 (table.get(i) for i in range(len(table)))))
+            if svc_id in counts and len(backends) > count:
+                backends = backends[:count]
+            state[svc_id] = KernelService(svc_id, 4, frozenset(frontends.get(svc_id, ())),
+                                          backends)
+        return state
+
+    # --- conversions ------------------------------------------------------------------
+
+    def _svc_key(self, f: FrontendKey):
+        return self.svc.Key(addr=_be32(f.address), port=socket.htons(f.port),
+                            proto=f.protocol.number, scope=0)
+
+    def _svc_value(self, op: PutFrontend):
+        return self.svc.Leaf(svc_id=op.svc_id, count=op.count, flags=0)
+
+    def _slot_key(self, svc_id: int, slot: int):
+        return self.slots.Key(svc_id=svc_id, slot=slot)
+
+    def _backend(self, b: BackendAddr):
+        return self.slots.Leaf(addr=_be32(b.address), port=socket.htons(b.port), pad=0)
+
+
+def _read_all(table) -> Iterator[tuple[object, object]]:
+    """BPF_MAP_LOOKUP_BATCH in bounded chunks (BCC's version allocates max_entries)."""
+    from bcc.libbcc import lib
+    keys = (table.Key * _READ_CHUNK)()
+    values = (table.Leaf * _READ_CHUNK)()
+    token = ctypes.c_uint32(0)
+    first = True
+    while True:
+        count = ctypes.c_uint32(_READ_CHUNK)
+        res = lib.bpf_lookup_batch(table.map_fd, None if first else ctypes.byref(token),
+                                   ctypes.byref(token), ctypes.byref(keys),
+                                   ctypes.byref(values), ctypes.byref(count))
+        err = ctypes.get_errno() if res != 0 else 0
+        for i in range(count.value):
+            yield keys[i], values[i]
+        if res != 0:
+            if err == errno.ENOENT:
+                return
+            raise OSError(err, f"reading {table.name.decode()}: {os.strerror(err)}")
+        first = False

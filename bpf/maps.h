@@ -1,0 +1,76 @@
+/* bpf/maps.h: every map's key, value and size, shared by all programs and mirrored by
+ * agent/datapath/layout.py. Layout changes bump BPFP_MAPS_VERSION and the pinned names
+ * (bpfp_svc4_v1 -> _v2) so an agent never reads a map written with another layout. */
+#ifndef BPFP_MAPS_H
+#define BPFP_MAPS_H
+
+#define BPFP_MAPS_VERSION 1
+
+/* Defaults; the agent passes every one of these as -D from agent/datapath/config.py
+ * (a unit test checks the two agree). */
+#ifndef BPFP_PIN_DIR
+#define BPFP_PIN_DIR "/sys/fs/bpf/bpfproxy"
+#endif
+#ifndef BPFP_MAX_FRONTENDS
+#define BPFP_MAX_FRONTENDS 262144
+#endif
+#ifndef BPFP_MAX_SLOTS
+#define BPFP_MAX_SLOTS 2097152
+#endif
+#ifndef BPFP_MAX_REVNAT
+#define BPFP_MAX_REVNAT 524288
+#endif
+
+/* A service address as a socket sees it: ClusterIP:port/protocol. */
+struct svc_key4 {
+        __be32 addr;
+        __be16 port;
+        __u8   proto;
+        __u8   scope;           /* reserved for traffic policies; 0 today */
+};
+
+/* One frontend -> its service port's backend slots [0, count). */
+struct svc_value {
+        __u32 svc_id;           /* shared by every frontend of one service port */
+        __u16 count;            /* 0: no usable backend, connect() is refused */
+        __u16 flags;            /* reserved */
+};
+
+struct slot_key {
+        __u32 svc_id;
+        __u32 slot;
+};
+
+struct backend4 {
+        __be32 addr;
+        __be16 port;
+        __u16  pad;
+};
+
+/* Socket cookie + backend -> the service address the application asked for, so
+ * recvmsg() and getpeername() report the service, as with kube-proxy's DNAT. */
+struct revnat4_key {
+        __u64  cookie;
+        __be32 addr;
+        __be16 port;
+        __u16  pad;
+};
+
+struct revnat4_value {
+        __be32 addr;
+        __be16 port;
+        __u16  pad;
+};
+
+#define BPFP_PIN(name) BPFP_PIN_DIR "/" name
+
+/* Frontends and slots are written only by the agent: no preallocation, so memory
+ * follows the cluster's size rather than the configured maximum. */
+BPF_TABLE_PINNED("hash", struct svc_key4, struct svc_value, bpfp_svc4,
+                 BPFP_MAX_FRONTENDS, BPFP_PIN("bpfp_svc4_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct slot_key, struct backend4, bpfp_slot4,
+                 BPFP_MAX_SLOTS, BPFP_PIN("bpfp_slot4_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct revnat4_key, struct revnat4_value, bpfp_revnat4,
+                 BPFP_MAX_REVNAT, BPFP_PIN("bpfp_revnat4_v1"));
+
+#endif /* BPFP_MAPS_H */
