@@ -99,6 +99,8 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService]) -> Plan:
                 continue
             frontend_owner[fkey] = svc_id
             frontends.add(fkey)
+        if not frontends:
+            continue      # nothing can reach it: write no slots for it
         old = applied.get(svc_id)
         wanted = [BackendAddr(b.address, b.port) for b in state.backends]
         slots = _stable_slots(old.backends if old else (), wanted)

@@ -171,13 +171,13 @@ def cleanup(pin_dir: Path) -> list[str]:
 
 
 def attached_programs(cgroup_dir: Path) -> list[str]:
-    """Our programs (by name) attached to the cgroup at any of our hooks."""
+    """Our programs (by function name) attached to the cgroup at their hooks."""
     names = []
-    for _, hook in SOCKET_PROGRAMS:
+    for func, hook in SOCKET_PROGRAMS:
         for prog_id in bpfsys.cgroup_program_ids(str(cgroup_dir), hook):
-            name = bpfsys.program_name(prog_id)
-            if name.startswith("bpfp_"):
-                names.append(name)
+            # the kernel keeps 15 characters of a program's name
+            if bpfsys.program_name(prog_id) == func[:15]:
+                names.append(func)
     return names
 
 

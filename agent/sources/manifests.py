@@ -1,0 +1,273 @@
+"""Directory source: ordinary Kubernetes YAML/JSON files in one directory, re-read on change.
+Yields the complete initial listing first, then only what changed; bad input never deletes."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import stat
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+import yaml
+from yaml.events import CollectionEndEvent, CollectionStartEvent
+
+from agent.model.objects import object_key, parse_object
+from agent.model.types import EndpointSlice, InvalidObject, ObjectKey, Service
+from agent.sources.events import ObjectChange
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml", ".json")
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+DEFAULT_RESYNC_SECONDS = 30.0
+# Kubernetes objects nest about ten deep. libyaml's composer recurses in C and kills the
+# process on deep input (~40k levels on an 8 MiB stack, fewer on a thread's), so deeper
+# files are refused before the composer sees them; 1000 is also Python's recursion limit.
+MAX_NESTING = 1000
+
+Object = Service | EndpointSlice
+Signature = tuple[int, int, int]   # (mtime_ns, size, inode): a changed file changes one
+
+
+@dataclass(slots=True)
+class _FileRecord:
+    signature: Signature
+    objects: dict[ObjectKey, Object]   # the valid objects this file contributes
+
+
+class _Refused(Exception):
+    """A file not parsed at all (too large): its previous objects stay."""
+
+
+class ManifestSource:
+    """Watches one directory (not recursive; symlinks followed, so a ConfigMap volume's
+    ..data swap is seen). Counters: invalid_objects, parse_errors, refused_files."""
+
+    def __init__(self, directory: Path, *, resync_seconds: float = DEFAULT_RESYNC_SECONDS,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, watch_step_ms: int = 50,
+                 watch_debounce_ms: int = 400) -> None:
+        self.directory = Path(directory)
+        self.resync_seconds = resync_seconds
+        self.max_file_bytes = max_file_bytes
+        self.watch_step_ms = watch_step_ms
+        self.watch_debounce_ms = watch_debounce_ms
+        self.invalid_objects = 0
+        self.parse_errors = 0
+        self.refused_files = 0
+        self._files: dict[str, _FileRecord] = {}
+        self._listed: dict[ObjectKey, Object] = {}   # what the consumer has been given
+        self._touched: set[str] = set()              # names the watcher reported
+
+    async def changes(self) -> AsyncIterator[list[ObjectChange]]:
+        if not self.directory.is_dir():
+            raise NotADirectoryError(f"manifest directory {self.directory} does not exist")
+        wake, stop = asyncio.Event(), asyncio.Event()
+        watcher = asyncio.create_task(self._watch(wake, stop))
+        # awatch arms inotify before its first await: one turn of the loop, and no edit can
+        # fall between the listing below and the watch.
+        await asyncio.sleep(0)
+        try:
+            yield await asyncio.to_thread(self.rescan)
+            while True:
+                try:
+                    await asyncio.wait_for(wake.wait(), self.resync_seconds)
+                except TimeoutError:
+                    pass   # periodic resync: the safety net for events inotify cannot see
+                wake.clear()
+                touched, self._touched = self._touched, set()
+                try:
+                    batch = await asyncio.to_thread(self.rescan, touched)
+                except Exception as e:
+                    # Directory unreadable (or our bug): keep serving what was listed.
+                    log.error(_kv(event="rescan_failed", directory=self.directory, error=e),
+                              exc_info=not isinstance(e, OSError))
+                    continue
+                if batch:
+                    yield batch
+        finally:
+            stop.set()   # awatch's thread checks it every step; cancelling alone waits 5 s
+            _, pending = await asyncio.wait({watcher}, timeout=2)
+            for task in pending:
+                task.cancel()
+
+    async def _watch(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        try:
+            async for batch in watchfiles.awatch(
+                    self.directory, watch_filter=None, recursive=False, stop_event=stop,
+                    step=self.watch_step_ms, debounce=self.watch_debounce_ms):
+                self._touched.update(Path(path).name for _, path in batch)
+                wake.set()
+        except Exception as e:  # noqa: BLE001 -- the periodic resync still runs
+            log.warning(_kv(event="watch_failed", directory=self.directory, error=e,
+                            fallback=f"rescan every {self.resync_seconds}s"))
+
+    # --- synchronous part, run in a thread ---------------------------------------------
+
+    def rescan(self, touched: set[str] | frozenset[str] = frozenset()) -> list[ObjectChange]:
+        """Re-reads new files, files whose signature changed and files the watcher named
+        (a same-size rewrite within one timestamp tick keeps the signature); returns the diff."""
+        entries = self._list_directory()
+        for name in self._files.keys() - entries.keys():
+            log.info(_kv(event="file_removed", file=name,
+                         objects=len(self._files.pop(name).objects)))
+        for name, signature in sorted(entries.items()):
+            record = self._files.get(name)
+            if signature is None:
+                continue   # unreadable now: keep what it gave before
+            if record is None or record.signature != signature or name in touched:
+                self._files[name] = self._read(name, signature, record)
+        return self._diff()
+
+    def _list_directory(self) -> dict[str, Signature | None]:
+        entries: dict[str, Signature | None] = {}
+        with os.scandir(self.directory) as scan:
+            for entry in scan:
+                # Dot files are editors' locks and backups (.#web.yaml), and a ConfigMap
+                # volume's ..data and ..<timestamp> entries.
+                if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
+                    continue
+                try:
+                    st = os.stat(entry.path)   # follows symlinks: a ConfigMap key is one
+                except FileNotFoundError:
+                    continue                   # dangling: the key is being removed
+                except OSError as e:
+                    log.warning(_kv(event="stat_failed", file=entry.name, error=e))
+                    entries[entry.name] = None
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    entries[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return entries
+
+    def _read(self, name: str, signature: Signature, previous: _FileRecord | None) -> _FileRecord:
+        kept = previous.objects if previous else {}
+        try:
+            signature, documents = _load_documents(self.directory / name, self.max_file_bytes)
+        except _Refused as e:
+            self.refused_files += 1
+            log.warning(_kv(event="file_refused", file=name, error=e, kept_objects=len(kept)))
+            return _FileRecord(signature, kept)
+        except Exception as e:  # noqa: BLE001 -- half-written, not YAML, unreadable, ...
+            self.parse_errors += 1
+            log.warning(_kv(event="parse_error", file=name, error=_one_line(e),
+                            kept_objects=len(kept)))
+            return _FileRecord(signature, kept)
+        objects: dict[ObjectKey, Object] = {}
+        for where, raw in _raw_objects(documents):
+            try:
+                obj = parse_object(raw)
+            except Exception as e:  # noqa: BLE001 -- InvalidObject, or our bug: same handling
+                self._invalid(name, where, raw, e, kept, objects)
+                continue
+            if obj is None:
+                log.debug(_kv(event="object_ignored", file=name, object=where,
+                              kind=_field(raw, "kind"), apiVersion=_field(raw, "apiVersion")))
+                continue
+            objects[obj.key] = obj   # later documents override earlier ones, as kubectl
+        return _FileRecord(signature, objects)
+
+    def _invalid(self, name: str, where: str, raw: Any, error: Exception,
+                 kept: dict[ObjectKey, Object], objects: dict[ObjectKey, Object]) -> None:
+        self.invalid_objects += 1
+        key = object_key(raw)
+        # An operator's typo must not delete a working service: keep the last valid version.
+        previous = (kept.get(key) or self._listed.get(key)) if key else None
+        if previous is not None:
+            objects[key] = previous
+        level = logging.WARNING if isinstance(error, InvalidObject) else logging.ERROR
+        log.log(level, _kv(event="invalid_object", file=name, object=key or where,
+                           error=_one_line(error), action="kept_previous" if previous else "skipped"),
+                exc_info=not isinstance(error, InvalidObject))
+
+    def _diff(self) -> list[ObjectChange]:
+        # The last file in name order wins, so deleting it falls back to the earlier one.
+        merged: dict[ObjectKey, Object] = {}
+        for name in sorted(self._files):
+            merged.update(self._files[name].objects)
+        changes = [ObjectChange(key, obj) for key, obj in merged.items()
+                   if self._listed.get(key) is not obj and self._listed.get(key) != obj]
+        changes += [ObjectChange(key, None) for key in self._listed.keys() - merged.keys()]
+        self._listed = merged
+        return sorted(changes, key=lambda c: (c.key.kind, c.key.namespace, c.key.name))
+
+
+# --- file contents ---------------------------------------------------------------------
+
+def _load_documents(path: Path, max_bytes: int) -> tuple[Signature, list[Any]]:
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())   # the signature of what is read, not of an earlier stat
+        if st.st_size > max_bytes:
+            raise _Refused(f"{st.st_size} bytes, over the limit of {max_bytes}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _Refused(f"more than {max_bytes} bytes")
+    signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+    if path.suffix == ".json":
+        return signature, [json.loads(data)]   # ~50x faster than YAML for the same objects
+    text = data.decode("utf-8-sig")
+    _check_nesting(text)
+    return signature, list(yaml.load_all(text, Loader=yaml.CSafeLoader))
+
+
+_DOCUMENT_START = re.compile(r"^---", re.MULTILINE)
+
+
+def _check_nesting(text: str) -> None:
+    """Raises ValueError when text nests deeper than MAX_NESTING. A cheap bound settles
+    ordinary files; only the rest pay for an event scan (libyaml's parser is iterative)."""
+    # Each flow level needs a bracket within one document; each block level needs a column
+    # of indentation or a compact "- " / "? " in a line's lead, so twice the lead bounds it.
+    flow = max(chunk.count("[") + chunk.count("{") for chunk in _DOCUMENT_START.split(text))
+    budget = (MAX_NESTING - flow) // 2 - 2   # - 2: the document's own top levels
+    if budget > 0 and not re.search(rf"^[ \t?:-]{{{budget},}}", text, re.MULTILINE):
+        return
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.CSafeLoader):
+        if isinstance(event, CollectionStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+        elif isinstance(event, CollectionEndEvent):
+            depth -= 1
+
+
+def _raw_objects(documents: list[Any]) -> Iterator[tuple[str, Any]]:
+    """(where, raw object) for every document, and every item of a `kind: List`."""
+    for i, document in enumerate(documents):
+        if document is None:
+            continue   # an empty document, e.g. after a trailing ---
+        # kubectl's `kind: List`, and the API's typed lists (ServiceList, ...).
+        if isinstance(document, dict) and _field(document, "kind").endswith("List"):
+            items = document.get("items")
+            if not isinstance(items, list):
+                yield f"document[{i}].items", items
+                continue
+            for j, item in enumerate(items):
+                yield f"document[{i}].items[{j}]", item
+        else:
+            yield f"document[{i}]", document
+
+
+def _field(raw: Any, name: str) -> str:
+    value = raw.get(name) if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _kv(**fields: Any) -> str:
+    """key=value pairs, one event per line; values with spaces or quotes are quoted."""
+    parts = []
+    for key, value in fields.items():
+        text = str(value)
+        if not text or any(c in text for c in ' "=\n\t'):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

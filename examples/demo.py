@@ -1,0 +1,104 @@
+"""`make demo`: a lab node with three backend pods and a client, the real agent on
+examples/manifests, real TCP and UDP to a ClusterIP; then a scale-down followed live."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from lab import Lab
+from lab.agent_runner import AgentRunner
+
+EXAMPLES = Path(__file__).resolve().parent / "manifests"
+VIP = "10.96.0.10"
+BACKENDS = ["backend-a", "backend-b", "backend-c"]
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def spread(title: str, tcp, udp) -> None:
+    say(f"\n{title}")
+    say(f"  {'backend':<12}{'TCP conns':>10}{'UDP reqs':>10}")
+    tcp_by = Counter({a.split(':')[0]: n for a, n in tcp.answers.items()})
+    udp_by = Counter({a.split(':')[0]: n for a, n in udp.answers.items()})
+    for name in BACKENDS:
+        say(f"  {name:<12}{tcp_by[name]:>10}{udp_by[name]:>10}")
+    errors = tcp.errors + udp.errors
+    say(f"  {'errors':<12}{sum(tcp.errors.values()):>10}{sum(udp.errors.values()):>10}"
+        + (f"   {dict(errors)}" if errors else ""))
+    if udp.wrong_source or tcp.wrong_peer:
+        say(f"  !! replies from the wrong address: udp {udp.wrong_source}, tcp {tcp.wrong_peer}")
+
+
+def scale_down(manifest: Path, remove: str) -> None:
+    """Edit the EndpointSlice as the endpoints controller would when a pod goes away."""
+    docs = list(yaml.safe_load_all(manifest.read_text()))
+    for doc in docs:
+        if doc.get("kind") == "EndpointSlice":
+            doc["endpoints"] = [e for e in doc["endpoints"]
+                                if e.get("targetRef", {}).get("name") != remove]
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    os.replace(tmp, manifest)
+
+
+def main() -> int:
+    started = time.monotonic()
+    with Lab("demo") as lab:
+        pods = [lab.add_pod(name) for name in BACKENDS]
+        client = lab.add_pod("client")
+        for pod in pods:
+            pod.start_server([8080, 5353], udp=True)
+        say(f"lab: node {lab.node_netns} ({lab.node_ip}), pods "
+            + ", ".join(f"{p.name} {p.ip}" for p in pods) + f", client {client.ip}")
+
+        directory = lab.workdir / "manifests"
+        shutil.copytree(EXAMPLES, directory)
+        with AgentRunner(lab, directory) as agent:
+            t0 = time.monotonic()
+            agent.start()
+            say(f"agent: compiled, attached to {lab.cgroup}, first sync in the kernel after "
+                f"{time.monotonic() - t0:.1f}s")
+            say("  " + agent.cli("status", "--api", agent.api).stdout.strip())
+
+            tcp = client.tcp(VIP, 80, count=300)
+            udp = client.udp(VIP, 53, count=300)
+            spread(f"300 TCP connections to {VIP}:80 and 300 UDP requests to {VIP}:53:", tcp, udp)
+
+            refused = client.tcp("10.96.0.20", 80, count=5)
+            say(f"\nservice demo/no-pods (10.96.0.20:80, no endpoints): "
+                f"{dict(refused.errors)} (kube-proxy rejects too)")
+
+            say("\nscaling down: backend-c leaves the EndpointSlice (manifest edited)")
+            t0 = time.monotonic()
+            scale_down(directory / "web.yaml", "backend-c")
+            while len(next(s for s in agent.services() if s["port_name"] == "http")["backends"]) != 2:
+                if time.monotonic() - t0 > 10:
+                    say("!! the agent did not follow the edit within 10s")
+                    return 1
+                time.sleep(0.02)
+            say(f"  in the kernel after {1000 * (time.monotonic() - t0):.0f} ms")
+            tcp = client.tcp(VIP, 80, count=300)
+            udp = client.udp(VIP, 53, count=300)
+            spread("the same traffic again:", tcp, udp)
+
+            say("\n$ bpfproxy services")
+            say(agent.cli("services", "--api", agent.api).stdout.rstrip())
+            agent.stop(signal.SIGTERM)
+            say("\nagent stopped (SIGTERM: programs and maps stay); `bpfproxy cleanup` removes them")
+        ok = sum(tcp.answers.values()) == 300 and sum(udp.answers.values()) == 300 \
+            and not any(a.startswith("backend-c") for a in tcp.answers)
+    say(f"\ndone in {time.monotonic() - started:.0f}s; lab removed")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Runs the real `bpfproxy agent` in a lab's node namespace, attached to the lab's cgroup.
+
+Maps and links are pinned under /sys/fs/bpf/bpfp-<lab>; close() stops the agent and runs
+`bpfproxy cleanup`, so nothing stays in the kernel after a test or the demo."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from lab.node import Lab
+
+BPFPROXY = [sys.executable, "-m", "agent.cli"]
+
+
+class AgentRunner:
+    def __init__(self, lab: Lab, manifests: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.lab = lab
+        self.manifests = manifests
+        self.bpffs = Path(f"/sys/fs/bpf/bpfp-{lab.name}")
+        self.api = f"unix://{lab.workdir}/api.sock"
+        self.log_path = lab.workdir / "agent.log"
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> AgentRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, wait: float = 60.0) -> None:
+        """Start the agent and wait until its first full sync is in the kernel."""
+        log = open(self.log_path, "a")
+        self.process = self.lab.node_popen(
+            [*BPFPROXY, "agent", "--manifests", str(self.manifests), "--cgroup",
+             str(self.lab.cgroup), "--bpffs", str(self.bpffs), "--api", self.api,
+             "--node-name", "bpfp-node", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if wait:
+            self.wait_synced(wait)
+
+    def wait_synced(self, timeout: float = 60.0) -> None:
+        done = self.cli("status", "--api", self.api, "--wait", str(timeout), check=False,
+                        timeout=timeout + 10)
+        if done.returncode != 0:
+            raise RuntimeError(f"agent not synced after {timeout}s: {done.stderr.strip()}\n"
+                               f"--- agent log ---\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the agent (by its pid) and wait for it to exit."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        self.lab.processes.forget(self.process)
+        return code
+
+    def services(self) -> list[dict]:
+        done = self.cli("services", "--api", self.api, "-o", "json")
+        return json.loads(done.stdout)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30.0
+            ) -> subprocess.CompletedProcess:
+        """The command line as a user runs it (from the host: the API is a unix socket)."""
+        done = subprocess.run([*BPFPROXY, *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+        if check and done.returncode != 0:
+            raise RuntimeError(f"bpfproxy {' '.join(args)} exited {done.returncode}: "
+                               f"{done.stderr.strip()}")
+        return done
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def cleanup(self) -> subprocess.CompletedProcess:
+        return self.cli("cleanup", "--bpffs", str(self.bpffs), "--cgroup", str(self.lab.cgroup),
+                        check=False)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.stop(signal.SIGKILL)
+        self.cleanup()

@@ -1,0 +1,197 @@
+"""Lab: one Kubernetes node as a network namespace with a bridge, and pods hanging off it.
+Nothing links it to the host (no default route, no host interface); all of it goes on exit."""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import re
+import signal
+import subprocess
+import sys
+import threading
+from typing import Self
+
+from lab import cgroups, cleanup, netns
+from lab.pod import Pod
+from lab.processes import Processes
+
+BRIDGE = "bpfp-br0"
+# A fixed bridge MAC: a bridge otherwise takes its lowest port MAC, which changes as pods come
+# and go and leaves the pods' cached gateway neighbour entries pointing nowhere.
+BRIDGE_MAC = "02:62:70:66:00:01"
+SERVICE_CIDR = "10.96.0.0/12"  # kube's default service range; never routed anywhere here
+
+_open_labs: list[Lab] = []
+
+
+class Lab:
+    """with Lab(name="t1") as lab: pod = lab.add_pod("a"); ...   (name: [a-z0-9], short)"""
+
+    def __init__(self, name: str, pod_cidr: str = "10.244.1.0/24") -> None:
+        if not re.fullmatch(r"[a-z0-9]{1,16}", name):
+            raise ValueError(f"lab name {name!r}: use 1-16 characters of [a-z0-9] (no dashes)")
+        self.name = name
+        self.pod_cidr = ipaddress.ip_network(pod_cidr)
+        hosts = self.pod_cidr.hosts()
+        self.node_ip = str(next(hosts))
+        self._free_ips = [str(ip) for ip in hosts]
+        self.node_netns = f"{netns.PREFIX}{name}-node"
+        self.cgroup = cgroups.cgroup2_mount() / f"{netns.PREFIX}{name}"
+        self.pods: dict[str, Pod] = {}
+        self.processes = Processes()
+        self.workdir = cleanup.workdir(name)  # pod server logs
+        self._lock_fd: int | None = None
+        self._next_veth = 0
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self._lock_fd = cleanup.claim(self.name)
+        if self._lock_fd is None:
+            raise RuntimeError(f"lab {self.name}: a running lab has this name; pick another")
+        _open_labs.append(self)
+        _install_exit_paths()
+        try:
+            cleanup.remove_lab(self.name)  # leftovers of a crashed run of the same name
+            self.workdir.mkdir()
+            cgroups.create(self.cgroup)
+            self._make_node()
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_node(self) -> None:
+        ns = self.node_netns
+        netns.add(ns)
+        netns.ip("link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge", netns=ns)
+        prefix = self.pod_cidr.prefixlen
+        netns.ip("addr", "add", f"{self.node_ip}/{prefix}", "dev", BRIDGE, netns=ns)
+        netns.ip("link", "set", BRIDGE, "up", netns=ns)
+        # Connects to a service address the agent did not rewrite fail fast (EHOSTUNREACH), not
+        # by timeout; pods route everything via the node, so the node's ICMP reaches them. The
+        # kernel allows such ICMP per client in a burst of about 5, then 1/s (host-wide
+        # net.ipv4.route.error_cost/error_burst, which we leave alone): many more time out.
+        netns.ip("route", "add", "unreachable", SERVICE_CIDR, netns=ns)
+        # icmp_ratelimit=0: otherwise only about one "unreachable" per second gets back.
+        netns.sysctl(ns, {"net.ipv4.ip_forward": 1, "net.ipv4.icmp_ratelimit": 0})
+
+    def close(self) -> None:
+        """Stop processes, delete namespaces and cgroups. Idempotent; keeps going on errors."""
+        if self._lock_fd is None:
+            return  # never opened (or already closed): nothing here is ours to remove
+        errors = []
+        for step in (self.processes.stop_all, lambda: cleanup.remove_lab(self.name)):
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - the rest must still be removed
+                errors.append(error)
+        self.pods.clear()
+        cleanup.release(self.name, self._lock_fd)
+        self._lock_fd = None
+        if self in _open_labs:
+            _open_labs.remove(self)
+        if errors:
+            raise RuntimeError(f"lab {self.name}: teardown incomplete: {errors}")
+
+    # -- pods ------------------------------------------------------------------------------
+
+    def add_pod(self, name: str) -> Pod:
+        """A pod with eth0 (the next free address of the pod CIDR), default route via the node."""
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) or name == "node":
+            raise ValueError(f"pod name {name!r}: use [a-z0-9-] like Kubernetes, not 'node'")
+        if name in self.pods:
+            raise ValueError(f"lab {self.name}: pod {name} exists")
+        if not self._free_ips:
+            raise RuntimeError(f"lab {self.name}: pod CIDR {self.pod_cidr} is full")
+        ip = self._free_ips.pop(0)
+        self._next_veth += 1
+        pod = Pod(
+            lab=self,
+            name=name,
+            ip=ip,
+            netns=f"{netns.PREFIX}{self.name}-{name}",
+            cgroup=self.cgroup / name,
+            node_veth=f"bpfpv{self._next_veth}",
+        )
+        self.pods[name] = pod
+        try:
+            self._wire_pod(pod)
+        except BaseException:
+            self.remove_pod(pod)
+            raise
+        return pod
+
+    def _wire_pod(self, pod: Pod) -> None:
+        cgroups.create(pod.cgroup)
+        netns.add(pod.netns)
+        # Both ends are created straight in their namespaces: nothing ever exists on the host.
+        netns.ip(
+            "link", "add", "eth0", "type", "veth",
+            "peer", "name", pod.node_veth, "netns", self.node_netns,
+            netns=pod.netns,
+        )  # fmt: skip
+        netns.ip("link", "set", pod.node_veth, "master", BRIDGE, "up", netns=self.node_netns)
+        netns.ip(
+            "addr", "add", f"{pod.ip}/{self.pod_cidr.prefixlen}", "dev", "eth0", netns=pod.netns
+        )
+        netns.ip("link", "set", "eth0", "up", netns=pod.netns)
+        netns.ip("route", "add", "default", "via", self.node_ip, netns=pod.netns)
+
+    def remove_pod(self, pod: Pod | str) -> None:
+        """Stop the pod's processes, delete its namespace (and veth) and cgroup; free its IP."""
+        pod = self.pods[pod] if isinstance(pod, str) else pod
+        self.processes.stop_owned_by(pod.name)
+        netns.delete(pod.netns)
+        cgroups.remove_tree(pod.cgroup, refuge=self.cgroup.parent)
+        self.pods.pop(pod.name, None)
+        self._free_ips.insert(0, pod.ip)
+        self._free_ips.sort(key=ipaddress.ip_address)
+
+    # -- the node --------------------------------------------------------------------------
+
+    def node_popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        """Start argv in the node namespace (the agent runs this way); stopped on teardown."""
+        return self.processes.start(argv, self.node_netns, owner="", **kw)
+
+    def node_run(
+        self, argv: list[str], timeout: float = 30.0, check: bool = False
+    ) -> subprocess.CompletedProcess:
+        """Run argv in the node namespace to completion; stdout and stderr captured as text."""
+        return self.processes.run(argv, self.node_netns, None, "", timeout, check)
+
+
+def _close_open_labs() -> None:
+    for lab in _open_labs.copy():
+        try:
+            lab.close()
+        except Exception as error:  # noqa: BLE001 - at exit, try every lab
+            print(f"lab {lab.name}: {error}", file=sys.stderr)
+
+
+def _interrupt(signum, _frame) -> None:
+    # SIGTERM acts like Ctrl-C: `with Lab(...)` blocks and fixtures unwind and clean up, and
+    # pytest stops (it would record a SystemExit as one failed test and carry on).
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+_exit_paths_installed = False
+
+
+def _install_exit_paths() -> None:
+    global _exit_paths_installed
+    if _exit_paths_installed:
+        return
+    _exit_paths_installed = True
+    atexit.register(_close_open_labs)
+    is_main = threading.current_thread() is threading.main_thread()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if is_main and signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _interrupt)

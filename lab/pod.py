@@ -1,0 +1,126 @@
+"""A pod of the lab: its own network namespace (eth0 on the node's bridge) and cgroup v2 dir.
+Commands run in both, so the agent's cgroup socket hooks see them as the pod's traffic."""
+
+from __future__ import annotations
+
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lab.podclient import ClientResult
+
+if TYPE_CHECKING:
+    from lab.node import Lab
+
+
+@dataclass(eq=False)
+class Pod:
+    """Made by Lab.add_pod(); the lab removes it (remove_pod or on exit)."""
+
+    lab: Lab
+    name: str
+    ip: str
+    netns: str  # bpfp-LAB-POD
+    cgroup: Path  # <cgroup2 mount>/bpfp-LAB/POD
+    node_veth: str  # the bridge port in the node namespace
+    servers: list[subprocess.Popen] = field(default_factory=list)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        """Start argv in this pod's netns and cgroup; the lab stops it on teardown."""
+        return self.lab.processes.start(argv, self.netns, self.cgroup, owner=self.name, **kw)
+
+    def run(
+        self, argv: list[str], timeout: float = 30.0, check: bool = False
+    ) -> subprocess.CompletedProcess:
+        """Run argv in the pod to completion; stdout and stderr are captured as text."""
+        return self.lab.processes.run(argv, self.netns, self.cgroup, self.name, timeout, check)
+
+    def start_server(
+        self, ports: list[int], udp: bool = False, name: str | None = None, timeout: float = 10.0
+    ) -> subprocess.Popen:
+        """Start lab.podserver answering `NAME:PORT`; return once it has bound every port."""
+        argv = [sys.executable, "-m", "lab.podserver", "--name", name or self.name]
+        for port in ports:
+            argv += ["--port", str(port)]
+        if udp:
+            argv.append("--udp")
+        log = self.lab.workdir / f"{self.name}-server-{ports[0]}.log"
+        with open(log, "w") as stderr:
+            server = self.popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        if not _wait_for_line(server, "ready", timeout):
+            self.lab.processes.stop(server)
+            raise RuntimeError(f"pod {self.name}: podserver {ports} not ready: {log.read_text()}")
+        self.servers.append(server)
+        return server
+
+    def start_client(
+        self,
+        mode: str,
+        addr: str,
+        port: int,
+        count: int = 1,
+        timeout: float = 1.0,
+        interval: float = 0.0,
+        duration: float | None = None,
+        timeline: bool = False,
+    ) -> RunningClient:
+        """Start lab.podclient in the background (traffic that flows while a test changes things)."""
+        argv = [sys.executable, "-m", "lab.podclient", mode, addr, str(port)]
+        argv += ["--count", str(count), "--timeout", str(timeout), "--interval", str(interval)]
+        if duration is not None:
+            argv += ["--duration", str(duration)]
+        if timeline:
+            argv.append("--timeline")
+        # Bound the wait for the result by what the run can take at most, plus start-up.
+        if duration is not None:
+            expected = duration + timeout + interval
+        else:
+            expected = count * (timeout + interval)
+        process = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return RunningClient(self.lab, process, argv, expected + 15.0)
+
+    def tcp(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:
+        """count TCP connections to addr:port: connect, read the answer, close."""
+        return self.start_client("tcp", addr, port, count, **kw).result()
+
+    def udp(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:
+        """count unconnected UDP requests; a reply from another address counts as wrong_source."""
+        return self.start_client("udp", addr, port, count, **kw).result()
+
+    def udp_connected(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:
+        """count connected UDP requests; getpeername() other than addr:port counts as wrong_peer."""
+        return self.start_client("udp-connected", addr, port, count, **kw).result()
+
+
+@dataclass
+class RunningClient:
+    """A podclient started in the background; result() waits for its summary."""
+
+    lab: Lab
+    process: subprocess.Popen
+    argv: list[str]
+    timeout: float
+
+    def result(self, timeout: float | None = None) -> ClientResult:
+        """Wait for the client (bounded by how long it can run) and parse its summary."""
+        processes = self.lab.processes
+        done = processes.finish(self.process, self.argv, timeout or self.timeout, check=True)
+        return ClientResult.from_json(done.stdout)
+
+
+def _wait_for_line(process: subprocess.Popen, line: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([process.stdout], [], [], left)
+        if not readable:
+            return False
+        got = process.stdout.readline()
+        if not got:
+            return False  # it exited
+        if got.strip() == line:
+            return True
+    return False

@@ -1,0 +1,80 @@
+"""Shared fixtures: `make_lab` / `lab` build network-namespace labs and always tear them down.
+Integration tests are skipped, with the reason, when not root or the machine lacks the tools."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+# lab/ is a top-level testbed package, not installed with the agent.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def _why_no_integration() -> str | None:
+    if os.geteuid() != 0:
+        return "integration tests need root (network namespaces, cgroups, BPF)"
+    for tool in ("ip", "nsenter", "sysctl"):
+        if not shutil.which(tool):
+            return f"integration tests need {tool!r} on PATH"
+    from lab.cgroups import cgroup2_mount
+
+    try:
+        cgroup2_mount()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    integration = [item for item in items if "integration" in item.keywords]
+    reason = _why_no_integration() if integration else None
+    if reason:
+        for item in integration:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# Unique per process and call; "x" (not a hex digit) keeps pid and counter apart.
+_lab_names = (f"t{os.getpid():x}x{n}" for n in itertools.count(1))
+
+
+@pytest.fixture
+def make_lab():
+    """A function that opens a Lab (keyword args go to Lab); every one is closed at teardown."""
+    from lab import Lab
+
+    labs: list[Lab] = []
+
+    def make(name: str | None = None, **kw) -> Lab:
+        lab = Lab(name or next(_lab_names), **kw)
+        lab.open()
+        labs.append(lab)
+        return lab
+
+    yield make
+    errors = []
+    for lab in reversed(labs):
+        try:
+            lab.close()
+        except Exception as error:  # noqa: BLE001 - close every lab, then report
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def lab(make_lab):
+    """One open Lab with the default pod CIDR."""
+    return make_lab()
+
+
+@pytest.fixture
+def new_lab_name():
+    """A unique lab name, for tests that manage a Lab's life themselves."""
+    return next(_lab_names)

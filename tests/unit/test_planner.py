@@ -1,0 +1,156 @@
+"""Planner: ordering so no packet sees half a service, no-op when unchanged, adoption."""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.model.types import (Backend, Frontend, Protocol, ServicePortName, ServicePortState)
+from agent.planner import (DeleteFrontend, DeleteSlot, PutFrontend, PutSlot, apply_ops, plan)
+from tests.fakes import FakeServiceMaps
+
+ip = ipaddress.ip_address
+
+
+def sp(name: str, vip: str, backends: list[str], port: int = 80,
+       protocol: Protocol = Protocol.TCP, extra_vips: tuple[str, ...] = ()):
+    spn = ServicePortName("default", name, "", protocol)
+    frontends = tuple(sorted((Frontend(ip(v), port, protocol) for v in (vip, *extra_vips)),
+                             key=Frontend.sort_key))
+    bes = tuple(sorted((Backend(ip(b), 8080) for b in backends), key=Backend.sort_key))
+    return {(spn, 4): ServicePortState(spn, 4, frontends, bes)}
+
+
+def kinds(ops):
+    return [type(o).__name__ for o in ops]
+
+
+def test_new_service_writes_backends_before_frontend():
+    p = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]), {})
+    assert kinds(p.ops) == ["PutSlot", "PutSlot", "PutFrontend"]
+    assert p.ops[-1].count == 2
+
+
+def test_removed_service_deletes_frontend_before_slots():
+    before = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]), {}).result
+    p = plan({}, before)
+    assert kinds(p.ops) == ["DeleteFrontend", "DeleteSlot", "DeleteSlot"]
+    assert p.result == {}
+
+
+def test_unchanged_state_yields_no_operations():
+    desired = {**sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]),
+               **sp("dns", "10.96.0.10", ["10.0.0.3"], port=53, protocol=Protocol.UDP)}
+    first = plan(desired, {})
+    again = plan(desired, first.result)
+    assert again.ops == ()
+    assert again.ids == first.ids
+
+
+def test_shrinking_lowers_count_before_deleting_the_last_slot():
+    before = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"]), {}).result
+    p = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.3"]), before)
+    assert kinds(p.ops) == ["PutSlot", "PutFrontend", "DeleteSlot"]
+    assert p.ops[1].count == 2 and p.ops[2].slot == 2
+
+
+def test_growing_writes_new_slot_before_raising_count():
+    before = plan(sp("web", "10.96.0.1", ["10.0.0.1"]), {}).result
+    p = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]), before)
+    assert p.ops == (PutSlot(4, 1, 1, p.result[1].backends[1]),
+                     PutFrontend(p.ops[1].frontend, 1, 2))
+
+
+def test_surviving_backends_keep_their_slot():
+    before = plan(sp("web", "10.96.0.1", [f"10.0.0.{i}" for i in range(1, 9)]), {}).result
+    p = plan(sp("web", "10.96.0.1", [f"10.0.0.{i}" for i in range(1, 9) if i != 3]), before)
+    # one slot refilled from the tail, the count lowered, the tail slot deleted
+    assert kinds(p.ops) == ["PutSlot", "PutFrontend", "DeleteSlot"]
+
+
+def test_empty_service_keeps_a_frontend_with_count_zero():
+    p = plan(sp("web", "10.96.0.1", []), {})
+    assert p.ops == (PutFrontend(p.ops[0].frontend, 1, 0),)
+
+
+def test_restarted_agent_adopts_ids_from_the_kernel():
+    desired = {**sp("a", "10.96.0.1", ["10.0.0.1"]), **sp("b", "10.96.0.2", ["10.0.0.2"])}
+    first = plan(desired, {})
+    fake = FakeServiceMaps()
+    fake.apply(first.ops)
+    adopted = plan(desired, fake.read_back())
+    assert adopted.ops == ()
+    assert adopted.ids == first.ids
+
+
+def test_frontend_moving_to_another_service_is_never_deleted():
+    before = plan(sp("old", "10.96.0.1", ["10.0.0.1"]), {}).result
+    p = plan(sp("new", "10.96.0.1", ["10.0.0.2"]), before)
+    assert not any(isinstance(o, DeleteFrontend) for o in p.ops)
+    fake = FakeServiceMaps()
+    fake.apply(plan(sp("old", "10.96.0.1", ["10.0.0.1"]), {}).ops)
+    fake.apply(p.ops)
+    assert fake.read_back() == p.result
+
+
+def test_two_service_ports_claiming_one_frontend_first_wins():
+    desired = {**sp("a", "10.96.0.1", ["10.0.0.1"]), **sp("b", "10.96.0.1", ["10.0.0.2"])}
+    p = plan(desired, {})
+    assert len(p.conflicts) == 1 and "default/b" in p.conflicts[0]
+    owners = {o.frontend: o.svc_id for o in p.ops if isinstance(o, PutFrontend)}
+    assert list(owners.values()) == [p.ids[next(k for k in desired if k[0].name == "a")]]
+
+
+def test_apply_ops_matches_plan_result():
+    before = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]), {}).result
+    p = plan({**sp("web", "10.96.0.1", ["10.0.0.2", "10.0.0.5"]),
+              **sp("x", "10.96.0.9", ["10.0.0.7"])}, before)
+    assert apply_ops(before, p.ops) == p.result
+    assert any(isinstance(o, DeleteSlot) for o in p.ops) is False
+
+
+# --- property: any sequence of desired states keeps the invariant at every single op ---
+
+VIPS = [f"10.96.0.{i}" for i in range(1, 6)]
+PODS = [f"10.0.0.{i}" for i in range(1, 9)]
+
+service_st = st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.sampled_from(VIPS),
+                       st.lists(st.sampled_from(PODS), unique=True, max_size=6),
+                       st.sampled_from([Protocol.TCP, Protocol.UDP]),
+                       st.lists(st.sampled_from(VIPS), unique=True, max_size=2))
+world_st = st.lists(service_st, max_size=4)
+
+
+def build(world):
+    desired = {}
+    for name, vip, backends, proto, extra in world:
+        desired.update(sp(name, vip, backends, protocol=proto,
+                          extra_vips=tuple(v for v in extra if v != vip)))
+    return desired
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(world_st, min_size=1, max_size=6))
+def test_every_prefix_of_every_plan_is_a_whole_service(worlds):
+    fake = FakeServiceMaps()
+    for world in worlds:
+        desired = build(world)
+        p = plan(desired, fake.read_back())
+        fake.apply(p.ops)                  # raises InvariantBroken on any bad prefix
+        assert fake.read_back() == p.result
+        assert plan(desired, fake.read_back()).ops == ()
+        served = {f for s in p.result.values() for f in s.frontends}
+        wanted = {(f.address, f.port, f.protocol)
+                  for s in desired.values() for f in s.frontends}
+        assert {(f.address, f.port, f.protocol) for f in served} == wanted
+
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_ids_are_small_and_unique(n):
+    desired = {}
+    for i in range(n):
+        desired.update(sp(f"s{i}", f"10.96.1.{i + 1}", ["10.0.0.1"]))
+    p = plan(desired, {})
+    assert sorted(p.ids.values()) == list(range(1, n + 1))
