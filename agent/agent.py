@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from agent import model
-from agent.model.types import (EndpointSlice, ObjectKey, Service, ServicePortName,
-                               ServicePortState)
+from agent.model.types import EndpointSlice, ObjectKey, Service, ServicePortName, ServicePortState
 from agent.planner import AppliedState, KernelService, plan
 from agent.sources.events import ObjectChange
 

@@ -80,7 +80,8 @@ def main() -> int:
             say("\nscaling down: backend-c leaves the EndpointSlice (manifest edited)")
             t0 = time.monotonic()
             scale_down(directory / "web.yaml", "backend-c")
-            while len(next(s for s in agent.services() if s["port_name"] == "http")["backends"]) != 2:
+            while len(next(s for s in agent.services()
+                           if s["port_name"] == "http")["backends"]) != 2:
                 if time.monotonic() - t0 > 10:
                     say("!! the agent did not follow the edit within 10s")
                     return 1
@@ -93,7 +94,8 @@ def main() -> int:
             say("\n$ bpfproxy services")
             say(agent.cli("services", "--api", agent.api).stdout.rstrip())
             agent.stop(signal.SIGTERM)
-            say("\nagent stopped (SIGTERM: programs and maps stay); `bpfproxy cleanup` removes them")
+            say("\nagent stopped (SIGTERM: programs and maps stay); "
+                "`bpfproxy cleanup` removes them")
         ok = sum(tcp.answers.values()) == 300 and sum(udp.answers.values()) == 300 \
             and not any(a.startswith("backend-c") for a in tcp.answers)
     say(f"\ndone in {time.monotonic() - started:.0f}s; lab removed")

@@ -1,5 +1,6 @@
 """A testbed, not shipped: a Kubernetes node and its pods as network namespaces and cgroups.
-`with Lab("t1") as lab: a = lab.add_pod("a"); a.start_server([80]); lab.add_pod("c").tcp(a.ip, 80)`."""
+`with Lab("t1") as lab: a = lab.add_pod("a"); a.start_server([80]);
+lab.add_pod("c").tcp(a.ip, 80)`."""
 
 from lab.cleanup import cleanup_stale
 from lab.node import Lab

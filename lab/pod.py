@@ -68,7 +68,7 @@ class Pod:
         duration: float | None = None,
         timeline: bool = False,
     ) -> RunningClient:
-        """Start lab.podclient in the background (traffic that flows while a test changes things)."""
+        """Start lab.podclient in the background (traffic flowing while a test changes things)."""
         argv = [sys.executable, "-m", "lab.podclient", mode, addr, str(port)]
         argv += ["--count", str(count), "--timeout", str(timeout), "--interval", str(interval)]
         if duration is not None:

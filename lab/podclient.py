@@ -1,5 +1,6 @@
 """A pod's client: N requests (or requests for S seconds) to ADDR:PORT, one JSON summary on stdout.
-`python -m lab.podclient tcp|udp|udp-connected ADDR PORT [--count N | --duration S] [--timeline]`."""
+`python -m lab.podclient tcp|udp|udp-connected ADDR PORT [--count N | --duration S]
+[--timeline]`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """A pod's workload: answer every TCP connection and UDP datagram with `NAME:PORT\\n`.
-Run in a pod as `python -m lab.podserver --name NAME --port P [--port P2] [--udp]`; prints "ready"."""
+Run in a pod as `python -m lab.podserver --name NAME --port P [--port P2] [--udp]`;
+prints "ready"."""
 
 from __future__ import annotations
 

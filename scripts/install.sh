@@ -74,7 +74,6 @@ ensure_venv() {
         log "pip install -e .[dev]"
         "$venv/bin/pip" install -q --upgrade pip
         "$venv/bin/pip" install -q -e "$repo[dev]"
-        touch "$stamp"
     fi
 }
 
@@ -88,3 +87,4 @@ ensure_kernel_headers
 ensure_venv
 ensure_bpffs
 "$venv/bin/python" -m agent.api.codegen
+touch "$stamp"   # make's record that this script ran to the end

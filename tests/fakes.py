@@ -6,8 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agent.planner import (AppliedState, BackendAddr, DeleteFrontend, DeleteSlot, FrontendKey,
-                           KernelService, MapOp, PutFrontend, PutSlot)
+from agent.planner import (
+    AppliedState,
+    BackendAddr,
+    DeleteFrontend,
+    DeleteSlot,
+    FrontendKey,
+    KernelService,
+    MapOp,
+    PutFrontend,
+    PutSlot,
+)
 
 
 class InvariantBroken(AssertionError):

@@ -13,8 +13,8 @@ OUT = Path(__file__).resolve().parent / "generated"
 
 
 def generate() -> int:
-    from grpc_tools import protoc  # imported here: only needed at build time
     import grpc_tools
+    from grpc_tools import protoc  # imported here: only needed at build time
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     stamp = OUT / ".stamp"
@@ -32,7 +32,8 @@ def generate() -> int:
         return rc
     # protoc writes top-level imports ("import status_pb2"); make them package-relative.
     for py in OUT.glob("*_pb2*.py"):
-        text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", py.read_text(), flags=re.M)
+        text = re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", py.read_text(),
+                      flags=re.MULTILINE)
         py.write_text(text)
     stamp.touch()
     return 0

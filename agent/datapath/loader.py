@@ -58,10 +58,10 @@ def inline_headers(path: Path, seen: frozenset[Path] = frozenset()) -> str:
 def ensure_bpffs(pin_dir: Path) -> None:
     """bpffs is not mounted at boot on every machine; pins need it."""
     mounts = Path("/proc/mounts").read_text().split("\n")
-    if not any(m.split(" ")[1:3] == ["/sys/fs/bpf", "bpf"] for m in mounts if m):
-        if os.system("mount -t bpf bpf /sys/fs/bpf") != 0:
-            raise DatapathError("bpffs is not mounted at /sys/fs/bpf and mounting it failed; "
-                                "run: mount -t bpf bpf /sys/fs/bpf")
+    mounted = any(m.split(" ")[1:3] == ["/sys/fs/bpf", "bpf"] for m in mounts if m)
+    if not mounted and os.system("mount -t bpf bpf /sys/fs/bpf") != 0:
+        raise DatapathError("bpffs is not mounted at /sys/fs/bpf and mounting it failed; "
+                            "run: mount -t bpf bpf /sys/fs/bpf")
     pin_dir.mkdir(parents=True, exist_ok=True)
     (pin_dir / "links").mkdir(exist_ok=True)
 
@@ -84,13 +84,13 @@ class LoadedDatapath:
 
 def compile_programs(config: DatapathConfig) -> LoadedDatapath:
     """Compile socklb.c; its maps are created and pinned, or adopted when already pinned."""
-    from bcc import BPF   # only here: importing bcc is slow and needs root-ish setup
+    from bcc import BPF  # only here: importing bcc is slow and needs root-ish setup
 
     check_kernel_headers()
     ensure_bpffs(config.pin_dir)
     text = inline_headers(BPF_DIR / "socklb.c")
     try:
-        bpf = BPF(text=text, cflags=config.cflags())
+        bpf = BPF(text=text.encode(), cflags=config.cflags())
     except Exception as exc:
         raise DatapathError(f"compiling bpf/socklb.c failed: {exc}") from exc
     _check_pinned_layouts(bpf, config)
@@ -100,7 +100,7 @@ def compile_programs(config: DatapathConfig) -> LoadedDatapath:
 def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
     """BCC silently adopts a pinned map even when its size differs; refuse instead."""
     for table_name, pin_name in PINNED_MAPS.items():
-        table = bpf[table_name]
+        table = bpf[table_name.encode()]
         info = bpfsys.map_info(table.map_fd)
         want_key, want_value = table.Key, table.Leaf
         if info["key_size"] != ctypes.sizeof(want_key) or \

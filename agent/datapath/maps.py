@@ -16,8 +16,17 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol as TypingProtocol
 
 from agent.model.types import Protocol
-from agent.planner import (AppliedState, BackendAddr, DeleteFrontend, DeleteSlot, FrontendKey,
-                           KernelService, MapOp, PutFrontend, PutSlot)
+from agent.planner import (
+    AppliedState,
+    BackendAddr,
+    DeleteFrontend,
+    DeleteSlot,
+    FrontendKey,
+    KernelService,
+    MapOp,
+    PutFrontend,
+    PutSlot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,9 @@ class BpfServiceMaps:
     """ServiceMaps on the pinned BPF maps of a compiled datapath."""
 
     def __init__(self, bpf) -> None:
-        self.svc = bpf["bpfp_svc4"]
-        self.slots = bpf["bpfp_slot4"]
+        self.svc = bpf[b"bpfp_svc4"]
+        self.slots = bpf[b"bpfp_slot4"]
+        self._names = {id(self.svc): "bpfp_svc4", id(self.slots): "bpfp_slot4"}
 
     # --- writes -----------------------------------------------------------------------
 
@@ -79,19 +89,25 @@ class BpfServiceMaps:
                                     ctypes.byref(ct_values), ctypes.byref(count)) != 0:
                 err = ctypes.get_errno()
                 if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                    raise MapFullError(f"map {table.name.decode()} is full "
+                    raise MapFullError(f"map {self._names[id(table)]} is full "
                                        f"({table.max_entries} entries): {os.strerror(err)}")
-                raise OSError(err, f"updating {table.name.decode()}: {os.strerror(err)}")
+                raise OSError(err, f"updating {self._names[id(table)]}: {os.strerror(err)}")
 
     def _delete(self, table, keys: list) -> None:
-        """Deleting what is already gone is fine (a crash between write and record)."""
+        """BPF_MAP_DELETE_BATCH; a key already gone (a crash between the kernel write and
+        our record of it) is skipped, not an error."""
         from bcc.libbcc import lib
-        for key in keys:
-            if lib.bpf_delete_elem(table.map_fd, ctypes.byref(key)) != 0:
-                err = ctypes.get_errno()
-                if err != errno.ENOENT:
-                    raise OSError(err, f"deleting from {table.name.decode()}: "
-                                       f"{os.strerror(err)}")
+        ct_keys = (table.Key * len(keys))(*keys)
+        done = 0
+        while done < len(keys):
+            count = ctypes.c_uint32(len(keys) - done)
+            ref = ctypes.byref(ct_keys, ctypes.sizeof(table.Key) * done)
+            if lib.bpf_delete_batch(table.map_fd, ref, ctypes.byref(count)) == 0:
+                return
+            err = ctypes.get_errno()
+            if err != errno.ENOENT:
+                raise OSError(err, f"deleting from {self._names[id(table)]}: {os.strerror(err)}")
+            done += count.value + 1        # count were deleted, the next one was absent
 
     # --- reads ------------------------------------------------------------------------
 
@@ -155,5 +171,5 @@ def _read_all(table) -> Iterator[tuple[object, object]]:
         if res != 0:
             if err == errno.ENOENT:
                 return
-            raise OSError(err, f"reading {table.name.decode()}: {os.strerror(err)}")
+            raise OSError(err, f"reading map {table.map_fd}: {os.strerror(err)}")
         first = False

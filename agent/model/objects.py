@@ -167,7 +167,8 @@ def parse_service(d: dict) -> Service:
     spec = where.mapping(d.get("spec"), "spec")
     service_type = where.string(spec.get("type"), "spec.type", "ClusterIP") or "ClusterIP"
     if service_type not in SERVICE_TYPES:
-        where.fail("spec.type", f"{service_type!r} is not one of {', '.join(sorted(SERVICE_TYPES))}")
+        where.fail("spec.type",
+                   f"{service_type!r} is not one of {', '.join(sorted(SERVICE_TYPES))}")
     ports = _service_ports(where, where.sequence(spec.get("ports"), "spec.ports"))
     if service_type == "ExternalName":
         # A DNS alias: no cluster IP, nothing for a proxy to program (ShouldSkipService).

@@ -1,5 +1,5 @@
-"""Service side of the model: which (service port, IP family) units a Service yields and
-the ClusterIP frontend of each. Pure; mirrors kube-proxy's serviceport.go/servicechangetracker.go."""
+"""Service side of the model: the (service port, IP family) units a Service yields and the
+ClusterIP frontend of each. Pure; mirrors kube-proxy's serviceport.go, servicechangetracker.go."""
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -3,6 +3,7 @@ Yields the complete initial listing first, then only what changed; bad input nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -75,10 +76,9 @@ class ManifestSource:
         try:
             yield await asyncio.to_thread(self.rescan)
             while True:
-                try:
+                # on time-out: the periodic resync, the safety net for what inotify misses
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), self.resync_seconds)
-                except TimeoutError:
-                    pass   # periodic resync: the safety net for events inotify cannot see
                 wake.clear()
                 touched, self._touched = self._touched, set()
                 try:
@@ -148,6 +148,8 @@ class ManifestSource:
         kept = previous.objects if previous else {}
         try:
             signature, documents = _load_documents(self.directory / name, self.max_file_bytes)
+        except FileNotFoundError:
+            return _FileRecord(signature, kept)   # deleted since listed: the next scan drops it
         except _Refused as e:
             self.refused_files += 1
             log.warning(_kv(event="file_refused", file=name, error=e, kept_objects=len(kept)))
@@ -180,8 +182,9 @@ class ManifestSource:
         if previous is not None:
             objects[key] = previous
         level = logging.WARNING if isinstance(error, InvalidObject) else logging.ERROR
+        action = "kept_previous" if previous else "skipped"
         log.log(level, _kv(event="invalid_object", file=name, object=key or where,
-                           error=_one_line(error), action="kept_previous" if previous else "skipped"),
+                           error=_one_line(error), action=action),
                 exc_info=not isinstance(error, InvalidObject))
 
     def _diff(self) -> list[ObjectChange]:
@@ -214,7 +217,8 @@ def _load_documents(path: Path, max_bytes: int) -> tuple[Signature, list[Any]]:
     return signature, list(yaml.load_all(text, Loader=yaml.CSafeLoader))
 
 
-_DOCUMENT_START = re.compile(r"^---", re.MULTILINE)
+# Only a real marker ends a flow collection: "---x" is a plain scalar that may continue one.
+_DOCUMENT_START = re.compile(r"^---(?=\s|$)", re.MULTILINE)
 
 
 def _check_nesting(text: str) -> None:
@@ -236,13 +240,16 @@ def _check_nesting(text: str) -> None:
             depth -= 1
 
 
+# kubectl's `kind: List`, and the API's typed lists as `kubectl get --raw` prints them.
+_LIST_KINDS = frozenset({"List", "ServiceList", "EndpointSliceList"})
+
+
 def _raw_objects(documents: list[Any]) -> Iterator[tuple[str, Any]]:
     """(where, raw object) for every document, and every item of a `kind: List`."""
     for i, document in enumerate(documents):
         if document is None:
             continue   # an empty document, e.g. after a trailing ---
-        # kubectl's `kind: List`, and the API's typed lists (ServiceList, ...).
-        if isinstance(document, dict) and _field(document, "kind").endswith("List"):
+        if isinstance(document, dict) and _field(document, "kind") in _LIST_KINDS:
             items = document.get("items")
             if not isinstance(items, list):
                 yield f"document[{i}].items", items

@@ -2,7 +2,10 @@
 family, backends from matching EndpointSlices, ready first and serving-terminating fallback."""
 from __future__ import annotations
 
+import copy
+import functools
 import ipaddress
+import operator
 from dataclasses import dataclass
 
 import pytest
@@ -195,62 +198,91 @@ def test_inputs_may_be_generators():
 
 junk = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=4),
                  st.floats(), st.lists(st.integers(), max_size=2),
+                 st.sampled_from(["None", "", "10.1.0.300", "fd00::1", "10.1.0.1", "UDP"]),
                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+ADDRESSES = {"IPv4": ["10.96.0.1", "10.1.0.1", "10.1.0.2", "10.1.0.3"],
+             "IPv6": ["fd00::1", "fd00::2", "::ffff:10.1.0.1"]}
 
 
-def mostly(valid):
-    """Junk one time in 25: broken fields, yet enough valid objects reach the model."""
-    return st.sampled_from(range(25)).flatmap(lambda roll: junk if roll == 24 else valid)
-
-
-cluster_ips = st.sampled_from(["10.96.0.1", "10.96.0.2", "fd00::10", "None", "", "10.96.0.300"])
-endpoint_ips = st.sampled_from(["10.1.0.1", "10.1.0.2", "fd00::1", "fd00::2",
-                                "::ffff:10.1.0.1", "10.1.0.300"])
-port_numbers = st.one_of(st.sampled_from([53, 80, 8080]), st.integers(-1, 70000))
-protocols = st.sampled_from(["TCP", "UDP", "SCTP", None, "tcp"])
-port_names = st.sampled_from(["", "http", "dns"])
-names = st.sampled_from(["web", "dns"])
+def _paths(value, prefix=()):
+    yield prefix
+    children = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from _paths(child, (*prefix, key))
 
 
 @st.composite
-def object_metadata(draw, service_label: bool):
-    meta = {"name": draw(mostly(names)),
-            "namespace": draw(mostly(st.sampled_from(["default", "default", "shop"])))}
-    if service_label:
-        meta["labels"] = draw(mostly(st.fixed_dictionaries(
-            {"kubernetes.io/service-name": mostly(names)})))
-    return draw(mostly(st.just(meta)))
+def corrupted(draw, value):
+    """value with up to two fields deleted or replaced by junk; mostly left intact."""
+    value = copy.deepcopy(value)
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 1, 2]))):
+        *parents, last = draw(st.sampled_from(list(_paths(value))[1:]))
+        parent = functools.reduce(operator.getitem, parents, value)
+        if isinstance(parent, dict) and draw(st.booleans()):
+            del parent[last]
+        else:
+            parent[last] = draw(junk)
+    return value
 
 
 @st.composite
 def service_dicts(draw):
-    ips = draw(st.lists(mostly(cluster_ips), min_size=1, max_size=2))
-    ports = draw(mostly(st.lists(mostly(st.fixed_dictionaries(
-        {"port": mostly(port_numbers)},
-        optional={"name": mostly(port_names), "protocol": protocols,
-                  "targetPort": mostly(st.one_of(port_numbers, port_names))})), max_size=3)))
-    spec = {"type": draw(mostly(st.sampled_from(["ClusterIP", "ClusterIP", "NodePort",
-                                                 "LoadBalancer", "ExternalName", "Bogus"]))),
-            "clusterIP": ips[0], "clusterIPs": ips, "ports": ports}
+    families = draw(st.sampled_from([["IPv4"], ["IPv6"], ["IPv4", "IPv6"], ["IPv6", "IPv4"],
+                                     ["None"]]))
+    ips = [f if f == "None" else draw(st.sampled_from(ADDRESSES[f])) for f in families]
+    count = draw(st.integers(1, 3))
+    port_names = draw(st.permutations(["http", "dns", "metrics"]))[:count]
+    if count == 1:
+        port_names = [draw(st.sampled_from(["", "http"]))]
+    ports = [{"name": name, "protocol": draw(st.sampled_from(["TCP", "UDP", "SCTP"])),
+              "port": draw(st.sampled_from([53, 80, 443, 65535])),
+              "targetPort": draw(st.one_of(st.integers(1, 65535), st.just("http")))}
+             for name in port_names]
     return {"apiVersion": "v1", "kind": "Service",
-            "metadata": draw(object_metadata(service_label=False)), "spec": draw(mostly(st.just(spec)))}
+            "metadata": {"name": draw(st.sampled_from(["web", "dns"])),
+                         "namespace": draw(st.sampled_from(["default", "shop"]))},
+            "spec": {"type": draw(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer",
+                                                   "ExternalName"])),
+                     "clusterIP": ips[0], "clusterIPs": ips, "ports": ports}}
+
+
+TERMINATING = {"ready": False, "serving": True, "terminating": True}
+CONDITIONS = st.one_of(st.sampled_from([{}, {"ready": False}, TERMINATING, TERMINATING,
+                                        {"ready": False, "serving": False, "terminating": True}]),
+                       st.fixed_dictionaries({}, optional={
+                           key: st.booleans() for key in ("ready", "serving", "terminating")}))
 
 
 @st.composite
-def slice_dicts(draw):
-    conditions = st.fixed_dictionaries({}, optional={
-        key: mostly(st.booleans()) for key in ("ready", "serving", "terminating")})
-    endpoint = st.fixed_dictionaries(
-        {"addresses": mostly(st.lists(mostly(endpoint_ips), min_size=1, max_size=2))},
-        optional={"conditions": mostly(conditions), "nodeName": mostly(st.just("n1")),
-                  "zone": mostly(st.just("z1"))})
-    port = st.fixed_dictionaries({}, optional={
-        "name": mostly(port_names), "protocol": protocols, "port": mostly(port_numbers)})
+def slice_dicts_for(draw, service: dict, index: int):
+    """A slice that mostly fits the service: its name, port names, protocols and families."""
+    meta, spec = service["metadata"], service["spec"]
+    own = [f for f in spec["clusterIPs"] if f != "None"]
+    own = ["IPv6" if ":" in ip else "IPv4" for ip in own]
+    family = draw(st.sampled_from(own * 4 + ["IPv4", "IPv6", "FQDN"]))
+    ports = [{"name": p["name"],
+              "protocol": draw(st.sampled_from([p["protocol"]] * 4 + ["TCP", "UDP"])),
+              "port": draw(st.sampled_from([None] + [p["port"], 8080, 1, 65535] * 3))}
+             for p in spec["ports"] if draw(st.integers(0, 4))]
+    endpoints = [{"addresses": [draw(st.sampled_from(ADDRESSES.get(family, ["db.local"])))],
+                  "conditions": draw(CONDITIONS),
+                  "nodeName": "n1"}
+                 for _ in range(draw(st.integers(1, 4)))]
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": draw(object_metadata(service_label=True)),
-            "addressType": draw(mostly(st.sampled_from(["IPv4", "IPv6", "FQDN"]))),
-            "ports": draw(mostly(st.lists(mostly(port), max_size=3))),
-            "endpoints": draw(mostly(st.lists(mostly(endpoint), max_size=4)))}
+            "metadata": {"name": f"{meta['name']}-{index}", "namespace": meta["namespace"],
+                         "labels": {"kubernetes.io/service-name": meta["name"]}},
+            "addressType": family, "ports": ports, "endpoints": endpoints}
+
+
+@st.composite
+def worlds(draw):
+    """Raw services and slices that mostly belong together, some fields broken."""
+    services = draw(st.lists(service_dicts(), min_size=1, max_size=3))
+    slices = [draw(slice_dicts_for(service, i))
+              for service in services for i in range(draw(st.integers(0, 3)))]
+    return ([draw(corrupted(raw)) for raw in services],
+            [draw(corrupted(raw)) for raw in slices])
 
 
 def parsed(raw_objects):
@@ -266,8 +298,9 @@ def parsed(raw_objects):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(service_dicts(), max_size=4), st.lists(slice_dicts(), max_size=6))
-def test_random_objects_never_break_the_model(raw_services, raw_slices):
+@given(worlds())
+def test_random_objects_never_break_the_model(world):
+    raw_services, raw_slices = world
     services = parsed(raw_services)
     slices = parsed(raw_slices)
     assert all(isinstance(s, Service) for s in services)
@@ -282,6 +315,8 @@ def test_random_objects_never_break_the_model(raw_services, raw_slices):
         for backend in sps.backends:
             assert backend.address.version == family
             assert 1 <= backend.port <= 65535
+        states = {b.state for b in sps.backends}
+        assert len(states) <= 1, "terminating backends only when none is ready"
         keys = [(b.address, b.port) for b in sps.backends]
         assert len(keys) == len(set(keys)), "backends de-duplicated"
         assert list(sps.backends) == sorted(sps.backends, key=lambda b: b.sort_key())

@@ -281,7 +281,8 @@ CONDITION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,conditions,want", CONDITION_CASES, ids=[c[0] for c in CONDITION_CASES])
+@pytest.mark.parametrize("name,conditions,want", CONDITION_CASES,
+                         ids=[c[0] for c in CONDITION_CASES])
 def test_endpoint_conditions(name, conditions, want):
     raw = {"addresses": ["10.1.0.1"]} | ({} if conditions is None else {"conditions": conditions})
     (parsed,) = parse_endpoint_slice(slice_dict(endpoints=[raw])).endpoints

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.model.types import (Backend, Frontend, Protocol, ServicePortName, ServicePortState)
-from agent.planner import (DeleteFrontend, DeleteSlot, PutFrontend, PutSlot, apply_ops, plan)
+from agent.model.types import Backend, Frontend, Protocol, ServicePortName, ServicePortState
+from agent.planner import DeleteFrontend, DeleteSlot, PutFrontend, PutSlot, apply_ops, plan
 from tests.fakes import FakeServiceMaps
 
 ip = ipaddress.ip_address

@@ -1,0 +1,97 @@
+"""The command line as a user runs it: the installed `bpfproxy` console script, its flags,
+its exit codes, and `services -o json` in the shape DESIGN.md promises."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+BPFPROXY = str(Path(sys.executable).parent / "bpfproxy")
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([BPFPROXY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_console_script_is_installed():
+    assert Path(BPFPROXY).exists(), "make install must create .venv/bin/bpfproxy"
+    done = run("--help")
+    assert done.returncode == 0
+    for command in ("agent", "status", "services", "cleanup"):
+        assert command in done.stdout
+
+
+def test_every_documented_agent_flag_is_accepted():
+    args = build_parser().parse_args([
+        "agent", "--manifests", "/tmp", "--node-name", "n1", "--node-ip", "10.0.0.1,fd00::1",
+        "--interfaces", "eth0,eth1", "--cgroup", "/sys/fs/cgroup", "--bpffs", "/sys/fs/bpf/x",
+        "--api", "unix:///run/x.sock", "--metrics", "127.0.0.1:9100",
+        "--healthz", "127.0.0.1:10256"])
+    assert args.node_ip == "10.0.0.1,fd00::1" and args.interfaces == "eth0,eth1"
+    assert build_parser().parse_args(["agent", "--kubeconfig", "/k"]).kubeconfig == Path("/k")
+    assert build_parser().parse_args(["services", "-o", "json"]).output == "json"
+    assert build_parser().parse_args(["cleanup", "--cgroup", "/c", "--bpffs", "/b"]).bpffs == \
+        Path("/b")
+
+
+def test_kube_source_is_accepted_but_says_it_comes_later():
+    done = run("agent", "--kubeconfig", "/nonexistent")
+    assert done.returncode == 2
+    assert "later release" in done.stderr and "--manifests" in done.stderr
+
+
+def test_status_without_an_agent_fails(tmp_path):
+    done = run("status", "--api", f"unix://{tmp_path}/none.sock")
+    assert done.returncode == 1
+    assert "not synced" in done.stderr
+
+
+def test_cleanup_of_nothing_succeeds(tmp_path):
+    done = run("cleanup", "--bpffs", str(tmp_path / "absent"))
+    assert done.returncode == 0
+    assert "nothing to remove" in done.stdout
+
+
+@pytest.mark.integration
+def test_agent_services_json_as_a_script_reads_it(make_lab, tmp_path):
+    from lab import manifests
+    from lab.agent_runner import AgentRunner
+
+    lab = make_lab()
+    backend = lab.add_pod("backend")
+    directory = tmp_path / "m"
+    shutil.copytree(REPO / "examples" / "manifests", directory)
+    manifests.write(directory, "one.yaml",
+                    manifests.service("one", "10.96.1.1", [{"name": "p", "port": 81,
+                                                             "targetPort": 8081}]),
+                    manifests.endpoint_slice("one", [backend.ip],
+                                             [{"name": "p", "port": 8081}]))
+    with AgentRunner(lab, directory) as agent:
+        agent.start()
+        done = run("status", "--api", agent.api)
+        assert done.returncode == 0 and done.stdout.startswith("synced")
+        entries = json.loads(run("services", "--api", agent.api, "-o", "json").stdout)
+        by_name = {(e["namespace"], e["name"], e["port_name"]): e for e in entries}
+        assert set(by_name) == {("demo", "web", "http"), ("demo", "web", "dns"),
+                                ("demo", "no-pods", ""), ("lab", "one", "p")}
+        for entry in entries:
+            assert set(entry) == {"namespace", "name", "port_name", "protocol", "frontends",
+                                  "backends"}
+            for f in entry["frontends"]:
+                assert set(f) == {"address", "port", "kind"}
+            for b in entry["backends"]:
+                assert set(b) == {"address", "port", "state"}
+        assert by_name[("lab", "one", "p")] == {
+            "namespace": "lab", "name": "one", "port_name": "p", "protocol": "TCP",
+            "frontends": [{"address": "10.96.1.1", "port": 81, "kind": "ClusterIP"}],
+            "backends": [{"address": backend.ip, "port": 8081, "state": "ready"}]}
+        assert by_name[("demo", "no-pods", "")]["backends"] == []
+        table = run("services", "--api", agent.api).stdout
+        assert "lab/one" in table and "connections refused" in table

@@ -1,0 +1,93 @@
+"""The kernel door alone: compile the real programs, write plans into the real pinned maps,
+read them back, and check what a restarted agent would adopt."""
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent.datapath import loader
+from agent.datapath.config import DatapathConfig
+from agent.datapath.maps import BpfServiceMaps, MapFullError
+from agent.model.types import Backend, Frontend, Protocol, ServicePortName, ServicePortState
+from agent.planner import plan
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pin_dir():
+    path = Path(f"/sys/fs/bpf/bpfp-test-{uuid.uuid4().hex[:8]}")
+    try:
+        yield path
+    finally:
+        loader.cleanup(path)
+
+
+def world(n: int, backends_each: int = 3, offset: int = 0) -> dict:
+    desired = {}
+    for i in range(n):
+        name = ServicePortName("ns", f"svc{i}", "", Protocol.TCP if i % 2 else Protocol.UDP)
+        vip = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.96.0.0")) + i + 1)
+        backends = tuple(
+            Backend(ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.244.0.0"))
+                                          + (i * backends_each + j + offset) % 60000 + 1), 8080)
+            for j in range(backends_each))
+        desired[name, 4] = ServicePortState(
+            name, 4, (Frontend(vip, 80, name.protocol),),
+            tuple(sorted(backends, key=Backend.sort_key)))
+    return desired
+
+
+def test_plans_written_to_the_kernel_read_back_identically(pin_dir):
+    maps = BpfServiceMaps(loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf)
+    assert maps.read_back() == {}
+    first = plan(world(2000), {})
+    maps.apply(first.ops)
+    assert maps.read_back() == first.result
+    assert plan(world(2000), maps.read_back()).ops == ()
+
+    changed = plan(world(1500, backends_each=2, offset=7), maps.read_back())
+    maps.apply(changed.ops)
+    assert maps.read_back() == changed.result
+
+    maps.apply(plan({}, maps.read_back()).ops)
+    assert maps.read_back() == {}
+
+
+def test_a_second_compile_adopts_the_pinned_maps(pin_dir):
+    config = DatapathConfig(pin_dir=pin_dir)
+    first = BpfServiceMaps(loader.compile_programs(config).bpf)
+    p = plan(world(50), {})
+    first.apply(p.ops)
+    again = BpfServiceMaps(loader.compile_programs(config).bpf)
+    assert again.read_back() == p.result
+
+
+def test_deleting_what_is_already_gone_is_not_an_error(pin_dir):
+    maps = BpfServiceMaps(loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf)
+    p = plan(world(10), {})
+    maps.apply(p.ops)
+    removal = plan({}, p.result)
+    maps.apply(removal.ops[:5])
+    maps.apply(removal.ops)            # the first five again: already gone
+    assert maps.read_back() == {}
+
+
+def test_a_full_map_raises_a_clear_error(pin_dir):
+    config = DatapathConfig(pin_dir=pin_dir, max_frontends=16, max_slots=1024)
+    maps = BpfServiceMaps(loader.compile_programs(config).bpf)
+    with pytest.raises(MapFullError, match="bpfp_svc4.*full"):
+        maps.apply(plan(world(40), {}).ops)
+
+
+def test_a_pinned_map_of_another_layout_is_refused(pin_dir):
+    from bcc import BPF
+    pin_dir.mkdir(parents=True)
+    # a map with the same pinned name but other key and value sizes
+    source = f'BPF_TABLE_PINNED("hash", u32, u64, bpfp_svc4, 16, "{pin_dir}/bpfp_svc4_v1");'
+    BPF(text=source.encode())
+    with pytest.raises(loader.DatapathError, match="another layout"):
+        loader.compile_programs(DatapathConfig(pin_dir=pin_dir))

@@ -1,0 +1,418 @@
+"""The directory source: a complete first listing, then only changes; bad input (invalid
+objects, broken YAML, huge or deeply nested files) never deletes what was served."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.model.types import ObjectKey, Service
+from agent.sources import manifests
+from agent.sources.events import ObjectChange
+from agent.sources.manifests import ManifestSource
+
+WAIT = 5.0   # seconds; bounds every wait so a bug fails the test instead of hanging it
+
+
+def svc(name: str, port: int = 80, namespace: str = "default", ip: str = "10.96.0.10") -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: {name}, namespace: {namespace}}}
+        spec:
+          clusterIP: {ip}
+          ports: [{{port: {port}}}]
+        """)
+
+
+def eps(name: str, service: str, address: str = "10.1.0.1") -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: {name}
+          labels: {{kubernetes.io/service-name: {service}}}
+        addressType: IPv4
+        ports: [{{name: "", port: 8080}}]
+        endpoints: [{{addresses: ["{address}"]}}]
+        """)
+
+
+def svc_json(name: str, port: int = 80) -> str:
+    return json.dumps({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                       "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": port}]}})
+
+
+def key(name: str, kind: str = "Service", namespace: str = "default") -> ObjectKey:
+    return ObjectKey(kind, namespace, name)
+
+
+_clock = iter(range(1_000_000_000, 10**18, 1_000_000_000))
+
+
+def write(directory: Path, name: str, text: str) -> None:
+    """Write, then give the file a fresh mtime: two writes within one timestamp tick could
+    otherwise leave the signature unchanged, which only the watcher's hint would catch."""
+    path = directory / name
+    path.write_text(text)
+    stamp = next(_clock)
+    os.utime(path, ns=(stamp, stamp))
+
+
+def ports(changes: list[ObjectChange]) -> dict[str, int | None]:
+    """{"Service ns/name": first port, or None when deleted}; slices give 0."""
+    out = {}
+    for change in changes:
+        obj = change.obj
+        out[str(change.key)] = None if obj is None else \
+            obj.ports[0].port if isinstance(obj, Service) and obj.ports else 0
+    return out
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 4 * WAIT))
+
+
+async def next_batch(changes) -> list[ObjectChange]:
+    return await asyncio.wait_for(anext(changes), WAIT)
+
+
+# --- the first listing ------------------------------------------------------------------
+
+def test_initial_listing_is_complete(tmp_path):
+    write(tmp_path, "a.yaml", svc("web") + "---\n" + eps("web-1", "web") + "---\n")
+    write(tmp_path, "b.yml", svc("api", 8080))
+    write(tmp_path, "c.json", svc_json("db", 5432))
+    write(tmp_path, "d.yaml", "apiVersion: v1\nkind: List\nitems:\n" + "".join(
+        "- " + textwrap.indent(svc(name, port), "  ").lstrip() for name, port in
+        [("one", 1), ("two", 2)]))
+    write(tmp_path, "deploy.yaml", "apiVersion: apps/v1\nkind: Deployment\n"
+                                   "metadata: {name: web}\n")
+    write(tmp_path, "README.md", svc("not-yaml"))
+    write(tmp_path, ".#a.yaml", svc("editor-lock"))
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub", "x.yaml", svc("not-recursive"))
+
+    async def first():
+        changes = ManifestSource(tmp_path).changes()
+        try:
+            return await next_batch(changes)
+        finally:
+            await changes.aclose()
+
+    assert ports(run(first())) == {
+        "Service default/web": 80, "EndpointSlice default/web-1": 0, "Service default/api": 8080,
+        "Service default/db": 5432, "Service default/one": 1, "Service default/two": 2}
+
+
+def test_initial_listing_of_an_empty_directory_is_empty(tmp_path):
+    async def first():
+        changes = ManifestSource(tmp_path).changes()
+        try:
+            return await next_batch(changes)
+        finally:
+            await changes.aclose()
+
+    assert run(first()) == []
+
+
+def test_missing_directory_fails_at_start(tmp_path):
+    async def first():
+        return await next_batch(ManifestSource(tmp_path / "absent").changes())
+
+    with pytest.raises(NotADirectoryError, match="absent"):
+        run(first())
+
+
+# --- changes seen by the watcher (resync far away, so only inotify can notice) ----------
+
+@dataclass
+class WatchCase:
+    name: str
+    before: dict[str, str]
+    edit: object                           # callable(directory)
+    want: dict[str, int | None]
+
+
+WATCH_CASES = [
+    WatchCase("edit a file: the changed object only",
+              {"a.yaml": svc("web") + "---\n" + svc("api", ip="10.96.0.11")},
+              lambda d: write(d, "a.yaml", svc("web", 81) + "---\n" + svc("api", ip="10.96.0.11")),
+              {"Service default/web": 81}),
+    WatchCase("add a file",
+              {"a.yaml": svc("web")},
+              lambda d: write(d, "b.yaml", svc("api", 8080)),
+              {"Service default/api": 8080}),
+    WatchCase("delete a file: deletions",
+              {"a.yaml": svc("web") + "---\n" + eps("web-1", "web"), "b.yaml": svc("api")},
+              lambda d: (d / "a.yaml").unlink(),
+              {"Service default/web": None, "EndpointSlice default/web-1": None}),
+    WatchCase("rename a file: nothing changes for the consumer, then a real edit",
+              {"a.yaml": svc("web")},
+              lambda d: ((d / "a.yaml").rename(d / "b.yaml"), write(d, "c.yaml", svc("x", 9))),
+              {"Service default/x": 9}),
+    WatchCase("ConfigMap volume: ..data symlink swapped",
+              {},   # set up by configmap_volume below
+              lambda d: configmap_swap(d, "..2", svc("web", 81)),
+              {"Service default/web": 81}),
+]
+
+
+def configmap_volume(directory: Path, text: str) -> None:
+    """The kubelet's layout: web.yaml -> ..data/web.yaml, ..data -> ..1 (a timestamped dir)."""
+    (directory / "..1").mkdir()
+    (directory / "..1" / "web.yaml").write_text(text)
+    (directory / "..data").symlink_to("..1")
+    (directory / "web.yaml").symlink_to("..data/web.yaml")
+
+
+def configmap_swap(directory: Path, version: str, text: str) -> None:
+    """The kubelet's atomic update: a new dir, then rename a fresh symlink over ..data."""
+    (directory / version).mkdir()
+    (directory / version / "web.yaml").write_text(text)
+    (directory / "..data_tmp").symlink_to(version)
+    os.replace(directory / "..data_tmp", directory / "..data")
+
+
+@pytest.mark.parametrize("case", WATCH_CASES, ids=lambda c: c.name)
+def test_watched_changes(tmp_path, case):
+    for name, text in case.before.items():
+        write(tmp_path, name, text)
+    if not case.before:
+        configmap_volume(tmp_path, svc("web"))
+
+    async def scenario():
+        changes = ManifestSource(tmp_path, resync_seconds=3600).changes()
+        try:
+            await next_batch(changes)
+            case.edit(tmp_path)
+            return await next_batch(changes)
+        finally:
+            await changes.aclose()
+
+    assert ports(run(scenario())) == case.want
+
+
+def test_periodic_resync_catches_what_the_watcher_cannot_see(tmp_path):
+    # A file reached through a symlink to another directory: inotify on the manifest
+    # directory does not see edits of the target.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    write(elsewhere, "web.yaml", svc("web"))
+    (watched / "web.yaml").symlink_to(elsewhere / "web.yaml")
+
+    async def scenario():
+        changes = ManifestSource(watched, resync_seconds=0.2).changes()
+        try:
+            await next_batch(changes)
+            write(elsewhere, "web.yaml", svc("web", 81))
+            return await next_batch(changes)
+        finally:
+            await changes.aclose()
+
+    assert ports(run(scenario())) == {"Service default/web": 81}
+
+
+# --- the rules for bad input, through rescan() ------------------------------------------
+
+@dataclass
+class Step:
+    files: dict[str, str | None]            # name -> new text, or None to delete
+    want: dict[str, int | None]             # what the rescan reports
+    counters: dict[str, int] = field(default_factory=dict)   # totals after this step
+
+
+BROKEN_YAML = "apiVersion: v1\nkind: Service\nmetadata: {name: web\n  spec: ["
+BAD_PORT = svc("web", 70000)
+
+
+@dataclass
+class RuleCase:
+    name: str
+    steps: list[Step]
+
+
+RULE_CASES = [
+    RuleCase("invalid object keeps the previous version", [
+        Step({"a.yaml": svc("web") + "---\n" + svc("api", ip="10.96.0.11")},
+             {"Service default/web": 80, "Service default/api": 80}),
+        Step({"a.yaml": BAD_PORT + "---\n" + svc("api", 81, ip="10.96.0.11")},
+             {"Service default/api": 81}, {"invalid_objects": 1}),
+        Step({"a.yaml": svc("web", 82) + "---\n" + svc("api", 81, ip="10.96.0.11")},
+             {"Service default/web": 82}, {"invalid_objects": 1}),
+    ]),
+    RuleCase("invalid object never valid before is skipped", [
+        Step({"a.yaml": BAD_PORT + "---\n" + svc("api")}, {"Service default/api": 80},
+             {"invalid_objects": 1}),
+    ]),
+    RuleCase("invalid object moved to another file keeps the last valid version", [
+        Step({"a.yaml": svc("web")}, {"Service default/web": 80}),
+        Step({"a.yaml": None, "b.yaml": BAD_PORT}, {}, {"invalid_objects": 1}),
+    ]),
+    RuleCase("broken YAML keeps the file's previous objects", [
+        Step({"a.yaml": svc("web"), "b.yaml": svc("api")},
+             {"Service default/web": 80, "Service default/api": 80}),
+        Step({"a.yaml": BROKEN_YAML, "b.yaml": svc("api", 81)}, {"Service default/api": 81},
+             {"parse_errors": 1}),
+        Step({"a.yaml": svc("web", 82)}, {"Service default/web": 82}, {"parse_errors": 1}),
+    ]),
+    RuleCase("broken YAML at start contributes nothing", [
+        Step({"a.yaml": BROKEN_YAML, "b.yaml": svc("api")}, {"Service default/api": 80},
+             {"parse_errors": 1}),
+    ]),
+    RuleCase("broken JSON keeps the file's previous objects", [
+        Step({"a.json": svc_json("db")}, {"Service default/db": 80}),
+        Step({"a.json": svc_json("db", 81)[:-5]}, {}, {"parse_errors": 1}),
+    ]),
+    RuleCase("a document that is not a mapping is an invalid object", [
+        Step({"a.yaml": "just a string\n---\n" + svc("web")}, {"Service default/web": 80},
+             {"invalid_objects": 1}),
+    ]),
+    RuleCase("same object in two files: last file wins, deleting it falls back", [
+        Step({"a.yaml": svc("web", 80), "b.yaml": svc("web", 81)}, {"Service default/web": 81}),
+        Step({"b.yaml": None}, {"Service default/web": 80}),
+        Step({"a.yaml": None}, {"Service default/web": None}),
+    ]),
+    RuleCase("same object twice in one file: the later document wins", [
+        Step({"a.yaml": svc("web", 80) + "---\n" + svc("web", 81)}, {"Service default/web": 81}),
+    ]),
+    RuleCase("unchanged content reports nothing", [
+        Step({"a.yaml": svc("web")}, {"Service default/web": 80}),
+        Step({"a.yaml": svc("web")}, {}),
+        Step({}, {}),
+    ]),
+    RuleCase("object moved between files: no change for the consumer", [
+        Step({"a.yaml": svc("web")}, {"Service default/web": 80}),
+        Step({"a.yaml": None, "b.yaml": svc("web")}, {}),
+    ]),
+    RuleCase("typed list and empty documents", [
+        Step({"a.yaml": "---\n---\napiVersion: v1\nkind: ServiceList\nitems:\n- "
+                        + textwrap.indent(svc("web"), "  ").lstrip() + "---\n"},
+             {"Service default/web": 80}),
+    ]),
+]
+
+
+def apply_files(directory: Path, files: dict[str, str | None]) -> None:
+    for name, text in files.items():
+        if text is None:
+            (directory / name).unlink()
+        else:
+            write(directory, name, text)
+
+
+@pytest.mark.parametrize("case", RULE_CASES, ids=lambda c: c.name)
+def test_bad_input_rules(tmp_path, case):
+    source = ManifestSource(tmp_path)
+    for i, step in enumerate(case.steps):
+        apply_files(tmp_path, step.files)
+        assert ports(source.rescan()) == step.want, f"step {i}"
+        counters = {"invalid_objects": 0, "parse_errors": 0, "refused_files": 0}
+        counters |= step.counters
+        assert {name: getattr(source, name) for name in counters} == counters, f"step {i}"
+
+
+def test_invalid_object_log_line(tmp_path, caplog):
+    write(tmp_path, "a.yaml", BAD_PORT)
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        ManifestSource(tmp_path).rescan()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith('event=invalid_object file=a.yaml object="Service default/web" '
+                           'error="Service default/web: spec.ports[0].port: 70000 out of '
+                           'range'), line
+    assert line.endswith("action=skipped"), line
+
+
+def test_parse_error_log_line_is_one_line(tmp_path, caplog):
+    write(tmp_path, "a.yaml", BROKEN_YAML)
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        ManifestSource(tmp_path).rescan()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("event=parse_error file=a.yaml error="), line
+    assert "\n" not in line
+
+
+# --- files that must not be parsed ------------------------------------------------------
+
+def test_oversized_file_refused_and_previous_objects_kept(tmp_path, caplog):
+    source = ManifestSource(tmp_path, max_file_bytes=400)
+    write(tmp_path, "a.yaml", svc("web"))
+    assert ports(source.rescan()) == {"Service default/web": 80}
+    write(tmp_path, "a.yaml", svc("web", 81) + "#" * 400)
+    write(tmp_path, "b.yaml", svc("api") + "#" * 400)
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        assert source.rescan() == []
+    assert source.refused_files == 2
+    assert [r.getMessage().split()[:2] for r in caplog.records] == [
+        ["event=file_refused", "file=a.yaml"], ["event=file_refused", "file=b.yaml"]]
+
+
+NESTED = [
+    ("flow", "[" * 100_000 + "]" * 100_000),
+    ("block sequences", "- " * 100_000 + "x\n"),
+    ("flow hidden behind a quoted bracket", 'a: "]"\nb: ' + "[ ']'," * 60_000 + "x"),
+    ("flow in a second document", svc("web") + "---\n" + "{a: " * 60_000 + "b"),
+    ("flow continued across lines that look like document markers",
+     "\n---x, ".join(["[" * 900] * 100)),
+]
+
+
+@pytest.mark.parametrize("text", [t for _, t in NESTED], ids=[n for n, _ in NESTED])
+def test_deeply_nested_yaml_is_refused_without_crashing(tmp_path, text):
+    # libyaml's composer recurses in C: without the guard this kills the test process.
+    write(tmp_path, "a.yaml", text)
+    source = ManifestSource(tmp_path)
+    assert source.rescan() == []
+    assert source.parse_errors == 1
+
+
+def test_moderate_nesting_is_fine(tmp_path):
+    write(tmp_path, "a.yaml", svc("web") + "  extra: " + "[" * 300 + "]" * 300 + "\n")
+    assert ports(ManifestSource(tmp_path).rescan()) == {"Service default/web": 80}
+
+
+def test_deeply_nested_json_is_a_parse_error(tmp_path):
+    write(tmp_path, "a.json", "[" * 100_000 + "]" * 100_000)
+    source = ManifestSource(tmp_path)
+    assert source.rescan() == []
+    assert source.parse_errors == 1
+
+
+# --- only changed files are read --------------------------------------------------------
+
+def test_only_changed_or_touched_files_are_reread(tmp_path, monkeypatch):
+    reads = []
+    real = manifests._load_documents
+
+    def counting(path, max_bytes):
+        reads.append(path.name)
+        return real(path, max_bytes)
+
+    monkeypatch.setattr(manifests, "_load_documents", counting)
+    write(tmp_path, "a.yaml", svc("web"))
+    write(tmp_path, "b.yaml", svc("api"))
+    source = ManifestSource(tmp_path)
+    source.rescan()
+    assert sorted(reads) == ["a.yaml", "b.yaml"]
+    reads.clear()
+    source.rescan()
+    assert reads == []
+    write(tmp_path, "b.yaml", svc("api", 81))
+    source.rescan()
+    assert reads == ["b.yaml"]
+    reads.clear()
+    # Same size, same mtime (one timestamp tick), same inode: only the watcher's hint helps.
+    st = (tmp_path / "a.yaml").stat()
+    (tmp_path / "a.yaml").write_text(svc("web", 81))
+    os.utime(tmp_path / "a.yaml", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert source.rescan() == []
+    assert ports(source.rescan({"a.yaml"})) == {"Service default/web": 81}
+    assert reads == ["a.yaml"]
