@@ -94,8 +94,11 @@ def main() -> int:
             say("\n$ bpfproxy services")
             say(agent.cli("services", "--api", agent.api).stdout.rstrip())
             agent.stop(signal.SIGTERM)
-            say("\nagent stopped (SIGTERM: programs and maps stay); "
-                "`bpfproxy cleanup` removes them")
+            after = client.tcp(VIP, 80, count=20)
+            say(f"\nagent stopped (SIGTERM): programs and maps stay, "
+                f"{sum(after.answers.values())}/20 connections still served")
+            removed = agent.cleanup().stdout.count("removed ")
+            say(f"$ bpfproxy cleanup: removed {removed} pinned links and maps")
         ok = sum(tcp.answers.values()) == 300 and sum(udp.answers.values()) == 300 \
             and not any(a.startswith("backend-c") for a in tcp.answers)
     say(f"\ndone in {time.monotonic() - started:.0f}s; lab removed")
