@@ -2,16 +2,15 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-STAMP := $(VENV)/.bpfproxy-installed
 
 .PHONY: install proto demo test unit integration e2e lint bench bench-quick clean
 
-install: $(STAMP) proto
-$(STAMP): pyproject.toml scripts/install.sh
+# Always runs the script: its checks are cheap and it repairs what a reboot or a
+# removed package undid (kernel header links, bpffs); pip runs only when needed.
+install:
 	bash scripts/install.sh
 
-proto: $(STAMP)
-	$(PY) -m agent.api.codegen
+proto: install
 
 demo: install
 	$(PY) -m examples.demo

@@ -95,7 +95,8 @@ def run_agent(args) -> int:
         return 2
     for flag in ("node_ip", "interfaces", "metrics", "healthz"):
         if getattr(args, flag):
-            logging.info("event=flag_not_yet_used flag=--%s", flag.replace("_", "-"))
+            logging.getLogger("agent").info("event=flag_not_yet_used flag=--%s",
+                                            flag.replace("_", "-"))
     return asyncio.run(_agent_main(args))
 
 
@@ -107,30 +108,35 @@ async def _agent_main(args) -> int:
     from agent.datapath.maps import BpfServiceMaps
     from agent.sources.manifests import ManifestSource
 
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Leave programs and pinned maps in place: traffic keeps flowing without us.
+        loop.add_signal_handler(sig, stopping.set)
     cgroup = args.cgroup or find_cgroup2_mount()
     config = DatapathConfig(pin_dir=args.bpffs)
-    loop = asyncio.get_running_loop()
     try:
         loaded = await loop.run_in_executor(None, loader.compile_programs, config)
         await loop.run_in_executor(None, loader.attach_socket_programs, loaded, cgroup)
     except (loader.DatapathError, OSError) as exc:
-        logging.error("event=datapath_failed error=%r", str(exc))
+        logging.getLogger("agent").error("event=datapath_failed error=%r", str(exc))
         return 1
     source = ManifestSource(args.manifests)
-    agent = Agent(changes=source.changes, maps=BpfServiceMaps(loaded.bpf),
+    agent = Agent(source=source, maps=BpfServiceMaps(loaded.bpf),
                   min_sync_period=args.min_sync_period, sync_period=args.sync_period)
     agent.status.source = f"manifests:{args.manifests}"
     agent.status.node_name = args.node_name
     api = await server.start(args.api, agent.status)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Leave programs and pinned maps in place: traffic keeps flowing without us.
-        loop.add_signal_handler(sig, agent.stop)
+    stopper = asyncio.create_task(stopping.wait())
+    stopper.add_done_callback(lambda _: agent.stop())
     try:
-        await agent.run()
+        code = await agent.run()
     finally:
+        stopper.cancel()
         await api.stop(grace=0.5)
-        logging.info("event=agent_stopped programs=left_attached maps=left_pinned")
-    return 0
+        logging.getLogger("agent").info(
+            "event=agent_stopped programs=left_attached maps=left_pinned")
+    return code
 
 
 # --- clients of the API ---------------------------------------------------------------

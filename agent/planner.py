@@ -35,6 +35,9 @@ class KernelService:
     family: int
     frontends: frozenset[FrontendKey]
     backends: tuple[BackendAddr, ...]     # slot i holds backends[i]
+    # Left by an interrupted write (a crash between two batches), found by read_back:
+    stray_slots: tuple[int, ...] = ()     # slots past the count: invisible, to delete
+    stale_frontends: frozenset[FrontendKey] = frozenset()   # count differs: to rewrite
 
 
 # What the kernel holds, by service id. read_back() rebuilds it from the maps alone.
@@ -79,10 +82,14 @@ class Plan:
     conflicts: tuple[str, ...] = field(default=())  # frontends claimed twice; first one wins
 
 
-def plan(desired: DesiredState, applied: Mapping[int, KernelService]) -> Plan:
+def plan(desired: DesiredState, applied: Mapping[int, KernelService],
+         keep_unclaimed: bool = False) -> Plan:
     """Backends first, then the frontend that points at them; on removal the frontend
     goes first. The phases are global, so the order also holds when a frontend moves
-    from one service port to another within one sync."""
+    from one service port to another within one sync.
+
+    keep_unclaimed: service ports in the kernel that nothing desired claims are kept, not
+    deleted (the source's listing is incomplete, e.g. a manifest failed to parse)."""
     ids = _assign_ids(desired, applied)
     frontend_owner: dict[FrontendKey, int] = {}
     conflicts: list[str] = []
@@ -105,6 +112,12 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService]) -> Plan:
         wanted = [BackendAddr(b.address, b.port) for b in state.backends]
         slots = _stable_slots(old.backends if old else (), wanted)
         result[svc_id] = KernelService(svc_id, key[1], frozenset(frontends), slots)
+    if keep_unclaimed:
+        for svc_id, old in applied.items():
+            kept = frozenset(f for f in old.frontends if f not in frontend_owner)
+            if svc_id not in result and kept:
+                result[svc_id] = KernelService(svc_id, old.family, kept, old.backends)
+                frontend_owner.update(dict.fromkeys(kept, svc_id))
 
     put_slots: list[MapOp] = []
     put_frontends: list[MapOp] = []
@@ -112,60 +125,85 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService]) -> Plan:
     delete_slots: list[MapOp] = []
 
     old_owner = {f: s.svc_id for s in applied.values() for f in s.frontends}
-    old_count = {s.svc_id: len(s.backends) for s in applied.values()}
     for svc_id, svc in sorted(result.items()):
         old = applied.get(svc_id)
         old_slots = old.backends if old else ()
         for i, backend in enumerate(svc.backends):
             if i >= len(old_slots) or old_slots[i] != backend:
                 put_slots.append(PutSlot(svc.family, svc_id, i, backend))
-        count_changed = old_count.get(svc_id) != len(svc.backends)
+        count_changed = old is None or len(old_slots) != len(svc.backends)
+        stale = old.stale_frontends if old else frozenset()
         for fkey in sorted(svc.frontends, key=_frontend_order):
-            if count_changed or old_owner.get(fkey) != svc_id:
+            if count_changed or old_owner.get(fkey) != svc_id or fkey in stale:
                 put_frontends.append(PutFrontend(fkey, svc_id, len(svc.backends)))
-        for i in range(len(svc.backends), len(old_slots)):
-            delete_slots.append(DeleteSlot(svc.family, svc_id, i))
+        gone = set(range(len(svc.backends), len(old_slots)))
+        gone |= {i for i in (old.stray_slots if old else ()) if i >= len(svc.backends)}
+        delete_slots.extend(DeleteSlot(svc.family, svc_id, i) for i in sorted(gone))
 
     for fkey in sorted(old_owner.keys() - frontend_owner.keys(), key=_frontend_order):
         delete_frontends.append(DeleteFrontend(fkey))
     for svc_id, old in sorted(applied.items()):
         if svc_id not in result:
-            delete_slots.extend(DeleteSlot(old.family, svc_id, i)
-                                for i in range(len(old.backends)))
+            slots = sorted(set(range(len(old.backends))) | set(old.stray_slots))
+            delete_slots.extend(DeleteSlot(old.family, svc_id, i) for i in slots)
 
     ops = (*put_slots, *put_frontends, *delete_frontends, *delete_slots)
     return Plan(ops, result, ids, tuple(conflicts))
 
 
+FrontendEntry = tuple[FrontendKey, int, int]         # frontend -> (svc_id, count)
+SlotEntry = tuple[int, int, int, BackendAddr]        # (svc_id, slot, family, backend)
+
+
+def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry]
+                 ) -> AppliedState:
+    """The applied state that raw map entries mean: a service port serves slots
+    [0, count); anything else an interrupted write left is marked for repair. Shared by
+    the real maps' read_back and the test fake, so both adopt the same way."""
+    by_svc: dict[int, dict[FrontendKey, int]] = {}
+    for fkey, svc_id, count in frontends:
+        by_svc.setdefault(svc_id, {})[fkey] = count
+    tables: dict[int, dict[int, BackendAddr]] = {}
+    families: dict[int, int] = {}
+    for svc_id, slot, family, backend in slots:
+        tables.setdefault(svc_id, {})[slot] = backend
+        families[svc_id] = family
+    state: AppliedState = {}
+    for svc_id in by_svc.keys() | tables.keys():
+        table = tables.get(svc_id, {})
+        counts = by_svc.get(svc_id, {})
+        contiguous = 0
+        while contiguous in table:
+            contiguous += 1
+        live = min([contiguous, *counts.values()]) if counts else 0
+        family = families.get(svc_id) or next(iter(counts)).address.version
+        state[svc_id] = KernelService(
+            svc_id, family, frozenset(counts),
+            tuple(table[i] for i in range(live)),
+            stray_slots=tuple(sorted(i for i in table if i >= live)),
+            stale_frontends=frozenset(f for f, c in counts.items() if c != live))
+    return state
+
+
 def apply_ops(applied: Mapping[int, KernelService], ops: Iterable[MapOp]) -> AppliedState:
     """What the kernel holds after ops, computed from the ops alone (for fakes and tests)."""
-    frontends: dict[FrontendKey, int] = {f: s.svc_id for s in applied.values()
-                                         for f in s.frontends}
-    slots: dict[int, dict[int, BackendAddr]] = {
-        s.svc_id: dict(enumerate(s.backends)) for s in applied.values()}
-    family = {s.svc_id: s.family for s in applied.values()}
+    frontends: dict[FrontendKey, tuple[int, int]] = {
+        f: (s.svc_id, len(s.backends)) for s in applied.values() for f in s.frontends}
+    slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {
+        (s.svc_id, i): (s.family, b) for s in applied.values() for i, b in enumerate(s.backends)}
     for op in ops:
         match op:
             case PutSlot():
-                slots.setdefault(op.svc_id, {})[op.slot] = op.backend
-                family[op.svc_id] = op.family
+                slots[op.svc_id, op.slot] = (op.family, op.backend)
             case DeleteSlot():
-                slots.get(op.svc_id, {}).pop(op.slot, None)
+                slots.pop((op.svc_id, op.slot), None)
             case PutFrontend():
-                frontends[op.frontend] = op.svc_id
-                family.setdefault(op.svc_id, op.frontend.address.version)
+                frontends[op.frontend] = (op.svc_id, op.count)
             case DeleteFrontend():
                 frontends.pop(op.frontend, None)
-    by_svc: dict[int, set[FrontendKey]] = {}
-    for fkey, svc_id in frontends.items():
-        by_svc.setdefault(svc_id, set()).add(fkey)
-    state: AppliedState = {}
-    for svc_id in by_svc.keys() | {i for i, s in slots.items() if s}:
-        table = slots.get(svc_id, {})
-        backends = tuple(table[i] for i in range(len(table)) if i in table)
-        state[svc_id] = KernelService(svc_id, family.get(svc_id, 4),
-                                      frozenset(by_svc.get(svc_id, ())), backends)
-    return state
+    return kernel_state(((f, svc_id, count) for f, (svc_id, count) in frontends.items()),
+                        ((svc_id, slot, family, b)
+                         for (svc_id, slot), (family, b) in slots.items()))
 
 
 def _assign_ids(desired: DesiredState, applied: Mapping[int, KernelService]

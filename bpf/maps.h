@@ -32,8 +32,9 @@ struct svc_key4 {
 /* One frontend -> its service port's backend slots [0, count). */
 struct svc_value {
         __u32 svc_id;           /* shared by every frontend of one service port */
-        __u16 count;            /* 0: no usable backend, connect() is refused */
-        __u16 flags;            /* reserved */
+        __u32 count;            /* 0: no usable backend, connect() is refused */
+        __u32 flags;            /* reserved */
+        __u32 affinity_sec;     /* reserved: ClientIP session affinity timeout */
 };
 
 struct slot_key {

@@ -19,12 +19,20 @@ static __always_inline struct svc_key4 svc_key_from_sock(struct bpf_sock_addr *c
         return key;
 }
 
-/* Random slot: O(1) whatever the number of services or backends. */
-static __always_inline struct backend4 *pick_backend(struct svc_value *svc)
+/* O(1) whatever the number of services or backends. TCP: a random slot per connection.
+ * UDP: a slot from the socket cookie, so every datagram of one socket reaches the same
+ * backend, as kube-proxy's conntrack entry keeps a UDP flow on one endpoint. */
+static __always_inline struct backend4 *pick_backend(struct bpf_sock_addr *ctx,
+                                                     struct svc_value *svc)
 {
+        __u32 pick;
+        if (ctx->protocol == IPPROTO_UDP)
+                pick = (__u32)((bpf_get_socket_cookie(ctx) * 0x9E3779B97F4A7C15ULL) >> 32);
+        else
+                pick = bpf_get_prandom_u32();
         struct slot_key slot = {
                 .svc_id = svc->svc_id,
-                .slot   = bpf_get_prandom_u32() % svc->count,
+                .slot   = pick % svc->count,
         };
         return bpfp_slot4.lookup(&slot);
 }
@@ -38,7 +46,7 @@ static __always_inline int redirect_to_backend(struct bpf_sock_addr *ctx,
                 bpf_set_retval(-BPFP_ECONNREFUSED);
                 return SOCK_REJECT;
         }
-        struct backend4 *backend = pick_backend(svc);
+        struct backend4 *backend = pick_backend(ctx, svc);
         if (!backend) {
                 /* a slot is written before the count that covers it; only a map
                  * corrupted from outside gets here */

@@ -91,6 +91,10 @@ class Pod:
         """count unconnected UDP requests; a reply from another address counts as wrong_source."""
         return self.start_client("udp", addr, port, count, **kw).result()
 
+    def udp_one_socket(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:
+        """count unconnected UDP requests from one socket kept open across all of them."""
+        return self.start_client("udp-one-socket", addr, port, count, **kw).result()
+
     def udp_connected(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:
         """count connected UDP requests; getpeername() other than addr:port counts as wrong_peer."""
         return self.start_client("udp-connected", addr, port, count, **kw).result()

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-MODES = ("tcp", "udp", "udp-connected")
+MODES = ("tcp", "udp", "udp-connected", "udp-one-socket")
 
 
 @dataclass
@@ -86,6 +86,21 @@ class ClientResult:
         return self.answered + self.failed
 
 
+def request_on(sock: socket.socket, addr: str, port: int, timeout: float) -> Outcome:
+    """One unconnected UDP request on a socket kept across requests (udp-one-socket): what
+    a DNS resolver or a QUIC client does, so every datagram should reach one backend."""
+    target = (addr, port)
+    try:
+        sock.settimeout(timeout)
+        sock.sendto(b"?\n", target)
+        data, source = sock.recvfrom(2048)
+        return Outcome(answer=_text(data), wrong_source=source != target)
+    except TimeoutError:
+        return Outcome(error="timeout")
+    except OSError as error:
+        return Outcome(error=errno.errorcode.get(error.errno, str(error.errno)))
+
+
 def request(mode: str, addr: str, port: int, timeout: float) -> Outcome:
     """One request on a fresh socket, every wait bounded by timeout."""
     kind = socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM
@@ -146,11 +161,18 @@ def run(
     result = ClientResult()
     start = result.started = time.monotonic()
     sent = 0
+    kept = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if mode == "udp-one-socket" else None
     while (time.monotonic() - start < duration) if duration is not None else sent < count:
-        result.add(time.monotonic() - start, request(mode, addr, port, timeout))
+        if kept is not None:
+            outcome = request_on(kept, addr, port, timeout)
+        else:
+            outcome = request(mode, addr, port, timeout)
+        result.add(time.monotonic() - start, outcome)
         sent += 1
         if interval:
             time.sleep(interval)
+    if kept is not None:
+        kept.close()
     return result
 
 

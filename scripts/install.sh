@@ -48,7 +48,11 @@ ensure_kernel_headers() {
         return 0
     fi
     local build common
-    build="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)"
+    # The running kernel's own package if it exists, else the newest plain -amd64 flavour
+    # (not -cloud-amd64 or -rt-amd64, whose -common tree has another name).
+    build="/usr/src/linux-headers-$(uname -r)"
+    [ -d "$build" ] || build="$(ls -d /usr/src/linux-headers-*[0-9]-amd64 2>/dev/null \
+        | sort -V | tail -n1)"
     if [ -z "$build" ]; then
         log "no /usr/src/linux-headers-*-amd64 tree found"; exit 1
     fi

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agent.model.types import Protocol
 from agent.planner import (
     AppliedState,
     BackendAddr,
     DeleteFrontend,
     DeleteSlot,
     FrontendKey,
-    KernelService,
     MapOp,
     PutFrontend,
     PutSlot,
+    kernel_state,
 )
 
 
@@ -24,10 +25,14 @@ class InvariantBroken(AssertionError):
 
 
 class FakeServiceMaps:
-    def __init__(self) -> None:
+    def __init__(self, families: frozenset[int] = frozenset({4, 6})) -> None:
+        self.families = families
         self.frontends: dict[FrontendKey, tuple[int, int]] = {}   # -> (svc_id, count)
         self.slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {}  # -> (family, b)
         self.ops_applied = 0
+
+    def supports(self, family: int, protocol: Protocol) -> bool:
+        return family in self.families and protocol is not Protocol.SCTP
 
     def apply(self, ops: Sequence[MapOp]) -> None:
         for op in ops:
@@ -51,21 +56,6 @@ class FakeServiceMaps:
                                           f"{count} but slot {slot} is missing")
 
     def read_back(self) -> AppliedState:
-        by_svc: dict[int, set[FrontendKey]] = {}
-        counts: dict[int, int] = {}
-        for fkey, (svc_id, count) in self.frontends.items():
-            by_svc.setdefault(svc_id, set()).add(fkey)
-            counts[svc_id] = count
-        tables: dict[int, dict[int, tuple[int, BackendAddr]]] = {}
-        for (svc_id, slot), value in self.slots.items():
-            tables.setdefault(svc_id, {})[slot] = value
-        state: AppliedState = {}
-        for svc_id in by_svc.keys() | tables.keys():
-            table = tables.get(svc_id, {})
-            n = counts.get(svc_id, len(table))
-            backends = tuple(table[i][1] for i in range(n))
-            family = next(iter(table.values()))[0] if table else \
-                next(iter(by_svc[svc_id])).address.version
-            state[svc_id] = KernelService(svc_id, family, frozenset(by_svc.get(svc_id, ())),
-                                          backends)
-        return state
+        return kernel_state(((f, svc_id, count) for f, (svc_id, count) in self.frontends.items()),
+                            ((svc_id, slot, family, b)
+                             for (svc_id, slot), (family, b) in self.slots.items()))

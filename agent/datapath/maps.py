@@ -22,10 +22,10 @@ from agent.planner import (
     DeleteFrontend,
     DeleteSlot,
     FrontendKey,
-    KernelService,
     MapOp,
     PutFrontend,
     PutSlot,
+    kernel_state,
 )
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,13 @@ class MapFullError(RuntimeError):
 class ServiceMaps(TypingProtocol):
     def apply(self, ops: Sequence[MapOp]) -> None: ...
     def read_back(self) -> AppliedState: ...
+    def supports(self, family: int, protocol: Protocol) -> bool: ...
 
 
 def _be32(address: ipaddress.IPv4Address) -> int:
     """An address as the u32 whose memory holds it in network order (ctx->user_ip4)."""
+    if address.version != 4:
+        raise ValueError(f"{address} is not IPv4: the IPv4 maps cannot hold it")
     return int.from_bytes(address.packed, sys.byteorder)
 
 
@@ -59,6 +62,10 @@ class BpfServiceMaps:
         self.svc = bpf[b"bpfp_svc4"]
         self.slots = bpf[b"bpfp_slot4"]
         self._names = {id(self.svc): "bpfp_svc4", id(self.slots): "bpfp_slot4"}
+
+    def supports(self, family: int, protocol: Protocol) -> bool:
+        """IPv4 TCP and UDP today (the socket programs leave other protocols alone)."""
+        return family == 4 and protocol in (Protocol.TCP, Protocol.UDP)
 
     # --- writes -----------------------------------------------------------------------
 
@@ -113,29 +120,12 @@ class BpfServiceMaps:
 
     def read_back(self) -> AppliedState:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
-        frontends: dict[int, set[FrontendKey]] = {}
-        counts: dict[int, int] = {}
-        for key, value in _read_all(self.svc):
-            fkey = FrontendKey(_from_be32(key.addr), socket.ntohs(key.port),
-                               _PROTOCOLS.get(key.proto, Protocol.TCP))
-            frontends.setdefault(value.svc_id, set()).add(fkey)
-            counts[value.svc_id] = max(counts.get(value.svc_id, 0), value.count)
-        tables: dict[int, dict[int, BackendAddr]] = {}
-        for key, value in _read_all(self.slots):
-            tables.setdefault(key.svc_id, {})[key.slot] = \
-                BackendAddr(_from_be32(value.addr), socket.ntohs(value.port))
-        state: AppliedState = {}
-        for svc_id in frontends.keys() | tables.keys():
-            table = tables.get(svc_id, {})
-            # Slots past the count are leftovers of an interrupted write: not live.
-            count = counts.get(svc_id, len(table))
-            backends = tuple(itertools.takewhile(lambda b: b is not None,
-                                                 (table.get(i) for i in range(len(table)))))
-            if svc_id in counts and len(backends) > count:
-                backends = backends[:count]
-            state[svc_id] = KernelService(svc_id, 4, frozenset(frontends.get(svc_id, ())),
-                                          backends)
-        return state
+        frontends = ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
+                                  _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count)
+                     for k, v in _read_all(self.svc))
+        slots = ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
+                 for k, v in _read_all(self.slots))
+        return kernel_state(frontends, slots)
 
     # --- conversions ------------------------------------------------------------------
 
@@ -144,7 +134,7 @@ class BpfServiceMaps:
                             proto=f.protocol.number, scope=0)
 
     def _svc_value(self, op: PutFrontend):
-        return self.svc.Leaf(svc_id=op.svc_id, count=op.count, flags=0)
+        return self.svc.Leaf(svc_id=op.svc_id, count=op.count, flags=0, affinity_sec=0)
 
     def _slot_key(self, svc_id: int, slot: int):
         return self.slots.Key(svc_id=svc_id, slot=slot)

@@ -301,10 +301,10 @@ def _endpoint(where: _Where, raw: Any, field: str, family: int | None) -> Endpoi
         addresses = tuple(where.address(v, f"{field}.addresses[{i}]", family)
                           for i, v in enumerate(raw_addresses))
     conditions = where.mapping(entry.get("conditions"), f"{field}.conditions")
-    # API defaults: an unknown ready condition counts as ready; serving defers to ready;
-    # terminating is false unless stated.
+    # kube-proxy's defaults (endpointslicecache.go addEndpoints): an unset ready or serving
+    # condition counts as true, an unset terminating as false.
     ready = where.flag(conditions.get("ready"), f"{field}.conditions.ready", True)
-    serving = where.flag(conditions.get("serving"), f"{field}.conditions.serving", ready)
+    serving = where.flag(conditions.get("serving"), f"{field}.conditions.serving", True)
     terminating = where.flag(conditions.get("terminating"), f"{field}.conditions.terminating",
                              False)
     return Endpoint(

@@ -40,6 +40,7 @@ Signature = tuple[int, int, int]   # (mtime_ns, size, inode): a changed file cha
 class _FileRecord:
     signature: Signature
     objects: dict[ObjectKey, Object]   # the valid objects this file contributes
+    readable: bool = True              # False: its last read failed, objects are older
 
 
 class _Refused(Exception):
@@ -109,6 +110,12 @@ class ManifestSource:
 
     # --- synchronous part, run in a thread ---------------------------------------------
 
+    @property
+    def complete(self) -> bool:
+        """False while a file cannot be read: the listing may lack objects that exist (a
+        restarted agent must then not delete what it adopted from the kernel)."""
+        return all(record.readable for record in self._files.values())
+
     def rescan(self, touched: set[str] | frozenset[str] = frozenset()) -> list[ObjectChange]:
         """Re-reads new files, files whose signature changed and files the watcher named
         (a same-size rewrite within one timestamp tick keeps the signature); returns the diff."""
@@ -153,12 +160,12 @@ class ManifestSource:
         except _Refused as e:
             self.refused_files += 1
             log.warning(_kv(event="file_refused", file=name, error=e, kept_objects=len(kept)))
-            return _FileRecord(signature, kept)
+            return _FileRecord(signature, kept, readable=False)
         except Exception as e:  # noqa: BLE001 -- half-written, not YAML, unreadable, ...
             self.parse_errors += 1
             log.warning(_kv(event="parse_error", file=name, error=_one_line(e),
                             kept_objects=len(kept)))
-            return _FileRecord(signature, kept)
+            return _FileRecord(signature, kept, readable=False)
         objects: dict[ObjectKey, Object] = {}
         for where, raw in _raw_objects(documents):
             try:

@@ -69,6 +69,12 @@ def test_tcp_and_udp_to_a_cluster_ip_reach_every_backend(cluster):
     assert udp.errors == {} and udp.wrong_source == 0     # replies come from the VIP
     assert set(udp.answers) == {f"{p.name}:5353" for p in backends}
 
+    # one socket, many datagrams: one backend, as a conntrack entry keeps a UDP flow
+    for _ in range(3):
+        one_socket = client.udp_one_socket(VIP, 53, count=30)
+        assert one_socket.errors == {} and one_socket.wrong_source == 0
+        assert len(names(one_socket)) == 1
+
     connected = client.udp_connected(VIP, 53, count=150)
     assert connected.errors == {} and connected.wrong_peer == 0   # getpeername() is the VIP
     assert names(connected) == {p.name for p in backends}
@@ -155,7 +161,10 @@ def test_agent_killed_and_restarted_traffic_keeps_flowing(cluster):
     assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
     time.sleep(1.5)                   # no agent at all: the kernel keeps serving
     agent.start(wait=60)              # adopts the pinned maps, swaps its programs in
+    restarted_at = time.monotonic()
     result = running.result()
+    assert result.started + result.timeline[-1][0] > restarted_at + 0.5, \
+        "the client must still be sending after the restarted agent took over"
     assert result.errors == {}, f"connections failed around the restart: {result.errors}"
     assert names(result) == {p.name for p in backends}
     assert "event=adopted service_ports=2" in agent.log()

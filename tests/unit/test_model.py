@@ -34,7 +34,7 @@ def service(name="web", ips=("10.96.0.10",), ports=(("", "TCP", 80, 8080),),
 
 def ep(address, ready=True, serving=None, terminating=False, node="", zone="") -> Endpoint:
     return Endpoint((ipaddress.ip_address(address),), ready,
-                    ready if serving is None else serving, terminating, node, zone)
+                    True if serving is None else serving, terminating, node, zone)
 
 
 def eps(name="web-1", service="web", ports=(("", "TCP", 8080),), endpoints=(),
@@ -125,6 +125,16 @@ CASES = [
          [eps(endpoints=[ep("10.1.0.1", ready=False, serving=True, terminating=True),
                          ep("10.1.0.2", ready=False)])],
          {WEB: (WEB_FRONTEND, ["10.1.0.1:8080 terminating"])}),
+    Case("serving unset on a terminating endpoint counts as serving",  # endpointslicecache.go
+         [service()],
+         [eps(endpoints=[ep("10.1.0.1", ready=False, terminating=True)])],
+         {WEB: (WEB_FRONTEND, ["10.1.0.1:8080 terminating"])}),
+    Case("slice port named after the container port, not the service port: no match",
+         # the EndpointSlice controller names slice ports after *service* ports; the
+         # targetPort name ("web") is resolved by it, never by the proxy
+         [service(ports=[("http", "TCP", 80, "web")])],
+         [eps(ports=[("web", "TCP", 8080)], endpoints=[ep("10.1.0.1")])],
+         {"default/web:http/TCP v4": (WEB_FRONTEND, [])}),
     Case("never terminating and not serving",
          [service()],
          [eps(endpoints=[ep("10.1.0.1", ready=False, serving=False, terminating=True)])],

@@ -271,7 +271,8 @@ CONDITION_CASES = [
     # (conditions, want (ready, serving, terminating))  -- EndpointConditions API defaults
     ("all absent: unknown counts as ready", None, (True, True, False)),
     ("empty mapping", {}, (True, True, False)),
-    ("not ready: serving defers to ready", {"ready": False}, (False, False, False)),
+    ("not ready, serving unset counts as serving (kube-proxy)", {"ready": False},
+     (False, True, False)),
     ("terminating and still serving", {"ready": False, "serving": True, "terminating": True},
      (False, True, True)),
     ("terminating, not serving", {"ready": False, "serving": False, "terminating": True},

@@ -154,3 +154,60 @@ def test_ids_are_small_and_unique(n):
         desired.update(sp(f"s{i}", f"10.96.1.{i + 1}", ["10.0.0.1"]))
     p = plan(desired, {})
     assert sorted(p.ids.values()) == list(range(1, n + 1))
+
+
+# --- adoption after a crash: the kernel is the record ----------------------------------
+
+def test_slots_past_the_count_are_found_and_deleted():
+    fake = FakeServiceMaps()
+    fake.apply(plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"]), {}).ops)
+    shrink = plan(sp("web", "10.96.0.1", ["10.0.0.1"]), fake.read_back())
+    fake.apply([o for o in shrink.ops if not isinstance(o, DeleteSlot)])   # crash here
+    adopted = fake.read_back()
+    assert adopted[1].stray_slots == (1, 2) and len(adopted[1].backends) == 1
+    repair = plan(sp("web", "10.96.0.1", ["10.0.0.1"]), adopted)
+    assert kinds(repair.ops) == ["DeleteSlot", "DeleteSlot"]
+    fake.apply(repair.ops)
+    assert fake.slots.keys() == {(1, 0)}
+
+
+def test_a_frontend_left_with_an_old_count_is_rewritten():
+    two_vips = sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"], extra_vips=("10.96.0.2",))
+    fake = FakeServiceMaps()
+    fake.apply(plan(two_vips, {}).ops)
+    grow = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+                   extra_vips=("10.96.0.2",)), fake.read_back())
+    fake.apply(grow.ops[:-1])          # crash between the two PutFrontend ops
+    adopted = fake.read_back()
+    assert len(adopted[1].stale_frontends) == 1
+    repair = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+                     extra_vips=("10.96.0.2",)), adopted)
+    fake.apply(repair.ops)
+    assert {count for _, count in fake.frontends.values()} == {3}
+
+
+def test_keep_unclaimed_keeps_what_an_incomplete_listing_does_not_mention():
+    before = plan({**sp("a", "10.96.0.1", ["10.0.0.1"]), **sp("b", "10.96.0.2", ["10.0.0.2"])},
+                  {}).result
+    p = plan(sp("a", "10.96.0.1", ["10.0.0.3"]), before, keep_unclaimed=True)
+    assert not any(isinstance(o, (DeleteFrontend, DeleteSlot)) for o in p.ops)
+    assert len(p.result) == 2
+    assert kinds(plan(sp("a", "10.96.0.1", ["10.0.0.3"]), p.result).ops) == \
+        ["DeleteFrontend", "DeleteSlot"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(world_st, world_st, st.integers(min_value=0, max_value=40))
+def test_a_crash_anywhere_in_a_plan_is_repaired_by_the_next_agent(first, second, cut):
+    fake = FakeServiceMaps()
+    fake.apply(plan(build(first), {}).ops)
+    interrupted = plan(build(second), fake.read_back())
+    fake.apply(interrupted.ops[:cut])                 # the agent dies after `cut` writes
+    repair = plan(build(second), fake.read_back())    # a new agent adopts and reconciles
+    fake.apply(repair.ops)
+    assert fake.read_back() == repair.result
+    assert plan(build(second), fake.read_back()).ops == ()
+    served = {f for s in repair.result.values() for f in s.frontends}
+    assert {(f.address, f.port, f.protocol) for f in served} == \
+        {(f.address, f.port, f.protocol) for s in build(second).values() for f in s.frontends}
+    assert all(not s.stray_slots and not s.stale_frontends for s in fake.read_back().values())
