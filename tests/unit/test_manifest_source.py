@@ -416,3 +416,16 @@ def test_only_changed_or_touched_files_are_reread(tmp_path, monkeypatch):
     assert source.rescan() == []
     assert ports(source.rescan({"a.yaml"})) == {"Service default/web": 81}
     assert reads == ["a.yaml"]
+
+
+def test_listing_is_incomplete_while_a_file_cannot_be_parsed(tmp_path):
+    """A restarted agent keeps what it adopted while the listing may lack objects."""
+    write(tmp_path, "a.yaml", svc("a"))
+    write(tmp_path, "b.yaml", "kind: Service\nmetadata: [unclosed\n")
+    source = ManifestSource(tmp_path)
+    first = source.rescan()
+    assert [c.key for c in first] == [key("a")]
+    assert source.complete is False
+    write(tmp_path, "b.yaml", svc("b", ip="10.96.0.11"))
+    source.rescan({"b.yaml"})
+    assert source.complete is True
