@@ -68,6 +68,9 @@ class AgentStatus:
     source: str = ""
     node_name: str = ""
     failure: str = ""                  # why the agent stopped on its own, if it did
+    # From the source delivering a change to the kernel holding it, for the last sync
+    # that carried changes (periodic syncs without one do not count).
+    last_event_to_kernel_seconds: float = 0.0
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Agent:
         self._desired: DesiredState = {}
         self._ids: dict[tuple[ServicePortName, int], int] = {}
         self._unsupported: set[tuple[ServicePortName, int]] = set()
+        self._pending_since: float | None = None   # oldest change not yet in the kernel
         self._listed = asyncio.Event()     # the source's first, complete listing arrived
         self._dirty = asyncio.Event()
         self._stop = asyncio.Event()
@@ -107,6 +111,8 @@ class Agent:
     async def _watch_source(self) -> None:
         try:
             async for batch in self.source.changes():
+                if batch and self._pending_since is None:
+                    self._pending_since = time.monotonic()
                 for change in batch:
                     if change.obj is None:
                         self._objects.pop(change.key, None)
@@ -162,6 +168,7 @@ class Agent:
         counted, and the kernel is re-read so the next attempt starts from the truth."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        since, self._pending_since = self._pending_since, None
         try:
             if reread_kernel:
                 self._applied = await loop.run_in_executor(None, self.maps.read_back)
@@ -182,7 +189,11 @@ class Agent:
             except Exception as read_exc:
                 log.error("event=read_back_failed error=%r", str(read_exc))
             self._publish()
+            if since is not None:       # still not in the kernel: keep the oldest stamp
+                self._pending_since = min(since, self._pending_since or since)
             return False
+        if since is not None:
+            self.status.last_event_to_kernel_seconds = time.monotonic() - since
         self._applied, self._desired, self._ids = result.result, desired, result.ids
         self._publish()
         elapsed = time.perf_counter() - started

@@ -50,7 +50,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             synced=s.synced, node_name=s.node_name, service_ports=len(s.services),
             frontends=sum(len(sp.kernel.frontends) for sp in s.services),
             backends=backend_count(s.services), last_sync_unix=s.last_sync_unix,
-            syncs=s.syncs, sync_errors=s.sync_errors, source=s.source)
+            syncs=s.syncs, sync_errors=s.sync_errors, source=s.source,
+            last_event_to_kernel_seconds=s.last_event_to_kernel_seconds,
+            last_sync_seconds=s.last_sync_seconds)
 
     async def ListServices(self, request, context):
         return agent_pb2.ListServicesResponse(services=service_ports_message(self.status))

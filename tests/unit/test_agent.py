@@ -69,6 +69,7 @@ def test_dual_stack_service_writes_only_the_family_the_datapath_serves(caplog):
     assert frontends(maps) == {"10.96.0.1:80/TCP"}
     assert "event=service_port_unsupported" in caplog.text and "IPv6" in caplog.text
     assert agent.status.synced and len(agent.status.services) == 1
+    assert 0 < agent.status.last_event_to_kernel_seconds < 1
 
 
 def test_sctp_is_not_written_while_the_datapath_ignores_it():
