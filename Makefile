@@ -24,6 +24,12 @@ unit: install
 integration: install
 	$(PY) -m pytest -q tests/integration tests/e2e
 
+bench: install
+	$(PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.run --quick
+
 lint: install
 	$(VENV)/bin/ruff check agent tests examples
 

@@ -1,0 +1,52 @@
+"""Names kube-proxy derives from a service port: its ServicePortName string, the ordering the
+bench renders in, and usable IPv4 backends as kube-proxy lists them. Pure functions."""
+
+from __future__ import annotations
+
+from agent.model.types import (
+    Backend,
+    DesiredState,
+    FrontendKind,
+    ServicePortName,
+    ServicePortState,
+)
+
+
+def port_name_string(name: ServicePortName) -> str:
+    """proxy.ServicePortName.String(): "ns/name:port", or "ns/name" for an unnamed port."""
+    port = f":{name.port_name}" if name.port_name else ""
+    return f"{name.namespace}/{name.name}{port}"
+
+
+def protocol_lower(name: ServicePortName) -> str:
+    # Both proxiers build names and matches from strings.ToLower(protocol).
+    return name.protocol.value.lower()
+
+
+def endpoint_string(backend: Backend) -> str:
+    """BaseEndpointInfo.String(): net.JoinHostPort(ip, port) (IPv4 only here)."""
+    return f"{backend.address}:{backend.port}"
+
+
+def service_order(desired: DesiredState) -> list[ServicePortName]:
+    """The IPv4 service ports in the order the bench renders them (KUBE-SERVICES order).
+
+    kube-proxy walks a Go map, so its order is random per sync; we fix it by the
+    ServicePortName string then protocol (the order kube-proxy's tests normalise to with
+    sortIPTablesRules), so the bench knows the first and last service a packet walks past."""
+    names = {name for (name, family) in desired if family == 4}
+    return sorted(names, key=lambda n: (port_name_string(n), n.protocol.value))
+
+
+def ordered_states(desired: DesiredState) -> list[ServicePortState]:
+    return [desired[name, 4] for name in service_order(desired)]
+
+
+def cluster_ips(state: ServicePortState) -> list:
+    return [f for f in state.frontends if f.kind is FrontendKind.CLUSTER_IP]
+
+
+def sorted_backends(state: ServicePortState) -> list[Backend]:
+    """Endpoints in kube-proxy's order: EndpointsMap sorts them by their "ip:port" string
+    (byEndpoint), not numerically, and that order decides the probability ladder."""
+    return sorted(state.backends, key=endpoint_string)

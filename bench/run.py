@@ -1,0 +1,191 @@
+"""`make bench` / `make bench-quick`: bpfproxy vs kube-proxy's iptables and nftables layouts
+vs no proxy, on real network-namespace pods, interleaved rep by rep; writes bench/results/.
+
+Every figure is reported as a ratio to a baseline measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import control_plane, loadgen, report, topology, workload
+from bench.kubeproxy import load as kp_load
+from bench.kubeproxy.iptables import render_iptables
+from bench.kubeproxy.nftables import render_nftables
+from bench.stats import Series
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONTESTANTS = ("direct", "bpfproxy", "iptables", "nftables")
+
+
+@dataclass
+class Plan:
+    sizes: list[int]
+    reps: int
+    seconds: float
+    rule_limit: int                  # iptables/nftables contestants up to this many services
+    cp_sizes: list[int]              # control plane: full sync sizes (x10 endpoints)
+    cp_change_size: int              # services present during the single-endpoint changes
+    cp_changes: int
+    cp_reach: int
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls([1, 1000, 10000, 50000, 100000], reps=5, seconds=1.0, rule_limit=10000,
+                   cp_sizes=[1000, 10000, 100000], cp_change_size=10000, cp_changes=200,
+                   cp_reach=20)
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls([1, 1000], reps=3, seconds=0.4, rule_limit=1000, cp_sizes=[1000],
+                   cp_change_size=1000, cp_changes=30, cp_reach=5)
+
+
+@dataclass
+class Results:
+    plan: Plan
+    # (size, contestant, target, mode) -> metric -> Series
+    figures: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(Series)))
+    load_seconds: dict = field(default_factory=dict)     # (size, contestant) -> seconds
+    skipped: dict = field(default_factory=dict)          # (size, contestant) -> why
+    memory: dict = field(default_factory=dict)           # size -> (rss, map bytes)
+    drift: dict = field(default_factory=dict)            # "start"/"end" -> Series
+    control: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def add(self, key: tuple, result: dict) -> None:
+        metrics = self.figures[key]
+        if result["mode"] == "tcp_stream":
+            metrics["bits_per_second"].add(result["bits_per_second"])
+        else:
+            metrics["rate"].add(result["rate"])
+            metrics["p50_us"].add(result["p50_us"])
+            metrics["p99_us"].add(result["p99_us"])
+        metrics["errors"].add(sum(result["errors"].values()))
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def targets(bed: topology.Bed, size: int) -> list[tuple[str, str, int, str]]:
+    """(target name, address, port, mode) measured for one contestant at one size."""
+    pod = bed.backend_ips[0]
+    if bed.kind == "direct":
+        return [("pod", pod, topology.PORT, "tcp_crr"), ("pod", pod, topology.PORT, "udp_rr"),
+                ("pod", pod, topology.PORT, "tcp_stream")]
+    first, last = workload.cluster_ip(0), workload.cluster_ip(size - 1)
+    return [("first", first, 80, "tcp_crr"), ("first", first, 53, "udp_rr"),
+            ("last", last, 80, "tcp_crr"), ("last", last, 53, "udp_rr"),
+            ("non-service", pod, topology.PORT, "tcp_crr"),
+            ("first", first, 80, "tcp_stream")]
+
+
+def program(beds: dict[str, topology.Bed], size: int, plan: Plan, results: Results,
+            agent: topology.AgentClient) -> list[str]:
+    """Give every contestant the same `size` services; returns the contestants in play."""
+    traffic = workload.make(size, 3, backend_ips=beds["direct"].backend_ips)
+    bpf = beds["bpfproxy"]
+    start = time.time()
+    traffic.write(bpf.manifests / "services.json")
+    agent.wait(lambda s: s.service_ports == 2 * size and s.last_sync_unix > start)
+    results.load_seconds[size, "bpfproxy"] = agent.status().last_sync_unix - start
+    results.memory[size] = topology.agent_memory(bpf.agent.process.pid)
+    playing = ["direct", "bpfproxy"]
+    desired = traffic.desired()
+    for kind, render, load, flush in (
+            ("iptables", render_iptables, kp_load.load_iptables, kp_load.flush_iptables),
+            ("nftables", render_nftables, kp_load.load_nftables, kp_load.flush_nftables)):
+        netns = beds[kind].lab.node_netns
+        flush(netns)
+        if size > plan.rule_limit:
+            results.skipped[size, kind] = f"not loaded above {plan.rule_limit:,} services"
+            continue
+        results.load_seconds[size, kind] = load(render(desired), netns)
+        playing.append(kind)
+    return playing
+
+
+def measure_size(beds, size: int, plan: Plan, results: Results, agent) -> None:
+    playing = program(beds, size, plan, results, agent)
+    loaded = (f"{k} loaded in {results.load_seconds.get((size, k), 0):.2f}s"
+              for k in playing if k != "direct")
+    say(f"size {size:,}: " + ", ".join(loaded))
+    for rep in range(plan.reps):
+        for kind in playing:                       # A B C D, A B C D, ...
+            bed = beds[kind]
+            for target, addr, port, mode in targets(bed, size):
+                result = bed.run_client(mode, addr, port, plan.seconds)
+                results.add((size, kind, target, mode), result)
+        say(f"  rep {rep + 1}/{plan.reps} done")
+
+
+def measure_drift(beds, plan: Plan, results: Results, label: str) -> None:
+    series = results.drift.setdefault(label, Series())
+    for _ in range(plan.reps):
+        result = beds["direct"].run_client("tcp_crr", beds["direct"].backend_ips[0],
+                                           topology.PORT, plan.seconds)
+        series.add(result["rate"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for development")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="override the service counts, e.g. 1,1000")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--seconds", type=float, help="length of one measurement")
+    parser.add_argument("--cp-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="control plane full-sync sizes")
+    parser.add_argument("--cp-changes", type=int, help="single endpoint changes to time")
+    parser.add_argument("--cp-reach", type=int, help="changes timed until traffic follows")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-control-plane", action="store_true")
+    args = parser.parse_args(argv)
+    plan = Plan.quick() if args.quick else Plan.full()
+    if args.sizes:
+        plan.sizes = args.sizes
+    for name in ("reps", "seconds", "cp_sizes", "cp_changes", "cp_reach"):
+        if getattr(args, name):
+            setattr(plan, name, getattr(args, name))
+    if args.cp_sizes:
+        plan.cp_change_size = max(args.cp_sizes)
+    results = Results(plan)
+    binary = loadgen.build()
+    beds: dict[str, topology.Bed] = {}
+    try:
+        for kind in CONTESTANTS:
+            beds[kind] = topology.build(kind, binary, extra_backends=1 if kind == "bpfproxy"
+                                        else 0)
+        agent = topology.AgentClient(beds["bpfproxy"].agent.api)
+        measure_drift(beds, plan, results, "start")
+        for size in plan.sizes:
+            measure_size(beds, size, plan, results, agent)
+        measure_drift(beds, plan, results, "end")
+        if not args.no_control_plane:
+            results.control = control_plane.measure(beds, plan, agent, say)
+        agent.close()
+    finally:
+        for bed in beds.values():
+            bed.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(results.started))
+    name = "quick" if args.quick else "full"
+    markdown = report.markdown(results)
+    (args.out / f"{name}-latest.md").write_text(markdown)
+    (args.out / f"{name}-latest.json").write_text(json.dumps(report.as_json(results), indent=1))
+    png = report.plot(results, args.out / f"{name}-latest.png")
+    print(markdown)
+    say(f"saved {args.out / f'{name}-latest.md'}" + (f" and {png}" if png else "")
+        + f" (run {stamp}, {time.time() - results.started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
