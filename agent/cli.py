@@ -105,7 +105,7 @@ async def _agent_main(args) -> int:
     from agent.api import server
     from agent.datapath import loader
     from agent.datapath.config import DatapathConfig
-    from agent.datapath.maps import BpfServiceMaps
+    from agent.datapath.maps import BpfServiceMaps, LayoutError
     from agent.sources.manifests import ManifestSource
 
     loop = asyncio.get_running_loop()
@@ -116,13 +116,13 @@ async def _agent_main(args) -> int:
     cgroup = args.cgroup or find_cgroup2_mount()
     config = DatapathConfig(pin_dir=args.bpffs)
     try:
-        loaded = await loop.run_in_executor(None, loader.compile_programs, config)
-        await loop.run_in_executor(None, loader.attach_socket_programs, loaded, cgroup)
-    except (loader.DatapathError, OSError) as exc:
+        await loop.run_in_executor(None, loader.load_in_child, config, cgroup)
+        maps = BpfServiceMaps(config.pin_dir)
+    except (loader.DatapathError, LayoutError, OSError) as exc:
         logging.getLogger("agent").error("event=datapath_failed error=%r", str(exc))
         return 1
     source = ManifestSource(args.manifests)
-    agent = Agent(source=source, maps=BpfServiceMaps(loaded.bpf),
+    agent = Agent(source=source, maps=maps,
                   min_sync_period=args.min_sync_period, sync_period=args.sync_period)
     agent.status.source = f"manifests:{args.manifests}"
     agent.status.node_name = args.node_name

@@ -18,6 +18,13 @@ _libbpf.bpf_obj_get.argtypes = [ctypes.c_char_p]
 _libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p,
                                            ctypes.POINTER(ctypes.c_uint32)]
 _libbpf.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+_libbpf.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+_libbpf.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+_libbpf.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
 _libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
                                    ctypes.POINTER(ctypes.c_uint32),
                                    ctypes.POINTER(ctypes.c_uint32),
@@ -60,6 +67,32 @@ def obj_pin(fd: int, path: str) -> None:
 
 def obj_get(path: str) -> int:
     return _check(_libbpf.bpf_obj_get(path.encode()), f"bpf_obj_get({path})")
+
+
+def map_update_batch(fd: int, keys, values, count: int) -> tuple[int, int]:
+    """BPF_MAP_UPDATE_BATCH of ctypes arrays; returns how many were written before any
+    error, and the errno (0 when all were)."""
+    n = ctypes.c_uint32(count)
+    ret = _libbpf.bpf_map_update_batch(fd, ctypes.byref(keys), ctypes.byref(values),
+                                       ctypes.byref(n), None)
+    return n.value, (0 if ret == 0 else (-ret if ret < -1 else ctypes.get_errno()))
+
+
+def map_delete_batch(fd: int, keys, count: int, offset_bytes: int = 0) -> tuple[int, int]:
+    """BPF_MAP_DELETE_BATCH from keys (skipping offset_bytes); (deleted, errno)."""
+    n = ctypes.c_uint32(count)
+    ret = _libbpf.bpf_map_delete_batch(fd, ctypes.byref(keys, offset_bytes), ctypes.byref(n),
+                                       None)
+    return n.value, (0 if ret == 0 else (-ret if ret < -1 else ctypes.get_errno()))
+
+
+def map_lookup_batch(fd: int, token, first: bool, keys, values, count: int) -> tuple[int, int]:
+    """One BPF_MAP_LOOKUP_BATCH step; (entries read, errno: ENOENT at the end)."""
+    n = ctypes.c_uint32(count)
+    ret = _libbpf.bpf_map_lookup_batch(fd, None if first else ctypes.byref(token),
+                                       ctypes.byref(token), ctypes.byref(keys),
+                                       ctypes.byref(values), ctypes.byref(n), None)
+    return n.value, (0 if ret == 0 else (-ret if ret < -1 else ctypes.get_errno()))
 
 
 def _info(fd: int, size: int = 256) -> bytes:

@@ -4,15 +4,18 @@ Attachments are pinned bpf_links: they outlive the agent, and a new agent swaps 
 programs in atomically (bpf_link_update), so traffic never sees a moment without one."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.datapath import bpfsys
+from agent.datapath import bpfsys, layout
 from agent.datapath.bpfsys import AttachType
 from agent.datapath.config import DatapathConfig
 
@@ -28,9 +31,8 @@ SOCKET_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
     ("bpfp_getpeername4", AttachType.CGROUP_INET4_GETPEERNAME),
 )
 
-# Pinned maps (file names carry the layout version) and their BCC table names.
-PINNED_MAPS = {"bpfp_svc4": "bpfp_svc4_v1", "bpfp_slot4": "bpfp_slot4_v1",
-               "bpfp_revnat4": "bpfp_revnat4_v1"}
+# Pinned maps (file names carry the layout version) by BCC table name.
+PINNED_MAPS = {name: spec.pin for name, spec in layout.MAPS.items()}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -98,22 +100,33 @@ def compile_programs(config: DatapathConfig) -> LoadedDatapath:
 
 
 def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
-    """BCC silently adopts a pinned map even when its size differs; refuse instead."""
-    for table_name, pin_name in PINNED_MAPS.items():
+    """BCC silently adopts a pinned map even when its layout differs: refuse instead. And
+    the agent writes with layout.py's structs: they must be what BCC compiled."""
+    for table_name, spec in layout.MAPS.items():
         table = bpf[table_name.encode()]
         info = bpfsys.map_info(table.map_fd)
-        want_key, want_value = table.Key, table.Leaf
-        if info["key_size"] != ctypes.sizeof(want_key) or \
-                info["value_size"] != ctypes.sizeof(want_value):
+        if info["key_size"] != ctypes.sizeof(table.Key) or \
+                info["value_size"] != ctypes.sizeof(table.Leaf):
             raise DatapathError(
-                f"pinned map {config.pin_dir / pin_name} has another layout "
+                f"pinned map {config.pin_dir / spec.pin} has another layout "
                 f"(key {info['key_size']} B, value {info['value_size']} B); "
                 f"run `bpfproxy cleanup` and start again")
+        for compiled, mirrored in ((table.Key, spec.key), (table.Leaf, spec.value)):
+            if _fields(compiled) != _fields(mirrored):
+                raise DatapathError(f"agent/datapath/layout.py {mirrored.__name__} "
+                                    f"{_fields(mirrored)} differs from bpf/maps.h "
+                                    f"{_fields(compiled)}")
         expected_max = {"bpfp_svc4": config.max_frontends, "bpfp_slot4": config.max_slots,
                         "bpfp_revnat4": config.max_revnat}[table_name]
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
-                        "action=keeping_pinned", pin_name, info["max_entries"], expected_max)
+                        "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)
+
+
+def _fields(struct: type) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each field: what must agree between C and Python."""
+    return [(name, getattr(struct, name).offset, getattr(struct, name).size)
+            for name, *_ in struct._fields_]
 
 
 def attach_socket_programs(loaded: LoadedDatapath, cgroup_dir: Path) -> None:
@@ -187,3 +200,48 @@ def wait_detached(cgroup_dir: Path, timeout: float) -> list[str]:
     while (left := attached_programs(cgroup_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+# --- the compiler process -------------------------------------------------------------
+# BCC brings LLVM and clang into the process that compiles (~100 MB that stay). The agent
+# runs the compile and attach in a child that exits; what it made is pinned, so the agent
+# works on the pins alone and stays small.
+
+def load_in_child(config: DatapathConfig, cgroup_dir: Path, timeout: float = 300.0) -> None:
+    argv = [sys.executable, "-m", "agent.datapath.loader", "--pin-dir", str(config.pin_dir),
+            "--cgroup", str(cgroup_dir), "--max-frontends", str(config.max_frontends),
+            "--max-slots", str(config.max_slots), "--max-revnat", str(config.max_revnat)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise DatapathError(f"compiling and attaching took over {timeout:.0f}s") from exc
+    for line in done.stderr.splitlines():
+        if line.strip():
+            log.info("event=loader_output line=%r", line)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        raise DatapathError(f"loading the BPF programs failed: {last[0]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="compile, pin and attach (agent-internal)")
+    parser.add_argument("--pin-dir", type=Path, required=True)
+    parser.add_argument("--cgroup", type=Path, required=True)
+    parser.add_argument("--max-frontends", type=int, required=True)
+    parser.add_argument("--max-slots", type=int, required=True)
+    parser.add_argument("--max-revnat", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    config = DatapathConfig(pin_dir=args.pin_dir, max_frontends=args.max_frontends,
+                            max_slots=args.max_slots, max_revnat=args.max_revnat)
+    try:
+        loaded = compile_programs(config)
+        attach_socket_programs(loaded, args.cgroup)
+    except (DatapathError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

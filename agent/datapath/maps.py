@@ -1,7 +1,7 @@
 """The service maps behind one door: apply planner operations in batches, read state back.
 
-Keys and values are the ctypes structs BCC derives from bpf/maps.h, so the Python side
-can never disagree with the C layout."""
+Opens the pinned maps by path (the agent itself never loads BCC) and checks that their
+key and value sizes are the ones agent/datapath/layout.py mirrors from bpf/maps.h."""
 from __future__ import annotations
 
 import ctypes
@@ -13,8 +13,10 @@ import os
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Protocol as TypingProtocol
 
+from agent.datapath import bpfsys, layout
 from agent.model.types import Protocol
 from agent.planner import (
     AppliedState,
@@ -31,11 +33,15 @@ from agent.planner import (
 log = logging.getLogger(__name__)
 
 _PROTOCOLS = {p.number: p for p in Protocol}
-_READ_CHUNK = 4096
+_CHUNK = 4096
 
 
 class MapFullError(RuntimeError):
-    """A map has no room left: raise its size (--max-* flags) or shrink the cluster."""
+    """A map has no room left: raise its size or shrink the cluster."""
+
+
+class LayoutError(RuntimeError):
+    """A pinned map does not have the layout this agent writes."""
 
 
 class ServiceMaps(TypingProtocol):
@@ -55,111 +61,115 @@ def _from_be32(value: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder))
 
 
-class BpfServiceMaps:
-    """ServiceMaps on the pinned BPF maps of a compiled datapath."""
+class PinnedMap:
+    """One pinned map: its fd and layout."""
 
-    def __init__(self, bpf) -> None:
-        self.svc = bpf[b"bpfp_svc4"]
-        self.slots = bpf[b"bpfp_slot4"]
-        self._names = {id(self.svc): "bpfp_svc4", id(self.slots): "bpfp_slot4"}
+    def __init__(self, pin_dir: Path, spec: layout.MapLayout) -> None:
+        self.spec = spec
+        self.path = pin_dir / spec.pin
+        self.fd = bpfsys.obj_get(str(self.path))
+        info = bpfsys.map_info(self.fd)
+        self.max_entries = info["max_entries"]
+        want = (ctypes.sizeof(spec.key), ctypes.sizeof(spec.value))
+        if (info["key_size"], info["value_size"]) != want:
+            os.close(self.fd)
+            raise LayoutError(f"pinned map {self.path}: key/value {info['key_size']}/"
+                              f"{info['value_size']} bytes, this agent writes {want[0]}/"
+                              f"{want[1]}; run `bpfproxy cleanup` and start again")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def update(self, keys: list, values: list) -> None:
+        for start in range(0, len(keys), _CHUNK):
+            k, v = keys[start:start + _CHUNK], values[start:start + _CHUNK]
+            done, err = bpfsys.map_update_batch(self.fd, (self.spec.key * len(k))(*k),
+                                                (self.spec.value * len(v))(*v), len(k))
+            if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                raise MapFullError(f"map {self.spec.table} is full ({self.max_entries} "
+                                   f"entries): {os.strerror(err)}")
+            if err:
+                raise OSError(err, f"updating {self.spec.table}: {os.strerror(err)}")
+
+    def delete(self, keys: list) -> None:
+        """BPF_MAP_DELETE_BATCH; a key already gone (a crash between the kernel write and
+        our record of it) is skipped, not an error."""
+        array = (self.spec.key * len(keys))(*keys)
+        size = ctypes.sizeof(self.spec.key)
+        done = 0
+        while done < len(keys):
+            deleted, err = bpfsys.map_delete_batch(self.fd, array, len(keys) - done,
+                                                   size * done)
+            if err == 0:
+                return
+            if err != errno.ENOENT:
+                raise OSError(err, f"deleting from {self.spec.table}: {os.strerror(err)}")
+            done += deleted + 1          # deleted were, the next one was absent
+
+    def items(self) -> Iterator[tuple[object, object]]:
+        """BPF_MAP_LOOKUP_BATCH in bounded chunks."""
+        keys = (self.spec.key * _CHUNK)()
+        values = (self.spec.value * _CHUNK)()
+        token = ctypes.c_uint64(0)
+        first = True
+        while True:
+            count, err = bpfsys.map_lookup_batch(self.fd, token, first, keys, values, _CHUNK)
+            for i in range(count):
+                yield keys[i], values[i]
+            if err == errno.ENOENT:
+                return
+            if err:
+                raise OSError(err, f"reading {self.spec.table}: {os.strerror(err)}")
+            first = False
+
+
+class BpfServiceMaps:
+    """ServiceMaps on the pinned BPF maps under a pin directory."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.svc = PinnedMap(pin_dir, layout.MAPS["bpfp_svc4"])
+        self.slots = PinnedMap(pin_dir, layout.MAPS["bpfp_slot4"])
+
+    def close(self) -> None:
+        self.svc.close()
+        self.slots.close()
 
     def supports(self, family: int, protocol: Protocol) -> bool:
         """IPv4 TCP and UDP today (the socket programs leave other protocols alone)."""
         return family == 4 and protocol in (Protocol.TCP, Protocol.UDP)
-
-    # --- writes -----------------------------------------------------------------------
 
     def apply(self, ops: Sequence[MapOp]) -> None:
         """Ops are applied in their order; consecutive ops of one kind go in one batch."""
         for kind, group in itertools.groupby(ops, key=type):
             batch = list(group)
             if kind is PutSlot:
-                self._update(self.slots, [self._slot_key(o.svc_id, o.slot) for o in batch],
-                             [self._backend(o.backend) for o in batch])
+                self.slots.update([_slot_key(o.svc_id, o.slot) for o in batch],
+                                  [_backend(o.backend) for o in batch])
             elif kind is PutFrontend:
-                self._update(self.svc, [self._svc_key(o.frontend) for o in batch],
-                             [self._svc_value(o) for o in batch])
+                self.svc.update([_svc_key(o.frontend) for o in batch],
+                                [layout.SvcValue(o.svc_id, o.count, 0, 0) for o in batch])
             elif kind is DeleteFrontend:
-                self._delete(self.svc, [self._svc_key(o.frontend) for o in batch])
+                self.svc.delete([_svc_key(o.frontend) for o in batch])
             elif kind is DeleteSlot:
-                self._delete(self.slots, [self._slot_key(o.svc_id, o.slot) for o in batch])
-
-    def _update(self, table, keys: list, values: list) -> None:
-        for start in range(0, len(keys), _READ_CHUNK):
-            k = keys[start:start + _READ_CHUNK]
-            v = values[start:start + _READ_CHUNK]
-            ct_keys = (table.Key * len(k))(*k)
-            ct_values = (table.Leaf * len(v))(*v)
-            count = ctypes.c_uint32(len(k))
-            from bcc.libbcc import lib
-            if lib.bpf_update_batch(table.map_fd, ctypes.byref(ct_keys),
-                                    ctypes.byref(ct_values), ctypes.byref(count)) != 0:
-                err = ctypes.get_errno()
-                if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                    raise MapFullError(f"map {self._names[id(table)]} is full "
-                                       f"({table.max_entries} entries): {os.strerror(err)}")
-                raise OSError(err, f"updating {self._names[id(table)]}: {os.strerror(err)}")
-
-    def _delete(self, table, keys: list) -> None:
-        """BPF_MAP_DELETE_BATCH; a key already gone (a crash between the kernel write and
-        our record of it) is skipped, not an error."""
-        from bcc.libbcc import lib
-        ct_keys = (table.Key * len(keys))(*keys)
-        done = 0
-        while done < len(keys):
-            count = ctypes.c_uint32(len(keys) - done)
-            ref = ctypes.byref(ct_keys, ctypes.sizeof(table.Key) * done)
-            if lib.bpf_delete_batch(table.map_fd, ref, ctypes.byref(count)) == 0:
-                return
-            err = ctypes.get_errno()
-            if err != errno.ENOENT:
-                raise OSError(err, f"deleting from {self._names[id(table)]}: {os.strerror(err)}")
-            done += count.value + 1        # count were deleted, the next one was absent
-
-    # --- reads ------------------------------------------------------------------------
+                self.slots.delete([_slot_key(o.svc_id, o.slot) for o in batch])
 
     def read_back(self) -> AppliedState:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
         frontends = ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
                                   _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count)
-                     for k, v in _read_all(self.svc))
+                     for k, v in self.svc.items())
         slots = ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
-                 for k, v in _read_all(self.slots))
+                 for k, v in self.slots.items())
         return kernel_state(frontends, slots)
 
-    # --- conversions ------------------------------------------------------------------
 
-    def _svc_key(self, f: FrontendKey):
-        return self.svc.Key(addr=_be32(f.address), port=socket.htons(f.port),
-                            proto=f.protocol.number, scope=0)
-
-    def _svc_value(self, op: PutFrontend):
-        return self.svc.Leaf(svc_id=op.svc_id, count=op.count, flags=0, affinity_sec=0)
-
-    def _slot_key(self, svc_id: int, slot: int):
-        return self.slots.Key(svc_id=svc_id, slot=slot)
-
-    def _backend(self, b: BackendAddr):
-        return self.slots.Leaf(addr=_be32(b.address), port=socket.htons(b.port), pad=0)
+def _svc_key(f: FrontendKey) -> layout.SvcKey4:
+    return layout.SvcKey4(_be32(f.address), socket.htons(f.port), f.protocol.number, 0)
 
 
-def _read_all(table) -> Iterator[tuple[object, object]]:
-    """BPF_MAP_LOOKUP_BATCH in bounded chunks (BCC's version allocates max_entries)."""
-    from bcc.libbcc import lib
-    keys = (table.Key * _READ_CHUNK)()
-    values = (table.Leaf * _READ_CHUNK)()
-    token = ctypes.c_uint32(0)
-    first = True
-    while True:
-        count = ctypes.c_uint32(_READ_CHUNK)
-        res = lib.bpf_lookup_batch(table.map_fd, None if first else ctypes.byref(token),
-                                   ctypes.byref(token), ctypes.byref(keys),
-                                   ctypes.byref(values), ctypes.byref(count))
-        err = ctypes.get_errno() if res != 0 else 0
-        for i in range(count.value):
-            yield keys[i], values[i]
-        if res != 0:
-            if err == errno.ENOENT:
-                return
-            raise OSError(err, f"reading map {table.map_fd}: {os.strerror(err)}")
-        first = False
+def _slot_key(svc_id: int, slot: int) -> layout.SlotKey:
+    return layout.SlotKey(svc_id, slot)
+
+
+def _backend(b: BackendAddr) -> layout.Backend4:
+    return layout.Backend4(_be32(b.address), socket.htons(b.port), 0)

@@ -26,6 +26,15 @@ def pin_dir():
         loader.cleanup(path)
 
 
+_compiled = []   # BCC objects stay alive for the test's duration, as in the loader child
+
+
+def open_maps(config: DatapathConfig) -> BpfServiceMaps:
+    """Compile (which creates or adopts the pins), then open the pins as the agent does."""
+    _compiled.append(loader.compile_programs(config))
+    return BpfServiceMaps(config.pin_dir)
+
+
 def world(n: int, backends_each: int = 3, offset: int = 0) -> dict:
     desired = {}
     for i in range(n):
@@ -42,7 +51,7 @@ def world(n: int, backends_each: int = 3, offset: int = 0) -> dict:
 
 
 def test_plans_written_to_the_kernel_read_back_identically(pin_dir):
-    maps = BpfServiceMaps(loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf)
+    maps = open_maps(DatapathConfig(pin_dir=pin_dir))
     assert maps.read_back() == {}
     first = plan(world(2000), {})
     maps.apply(first.ops)
@@ -59,15 +68,15 @@ def test_plans_written_to_the_kernel_read_back_identically(pin_dir):
 
 def test_a_second_compile_adopts_the_pinned_maps(pin_dir):
     config = DatapathConfig(pin_dir=pin_dir)
-    first = BpfServiceMaps(loader.compile_programs(config).bpf)
+    first = open_maps(config)
     p = plan(world(50), {})
     first.apply(p.ops)
-    again = BpfServiceMaps(loader.compile_programs(config).bpf)
+    again = open_maps(config)
     assert again.read_back() == p.result
 
 
 def test_deleting_what_is_already_gone_is_not_an_error(pin_dir):
-    maps = BpfServiceMaps(loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf)
+    maps = open_maps(DatapathConfig(pin_dir=pin_dir))
     p = plan(world(10), {})
     maps.apply(p.ops)
     removal = plan({}, p.result)
@@ -78,7 +87,7 @@ def test_deleting_what_is_already_gone_is_not_an_error(pin_dir):
 
 def test_a_full_map_raises_a_clear_error(pin_dir):
     config = DatapathConfig(pin_dir=pin_dir, max_frontends=16, max_slots=1024)
-    maps = BpfServiceMaps(loader.compile_programs(config).bpf)
+    maps = open_maps(config)
     with pytest.raises(MapFullError, match="bpfp_svc4.*full"):
         maps.apply(plan(world(40), {}).ops)
 
@@ -91,3 +100,29 @@ def test_a_pinned_map_of_another_layout_is_refused(pin_dir):
     BPF(text=source.encode())
     with pytest.raises(loader.DatapathError, match="another layout"):
         loader.compile_programs(DatapathConfig(pin_dir=pin_dir))
+
+
+def test_the_agents_ctypes_layouts_are_what_bcc_compiles(pin_dir):
+    from agent.datapath import layout
+    bpf = loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf
+    for name, spec in layout.MAPS.items():
+        table = bpf[name.encode()]
+        assert loader._fields(table.Key) == loader._fields(spec.key), name
+        assert loader._fields(table.Leaf) == loader._fields(spec.value), name
+
+
+def test_the_loader_child_compiles_pins_and_attaches(pin_dir, tmp_path):
+    from lab.cgroups import cgroup2_mount
+    cgroup = cgroup2_mount() / f"bpfp-ldr-{pin_dir.name[-8:]}"
+    cgroup.mkdir()
+    try:
+        loader.load_in_child(DatapathConfig(pin_dir=pin_dir), cgroup)
+        assert sorted(loader.attached_programs(cgroup)) == sorted(
+            f for f, _ in loader.SOCKET_PROGRAMS)
+        maps = BpfServiceMaps(pin_dir)
+        assert maps.read_back() == {}
+        maps.close()
+    finally:
+        loader.cleanup(pin_dir)
+        loader.wait_detached(cgroup, 5)
+        cgroup.rmdir()

@@ -1,0 +1,50 @@
+"""The map layouts of bpf/maps.h as ctypes structures, for the agent's map writer.
+
+The agent never loads BCC itself (its compiler is a separate process), so these mirror the
+C structs; an integration test compares them field by field with what BCC compiles."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+
+class SvcKey4(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("scope", ctypes.c_uint8)]
+
+
+class SvcValue(ctypes.Structure):
+    _fields_ = [("svc_id", ctypes.c_uint32), ("count", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("affinity_sec", ctypes.c_uint32)]
+
+
+class SlotKey(ctypes.Structure):
+    _fields_ = [("svc_id", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
+
+
+class Backend4(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Revnat4Key(ctypes.Structure):
+    _fields_ = [("cookie", ctypes.c_uint64), ("addr", ctypes.c_uint32),
+                ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Revnat4Value(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    table: str          # the name in bpf/maps.h (and BCC's table name)
+    pin: str            # file name under the pin directory; carries the layout version
+    key: type
+    value: type
+
+
+MAPS = {
+    "bpfp_svc4": MapLayout("bpfp_svc4", "bpfp_svc4_v1", SvcKey4, SvcValue),
+    "bpfp_slot4": MapLayout("bpfp_slot4", "bpfp_slot4_v1", SlotKey, Backend4),
+    "bpfp_revnat4": MapLayout("bpfp_revnat4", "bpfp_revnat4_v1", Revnat4Key, Revnat4Value),
+}
