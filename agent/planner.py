@@ -4,6 +4,7 @@ Backend slots are written before the frontend that points at them; a frontend is
 before its slots; unchanged service ports produce no operations."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class KernelService:
     # Left by an interrupted write (a crash between two batches), found by read_back:
     stray_slots: tuple[int, ...] = ()     # slots past the count: invisible, to delete
     stale_frontends: frozenset[FrontendKey] = frozenset()   # count differs: to rewrite
+    name_hash: int = 0                    # port_hash() of the owning service port
 
 
 # What the kernel holds, by service id. read_back() rebuilds it from the maps alone.
@@ -57,6 +59,7 @@ class PutFrontend:
     frontend: FrontendKey
     svc_id: int
     count: int
+    name_hash: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,79 +82,175 @@ class Plan:
     ops: tuple[MapOp, ...]
     result: AppliedState                          # the kernel's state once ops are applied
     ids: dict[tuple[ServicePortName, int], int]   # which svc_id serves which service port
-    conflicts: tuple[str, ...] = field(default=())  # frontends claimed twice; first one wins
+    conflicts: tuple[str, ...] = field(default=())  # frontends claimed twice
+    owners: dict[FrontendKey, int] = field(default_factory=dict)   # frontend -> svc_id
+    # service ports that lost a frontend to another: re-planned when it is released
+    losers: dict[FrontendKey, frozenset] = field(default_factory=dict)
 
 
 def plan(desired: DesiredState, applied: Mapping[int, KernelService],
          keep_unclaimed: bool = False) -> Plan:
-    """Backends first, then the frontend that points at them; on removal the frontend
-    goes first. The phases are global, so the order also holds when a frontend moves
-    from one service port to another within one sync.
+    """The full plan. Backends first, then the frontend that points at them; on removal
+    the frontend goes first. The phases are global, so the order also holds when a
+    frontend moves from one service port to another within one sync.
 
+    A frontend claimed by two service ports stays with the one the kernel already gives
+    it to; between new claimants the first by name wins (no flapping on restarts).
     keep_unclaimed: service ports in the kernel that nothing desired claims are kept, not
     deleted (the source's listing is incomplete, e.g. a manifest failed to parse)."""
     ids = _assign_ids(desired, applied)
-    frontend_owner: dict[FrontendKey, int] = {}
+    order = sorted(desired, key=_name_order)
+    before = {f: s.svc_id for s in applied.values() for f in s.frontends}
+    owners: dict[FrontendKey, int] = {}
+    for key in order:                              # incumbents first
+        for f in desired[key].frontends:
+            fkey = FrontendKey(f.address, f.port, f.protocol)
+            if before.get(fkey) == ids[key]:
+                owners.setdefault(fkey, ids[key])
     conflicts: list[str] = []
+    losers: dict[FrontendKey, set] = {}
     result: AppliedState = {}
-    for key in sorted(desired, key=_name_order):
-        state = desired[key]
-        svc_id = ids[key]
+    for key in order:
+        state, svc_id = desired[key], ids[key]
         frontends = set()
         for f in state.frontends:
             fkey = FrontendKey(f.address, f.port, f.protocol)
-            if fkey in frontend_owner:
+            if owners.setdefault(fkey, svc_id) != svc_id:
                 conflicts.append(f"{fkey} of {state.name} is already served by another "
                                  f"service port; frontend skipped")
+                losers.setdefault(fkey, set()).add(key)
                 continue
-            frontend_owner[fkey] = svc_id
             frontends.add(fkey)
         if not frontends:
             continue      # nothing can reach it: write no slots for it
         old = applied.get(svc_id)
         wanted = [BackendAddr(b.address, b.port) for b in state.backends]
-        slots = _stable_slots(old.backends if old else (), wanted)
-        result[svc_id] = KernelService(svc_id, key[1], frozenset(frontends), slots)
+        result[svc_id] = KernelService(svc_id, key[1], frozenset(frontends),
+                                       _stable_slots(old.backends if old else (), wanted),
+                                       name_hash=port_hash(key))
     if keep_unclaimed:
         for svc_id, old in applied.items():
-            kept = frozenset(f for f in old.frontends if f not in frontend_owner)
+            kept = frozenset(f for f in old.frontends if f not in owners)
             if svc_id not in result and kept:
-                result[svc_id] = KernelService(svc_id, old.family, kept, old.backends)
-                frontend_owner.update(dict.fromkeys(kept, svc_id))
+                result[svc_id] = KernelService(svc_id, old.family, kept, old.backends,
+                                               name_hash=old.name_hash)
+                owners.update(dict.fromkeys(kept, svc_id))
+    ops = _diff(applied, result, owners, applied.keys() | result.keys())
+    return Plan(ops, result, ids, tuple(conflicts), owners,
+                {f: frozenset(k) for f, k in losers.items()})
 
+
+def plan_changes(desired: DesiredState, previous: Plan,
+                 changed: Iterable[tuple[ServicePortName, int]]) -> Plan:
+    """The same operations as plan(), for the service ports in `changed` only (added,
+    modified or removed since `previous`, whose result the kernel holds): the cost of a
+    sync follows the change, not the cluster. Frontends keep their owners."""
+    result, ids, owners = dict(previous.result), dict(previous.ids), dict(previous.owners)
+    changed = sorted(set(changed), key=_name_order)
+    owned_before = set(owners)
+    touched: set[int] = set()
+    for key in changed:                            # removals free their frontends first
+        if key in desired:
+            continue
+        svc_id = ids.pop(key, None)
+        old = result.pop(svc_id, None) if svc_id is not None else None
+        if old is not None:
+            touched.add(svc_id)
+            for f in old.frontends:
+                if owners.get(f) == svc_id:
+                    del owners[f]
+    for key in changed:                            # so do frontends a port no longer wants
+        svc_id = ids.get(key)
+        old = result.get(svc_id) if svc_id is not None else None
+        if key in desired and old is not None:
+            wanted = {FrontendKey(f.address, f.port, f.protocol) for f in desired[key].frontends}
+            for f in old.frontends - wanted:
+                if owners.get(f) == svc_id:
+                    del owners[f]
+    # A released frontend goes to a port that lost it earlier: re-plan those ports too.
+    released = owned_before - owners.keys()
+    losers = {f: set(keys) for f, keys in previous.losers.items()}
+    again = {k for f in released for k in losers.pop(f, ()) if k in desired}
+    changed = sorted(set(changed) | again, key=_name_order)
+    for f in list(losers):
+        losers[f].difference_update(changed)
+        if not losers[f]:
+            del losers[f]
+    # never reuse an id within the plan that frees it: a slot write must not land on a
+    # table a frontend still points at
+    next_id = max((*previous.result, *previous.ids.values(), 0)) + 1
+    conflicts: list[str] = []
+    for key in changed:
+        if key not in desired:
+            continue
+        state = desired[key]
+        svc_id = ids.get(key)
+        if svc_id is None:
+            svc_id = ids[key] = next_id
+            next_id += 1
+        touched.add(svc_id)
+        old = result.get(svc_id)
+        frontends = set()
+        for f in state.frontends:
+            fkey = FrontendKey(f.address, f.port, f.protocol)
+            if owners.setdefault(fkey, svc_id) != svc_id:
+                conflicts.append(f"{fkey} of {state.name} is already served by another "
+                                 f"service port; frontend skipped")
+                losers.setdefault(fkey, set()).add(key)
+                continue
+            frontends.add(fkey)
+        for f in (old.frontends - frontends) if old else ():
+            if owners.get(f) == svc_id:
+                del owners[f]
+        if not frontends:
+            result.pop(svc_id, None)
+            continue
+        wanted = [BackendAddr(b.address, b.port) for b in state.backends]
+        result[svc_id] = KernelService(svc_id, key[1], frozenset(frontends),
+                                       _stable_slots(old.backends if old else (), wanted),
+                                       name_hash=port_hash(key))
+    ops = _diff(previous.result, result, owners, touched)
+    return Plan(ops, result, ids, tuple(conflicts), owners,
+                {f: frozenset(k) for f, k in losers.items()})
+
+
+def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],
+          owners: Mapping[FrontendKey, int], svc_ids: Iterable[int]) -> tuple[MapOp, ...]:
+    """The ordered operations that turn applied into result for the given service ids."""
     put_slots: list[MapOp] = []
     put_frontends: list[MapOp] = []
     delete_frontends: list[MapOp] = []
     delete_slots: list[MapOp] = []
-
-    old_owner = {f: s.svc_id for s in applied.values() for f in s.frontends}
-    for svc_id, svc in sorted(result.items()):
-        old = applied.get(svc_id)
+    released: set[FrontendKey] = set()
+    for svc_id in sorted(svc_ids):
+        old, new = applied.get(svc_id), result.get(svc_id)
         old_slots = old.backends if old else ()
-        for i, backend in enumerate(svc.backends):
+        if old is not None:
+            released.update(f for f in old.frontends if f not in owners)
+        if new is None:
+            if old is not None:
+                slots = sorted(set(range(len(old_slots))) | set(old.stray_slots))
+                delete_slots.extend(DeleteSlot(old.family, svc_id, i) for i in slots)
+            continue
+        for i, backend in enumerate(new.backends):
             if i >= len(old_slots) or old_slots[i] != backend:
-                put_slots.append(PutSlot(svc.family, svc_id, i, backend))
-        count_changed = old is None or len(old_slots) != len(svc.backends)
+                put_slots.append(PutSlot(new.family, svc_id, i, backend))
+        rewrite = old is None or len(old_slots) != len(new.backends) \
+            or old.name_hash != new.name_hash
+        had = old.frontends if old else frozenset()
         stale = old.stale_frontends if old else frozenset()
-        for fkey in sorted(svc.frontends, key=_frontend_order):
-            if count_changed or old_owner.get(fkey) != svc_id or fkey in stale:
-                put_frontends.append(PutFrontend(fkey, svc_id, len(svc.backends)))
-        gone = set(range(len(svc.backends), len(old_slots)))
-        gone |= {i for i in (old.stray_slots if old else ()) if i >= len(svc.backends)}
-        delete_slots.extend(DeleteSlot(svc.family, svc_id, i) for i in sorted(gone))
-
-    for fkey in sorted(old_owner.keys() - frontend_owner.keys(), key=_frontend_order):
-        delete_frontends.append(DeleteFrontend(fkey))
-    for svc_id, old in sorted(applied.items()):
-        if svc_id not in result:
-            slots = sorted(set(range(len(old.backends))) | set(old.stray_slots))
-            delete_slots.extend(DeleteSlot(old.family, svc_id, i) for i in slots)
-
-    ops = (*put_slots, *put_frontends, *delete_frontends, *delete_slots)
-    return Plan(ops, result, ids, tuple(conflicts))
+        for fkey in sorted(new.frontends, key=_frontend_order):
+            if rewrite or fkey not in had or fkey in stale:
+                put_frontends.append(PutFrontend(fkey, svc_id, len(new.backends),
+                                                 new.name_hash))
+        gone = set(range(len(new.backends), len(old_slots)))
+        gone |= {i for i in (old.stray_slots if old else ()) if i >= len(new.backends)}
+        delete_slots.extend(DeleteSlot(new.family, svc_id, i) for i in sorted(gone))
+    delete_frontends.extend(DeleteFrontend(f) for f in sorted(released, key=_frontend_order))
+    return (*put_slots, *put_frontends, *delete_frontends, *delete_slots)
 
 
-FrontendEntry = tuple[FrontendKey, int, int]         # frontend -> (svc_id, count)
+FrontendEntry = tuple[FrontendKey, int, int, int]    # frontend, svc_id, count, name_hash
 SlotEntry = tuple[int, int, int, BackendAddr]        # (svc_id, slot, family, backend)
 
 
@@ -160,9 +259,9 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry]
     """The applied state that raw map entries mean: a service port serves slots
     [0, count); anything else an interrupted write left is marked for repair. Shared by
     the real maps' read_back and the test fake, so both adopt the same way."""
-    by_svc: dict[int, dict[FrontendKey, int]] = {}
-    for fkey, svc_id, count in frontends:
-        by_svc.setdefault(svc_id, {})[fkey] = count
+    by_svc: dict[int, dict[FrontendKey, tuple[int, int]]] = {}
+    for fkey, svc_id, count, name_hash in frontends:
+        by_svc.setdefault(svc_id, {})[fkey] = (count, name_hash)
     tables: dict[int, dict[int, BackendAddr]] = {}
     families: dict[int, int] = {}
     for svc_id, slot, family, backend in slots:
@@ -171,24 +270,29 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry]
     state: AppliedState = {}
     for svc_id in by_svc.keys() | tables.keys():
         table = tables.get(svc_id, {})
-        counts = by_svc.get(svc_id, {})
+        entries = by_svc.get(svc_id, {})
         contiguous = 0
         while contiguous in table:
             contiguous += 1
-        live = min([contiguous, *counts.values()]) if counts else 0
-        family = families.get(svc_id) or next(iter(counts)).address.version
+        live = min([contiguous, *(c for c, _ in entries.values())]) if entries else 0
+        hashes = [h for _, h in entries.values()]
+        name_hash = max(set(hashes), key=lambda h: (hashes.count(h), h)) if hashes else 0
+        family = families.get(svc_id) or next(iter(entries)).address.version
         state[svc_id] = KernelService(
-            svc_id, family, frozenset(counts),
+            svc_id, family, frozenset(entries),
             tuple(table[i] for i in range(live)),
             stray_slots=tuple(sorted(i for i in table if i >= live)),
-            stale_frontends=frozenset(f for f, c in counts.items() if c != live))
+            stale_frontends=frozenset(f for f, (c, h) in entries.items()
+                                      if c != live or h != name_hash),
+            name_hash=name_hash)
     return state
 
 
 def apply_ops(applied: Mapping[int, KernelService], ops: Iterable[MapOp]) -> AppliedState:
     """What the kernel holds after ops, computed from the ops alone (for fakes and tests)."""
-    frontends: dict[FrontendKey, tuple[int, int]] = {
-        f: (s.svc_id, len(s.backends)) for s in applied.values() for f in s.frontends}
+    frontends: dict[FrontendKey, tuple[int, int, int]] = {
+        f: (s.svc_id, len(s.backends), s.name_hash) for s in applied.values()
+        for f in s.frontends}
     slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {
         (s.svc_id, i): (s.family, b) for s in applied.values() for i, b in enumerate(s.backends)}
     for op in ops:
@@ -198,32 +302,36 @@ def apply_ops(applied: Mapping[int, KernelService], ops: Iterable[MapOp]) -> App
             case DeleteSlot():
                 slots.pop((op.svc_id, op.slot), None)
             case PutFrontend():
-                frontends[op.frontend] = (op.svc_id, op.count)
+                frontends[op.frontend] = (op.svc_id, op.count, op.name_hash)
             case DeleteFrontend():
                 frontends.pop(op.frontend, None)
-    return kernel_state(((f, svc_id, count) for f, (svc_id, count) in frontends.items()),
+    return kernel_state(((f, *entry) for f, entry in frontends.items()),
                         ((svc_id, slot, family, b)
                          for (svc_id, slot), (family, b) in slots.items()))
 
 
+def port_hash(key: tuple[ServicePortName, int]) -> int:
+    """A service port's name as 64 bits, stored with its frontends: a restarted agent
+    finds each port's id (and so its slot table) by name, whatever else changed."""
+    name, family = key
+    text = f"{name.namespace}/{name.name}/{name.port_name}/{name.protocol.value}/{family}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") or 1
+
+
 def _assign_ids(desired: DesiredState, applied: Mapping[int, KernelService]
                 ) -> dict[tuple[ServicePortName, int], int]:
-    """A service port keeps the id the kernel already uses for one of its frontends, so
-    a restarted agent adopts the maps instead of rewriting them."""
-    owner = {f: s.svc_id for s in applied.values() for f in s.frontends}
+    """A service port keeps the id the kernel holds under its name; new ones get the
+    lowest ids free (never one the kernel still uses: its slots may be live)."""
+    by_hash = {s.name_hash: s.svc_id for s in applied.values() if s.name_hash}
     ids: dict[tuple[ServicePortName, int], int] = {}
-    claimed: set[int] = set()
     unplaced = []
     for key in sorted(desired, key=_name_order):
-        candidates = sorted({owner[fk] for f in desired[key].frontends
-                             if (fk := FrontendKey(f.address, f.port, f.protocol)) in owner}
-                            - claimed)
-        if candidates:
-            ids[key] = candidates[0]
-            claimed.add(candidates[0])
-        else:
+        svc_id = by_hash.get(port_hash(key))
+        if svc_id is None:
             unplaced.append(key)
-    used = claimed | set(applied)
+        else:
+            ids[key] = svc_id
+    used = set(ids.values()) | set(applied)
     next_id = 1
     for key in unplaced:
         while next_id in used:

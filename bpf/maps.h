@@ -35,6 +35,8 @@ struct svc_value {
         __u32 count;            /* 0: no usable backend, connect() is refused */
         __u32 flags;            /* reserved */
         __u32 affinity_sec;     /* reserved: ClientIP session affinity timeout */
+        __u64 name_hash;        /* which service port owns svc_id: how an agent that
+                                 * restarts adopts ids without any state of its own */
 };
 
 struct slot_key {

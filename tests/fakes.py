@@ -27,7 +27,7 @@ class InvariantBroken(AssertionError):
 class FakeServiceMaps:
     def __init__(self, families: frozenset[int] = frozenset({4, 6})) -> None:
         self.families = families
-        self.frontends: dict[FrontendKey, tuple[int, int]] = {}   # -> (svc_id, count)
+        self.frontends: dict[FrontendKey, tuple[int, int, int]] = {}  # (svc_id, count, hash)
         self.slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {}  # -> (family, b)
         self.ops_applied = 0
 
@@ -42,20 +42,20 @@ class FakeServiceMaps:
                 case DeleteSlot():
                     self.slots.pop((op.svc_id, op.slot), None)
                 case PutFrontend():
-                    self.frontends[op.frontend] = (op.svc_id, op.count)
+                    self.frontends[op.frontend] = (op.svc_id, op.count, op.name_hash)
                 case DeleteFrontend():
                     self.frontends.pop(op.frontend, None)
             self.ops_applied += 1
             self.check(after=op)
 
     def check(self, after: MapOp | None = None) -> None:
-        for fkey, (svc_id, count) in self.frontends.items():
+        for fkey, (svc_id, count, _) in self.frontends.items():
             for slot in range(count):
                 if (svc_id, slot) not in self.slots:
                     raise InvariantBroken(f"after {after}: {fkey} -> svc {svc_id} count "
                                           f"{count} but slot {slot} is missing")
 
     def read_back(self) -> AppliedState:
-        return kernel_state(((f, svc_id, count) for f, (svc_id, count) in self.frontends.items()),
+        return kernel_state(((f, *entry) for f, entry in self.frontends.items()),
                             ((svc_id, slot, family, b)
                              for (svc_id, slot), (family, b) in self.slots.items()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from agent.agent import AgentStatus, backend_count
+from agent.agent import AgentStatus
 from agent.api.generated import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def GetStatus(self, request, context):
         s = self.status
+        service_ports, frontends, backends = s.view.counts
         return agent_pb2.Status(
-            synced=s.synced, node_name=s.node_name, service_ports=len(s.services),
-            frontends=sum(len(sp.kernel.frontends) for sp in s.services),
-            backends=backend_count(s.services), last_sync_unix=s.last_sync_unix,
+            synced=s.synced, node_name=s.node_name, service_ports=service_ports,
+            frontends=frontends, backends=backends, last_sync_unix=s.last_sync_unix,
             syncs=s.syncs, sync_errors=s.sync_errors, source=s.source,
             last_event_to_kernel_seconds=s.last_event_to_kernel_seconds,
             last_sync_seconds=s.last_sync_seconds)

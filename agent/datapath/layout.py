@@ -15,7 +15,8 @@ class SvcKey4(ctypes.Structure):
 
 class SvcValue(ctypes.Structure):
     _fields_ = [("svc_id", ctypes.c_uint32), ("count", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32), ("affinity_sec", ctypes.c_uint32)]
+                ("flags", ctypes.c_uint32), ("affinity_sec", ctypes.c_uint32),
+                ("name_hash", ctypes.c_uint64)]
 
 
 class SlotKey(ctypes.Structure):

@@ -147,7 +147,8 @@ class BpfServiceMaps:
                                   [_backend(o.backend) for o in batch])
             elif kind is PutFrontend:
                 self.svc.update([_svc_key(o.frontend) for o in batch],
-                                [layout.SvcValue(o.svc_id, o.count, 0, 0) for o in batch])
+                                [layout.SvcValue(o.svc_id, o.count, 0, 0, o.name_hash)
+                                 for o in batch])
             elif kind is DeleteFrontend:
                 self.svc.delete([_svc_key(o.frontend) for o in batch])
             elif kind is DeleteSlot:
@@ -156,7 +157,8 @@ class BpfServiceMaps:
     def read_back(self) -> AppliedState:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
         frontends = ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
-                                  _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count)
+                                  _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
+                      v.name_hash)
                      for k, v in self.svc.items())
         slots = ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
                  for k, v in self.slots.items())

@@ -27,7 +27,8 @@ NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "bpfp-"
 
 # kube-proxy runs the node's `iptables`, which on Debian 12 is the nf_tables backend; pick
-# one explicitly so a changed alternative cannot silently switch what the bench measures.
+# one explicitly so a changed alternative cannot silently switch what the bench measures:
+# here the nft backend's restore of 10k services takes about 50 s, the legacy one about 1 s.
 BACKENDS = {
     "nft": ("iptables-nft", "iptables-nft-restore", "iptables-nft-save"),
     "legacy": ("iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save"),

@@ -164,3 +164,23 @@ def _desired(name: str, vip: str):
     return desired_state([service(name, [vip])], [endpoint_slice(name, ["10.0.0.1"])])
 
 
+
+
+def test_changes_are_synced_incrementally_and_match_a_full_sync():
+    services = [service(f"s{i:02d}", [f"10.96.0.{i + 1}"]) for i in range(40)]
+    slices = [endpoint_slice(f"s{i:02d}", ["10.0.0.1", "10.0.0.2"]) for i in range(40)]
+    batches = [upserts(*services, *slices),
+               upserts(endpoint_slice("s03", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])),
+               [ObjectChange(services[5].key, None)],                  # a service goes
+               upserts(service("s07", ["10.96.0.8"], port=81))]        # a port changes
+    maps = FakeServiceMaps()
+    agent = Agent(ScriptedSource(batches), maps, min_sync_period=0.01)
+    asyncio.run(run_for(agent, 0.6))
+    assert agent.status.full_syncs == 1 and agent.status.syncs == 4
+    from agent.model import desired_state
+    final_services = [s for s in services if s.name not in ("s05", "s07")] + \
+        [service("s07", ["10.96.0.8"], port=81)]
+    final_slices = [s for s in slices if s.service_name != "s03"] + \
+        [endpoint_slice("s03", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])]
+    assert plan(desired_state(final_services, final_slices), maps.read_back()).ops == ()
+    assert "10.96.0.6:80/TCP" not in frontends(maps) and "10.96.0.8:81/TCP" in frontends(maps)

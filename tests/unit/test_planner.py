@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.model.types import Backend, Frontend, Protocol, ServicePortName, ServicePortState
-from agent.planner import DeleteFrontend, DeleteSlot, PutFrontend, PutSlot, apply_ops, plan
+from agent.planner import (
+    DeleteFrontend,
+    DeleteSlot,
+    PutFrontend,
+    PutSlot,
+    apply_ops,
+    plan,
+    port_hash,
+)
 from tests.fakes import FakeServiceMaps
 
 ip = ipaddress.ip_address
@@ -59,8 +67,9 @@ def test_shrinking_lowers_count_before_deleting_the_last_slot():
 def test_growing_writes_new_slot_before_raising_count():
     before = plan(sp("web", "10.96.0.1", ["10.0.0.1"]), {}).result
     p = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]), before)
+    name_hash = port_hash(next(iter(sp("web", "10.96.0.1", []))))
     assert p.ops == (PutSlot(4, 1, 1, p.result[1].backends[1]),
-                     PutFrontend(p.ops[1].frontend, 1, 2))
+                     PutFrontend(p.ops[1].frontend, 1, 2, name_hash))
 
 
 def test_surviving_backends_keep_their_slot():
@@ -72,7 +81,8 @@ def test_surviving_backends_keep_their_slot():
 
 def test_empty_service_keeps_a_frontend_with_count_zero():
     p = plan(sp("web", "10.96.0.1", []), {})
-    assert p.ops == (PutFrontend(p.ops[0].frontend, 1, 0),)
+    assert p.ops == (PutFrontend(p.ops[0].frontend, 1, 0,
+                                 port_hash(next(iter(sp("web", "10.96.0.1", []))))),)
 
 
 def test_restarted_agent_adopts_ids_from_the_kernel():
@@ -183,7 +193,7 @@ def test_a_frontend_left_with_an_old_count_is_rewritten():
     repair = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
                      extra_vips=("10.96.0.2",)), adopted)
     fake.apply(repair.ops)
-    assert {count for _, count in fake.frontends.values()} == {3}
+    assert {count for _, count, _ in fake.frontends.values()} == {3}
 
 
 def test_keep_unclaimed_keeps_what_an_incomplete_listing_does_not_mention():
@@ -211,3 +221,43 @@ def test_a_crash_anywhere_in_a_plan_is_repaired_by_the_next_agent(first, second,
     assert {(f.address, f.port, f.protocol) for f in served} == \
         {(f.address, f.port, f.protocol) for s in build(second).values() for f in s.frontends}
     assert all(not s.stray_slots and not s.stale_frontends for s in fake.read_back().values())
+
+
+# --- incremental plans: the cost follows the change, the result is the full plan's ------
+
+def served(result) -> dict:
+    return {f: s.backends for s in result.values() for f in s.frontends}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(world_st, min_size=1, max_size=6))
+def test_incremental_plans_give_what_full_plans_give(worlds):
+    from agent.planner import plan_changes
+    fake = FakeServiceMaps()
+    previous = plan({}, {})
+    desired_before: dict = {}
+    for world in worlds:
+        desired = build(world)
+        changed = {k for k in desired.keys() | desired_before.keys()
+                   if desired.get(k) != desired_before.get(k)}
+        incremental = plan_changes(desired, previous, changed)
+        fake.apply(incremental.ops)               # the invariant holds at every single op
+        assert fake.read_back() == incremental.result
+        full = plan(desired, fake.read_back())
+        assert full.ops == (), "a full plan finds nothing left to do"
+        assert served(full.result) == served(incremental.result)
+        previous, desired_before = incremental, desired
+
+
+def test_an_unchanged_cluster_costs_nothing_incrementally():
+    from agent.planner import plan_changes
+    desired = {}
+    for i in range(200):
+        desired.update(sp(f"s{i:03d}", f"10.96.1.{i + 1}", ["10.0.0.1", "10.0.0.2"]))
+    first = plan(desired, {})
+    key = next(iter(desired))
+    changed = dict(desired)
+    changed.update(sp(key[0].name, "10.96.1.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
+    p = plan_changes(changed, first, {key})
+    assert kinds(p.ops) == ["PutSlot", "PutFrontend"]
+    assert len(p.result) == 200 and p.ids == first.ids
