@@ -101,9 +101,12 @@ def control_tables(results) -> list[str]:
            "| vs nft | agent RSS | BPF maps |", "|---|---|---|---|---|---|---|---|"]
     for row in control["full_syncs"]:
         nft = row.get("nftables_s")
+        ipt = fmt_seconds(row.get("iptables_s")) if "iptables_skipped" not in row else \
+            f"not run ({row['iptables_skipped']})"
+        nft_cell = fmt_seconds(nft) if "nftables_skipped" not in row else \
+            f"not run ({row['nftables_skipped']})"
         out.append(f"| {row['services']:,} | {fmt_seconds(row['file_to_kernel_s'])} | "
-                   f"{fmt_seconds(row['event_to_kernel_s'])} | "
-                   f"{fmt_seconds(row.get('iptables_s'))} | {fmt_seconds(nft)} | "
+                   f"{fmt_seconds(row['event_to_kernel_s'])} | {ipt} | {nft_cell} | "
                    f"{fmt_ratio(ratio(nft, row['file_to_kernel_s']))} faster | "
                    f"{_mib(row['agent_rss'])} | {_mib(row['map_bytes'])} |")
     ch = control["endpoint_changes"]

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from bench import control_plane, loadgen, report, topology, workload
 from bench.kubeproxy import load as kp_load
-from bench.kubeproxy.iptables import render_iptables
-from bench.kubeproxy.nftables import render_nftables
+from bench.kubeproxy import render_rules
 from bench.stats import Series
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,15 +97,14 @@ def program(beds: dict[str, topology.Bed], size: int, plan: Plan, results: Resul
     results.memory[size] = topology.agent_memory(bpf.agent.process.pid)
     playing = ["direct", "bpfproxy"]
     desired = traffic.desired()
-    for kind, render, load, flush in (
-            ("iptables", render_iptables, kp_load.load_iptables, kp_load.flush_iptables),
-            ("nftables", render_nftables, kp_load.load_nftables, kp_load.flush_nftables)):
+    for kind in ("iptables", "nftables"):
         netns = beds[kind].lab.node_netns
-        flush(netns)
+        kp_load.FLUSH[kind](netns)
         if size > plan.rule_limit:
             results.skipped[size, kind] = f"not loaded above {plan.rule_limit:,} services"
             continue
-        results.load_seconds[size, kind] = load(render(desired), netns)
+        results.load_seconds[size, kind] = kp_load.LOAD[kind](
+            render_rules(kind, desired, beds[kind].lab.node_ip), netns)
         playing.append(kind)
     return playing
 
