@@ -68,6 +68,8 @@ class AppliedView:
     applied: AppliedState
     desired: DesiredState
     ids: dict[tuple[ServicePortName, int], int]
+    # (service ports, frontends, backend slots), known from the plan without a scan
+    counts: tuple[int, int, int] = (0, 0, 0)
 
     @functools.cached_property
     def service_ports(self) -> tuple[AppliedServicePort, ...]:
@@ -75,13 +77,6 @@ class AppliedView:
             AppliedServicePort(key[0], key[1], self.applied[svc_id], self.desired[key])
             for key, svc_id in sorted(self.ids.items(), key=lambda kv: str(kv[0][0]))
             if svc_id in self.applied and key in self.desired)
-
-    @functools.cached_property
-    def counts(self) -> tuple[int, int, int]:
-        """(service ports, frontends, distinct backends) in the kernel."""
-        ports = self.service_ports
-        return (len(ports), sum(len(sp.kernel.frontends) for sp in ports),
-                backend_count(ports))
 
 
 @dataclass
@@ -254,7 +249,9 @@ class Agent:
             self.status.last_event_to_kernel_seconds = time.monotonic() - since
         self._plan, self._applied, self._desired, self._parts = \
             result, result.result, desired, parts
-        self.status.view = AppliedView(result.result, desired, result.ids)
+        self.status.view = AppliedView(result.result, desired, result.ids,
+                                       (len(result.result), len(result.owners),
+                                        result.slot_total))
         elapsed = time.perf_counter() - started
         self.status.syncs += 1
         self.status.full_syncs += full
@@ -311,10 +308,6 @@ class Agent:
                 log.warning("event=service_port_unsupported service_port=%s family=IPv%d "
                             "reason=%r", key[0], key[1], "not in this datapath yet; skipped")
         return out
-
-
-def backend_count(services: tuple[AppliedServicePort, ...]) -> int:
-    return len({(b.address, b.port) for s in services for b in s.kernel.backends})
 
 
 @contextlib.contextmanager

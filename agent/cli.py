@@ -161,7 +161,7 @@ def show_status(args) -> int:
                 status = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=2)
                 if status.synced:
                     print(f"synced: {status.service_ports} service ports, {status.frontends} "
-                          f"frontends, {status.backends} backends in the kernel "
+                          f"frontends, {status.backends} backend slots in the kernel "
                           f"(node {status.node_name}, {status.source})")
                     return 0
                 problem = "agent running, first sync not yet in the kernel"

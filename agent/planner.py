@@ -86,6 +86,7 @@ class Plan:
     owners: dict[FrontendKey, int] = field(default_factory=dict)   # frontend -> svc_id
     # service ports that lost a frontend to another: re-planned when it is released
     losers: dict[FrontendKey, frozenset] = field(default_factory=dict)
+    slot_total: int = 0            # backend slots in result, kept without a scan
 
 
 def plan(desired: DesiredState, applied: Mapping[int, KernelService],
@@ -137,7 +138,8 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
                 owners.update(dict.fromkeys(kept, svc_id))
     ops = _diff(applied, result, owners, applied.keys() | result.keys())
     return Plan(ops, result, ids, tuple(conflicts), owners,
-                {f: frozenset(k) for f, k in losers.items()})
+                {f: frozenset(k) for f, k in losers.items()},
+                sum(len(s.backends) for s in result.values()))
 
 
 def plan_changes(desired: DesiredState, previous: Plan,
@@ -210,8 +212,11 @@ def plan_changes(desired: DesiredState, previous: Plan,
                                        _stable_slots(old.backends if old else (), wanted),
                                        name_hash=port_hash(key))
     ops = _diff(previous.result, result, owners, touched)
+    slot_total = previous.slot_total + sum(
+        len(result[i].backends) if i in result else 0 for i in touched) - sum(
+        len(previous.result[i].backends) if i in previous.result else 0 for i in touched)
     return Plan(ops, result, ids, tuple(conflicts), owners,
-                {f: frozenset(k) for f, k in losers.items()})
+                {f: frozenset(k) for f, k in losers.items()}, slot_total)
 
 
 def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],

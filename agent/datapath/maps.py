@@ -11,7 +11,6 @@ import itertools
 import logging
 import os
 import socket
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol as TypingProtocol
@@ -54,11 +53,11 @@ def _be32(address: ipaddress.IPv4Address) -> int:
     """An address as the u32 whose memory holds it in network order (ctx->user_ip4)."""
     if address.version != 4:
         raise ValueError(f"{address} is not IPv4: the IPv4 maps cannot hold it")
-    return int.from_bytes(address.packed, sys.byteorder)
+    return socket.htonl(int(address))
 
 
 def _from_be32(value: int) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder))
+    return ipaddress.IPv4Address(socket.ntohl(value))
 
 
 class PinnedMap:

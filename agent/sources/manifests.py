@@ -65,6 +65,7 @@ class ManifestSource:
         self.refused_files = 0
         self._files: dict[str, _FileRecord] = {}
         self._listed: dict[ObjectKey, Object] = {}   # what the consumer has been given
+        self._key_files: dict[ObjectKey, set[str]] = {}   # which files define a key
         self._touched: set[str] = set()              # names the watcher reported
 
     async def changes(self) -> AsyncIterator[list[ObjectChange]]:
@@ -121,16 +122,35 @@ class ManifestSource:
         """Re-reads new files, files whose signature changed and files the watcher named
         (a same-size rewrite within one timestamp tick keeps the signature); returns the diff."""
         entries = self._list_directory()
+        affected: set[ObjectKey] = set()      # keys whose winning definition may change
         for name in self._files.keys() - entries.keys():
-            log.info(_kv(event="file_removed", file=name,
-                         objects=len(self._files.pop(name).objects)))
+            gone = self._files.pop(name)
+            self._index(name, gone.objects, None)
+            affected.update(gone.objects)
+            log.info(_kv(event="file_removed", file=name, objects=len(gone.objects)))
         for name, signature in sorted(entries.items()):
             record = self._files.get(name)
             if signature is None:
                 continue   # unreadable now: keep what it gave before
             if record is None or record.signature != signature or name in touched:
-                self._files[name] = self._read(name, signature, record)
-        return self._diff()
+                fresh = self._read(name, signature, record)
+                self._index(name, record.objects if record else {}, fresh.objects)
+                if record is not None:
+                    affected.update(record.objects)
+                affected.update(fresh.objects)
+                self._files[name] = fresh
+        return self._diff(affected)
+
+    def _index(self, name: str, old: dict, new: dict | None) -> None:
+        """Which files define each key, so a key's winner is found without a scan."""
+        for key in old.keys() - (new or {}).keys():
+            files = self._key_files.get(key)
+            if files is not None:
+                files.discard(name)
+                if not files:
+                    del self._key_files[key]
+        for key in new or ():
+            self._key_files.setdefault(key, set()).add(name)
 
     def _list_directory(self) -> dict[str, Signature | None]:
         entries: dict[str, Signature | None] = {}
@@ -195,19 +215,24 @@ class ManifestSource:
                            error=_one_line(error), action=action),
                 exc_info=not isinstance(error, InvalidObject))
 
-    def _diff(self) -> list[ObjectChange]:
-        # The last file in name order wins, so deleting it falls back to the earlier one.
-        merged: dict[ObjectKey, Object] = {}
-        for name in sorted(self._files):
-            merged.update(self._files[name].objects)
-        changes = [ObjectChange(key, obj) for key, obj in merged.items()
-                   if self._listed.get(key) is not obj and self._listed.get(key) != obj]
-        changes += [ObjectChange(key, None) for key in self._listed.keys() - merged.keys()]
-        self._listed = merged
+    def _diff(self, affected: set[ObjectKey]) -> list[ObjectChange]:
+        """Changes for the affected keys only: a one-file edit costs that file, not the
+        directory. The last file in name order wins, so deleting it falls back to the
+        earlier one."""
+        changes = []
+        for key in affected:
+            files = self._key_files.get(key)
+            winner = self._files[max(files)].objects[key] if files else None
+            before = self._listed.get(key)
+            if winner is None:
+                if before is not None:
+                    del self._listed[key]
+                    changes.append(ObjectChange(key, None))
+            elif before is not winner and before != winner:
+                self._listed[key] = winner
+                changes.append(ObjectChange(key, winner))
         return sorted(changes, key=lambda c: (c.key.kind, c.key.namespace, c.key.name))
 
-
-# --- file contents ---------------------------------------------------------------------
 
 def _load_documents(path: Path, max_bytes: int) -> tuple[Signature, list[Any]]:
     with open(path, "rb") as f:
