@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST = 0.5          # seconds before retrying a failed sync; doubles up to RETRY_MAX
 RETRY_MAX = 10.0
+SYNC_BURST = 2             # syncs allowed back to back before min_sync_period applies
 FULL_SYNC_SHARE = 0.25     # more services than this share changed: recompute everything
 
 
@@ -94,6 +95,7 @@ class AgentStatus:
     # that carried changes (periodic syncs without one do not count).
     last_event_to_kernel_seconds: float = 0.0
     full_syncs: int = 0                # syncs that recomputed everything (the rest: changes)
+    change_syncs: int = 0              # syncs that carried changes from the source
 
     @property
     def services(self) -> tuple[AppliedServicePort, ...]:
@@ -147,8 +149,9 @@ class Agent:
                     self._pending_since = time.monotonic()
                 for change in batch:
                     self._record(change)
-                self._listed.set()
-                self._dirty.set()
+                if batch or not self._listed.is_set():
+                    self._listed.set()
+                    self._dirty.set()
             self.status.failure = "source ended"
         except asyncio.CancelledError:
             raise
@@ -187,15 +190,21 @@ class Agent:
         # Never program a half-listed world: wait for the complete first listing.
         if await self._wait(self._listed, None):
             return
-        last = 0.0
+        # A token bucket, as kube-proxy's BoundedFrequencyRunner: a lone change is synced
+        # at once; a storm is held to one sync per min_sync_period after a short burst.
+        tokens, refilled = float(SYNC_BURST), time.monotonic()
         retry = RETRY_FIRST
         reread = False
         while not self._stop.is_set():
-            wait = self.min_sync_period - (time.monotonic() - last)
-            if wait > 0 and await self._wait(self._stop, wait):
-                return
+            now = time.monotonic()
+            tokens = min(SYNC_BURST, tokens + (now - refilled) / max(self.min_sync_period, 1e-6))
+            refilled = now
+            if tokens < 1:
+                if await self._wait(self._stop, (1 - tokens) * self.min_sync_period):
+                    return
+                tokens, refilled = 1.0, time.monotonic()
+            tokens -= 1
             self._dirty.clear()
-            last = time.monotonic()
             if await self._sync_once(reread_kernel=reread):
                 retry, timeout = RETRY_FIRST, self.sync_period
             else:
@@ -247,6 +256,7 @@ class Agent:
             return False
         if since is not None:
             self.status.last_event_to_kernel_seconds = time.monotonic() - since
+            self.status.change_syncs += 1
         self._plan, self._applied, self._desired, self._parts = \
             result, result.result, desired, parts
         self.status.view = AppliedView(result.result, desired, result.ids,

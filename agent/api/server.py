@@ -52,7 +52,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             frontends=frontends, backends=backends, last_sync_unix=s.last_sync_unix,
             syncs=s.syncs, sync_errors=s.sync_errors, source=s.source,
             last_event_to_kernel_seconds=s.last_event_to_kernel_seconds,
-            last_sync_seconds=s.last_sync_seconds)
+            last_sync_seconds=s.last_sync_seconds, change_syncs=s.change_syncs)
 
     async def ListServices(self, request, context):
         return agent_pb2.ListServicesResponse(services=service_ports_message(self.status))
