@@ -1,79 +1,93 @@
-"""Endpoint side of the model: EndpointSlices grouped by (service port name, IP family), and
-the usable backends of each. Pure; mirrors kube-proxy's endpointslicecache.go and topology.go."""
+"""Endpoint side of the model: EndpointSlices grouped by (service port name, IP family) and
+de-duplicated, each endpoint once as a Backend. Pure; mirrors kube-proxy's endpointslicecache.go."""
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 
 from agent.model.types import (
+    NO_HINTS,
     Backend,
     BackendState,
     EndpointSlice,
-    IPAddress,
     ServicePortName,
 )
 
 _FAMILIES = {"IPv4": 4, "IPv6": 6}   # FQDN slices are ignored (endpointschangetracker.go)
+_ADDRESS_CLASSES = {4: IPv4Address, 6: IPv6Address}
+_READY, _TERMINATING = BackendState.READY, BackendState.TERMINATING
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointInfo:
-    """kube-proxy's BaseEndpointInfo: one address and port with its conditions."""
-    address: IPAddress
-    port: int
+    """kube-proxy's BaseEndpointInfo: one address and port with its conditions and hints.
+    backend.state is READY when ready, else TERMINATING (only ever used when serving and
+    terminating, as the fallback of topology.categorize_endpoints)."""
+    backend: Backend
     ready: bool
     serving: bool
     terminating: bool
-    node_name: str = ""
-    zone: str = ""
+    zone_hints: frozenset[str] = NO_HINTS
+    node_hints: frozenset[str] = NO_HINTS
 
     def preference(self) -> tuple[bool, bool, bool]:
-        # Same endpoint in two slices: kube-proxy prefers the non-terminating copy (a pod IP
-        # reused before the old pod is gone); ready and serving break the remaining ties.
+        # Same endpoint in two slices: kube-proxy keeps the non-terminating copy (a pod IP
+        # reused before the old pod is gone; endpointslicecache.go addEndpoints); ready and
+        # serving break the remaining ties so every node picks the same copy.
         return (not self.terminating, self.ready, self.serving)
 
 
-EndpointsMap = dict[tuple[ServicePortName, int], list[EndpointInfo]]
+@dataclass(frozen=True, slots=True)
+class EndpointGroup:
+    """The endpoints of one service port and family, sorted by Backend.sort_key."""
+    endpoints: tuple[EndpointInfo, ...]
+    hinted: bool                  # some endpoint carries a zone or node hint
+
+
+EndpointsMap = dict[tuple[ServicePortName, int], EndpointGroup]
 
 
 def endpoints_by_service_port(slices: Iterable[EndpointSlice]) -> EndpointsMap:
     """Endpoints of every slice, keyed by the ServicePortName their port name and protocol
-    select, and by family; de-duplicated by (address, port) across the service's slices."""
-    chosen: dict[tuple[ServicePortName, int], dict[tuple[IPAddress, int], EndpointInfo]] = \
+    select, and by family; de-duplicated by (address, port) across the service's slices.
+    Slices kube-proxy's informers never see (excluded_by_label) are left out."""
+    # (int(address), port) is both the de-duplication key and, within one family, the
+    # Backend.sort_key order; it hashes far faster than an ipaddress object.
+    chosen: dict[tuple[ServicePortName, int], dict[tuple[int, int], EndpointInfo]] = \
         defaultdict(dict)
+    hinted: set[tuple[ServicePortName, int]] = set()
     # Sorted so that equal-preference duplicates resolve the same way on every node.
     for endpoint_slice in sorted(slices, key=lambda s: (s.namespace, s.service_name, s.name)):
         family = _FAMILIES.get(endpoint_slice.address_type)
-        if family is None:
+        if family is None or endpoint_slice.excluded_by_label:
             continue
+        address_class = _ADDRESS_CLASSES[family]
         for port in endpoint_slice.ports:
-            name = ServicePortName(endpoint_slice.namespace, endpoint_slice.service_name,
-                                   port.name, port.protocol)
-            found = chosen[name, family]
+            key = (ServicePortName(endpoint_slice.namespace, endpoint_slice.service_name,
+                                   port.name, port.protocol), family)
+            found = chosen[key]
+            number = port.port
             for endpoint in endpoint_slice.endpoints:
                 # Kubernetes uses only the first address (endpointslicecache.go addEndpoints).
-                if not endpoint.addresses or endpoint.addresses[0].version != family:
+                if not endpoint.addresses:
                     continue
-                info = EndpointInfo(endpoint.addresses[0], port.port, endpoint.ready,
-                                    endpoint.serving, endpoint.terminating,
-                                    endpoint.node_name, endpoint.zone)
-                key = (info.address, info.port)
-                if key not in found or info.preference() > found[key].preference():
-                    found[key] = info
-    return {key: list(found.values()) for key, found in chosen.items()}
-
-
-def usable_backends(endpoints: Iterable[EndpointInfo]) -> tuple[Backend, ...]:
-    """Ready endpoints; when none is ready anywhere, the serving-and-terminating ones, so
-    connections drain to pods that still accept them (topology.go CategorizeEndpoints)."""
-    endpoints = list(endpoints)
-    usable = [_backend(e, BackendState.READY) for e in endpoints if e.ready]
-    if not usable:
-        usable = [_backend(e, BackendState.TERMINATING)
-                  for e in endpoints if e.serving and e.terminating]
-    return tuple(sorted(usable, key=Backend.sort_key))
-
-
-def _backend(info: EndpointInfo, state: BackendState) -> Backend:
-    return Backend(info.address, info.port, state, info.node_name, info.zone)
+                address = endpoint.addresses[0]
+                if address.__class__ is not address_class:
+                    continue
+                ready = endpoint.ready
+                info = EndpointInfo(
+                    Backend(address, number, _READY if ready else _TERMINATING,
+                            endpoint.node_name, endpoint.zone),
+                    ready, endpoint.serving, endpoint.terminating,
+                    endpoint.zone_hints, endpoint.node_hints)
+                if info.zone_hints or info.node_hints:
+                    hinted.add(key)
+                dedup = (int(address), number)
+                previous = found.get(dedup)
+                if previous is None or info.preference() > previous.preference():
+                    found[dedup] = info
+    return {key: EndpointGroup(tuple([info for _, info in sorted(found.items())]),
+                               key in hinted)
+            for key, found in chosen.items()}

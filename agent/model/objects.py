@@ -1,16 +1,22 @@
-"""Border conversion: camelCase Kubernetes dicts (as the API server serializes them) in,
-frozen Service / EndpointSlice out; anything unservable raises InvalidObject naming the field."""
+"""Border conversion: camelCase Kubernetes dicts (as the API server serializes them) in, frozen
+Service / EndpointSlice / Node out; anything unservable raises InvalidObject naming the field."""
 from __future__ import annotations
 
 import ipaddress
 from typing import Any, NoReturn
 
 from agent.model.types import (
+    HEADLESS_LABEL,
+    NO_HINTS,
+    SERVICE_PROXY_NAME_LABEL,
     Endpoint,
     EndpointPort,
     EndpointSlice,
     InvalidObject,
     IPAddress,
+    LoadBalancerIngress,
+    Node,
+    NodeAddress,
     ObjectKey,
     Protocol,
     Service,
@@ -26,8 +32,17 @@ ADDRESS_TYPES = {"IPv4": 4, "IPv6": 6, "FQDN": None}
 MAX_SLICE_PORTS = 100
 MAX_SLICE_ENDPOINTS = 1000
 MAX_ENDPOINT_ADDRESSES = 100
+MAX_HINTS = 8                     # hints.forZones and hints.forNodes each
 
-_HANDLED = (("v1", "Service"), ("discovery.k8s.io/v1", "EndpointSlice"))
+IP_FAMILIES = {"IPv4": 4, "IPv6": 6}
+TRAFFIC_POLICIES = ("Cluster", "Local")
+LOAD_BALANCER_IP_MODES = ("VIP", "Proxy")
+NODE_IP_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
+# sessionAffinityConfig.clientIP.timeoutSeconds: API default and maximum (one day).
+DEFAULT_AFFINITY_TIMEOUT = 10800
+MAX_AFFINITY_TIMEOUT = 86400
+
+_HANDLED = (("v1", "Service"), ("discovery.k8s.io/v1", "EndpointSlice"), ("v1", "Node"))
 
 
 def _handled(d: dict) -> bool:
@@ -43,13 +58,15 @@ def object_key(d: Any) -> ObjectKey | None:
     if not isinstance(metadata, dict):
         return None
     name, namespace = metadata.get("name"), metadata.get("namespace") or "default"
+    if d["kind"] == "Node":
+        namespace = ""            # cluster-scoped
     if not isinstance(name, str) or not name or not isinstance(namespace, str):
         return None
     return ObjectKey(d["kind"], namespace, name)
 
 
-def parse_object(d: Any) -> Service | EndpointSlice | None:
-    """A v1 Service or discovery.k8s.io/v1 EndpointSlice; None for anything else."""
+def parse_object(d: Any) -> Service | EndpointSlice | Node | None:
+    """A v1 Service, discovery.k8s.io/v1 EndpointSlice or v1 Node; None for anything else."""
     if not isinstance(d, dict):
         raise InvalidObject("object: not a mapping; object skipped")
     kind = (d.get("apiVersion"), d.get("kind"))
@@ -57,6 +74,8 @@ def parse_object(d: Any) -> Service | EndpointSlice | None:
         return parse_service(d)
     if kind == ("discovery.k8s.io/v1", "EndpointSlice"):
         return parse_endpoint_slice(d)
+    if kind == ("v1", "Node"):
+        return parse_node(d)
     return None
 
 
@@ -115,6 +134,10 @@ class _Where:
         return Protocol[value]
 
     def address(self, value: Any, field: str, family: int | None = None) -> IPAddress:
+        if value.__class__ is str and family != 6:
+            ip = fast_ipv4(value)
+            if ip is not None:
+                return ip
         if not isinstance(value, str):
             self.fail(field, f"must be an IP address string, got {_show(value)}")
         try:
@@ -128,6 +151,36 @@ class _Where:
         if family is not None and ip.version != family:
             self.fail(field, f"{_show(value)} is not an IPv{family} address")
         return ip
+
+    def labels(self, metadata: dict) -> dict:
+        return self.mapping(metadata.get("labels"), "metadata.labels")
+
+    def excluded_by(self, labels: dict) -> str:
+        """The label that keeps kube-proxy's informers from ever delivering this object
+        (cmd/kube-proxy/app/server.go: both must not exist, whatever their value)."""
+        for label in (SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL):
+            if label in labels:
+                self.string(labels[label], f"metadata.labels[{label}]")
+                return label
+        return ""
+
+
+def fast_ipv4(text: str) -> ipaddress.IPv4Address | None:
+    """The IPv4Address of a plain dotted quad, else None (the caller then asks ipaddress).
+    Accepts exactly what ipaddress.IPv4Address(str) accepts for such text: four ASCII
+    decimal octets, each 0-255 without leading zeros; it only skips its slower parser."""
+    parts = text.split(".")
+    if len(parts) != 4 or not text.isascii():
+        return None
+    value = 0
+    for part in parts:
+        if not part.isdigit() or len(part) > 3 or (part[0] == "0" and len(part) > 1):
+            return None
+        octet = int(part)
+        if octet > 255:
+            return None
+        value = value << 8 | octet
+    return ipaddress.IPv4Address(value)
 
 
 def _show(value: Any) -> str:
@@ -156,31 +209,55 @@ def _metadata(d: dict, kind: str, consequence: str) -> tuple[str, str]:
     return namespace, name
 
 
+def _cluster_scoped_name(d: dict, kind: str, consequence: str) -> str:
+    metadata = _Where(f"{kind} (unnamed)", consequence).mapping(d.get("metadata"), "metadata")
+    name = metadata.get("name")
+    where = _Where(f"{kind} {name if isinstance(name, str) and name else '(unnamed)'}",
+                   consequence)
+    if not where.string(name, "metadata.name"):
+        where.fail("metadata.name", "required")
+    return name
+
+
 # --- Service ---------------------------------------------------------------------------
 
 def parse_service(d: dict) -> Service:
-    """Validates what kube-proxy relies on: ports, protocols, cluster IPs, type."""
+    """Validates what kube-proxy relies on: type, ports and nodePorts, cluster IPs and their
+    families, externalIPs, load balancer ingress, traffic policies, session affinity."""
     if not isinstance(d, dict):
         raise InvalidObject("Service: not a mapping; service skipped")
     namespace, name = _metadata(d, "Service", "service skipped")
     where = _Where(f"Service {namespace}/{name}", "service skipped")
+    excluded = where.excluded_by(where.labels(where.mapping(d.get("metadata"), "metadata")))
     spec = where.mapping(d.get("spec"), "spec")
     service_type = where.string(spec.get("type"), "spec.type", "ClusterIP") or "ClusterIP"
     if service_type not in SERVICE_TYPES:
         where.fail("spec.type",
                    f"{service_type!r} is not one of {', '.join(sorted(SERVICE_TYPES))}")
-    ports = _service_ports(where, where.sequence(spec.get("ports"), "spec.ports"))
+    ports = _service_ports(where, where.sequence(spec.get("ports"), "spec.ports"), service_type)
     if service_type == "ExternalName":
         # A DNS alias: no cluster IP, nothing for a proxy to program (ShouldSkipService).
-        return Service(namespace, name, service_type, (), ports)
+        return Service(namespace, name, service_type, (), ports, excluded_by_label=excluded)
     cluster_ips = _cluster_ips(where, spec)
-    return Service(namespace, name, service_type, cluster_ips, ports, headless=not cluster_ips)
+    _check_ip_families(where, spec, cluster_ips)
+    where.flag(spec.get("allocateLoadBalancerNodePorts"), "spec.allocateLoadBalancerNodePorts",
+               True)   # false only means no nodePort was allocated: nodePort 0 below
+    return Service(
+        namespace, name, service_type, cluster_ips, ports, headless=not cluster_ips,
+        external_ips=_external_ips(where, spec),
+        load_balancer_ingress=_load_balancer_ingress(where, d),
+        internal_traffic_policy=_traffic_policy(where, spec, "internalTrafficPolicy"),
+        external_traffic_policy=_traffic_policy(where, spec, "externalTrafficPolicy"),
+        session_affinity_timeout=_session_affinity(where, spec),
+        excluded_by_label=excluded)
 
 
-def _service_ports(where: _Where, raw_ports: list) -> tuple[ServicePort, ...]:
+def _service_ports(where: _Where, raw_ports: list, service_type: str
+                   ) -> tuple[ServicePort, ...]:
     ports: list[ServicePort] = []
     seen_names: dict[str, int] = {}
     seen_ports: dict[tuple[int, Protocol], int] = {}
+    seen_node_ports: dict[tuple[int, Protocol], int] = {}
     for i, raw in enumerate(raw_ports):
         field = f"spec.ports[{i}]"
         entry = where.mapping(raw, field)
@@ -192,23 +269,39 @@ def _service_ports(where: _Where, raw_ports: list) -> tuple[ServicePort, ...]:
         protocol = where.protocol(entry.get("protocol"), f"{field}.protocol")
         port = where.port(entry.get("port"), f"{field}.port")
         target = entry.get("targetPort")
-        if target is None:
+        # The API server defaults an absent, 0 or "" targetPort to port (SetDefaults_Service).
+        if target is None or target == "" or (target == 0 and not isinstance(target, bool)):
             target_port: int | str = port
         elif isinstance(target, str):
-            if not target:
-                where.fail(f"{field}.targetPort", "must be a port number or a port name")
             target_port = target
         else:
             target_port = where.port(target, f"{field}.targetPort")
+        node_port = _node_port(where, entry.get("nodePort"), f"{field}.nodePort", service_type)
         if name in seen_names:
             where.fail(f"{field}.name", f"duplicate port name {name!r} "
                        f"(also spec.ports[{seen_names[name]}])")
         if (port, protocol) in seen_ports:
             where.fail(field, f"duplicate port {port}/{protocol.value} "
                        f"(also spec.ports[{seen_ports[port, protocol]}])")
+        if node_port and (node_port, protocol) in seen_node_ports:
+            where.fail(f"{field}.nodePort", f"duplicate nodePort {node_port}/{protocol.value} "
+                       f"(also spec.ports[{seen_node_ports[node_port, protocol]}])")
         seen_names[name], seen_ports[port, protocol] = i, i
-        ports.append(ServicePort(name, protocol, port, target_port))
+        if node_port:
+            seen_node_ports[node_port, protocol] = i
+        ports.append(ServicePort(name, protocol, port, target_port, node_port))
     return tuple(ports)
+
+
+def _node_port(where: _Where, value: Any, field: str, service_type: str) -> int:
+    """0 when absent or 0 (not allocated: allocateLoadBalancerNodePorts false, or a
+    manifest with no allocator behind it); kube-proxy then programs no NodePort."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return 0
+    node_port = where.port(value, field)
+    if service_type == "ClusterIP":
+        where.fail(field, "may not be used when type is ClusterIP")
+    return 0 if service_type == "ExternalName" else node_port
 
 
 def _cluster_ips(where: _Where, spec: dict) -> tuple[IPAddress, ...]:
@@ -237,6 +330,97 @@ def _cluster_ips(where: _Where, spec: dict) -> tuple[IPAddress, ...]:
     return ips
 
 
+def _check_ip_families(where: _Where, spec: dict, cluster_ips: tuple[IPAddress, ...]) -> None:
+    """spec.ipFamilies[i] names the family of spec.clusterIPs[i]; kube-proxy picks a
+    family's cluster IP by that index (proxyutil.GetClusterIPByFamily)."""
+    families = where.sequence(spec.get("ipFamilies"), "spec.ipFamilies")
+    if len(families) > 2:
+        where.fail("spec.ipFamilies", f"{len(families)} entries; at most IPv4 and IPv6")
+    versions = []
+    for i, family in enumerate(families):
+        if not isinstance(family, str) or family not in IP_FAMILIES:
+            where.fail(f"spec.ipFamilies[{i}]", f"{_show(family)} is not one of IPv4, IPv6")
+        versions.append(IP_FAMILIES[family])
+    if len(versions) == 2 and versions[0] == versions[1]:
+        where.fail("spec.ipFamilies", "dual-stack ipFamilies must be one IPv4 and one IPv6")
+    for i, (version, ip) in enumerate(zip(versions, cluster_ips, strict=False)):
+        if version != ip.version:
+            where.fail(f"spec.ipFamilies[{i}]",
+                       f"{families[i]} does not match spec.clusterIPs[{i}] {ip}")
+
+
+def _external_ips(where: _Where, spec: dict) -> tuple[IPAddress, ...]:
+    ips = []
+    for i, value in enumerate(where.sequence(spec.get("externalIPs"), "spec.externalIPs")):
+        field = f"spec.externalIPs[{i}]"
+        ip = where.address(value, field)
+        # The API server's ValidateNonSpecialIP: these would capture the node's own traffic.
+        if ip.is_unspecified or ip.is_loopback or ip.is_link_local or \
+                (ip.is_multicast and ip in _LINK_LOCAL_MULTICAST[ip.version]):
+            where.fail(field, f"{ip} is an unspecified, loopback or link-local address")
+        ips.append(ip)
+    return tuple(dict.fromkeys(ips))
+
+
+_LINK_LOCAL_MULTICAST = {4: ipaddress.ip_network("224.0.0.0/24"),
+                         6: ipaddress.ip_network("ff02::/16")}
+
+
+def _load_balancer_ingress(where: _Where, d: dict) -> tuple[LoadBalancerIngress, ...]:
+    """status.loadBalancer.ingress entries with an ip; hostname-only entries are for DNS."""
+    status = where.mapping(d.get("status"), "status")
+    balancer = where.mapping(status.get("loadBalancer"), "status.loadBalancer")
+    ingress = []
+    for i, raw in enumerate(where.sequence(balancer.get("ingress"),
+                                           "status.loadBalancer.ingress")):
+        field = f"status.loadBalancer.ingress[{i}]"
+        entry = where.mapping(raw, field)
+        where.string(entry.get("hostname"), f"{field}.hostname")
+        ip, mode = entry.get("ip"), entry.get("ipMode")
+        if ip is None or ip == "":
+            if mode is not None:
+                where.fail(f"{field}.ipMode", "may not be set when ip is not")
+            continue
+        address = where.address(ip, f"{field}.ip")
+        if mode is None:
+            mode = "VIP"          # the API server's default once ip is set
+        elif not isinstance(mode, str) or mode not in LOAD_BALANCER_IP_MODES:
+            where.fail(f"{field}.ipMode", f"{_show(mode)} is not one of VIP, Proxy")
+        ingress.append(LoadBalancerIngress(address, mode))
+    return tuple(ingress)
+
+
+def _traffic_policy(where: _Where, spec: dict, key: str) -> str:
+    policy = where.string(spec.get(key), f"spec.{key}", "Cluster") or "Cluster"
+    if policy not in TRAFFIC_POLICIES:
+        where.fail(f"spec.{key}", f"{policy!r} is not one of Cluster, Local")
+    return policy
+
+
+def _session_affinity(where: _Where, spec: dict) -> int:
+    """ClientIP affinity timeout in seconds (default 10800, 1-86400); 0 for None."""
+    affinity = where.string(spec.get("sessionAffinity"), "spec.sessionAffinity") or "None"
+    config = spec.get("sessionAffinityConfig")
+    if affinity == "None":
+        if config is not None:
+            where.fail("spec.sessionAffinityConfig", "must not be set when sessionAffinity "
+                       "is None")
+        return 0
+    if affinity != "ClientIP":
+        where.fail("spec.sessionAffinity", f"{affinity!r} is not one of None, ClientIP")
+    client_ip = where.mapping(where.mapping(config, "spec.sessionAffinityConfig").get(
+        "clientIP"), "spec.sessionAffinityConfig.clientIP")
+    field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+    timeout = client_ip.get("timeoutSeconds")
+    if timeout is None:
+        return DEFAULT_AFFINITY_TIMEOUT
+    if not isinstance(timeout, int) or isinstance(timeout, bool):
+        where.fail(field, f"must be a number of seconds, got {_show(timeout)}")
+    if not 0 < timeout <= MAX_AFFINITY_TIMEOUT:
+        where.fail(field, f"{_show(timeout)} out of range (1-{MAX_AFFINITY_TIMEOUT})")
+    return timeout
+
+
 # --- EndpointSlice ---------------------------------------------------------------------
 
 def parse_endpoint_slice(d: dict) -> EndpointSlice:
@@ -246,8 +430,8 @@ def parse_endpoint_slice(d: dict) -> EndpointSlice:
         raise InvalidObject("EndpointSlice: not a mapping; endpoint slice skipped")
     namespace, name = _metadata(d, "EndpointSlice", "endpoint slice skipped")
     where = _Where(f"EndpointSlice {namespace}/{name}", "endpoint slice skipped")
-    labels = where.mapping(where.mapping(d.get("metadata"), "metadata").get("labels"),
-                           "metadata.labels")
+    labels = where.labels(where.mapping(d.get("metadata"), "metadata"))
+    excluded = where.excluded_by(labels)
     label_field = f"metadata.labels[{SERVICE_NAME_LABEL}]"
     service_name = where.string(labels.get(SERVICE_NAME_LABEL), label_field)
     if not service_name:
@@ -258,11 +442,11 @@ def parse_endpoint_slice(d: dict) -> EndpointSlice:
     ports = _slice_ports(where, where.sequence(d.get("ports"), "ports", MAX_SLICE_PORTS))
     raw_endpoints = where.sequence(d.get("endpoints"), "endpoints", MAX_SLICE_ENDPOINTS)
     family = ADDRESS_TYPES[address_type]
-    endpoints = tuple(_endpoint(where, raw, f"endpoints[{i}]", family)
-                      for i, raw in enumerate(raw_endpoints))
+    endpoints = tuple([_endpoint(where, raw, i, family) for i, raw in enumerate(raw_endpoints)])
     if family is None:
         endpoints = ()
-    return EndpointSlice(namespace, name, service_name, address_type, ports, endpoints)
+    return EndpointSlice(namespace, name, service_name, address_type, ports, endpoints,
+                         excluded_by_label=excluded)
 
 
 def _slice_ports(where: _Where, raw_ports: list) -> tuple[EndpointPort, ...]:
@@ -286,29 +470,101 @@ def _slice_ports(where: _Where, raw_ports: list) -> tuple[EndpointPort, ...]:
     return tuple(ports)
 
 
-def _endpoint(where: _Where, raw: Any, field: str, family: int | None) -> Endpoint:
-    entry = where.mapping(raw, field)
-    raw_addresses = where.sequence(entry.get("addresses"), f"{field}.addresses",
-                                   MAX_ENDPOINT_ADDRESSES)
-    if not raw_addresses:
-        where.fail(f"{field}.addresses", "at least one address is required")
+def _endpoint(where: _Where, raw: Any, index: int, family: int | None) -> Endpoint:
+    # Field names are built only on failure: a large sync parses 100k endpoints.
+    entry = raw if raw.__class__ is dict else where.mapping(raw, f"endpoints[{index}]")
+    raw_addresses = entry.get("addresses")
+    if raw_addresses.__class__ is not list or not 0 < len(raw_addresses) <= \
+            MAX_ENDPOINT_ADDRESSES:
+        raw_addresses = where.sequence(raw_addresses, f"endpoints[{index}].addresses",
+                                       MAX_ENDPOINT_ADDRESSES)
+        if not raw_addresses:
+            where.fail(f"endpoints[{index}].addresses", "at least one address is required")
     if family is None:   # FQDN: names, not addresses; checked for shape only
         for i, value in enumerate(raw_addresses):
             if not isinstance(value, str) or not value:
-                where.fail(f"{field}.addresses[{i}]", f"must be a name, got {_show(value)}")
+                where.fail(f"endpoints[{index}].addresses[{i}]",
+                           f"must be a name, got {_show(value)}")
         addresses: tuple[IPAddress, ...] = ()
+    elif family == 4 and len(raw_addresses) == 1 and raw_addresses[0].__class__ is str and \
+            (ip := fast_ipv4(raw_addresses[0])) is not None:
+        addresses = (ip,)
     else:
-        addresses = tuple(where.address(v, f"{field}.addresses[{i}]", family)
+        addresses = tuple(where.address(v, f"endpoints[{index}].addresses[{i}]", family)
                           for i, v in enumerate(raw_addresses))
-    conditions = where.mapping(entry.get("conditions"), f"{field}.conditions")
     # kube-proxy's defaults (endpointslicecache.go addEndpoints): an unset ready or serving
     # condition counts as true, an unset terminating as false.
-    ready = where.flag(conditions.get("ready"), f"{field}.conditions.ready", True)
-    serving = where.flag(conditions.get("serving"), f"{field}.conditions.serving", True)
-    terminating = where.flag(conditions.get("terminating"), f"{field}.conditions.terminating",
-                             False)
-    return Endpoint(
-        addresses=addresses, ready=ready, serving=serving, terminating=terminating,
-        node_name=where.string(entry.get("nodeName"), f"{field}.nodeName"),
-        zone=where.string(entry.get("zone"), f"{field}.zone"),
-    )
+    conditions = entry.get("conditions")
+    if conditions is None:
+        ready = serving = True
+        terminating = False
+    else:
+        if conditions.__class__ is not dict:
+            conditions = where.mapping(conditions, f"endpoints[{index}].conditions")
+        ready = _condition(where, conditions, "ready", True, index)
+        serving = _condition(where, conditions, "serving", True, index)
+        terminating = _condition(where, conditions, "terminating", False, index)
+    node_name = entry.get("nodeName")
+    if node_name.__class__ is not str:
+        node_name = where.string(node_name, f"endpoints[{index}].nodeName")
+    zone = entry.get("zone")
+    if zone.__class__ is not str:
+        zone = where.string(zone, f"endpoints[{index}].zone")
+    zone_hints = node_hints = NO_HINTS
+    if entry.get("hints") is not None:
+        field = f"endpoints[{index}].hints"
+        hints = where.mapping(entry["hints"], field)
+        zone_hints = _hint_names(where, hints.get("forZones"), f"{field}.forZones")
+        node_hints = _hint_names(where, hints.get("forNodes"), f"{field}.forNodes")
+    return Endpoint(addresses, ready, serving, terminating, node_name, zone, zone_hints,
+                    node_hints)
+
+
+def _condition(where: _Where, conditions: dict, name: str, default: bool, index: int) -> bool:
+    value = conditions.get(name)
+    if value is None:
+        return default
+    if value is True or value is False:
+        return value
+    return where.flag(value, f"endpoints[{index}].conditions.{name}", default)
+
+
+def _hint_names(where: _Where, raw: Any, field: str) -> frozenset[str]:
+    """hints.forZones / hints.forNodes: [{name: ...}] (discovery validation: at most 8)."""
+    names = []
+    for i, value in enumerate(where.sequence(raw, field, MAX_HINTS)):
+        name = where.string(where.mapping(value, f"{field}[{i}]").get("name"),
+                            f"{field}[{i}].name")
+        if not name:
+            where.fail(f"{field}[{i}].name", "required")
+        names.append(name)
+    return frozenset(names) if names else NO_HINTS
+
+
+# --- Node ------------------------------------------------------------------------------
+
+def parse_node(d: dict) -> Node:
+    """A v1 Node: its labels (the zone) and status.addresses (the node IPs)."""
+    if not isinstance(d, dict):
+        raise InvalidObject("Node: not a mapping; node skipped")
+    name = _cluster_scoped_name(d, "Node", "node skipped")
+    where = _Where(f"Node {name}", "node skipped")
+    labels = []
+    for key, value in where.labels(where.mapping(d.get("metadata"), "metadata")).items():
+        if not isinstance(key, str) or not key:
+            where.fail("metadata.labels", f"label key {_show(key)} must be a string")
+        labels.append((key, where.string(value, f"metadata.labels[{key}]")))
+    addresses = []
+    status = where.mapping(d.get("status"), "status")
+    for i, raw in enumerate(where.sequence(status.get("addresses"), "status.addresses")):
+        field = f"status.addresses[{i}]"
+        entry = where.mapping(raw, field)
+        address_type = where.string(entry.get("type"), f"{field}.type")
+        if not address_type:
+            where.fail(f"{field}.type", "required")
+        if address_type in NODE_IP_ADDRESS_TYPES:
+            addresses.append(NodeAddress(address_type,
+                                         where.address(entry.get("address"), f"{field}.address")))
+        else:                     # Hostname, InternalDNS, ExternalDNS: names, not kept
+            where.string(entry.get("address"), f"{field}.address")
+    return Node(name, tuple(sorted(labels)), tuple(addresses))

@@ -1,4 +1,4 @@
-"""The model's vocabulary: Kubernetes objects after border conversion, and desired state.
+"""The model's vocabulary: Kubernetes objects after border conversion, this node, and desired state.
 
 Frozen dataclasses only; no I/O. Sources build the object types, the model builds the rest."""
 from __future__ import annotations
@@ -24,7 +24,16 @@ class Protocol(enum.Enum):
 
 
 class FrontendKind(enum.Enum):
+    """How a connection reaches a service port. ClusterIP is "internal" traffic; the other
+    three are kube-proxy's "external destinations" (serviceport.go ExternallyAccessible)."""
     CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    EXTERNAL_IP = "ExternalIP"
+    LOAD_BALANCER = "LoadBalancer"
+
+    @property
+    def external(self) -> bool:
+        return self is not FrontendKind.CLUSTER_IP
 
 
 class BackendState(enum.Enum):
@@ -33,12 +42,19 @@ class BackendState(enum.Enum):
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The labels kube-proxy's informers select against (cmd/kube-proxy/app/server.go): an object
+# carrying either, with any value, never reaches kube-proxy at all.
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectKey:
     kind: str                     # "Service" | "EndpointSlice" | "Node"
-    namespace: str
+    namespace: str                # "" for a Node (cluster-scoped)
     name: str
 
     def __str__(self) -> str:
@@ -54,6 +70,14 @@ class ServicePort:
     protocol: Protocol
     port: int                     # 1..65535
     target_port: int | str        # number, or a name resolved against endpoint ports
+    node_port: int = 0            # 1..65535; 0 = none (ClusterIP, or not allocated)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerIngress:
+    """status.loadBalancer.ingress[] entry that has an ip (hostname-only entries are dropped)."""
+    ip: IPAddress
+    ip_mode: str = "VIP"          # "VIP" | "Proxy"; kube-proxy programs VIP only
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +88,12 @@ class Service:
     cluster_ips: tuple[IPAddress, ...]   # empty for headless ("None") and ExternalName
     ports: tuple[ServicePort, ...]
     headless: bool = False
+    external_ips: tuple[IPAddress, ...] = ()                  # spec.externalIPs
+    load_balancer_ingress: tuple[LoadBalancerIngress, ...] = ()
+    internal_traffic_policy: str = "Cluster"                  # "Cluster" | "Local"
+    external_traffic_policy: str = "Cluster"                  # "Cluster" | "Local"
+    session_affinity_timeout: int = 0     # seconds, 1..86400 with ClientIP; 0 = None
+    excluded_by_label: str = ""   # SERVICE_PROXY_NAME_LABEL or HEADLESS_LABEL when present
 
     @property
     def key(self) -> ObjectKey:
@@ -77,14 +107,19 @@ class EndpointPort:
     port: int
 
 
+NO_HINTS: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     addresses: tuple[IPAddress, ...]
     ready: bool                   # conditions.ready; an absent condition counts as ready
-    serving: bool                 # conditions.serving; absent -> same as ready
+    serving: bool                 # conditions.serving; absent -> true (kube-proxy)
     terminating: bool             # conditions.terminating; absent -> False
     node_name: str = ""
     zone: str = ""
+    zone_hints: frozenset[str] = NO_HINTS   # hints.forZones[].name
+    node_hints: frozenset[str] = NO_HINTS   # hints.forNodes[].name
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +130,73 @@ class EndpointSlice:
     address_type: str             # IPv4 | IPv6 | FQDN
     ports: tuple[EndpointPort, ...]
     endpoints: tuple[Endpoint, ...]
+    excluded_by_label: str = ""   # SERVICE_PROXY_NAME_LABEL or HEADLESS_LABEL when present
 
     @property
     def key(self) -> ObjectKey:
         return ObjectKey("EndpointSlice", self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    type: str                     # "InternalIP" | "ExternalIP" (name types are not kept)
+    address: IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()     # sorted (key, value) pairs
+    addresses: tuple[NodeAddress, ...] = ()      # status.addresses, in order
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey("Node", "", self.name)
+
+    @property
+    def zone(self) -> str:
+        return dict(self.labels).get(ZONE_LABEL, "")
+
+    def host_ips(self) -> tuple[IPAddress, ...]:
+        """The node's primary IP and, if it has one, the first of the other family:
+        InternalIP before ExternalIP (component-helpers nodeutil.GetNodeHostIPs)."""
+        ordered = [a.address for a in self.addresses if a.type == "InternalIP"] + \
+                  [a.address for a in self.addresses if a.type == "ExternalIP"]
+        if not ordered:
+            return ()
+        other = next((ip for ip in ordered if ip.version != ordered[0].version), None)
+        return (ordered[0],) if other is None else (ordered[0], other)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeContext:
+    """What the model needs to know about the node it runs on.
+
+    node_ips: the addresses NodePorts are served on (both families; --node-ip, or the Node
+    object's host IPs). node_port_cidrs: kube-proxy's --nodeport-addresses: when it has a
+    CIDR of a family, only that family's node IPs inside one of them take NodePorts; a family
+    without CIDRs takes all its node IPs (util/nodeport_addresses.go NewNodePortAddresses)."""
+    node_name: str = ""
+    node_ips: tuple[IPAddress, ...] = ()
+    node_port_cidrs: tuple[IPNetwork, ...] = ()
+    zone: str = ""                # label topology.kubernetes.io/zone of this node
+
+    @classmethod
+    def from_node(cls, node: Node | None, node_name: str = "",
+                  node_ips: tuple[IPAddress, ...] = (),
+                  node_port_cidrs: tuple[IPNetwork, ...] = ()) -> NodeContext:
+        """Explicit arguments win; the Node object fills in name, IPs and zone."""
+        if node is None:
+            return cls(node_name, tuple(node_ips), tuple(node_port_cidrs))
+        return cls(node_name or node.name, tuple(node_ips) or node.host_ips(),
+                   tuple(node_port_cidrs), node.zone)
+
+    def node_port_ips(self, family: int) -> tuple[IPAddress, ...]:
+        ips = [ip for ip in self.node_ips if ip.version == family]
+        cidrs = [c for c in self.node_port_cidrs if c.version == family]
+        if cidrs:
+            ips = [ip for ip in ips if any(ip in c for c in cidrs)]
+        return tuple(dict.fromkeys(ips))
 
 
 # --- Desired state --------------------------------------------------------------------
@@ -141,11 +239,51 @@ class Backend:
 
 @dataclass(frozen=True, slots=True)
 class ServicePortState:
-    """Everything the datapath needs for one service port of one address family."""
+    """Everything the datapath needs for one service port of one address family.
+
+    Which backends a connection gets depends on the frontend kind and on where the
+    connection started (backends_for). Three sets, each sorted by sort_key, de-duplicated:
+
+      backends           started on this node (its pods or the host) to a ClusterIP
+                         frontend: the node's endpoints when internalTrafficPolicy is Local
+                         (none local -> empty), otherwise the cluster-wide ones. kube-proxy
+                         applies the same set to ClusterIP traffic arriving from outside.
+      external_backends  started on this node to a NodePort, ExternalIP or LoadBalancer
+                         frontend: always the cluster-wide set, whatever either policy says.
+                         kube-proxy short-circuits pod and host traffic to external
+                         destinations to its Cluster-policy chain, "which simulates going
+                         up-and-out to an external load-balancer and coming back in"
+                         (nftables/proxier.go syncProxyRules, "short-circuit pod traffic" /
+                         "short-circuit local traffic").
+      outside_backends   arriving from outside the node at a NodePort, ExternalIP or
+                         LoadBalancer frontend (the TC NodePort program): the node's
+                         endpoints when externalTrafficPolicy is Local, otherwise the
+                         cluster-wide set.
+    Both external sets are empty when the port has no external frontend.
+
+    "Cluster-wide" is kube-proxy's clusterEndpoints: ready endpoints (topology hints
+    applied), or serving-and-terminating ones when none is ready anywhere. "The node's" is
+    its localEndpoints: ready local ones, else serving-and-terminating local ones, never
+    topology-filtered (topology.go CategorizeEndpoints).
+
+    An empty set means no backend for that traffic. has_any_endpoints tells which of
+    kube-proxy's verdicts that is: False -> nothing usable anywhere, REJECT (connection
+    refused); True -> usable endpoints exist on other nodes but a Local policy excludes
+    them, which kube-proxy DROPs ("has no local endpoints")."""
     name: ServicePortName
     family: int                         # 4 or 6
-    frontends: tuple[Frontend, ...]     # sorted by sort_key
-    backends: tuple[Backend, ...]       # usable ones only, sorted by sort_key, de-duplicated
+    frontends: tuple[Frontend, ...]     # every address of this port, sorted by sort_key
+    backends: tuple[Backend, ...]       # started on this node, to a ClusterIP frontend
+    external_backends: tuple[Backend, ...] = ()   # started on this node, to an external one
+    outside_backends: tuple[Backend, ...] = ()    # from outside the node, to an external one
+    session_affinity_timeout: int = 0   # ClientIP affinity in seconds; 0 = no affinity
+    has_any_endpoints: bool = False     # usable endpoints exist on some node
+
+    def backends_for(self, kind: FrontendKind, from_outside: bool = False
+                     ) -> tuple[Backend, ...]:
+        if not kind.external:
+            return self.backends
+        return self.outside_backends if from_outside else self.external_backends
 
 
 # Desired and applied state: one entry per (service port, IP family).
