@@ -24,7 +24,7 @@ from agent.model.types import (
     ServicePortName,
     ServicePortState,
 )
-from agent.planner import AppliedState, KernelService, Plan, plan, plan_changes
+from agent.planner import AppliedState, KernelService, Overlay, Plan, commit, plan, plan_changes
 from agent.sources.events import ObjectChange
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,10 @@ class Agent:
         if since is not None:
             self.status.last_event_to_kernel_seconds = time.monotonic() - since
             self.status.change_syncs += 1
+        # the kernel holds it: write the overlays of an incremental sync into the record
+        result = commit(result)
+        if isinstance(desired, Overlay):
+            desired, parts = desired.commit(), parts.commit()
         self._plan, self._applied, self._desired, self._parts = \
             result, result.result, desired, parts
         self.status.view = AppliedView(result.result, desired, result.ids,
@@ -289,7 +293,7 @@ class Agent:
                 parts.setdefault((key[0].namespace, key[0].name), set()).add(key)
             result = plan(desired, self._applied, keep_unclaimed=not self.source.complete)
             return result, desired, {k: frozenset(v) for k, v in parts.items()}
-        desired, parts = dict(self._desired), dict(self._parts)
+        desired, parts = Overlay(self._desired), Overlay(self._parts)
         changed = set()
         for name in dirty:
             service = self._services.get(name)

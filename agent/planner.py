@@ -87,6 +87,7 @@ class Plan:
     # service ports that lost a frontend to another: re-planned when it is released
     losers: dict[FrontendKey, frozenset] = field(default_factory=dict)
     slot_total: int = 0            # backend slots in result, kept without a scan
+    next_id: int = 1               # above every id in use or just freed
 
 
 def plan(desired: DesiredState, applied: Mapping[int, KernelService],
@@ -139,17 +140,87 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
     ops = _diff(applied, result, owners, applied.keys() | result.keys())
     return Plan(ops, result, ids, tuple(conflicts), owners,
                 {f: frozenset(k) for f, k in losers.items()},
-                sum(len(s.backends) for s in result.values()))
+                sum(len(s.backends) for s in result.values()),
+                max((*applied, *result, 0)) + 1)
 
 
-def plan_changes(desired: DesiredState, previous: Plan,
+_GONE = object()
+
+
+class Overlay(Mapping):
+    """A mapping read through to a base and written locally: an incremental plan's
+    result costs what changed. commit() writes the changes into the base, in place."""
+
+    def __init__(self, base: Mapping) -> None:
+        self.base = base.base if isinstance(base, Overlay) else base
+        self.changes: dict = dict(base.changes) if isinstance(base, Overlay) else {}
+
+    def __getitem__(self, key):
+        value = self.changes.get(key, self.base.get(key, _GONE)) if key in self.changes \
+            else self.base[key]
+        if value is _GONE:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key) -> bool:
+        if key in self.changes:
+            return self.changes[key] is not _GONE
+        return key in self.base
+
+    def __iter__(self):
+        yield from (k for k in self.base if k not in self.changes)
+        yield from (k for k, v in self.changes.items() if v is not _GONE)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __setitem__(self, key, value) -> None:
+        self.changes[key] = value
+
+    def __delitem__(self, key) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.changes[key] = _GONE
+
+    def pop(self, key, default=None):
+        if key not in self:
+            return default
+        value = self[key]
+        self.changes[key] = _GONE
+        return value
+
+    def setdefault(self, key, default):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def commit(self) -> dict:
+        for key, value in self.changes.items():
+            if value is _GONE:
+                self.base.pop(key, None)
+            else:
+                self.base[key] = value
+        self.changes = {}
+        return self.base
+
+
+def commit(p: Plan) -> Plan:
+    """The plan with its overlays written into their bases (after the kernel took it)."""
+    flat = [x.commit() if isinstance(x, Overlay) else x for x in (p.result, p.ids, p.owners)]
+    return Plan(p.ops, flat[0], flat[1], p.conflicts, flat[2], p.losers, p.slot_total,
+                p.next_id)
+
+
+def plan_changes(desired: Mapping, previous: Plan,
                  changed: Iterable[tuple[ServicePortName, int]]) -> Plan:
     """The same operations as plan(), for the service ports in `changed` only (added,
     modified or removed since `previous`, whose result the kernel holds): the cost of a
-    sync follows the change, not the cluster. Frontends keep their owners."""
-    result, ids, owners = dict(previous.result), dict(previous.ids), dict(previous.owners)
+    sync follows the change, not the cluster. Frontends keep their owners. The result
+    reads through to previous's; commit() it once the kernel holds it."""
+    result, ids, owners = Overlay(previous.result), Overlay(previous.ids), \
+        Overlay(previous.owners)
     changed = sorted(set(changed), key=_name_order)
-    owned_before = set(owners)
+    released: set[FrontendKey] = set()
     touched: set[int] = set()
     for key in changed:                            # removals free their frontends first
         if key in desired:
@@ -161,6 +232,7 @@ def plan_changes(desired: DesiredState, previous: Plan,
             for f in old.frontends:
                 if owners.get(f) == svc_id:
                     del owners[f]
+                    released.add(f)
     for key in changed:                            # so do frontends a port no longer wants
         svc_id = ids.get(key)
         old = result.get(svc_id) if svc_id is not None else None
@@ -169,8 +241,8 @@ def plan_changes(desired: DesiredState, previous: Plan,
             for f in old.frontends - wanted:
                 if owners.get(f) == svc_id:
                     del owners[f]
+                    released.add(f)
     # A released frontend goes to a port that lost it earlier: re-plan those ports too.
-    released = owned_before - owners.keys()
     losers = {f: set(keys) for f, keys in previous.losers.items()}
     again = {k for f in released for k in losers.pop(f, ()) if k in desired}
     changed = sorted(set(changed) | again, key=_name_order)
@@ -180,7 +252,7 @@ def plan_changes(desired: DesiredState, previous: Plan,
             del losers[f]
     # never reuse an id within the plan that frees it: a slot write must not land on a
     # table a frontend still points at
-    next_id = max((*previous.result, *previous.ids.values(), 0)) + 1
+    next_id = previous.next_id
     conflicts: list[str] = []
     for key in changed:
         if key not in desired:
@@ -216,7 +288,7 @@ def plan_changes(desired: DesiredState, previous: Plan,
         len(result[i].backends) if i in result else 0 for i in touched) - sum(
         len(previous.result[i].backends) if i in previous.result else 0 for i in touched)
     return Plan(ops, result, ids, tuple(conflicts), owners,
-                {f: frozenset(k) for f, k in losers.items()}, slot_total)
+                {f: frozenset(k) for f, k in losers.items()}, slot_total, next_id)
 
 
 def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],
