@@ -18,13 +18,26 @@ from agent import model
 from agent.model.types import (
     DesiredState,
     EndpointSlice,
+    Node,
+    NodeContext,
     ObjectKey,
     Protocol,
     Service,
     ServicePortName,
     ServicePortState,
 )
-from agent.planner import AppliedState, KernelService, Overlay, Plan, commit, plan, plan_changes
+from agent.planner import (
+    AppliedState,
+    BackendAddr,
+    FrontendKey,
+    KernelService,
+    Overlay,
+    Plan,
+    by_scope,
+    commit,
+    plan,
+    plan_changes,
+)
 from agent.sources.events import ObjectChange
 
 log = logging.getLogger(__name__)
@@ -49,17 +62,25 @@ class ServiceMaps(TypingProtocol):
 
 @dataclass(frozen=True, slots=True)
 class AppliedServicePort:
-    """A service port as the kernel serves it, with the names the API reports."""
+    """A service port as the kernel serves it (all its frontends, internal and external,
+    and every backend any of them reaches), with the names the API reports."""
     name: ServicePortName
     family: int
-    kernel: KernelService
-    desired: ServicePortState          # for backend states (ready/terminating) and kinds
+    frontends: tuple[tuple[FrontendKey, str], ...]     # (frontend, kind)
+    backends: tuple[tuple[BackendAddr, str], ...]      # (backend, ready | terminating)
 
-    def backend_state(self, address, port) -> str:
-        for b in self.desired.backends:
-            if b.address == address and b.port == port:
-                return b.state.value
-        return "unknown"
+    @classmethod
+    def merge(cls, name: ServicePortName, family: int,
+              parts: list[tuple[KernelService, ServicePortState]]) -> AppliedServicePort:
+        kinds = {FrontendKey(f.address, f.port, f.protocol): f.kind.value
+                 for _, desired in parts for f in desired.frontends}
+        states = {BackendAddr(b.address, b.port): b.state.value
+                  for _, desired in parts for b in desired.backends}
+        frontends = sorted({f for kernel, _ in parts for f in kernel.frontends},
+                           key=lambda f: (int(f.address), f.port))
+        backends = list(dict.fromkeys(b for kernel, _ in parts for b in kernel.backends))
+        return cls(name, family, tuple((f, kinds.get(f, "unknown")) for f in frontends),
+                   tuple((b, states.get(b, "unknown")) for b in backends))
 
 
 @dataclass(frozen=True)
@@ -74,10 +95,13 @@ class AppliedView:
 
     @functools.cached_property
     def service_ports(self) -> tuple[AppliedServicePort, ...]:
-        return tuple(
-            AppliedServicePort(key[0], key[1], self.applied[svc_id], self.desired[key])
-            for key, svc_id in sorted(self.ids.items(), key=lambda kv: str(kv[0][0]))
-            if svc_id in self.applied and key in self.desired)
+        parts: dict[tuple[ServicePortName, int], list] = {}
+        for key, svc_id in self.ids.items():
+            if svc_id in self.applied and key in self.desired:
+                parts.setdefault(key[:2], []).append((self.applied[svc_id],
+                                                      self.desired[key]))
+        return tuple(AppliedServicePort.merge(name, family, parts[name, family])
+                     for name, family in sorted(parts, key=lambda k: (str(k[0]), k[1])))
 
 
 @dataclass
@@ -109,6 +133,9 @@ class Agent:
     min_sync_period: float = 0.1
     sync_period: float = 30.0
     status: AgentStatus = field(default_factory=AgentStatus)
+    # this node: its name picks its Node object (zone, addresses); --node-ip and
+    # --nodeport-addresses win over the Node object's addresses
+    node: NodeContext = field(default_factory=NodeContext)
 
     def __post_init__(self) -> None:
         # the objects, indexed by the service they belong to (kube-proxy's change trackers)
@@ -120,6 +147,8 @@ class Agent:
         self._applied: AppliedState = {}
         self._desired: DesiredState = {}
         self._plan: Plan | None = None     # the last plan the kernel holds; None: replan all
+        self._node_object: Node | None = None
+        self._node_changed = False         # topology and NodePorts depend on it: replan all
         self._unsupported: set[tuple[ServicePortName, int]] = set()
         self._pending_since: float | None = None   # oldest change not yet in the kernel
         self._listed = asyncio.Event()     # the source's first, complete listing arrived
@@ -173,6 +202,10 @@ class Agent:
             else:
                 self._services[name] = obj
             self._changed.add(name)
+        elif key.kind == "Node":
+            if key.name == self.node.node_name:
+                self._node_object = obj
+                self._node_changed = True
         elif key.kind == "EndpointSlice":
             old_owner = self._slice_owner.pop(key, None)
             if old_owner is not None:
@@ -232,7 +265,9 @@ class Agent:
         since, self._pending_since = self._pending_since, None
         dirty, self._changed = self._changed, set()
         full = (reread_kernel or self._plan is None or not self.source.complete
+                or self._node_changed
                 or len(dirty) > FULL_SYNC_SHARE * max(len(self._services), 1))
+        self._node_changed = False
         try:
             if reread_kernel:
                 self._applied = await loop.run_in_executor(None, self.maps.read_back)
@@ -284,10 +319,12 @@ class Agent:
     def _compute(self, full: bool, dirty: set[tuple[str, str]]):
         """(plan, desired state, desired keys by service): everything, or only what the
         dirty services produce, planned against the last plan the kernel holds."""
+        node = NodeContext.from_node(self._node_object, self.node.node_name,
+                                     self.node.node_ips, self.node.node_port_cidrs)
         if full:
             slices = [s for by_key in self._slices.values() for s in by_key.values()]
-            desired = self._servable(model.desired_state(list(self._services.values()),
-                                                         slices))
+            desired = by_scope(self._servable(model.desired_state(
+                list(self._services.values()), slices, node)))
             parts: dict[tuple[str, str], set] = {}
             for key in desired:
                 parts.setdefault((key[0].namespace, key[0].name), set()).add(key)
@@ -297,8 +334,9 @@ class Agent:
         changed = set()
         for name in dirty:
             service = self._services.get(name)
-            part = self._servable(model.desired_state(
-                [service] if service else [], list(self._slices.get(name, {}).values())))
+            part = by_scope(self._servable(model.desired_state(
+                [service] if service else [], list(self._slices.get(name, {}).values()),
+                node)))
             old_keys = parts.pop(name, frozenset())
             for key in old_keys - part.keys():
                 del desired[key]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -45,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"watch the Kubernetes API {LATER}")
     agent.add_argument("--node-name", default=socket.gethostname())
     agent.add_argument("--node-ip", default="", metavar="IP[,IP]",
-                       help=f"this node's addresses, for NodePort {LATER}")
+                       help="this node's addresses: NodePorts are served on them (default: "
+                            "the addresses of the Node object named --node-name)")
+    agent.add_argument("--nodeport-addresses", default="", metavar="CIDR[,CIDR]",
+                       help="only node addresses in these CIDRs serve NodePorts "
+                            "(kube-proxy's --nodeport-addresses)")
     agent.add_argument("--interfaces", default="", metavar="IF[,IF]",
                        help=f"interfaces for the TC NodePort programs {LATER}")
     agent.add_argument("--cgroup", type=Path, metavar="CGROUP2_DIR",
@@ -85,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- agent ----------------------------------------------------------------------------
 
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def run_agent(args) -> int:
     if args.manifests is None:
         print("bpfproxy: the Kubernetes API source (--kubeconfig, in-cluster) comes in a "
@@ -93,7 +102,14 @@ def run_agent(args) -> int:
     if not args.manifests.is_dir():
         print(f"bpfproxy: --manifests {args.manifests}: not a directory", file=sys.stderr)
         return 2
-    for flag in ("node_ip", "interfaces", "metrics", "healthz"):
+    try:
+        args.node_ips = tuple(ipaddress.ip_address(a) for a in _split(args.node_ip))
+        args.nodeport_cidrs = tuple(ipaddress.ip_network(c, strict=False)
+                                    for c in _split(args.nodeport_addresses))
+    except ValueError as exc:
+        print(f"bpfproxy: --node-ip/--nodeport-addresses: {exc}", file=sys.stderr)
+        return 2
+    for flag in ("interfaces", "metrics", "healthz"):
         if getattr(args, flag):
             logging.getLogger("agent").info("event=flag_not_yet_used flag=--%s",
                                             flag.replace("_", "-"))
@@ -106,6 +122,7 @@ async def _agent_main(args) -> int:
     from agent.datapath import loader
     from agent.datapath.config import DatapathConfig
     from agent.datapath.maps import BpfServiceMaps, LayoutError
+    from agent.model.types import NodeContext
     from agent.sources.manifests import ManifestSource
 
     loop = asyncio.get_running_loop()
@@ -123,7 +140,8 @@ async def _agent_main(args) -> int:
         return 1
     source = ManifestSource(args.manifests)
     agent = Agent(source=source, maps=maps,
-                  min_sync_period=args.min_sync_period, sync_period=args.sync_period)
+                  min_sync_period=args.min_sync_period, sync_period=args.sync_period,
+                  node=NodeContext(args.node_name, args.node_ips, args.nodeport_cidrs))
     agent.status.source = f"manifests:{args.manifests}"
     agent.status.node_name = args.node_name
     api = await server.start(args.api, agent.status)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from agent.model.types import DesiredState, IPAddress, Protocol, ServicePortName
+from agent.model.types import DesiredState, IPAddress, Protocol, ServicePortName, ServicePortState
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,11 +387,33 @@ def apply_ops(applied: Mapping[int, KernelService], ops: Iterable[MapOp]) -> App
                          for (svc_id, slot), (family, b) in slots.items()))
 
 
-def port_hash(key: tuple[ServicePortName, int]) -> int:
+INTERNAL, EXTERNAL = 0, 1
+SCOPE_NAMES = {INTERNAL: "internal", EXTERNAL: "external"}
+
+
+def by_scope(desired: DesiredState) -> dict[tuple[ServicePortName, int, int], ServicePortState]:
+    """A service port's frontends split by the backends a connection started on this node
+    gets: ClusterIPs -> `backends`, NodePort/ExternalIP/LoadBalancer -> `external_backends`
+    (they differ when a traffic policy is Local). Each part gets its own slot table."""
+    out: dict[tuple[ServicePortName, int, int], ServicePortState] = {}
+    for (name, family), state in desired.items():
+        internal = tuple(f for f in state.frontends if not f.kind.external)
+        external = tuple(f for f in state.frontends if f.kind.external)
+        if internal or not external:
+            out[name, family, INTERNAL] = replace(state, frontends=internal)
+        if external:
+            out[name, family, EXTERNAL] = replace(state, frontends=external,
+                                                  backends=state.external_backends)
+    return out
+
+
+def port_hash(key: tuple) -> int:
     """A service port's name as 64 bits, stored with its frontends: a restarted agent
     finds each port's id (and so its slot table) by name, whatever else changed."""
-    name, family = key
+    name, family, *scope = key
     text = f"{name.namespace}/{name.name}/{name.port_name}/{name.protocol.value}/{family}"
+    if scope and scope[0]:
+        text += f"/{SCOPE_NAMES[scope[0]]}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") or 1
 
 
@@ -443,9 +465,9 @@ def _stable_slots(old: tuple[BackendAddr, ...], wanted: list[BackendAddr]
     return tuple(slots[:end])  # type: ignore[arg-type]
 
 
-def _name_order(key: tuple[ServicePortName, int]) -> tuple:
-    name, family = key
-    return (name.namespace, name.name, name.port_name, name.protocol.value, family)
+def _name_order(key: tuple) -> tuple:
+    name, family, *scope = key
+    return (name.namespace, name.name, name.port_name, name.protocol.value, family, *scope)
 
 
 def _frontend_order(f: FrontendKey) -> tuple:

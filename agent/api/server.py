@@ -18,26 +18,14 @@ DEFAULT_API = "unix:///run/bpfproxy/api.sock"
 
 
 def service_ports_message(status: AgentStatus) -> list[agent_pb2.ServicePort]:
-    out = []
-    for sp in status.services:
-        out.append(agent_pb2.ServicePort(
-            namespace=sp.name.namespace, name=sp.name.name, port_name=sp.name.port_name,
-            protocol=sp.name.protocol.value,
-            frontends=[agent_pb2.Frontend(address=str(f.address), port=f.port,
-                                          kind=_frontend_kind(sp, f))
-                       for f in sorted(sp.kernel.frontends,
-                                       key=lambda f: (int(f.address), f.port))],
-            backends=[agent_pb2.Backend(address=str(b.address), port=b.port,
-                                        state=sp.backend_state(b.address, b.port))
-                      for b in sp.kernel.backends]))
-    return out
-
-
-def _frontend_kind(sp, f) -> str:
-    for desired in sp.desired.frontends:
-        if desired.address == f.address and desired.port == f.port:
-            return desired.kind.value
-    return "unknown"
+    return [agent_pb2.ServicePort(
+        namespace=sp.name.namespace, name=sp.name.name, port_name=sp.name.port_name,
+        protocol=sp.name.protocol.value,
+        frontends=[agent_pb2.Frontend(address=str(f.address), port=f.port, kind=kind)
+                   for f, kind in sp.frontends],
+        backends=[agent_pb2.Backend(address=str(b.address), port=b.port, state=state)
+                  for b, state in sp.backends])
+        for sp in status.services]
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):

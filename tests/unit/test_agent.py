@@ -184,3 +184,32 @@ def test_changes_are_synced_incrementally_and_match_a_full_sync():
         [endpoint_slice("s03", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])]
     assert plan(desired_state(final_services, final_slices), maps.read_back()).ops == ()
     assert "10.96.0.6:80/TCP" not in frontends(maps) and "10.96.0.8:81/TCP" in frontends(maps)
+
+
+def test_external_frontends_get_their_own_backends_under_a_local_policy():
+    """iTP=Local: a ClusterIP connection from this node gets only this node's endpoints
+    (none here: refused); a NodePort connection from this node is short-circuited to the
+    cluster-wide ones, as kube-proxy does."""
+    import ipaddress
+
+    from agent.model.types import NodeContext
+    svc = parse_service({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "ns"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                 "internalTrafficPolicy": "Local",
+                 "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}})
+    remote = parse_endpoint_slice({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "ns",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"port": 8080}],
+        "endpoints": [{"addresses": ["10.0.0.9"], "nodeName": "other"}]})
+    maps = FakeServiceMaps()
+    node = NodeContext("this", (ipaddress.ip_address("192.0.2.5"),))
+    agent = Agent(ScriptedSource([upserts(svc, remote)]), maps, min_sync_period=0.01, node=node)
+    asyncio.run(run_for(agent, 0.3))
+    counts = {str(f): count for f, (_, count, _) in maps.frontends.items()}
+    assert counts == {"10.96.0.1:80/TCP": 0, "192.0.2.5:30080/TCP": 1}
+    [port] = agent.status.services
+    assert {kind for _, kind in port.frontends} == {"ClusterIP", "NodePort"}
+    assert [str(b.address) for b, _ in port.backends] == ["10.0.0.9"]
