@@ -127,10 +127,12 @@ def test_nftables_50_services_load_and_show(netns):
     assert "kube-proxy" not in load.nft_list(netns)
 
 
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("count", [1000, 10000])
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("count", [1000])
 def test_load_times(netns, count):
-    """Prints load, reload and removal times; asserts only that every load succeeded."""
+    """Every load, reload and removal of a sizeable rule set succeeds, with the rule counts
+    kube-proxy's layout implies (times are printed; 10k services is the bench's business:
+    it takes minutes with the nf_tables backend)."""
     desired = synthetic_state(count)
     ipt = render_iptables(desired)
     nft = render_nftables(desired, node_ips=["10.244.1.1"], service_cidrs=["10.96.0.0/12"])
