@@ -113,23 +113,11 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
     losers: dict[FrontendKey, set] = {}
     result: AppliedState = {}
     for key in order:
-        state, svc_id = desired[key], ids[key]
-        frontends = set()
-        for f in state.frontends:
-            fkey = FrontendKey(f.address, f.port, f.protocol)
-            if owners.setdefault(fkey, svc_id) != svc_id:
-                conflicts.append(f"{fkey} of {state.name} is already served by another "
-                                 f"service port; frontend skipped")
-                losers.setdefault(fkey, set()).add(key)
-                continue
-            frontends.add(fkey)
-        if not frontends:
-            continue      # nothing can reach it: write no slots for it
-        old = applied.get(svc_id)
-        wanted = [BackendAddr(b.address, b.port) for b in state.backends]
-        result[svc_id] = KernelService(svc_id, key[1], frozenset(frontends),
-                                       _stable_slots(old.backends if old else (), wanted),
-                                       name_hash=port_hash(key))
+        svc_id = ids[key]
+        frontends = _claim(key, desired[key], svc_id, owners, losers, conflicts)
+        if frontends:     # else nothing can reach it: write no slots for it
+            result[svc_id] = _entry(key, desired[key], svc_id, frontends,
+                                    applied.get(svc_id))
     if keep_unclaimed:
         for svc_id, old in applied.items():
             kept = frozenset(f for f in old.frontends if f not in owners)
@@ -264,31 +252,43 @@ def plan_changes(desired: Mapping, previous: Plan,
             next_id += 1
         touched.add(svc_id)
         old = result.get(svc_id)
-        frontends = set()
-        for f in state.frontends:
-            fkey = FrontendKey(f.address, f.port, f.protocol)
-            if owners.setdefault(fkey, svc_id) != svc_id:
-                conflicts.append(f"{fkey} of {state.name} is already served by another "
-                                 f"service port; frontend skipped")
-                losers.setdefault(fkey, set()).add(key)
-                continue
-            frontends.add(fkey)
+        frontends = _claim(key, state, svc_id, owners, losers, conflicts)
         for f in (old.frontends - frontends) if old else ():
             if owners.get(f) == svc_id:
                 del owners[f]
-        if not frontends:
+        if frontends:
+            result[svc_id] = _entry(key, state, svc_id, frontends, old)
+        else:
             result.pop(svc_id, None)
-            continue
-        wanted = [BackendAddr(b.address, b.port) for b in state.backends]
-        result[svc_id] = KernelService(svc_id, key[1], frozenset(frontends),
-                                       _stable_slots(old.backends if old else (), wanted),
-                                       name_hash=port_hash(key))
     ops = _diff(previous.result, result, owners, touched)
     slot_total = previous.slot_total + sum(
         len(result[i].backends) if i in result else 0 for i in touched) - sum(
         len(previous.result[i].backends) if i in previous.result else 0 for i in touched)
     return Plan(ops, result, ids, tuple(conflicts), owners,
                 {f: frozenset(k) for f, k in losers.items()}, slot_total, next_id)
+
+
+def _claim(key, state: ServicePortState, svc_id: int, owners, losers: dict,
+           conflicts: list[str]) -> frozenset[FrontendKey]:
+    """The frontends of `state` that go to svc_id: all but those another port owns."""
+    frontends = set()
+    for f in state.frontends:
+        fkey = FrontendKey(f.address, f.port, f.protocol)
+        if owners.setdefault(fkey, svc_id) != svc_id:
+            conflicts.append(f"{fkey} of {state.name} is already served by another "
+                             f"service port; frontend skipped")
+            losers.setdefault(fkey, set()).add(key)
+            continue
+        frontends.add(fkey)
+    return frozenset(frontends)
+
+
+def _entry(key, state: ServicePortState, svc_id: int, frontends: frozenset[FrontendKey],
+           old: KernelService | None) -> KernelService:
+    wanted = [BackendAddr(b.address, b.port) for b in state.backends]
+    return KernelService(svc_id, key[1], frontends,
+                         _stable_slots(old.backends if old else (), wanted),
+                         name_hash=port_hash(key))
 
 
 def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],
