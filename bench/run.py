@@ -35,7 +35,7 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        return cls([1, 1000, 10000, 50000, 100000], reps=5, seconds=1.0, rule_limit=10000,
+        return cls([1, 1000, 10000, 50000, 100000], reps=5, seconds=0.8, rule_limit=10000,
                    cp_sizes=[1000, 10000, 100000], cp_change_size=10000, cp_changes=200,
                    cp_reach=20)
 
