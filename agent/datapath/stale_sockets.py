@@ -1,0 +1,462 @@
+"""Close connected UDP sockets whose peer is a removed backend (issue 5, point 8).
+
+The socket LB rewrites a connected UDP socket's destination once, at connect() time. When that
+backend leaves its service the socket keeps sending to it: the client is stuck on a dead
+backend. kube-proxy's answer is its UDP conntrack cleanup (pkg/proxy/conntrack/cleanup.go
+deletes flows whose reply source is no longer a serving endpoint); with no conntrack entry to
+delete, ours is Cilium's (socket termination in its load-balancer reconciler): find the
+sockets and destroy them with SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY). The owner's next
+recv()/send() fails with ECONNABORTED (a recv() blocked at that moment wakes up with it) and
+the socket is left unconnected, so an application that reconnects goes through connect()
+again and the socket LB picks a live backend.
+
+sock_diag only sees the sockets of the network namespace its netlink socket was created in,
+and pods each have their own. So: collect the namespaces of the processes in the agent's
+cgroup tree (the processes whose sockets the socket LB balances) plus the agent's own; for
+each, a worker thread setns()es into it, opens a NETLINK_SOCK_DIAG socket there and returns
+at once to its own namespace (a socket keeps the namespace it was created in); then dumps
+the connected UDP sockets (IPv4 and IPv6, the latter including IPv4-mapped peers) and sends
+SOCK_DESTROY for each one whose peer is a removed backend.
+
+Raw netlink rather than pyroute2's DiagSocket: the two messages are fixed-size structs, we
+need SOCK_DESTROY (which DiagSocket does not send) and the exact socket id echoed back
+(cookie included), and the sockets must be opened in another namespace's thread anyway.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Backend = tuple[IPAddress, int]
+
+# <linux/netlink.h>, <linux/sock_diag.h>, <linux/inet_diag.h>
+NETLINK_SOCK_DIAG = 4
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300
+SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+CLONE_NEWNET = 0x40000000
+# A connected UDP socket is in TCP_ESTABLISHED; unconnected ones (servers, sendto() clients)
+# are TCP_CLOSE and have no peer. Asking only for ESTABLISHED lets the kernel skip the rest.
+TCP_ESTABLISHED = 1
+UDP_CONNECTED = 1 << TCP_ESTABLISHED
+
+_NLMSGHDR = struct.Struct("=IHHII")             # len, type, flags, seq, pid
+_REQ_HEAD = struct.Struct("=BBBxI")             # family, protocol, ext, pad, states
+_SOCKID = struct.Struct("!HH16s16s")            # sport, dport, src, dst (network order)
+_SOCKID_TAIL = struct.Struct("=III")            # ifindex, cookie[0], cookie[1] (host order)
+SOCKID_LEN = _SOCKID.size + _SOCKID_TAIL.size   # 48
+_MSG_HEAD = struct.Struct("=BBBB")              # family, state, timer, retrans
+_MSG_TAIL = struct.Struct("=IIIII")             # expires, rqueue, wqueue, uid, inode
+MSG_LEN = _MSG_HEAD.size + SOCKID_LEN + _MSG_TAIL.size   # 72: struct inet_diag_msg
+_ERRNO = struct.Struct("=i")
+
+_DESTROY_BATCH = 64      # acks waiting in our receive buffer at most (they are tiny)
+_RECV_BUFFER = 1 << 16   # a dump message is at most 32 KiB
+
+
+@dataclass(frozen=True)
+class UdpSocket:
+    """One connected UDP socket as sock_diag reports it."""
+
+    family: int
+    src: IPAddress
+    sport: int
+    dst: IPAddress
+    dport: int
+    cookie: int          # what bpf_get_socket_cookie() returned for it in the socket LB
+    inode: int
+    uid: int
+    raw_id: bytes = field(repr=False, compare=False)   # inet_diag_sockid, echoed back
+
+    @property
+    def peer(self) -> Backend:
+        """(destination, port); an IPv4-mapped IPv6 destination as the IPv4 address."""
+        return (_unmap(self.dst), self.dport)
+
+
+@dataclass
+class SweepResult:
+    """What happened in one network namespace."""
+
+    netns: int                     # the namespace's inode (as in `ls -l /proc/PID/ns/net`)
+    via: str = ""                  # the /proc path it was entered through
+    checked: int = 0               # connected UDP sockets seen
+    matched: int = 0               # peers that are removed backends (and should_destroy agreed)
+    destroyed: int = 0
+    gone: int = 0                  # closed or disconnected between the dump and the destroy
+    failed: int = 0
+    vanished: bool = False         # every process of it exited before we got there
+    timed_out: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def destroy_udp_sockets(
+    cgroup_dir: Path,
+    backends: Iterable[Backend],
+    *,
+    include_own_netns: bool = True,
+    should_destroy: Callable[[UdpSocket], bool] | None = None,
+    timeout: float = 10.0,
+    workers: int = 4,
+) -> int:
+    """Destroy every connected UDP socket, in the network namespaces of the processes in
+    cgroup_dir and its descendants (and the caller's own), whose peer is one of backends
+    ((address, port) pairs; strings are accepted for addresses). Returns how many were
+    destroyed.
+
+    should_destroy(sock) may veto a match; the agent can pass one that keeps sockets the
+    socket LB did not balance (no revnat entry for sock.cookie + sock.peer). It runs in a
+    worker thread, in the caller's network namespace; an exception counts as a veto.
+
+    Never raises for processes or namespaces that go away meanwhile, or for netlink errors
+    (they are logged); returns within about `timeout` seconds, leaving namespaces it had not
+    reached by then alone (logged). One log line per namespace (INFO when a socket matched or
+    something failed, DEBUG otherwise) and one summary line.
+    """
+    wanted = _normalise(backends)
+    if not wanted:
+        return 0
+    started = time.monotonic()
+    deadline = started + timeout
+    namespaces = find_namespaces(cgroup_dir, include_own_netns)
+    families = [socket.AF_INET6]     # IPv4 backends are also reached through mapped sockets
+    if any(ip.version == 4 for ip, _ in wanted):
+        families.insert(0, socket.AF_INET)
+
+    results: list[SweepResult] = []
+    # Workers are this thread's children: they start in its network namespace.
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, min(workers, len(namespaces))), thread_name_prefix="bpfp-stale-udp")
+    try:
+        futures = {
+            pool.submit(_sweep, key[1], paths, families, wanted, should_destroy,
+                        deadline): key
+            for key, paths in namespaces.items()}
+        done, pending = concurrent.futures.wait(
+            futures, timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        for future in done:
+            try:
+                results.append(future.result())
+            except Exception as error:  # noqa: BLE001 - a bug in one sweep, not in all
+                log.exception("event=stale_udp_netns_error netns=%d", futures[future][1])
+                results.append(SweepResult(netns=futures[future][1], failed=1,
+                                           errors=[repr(error)]))
+        for future in pending:
+            future.cancel()
+            results.append(SweepResult(netns=futures[future][1], timed_out=True))
+    finally:
+        # Workers bound every netlink wait by the deadline; never wait for them past it.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    for result in results:
+        _log_sweep(result)
+    destroyed = sum(r.destroyed for r in results)
+    log.info("event=stale_udp_sockets backends=%d netns=%d destroyed=%d gone=%d failed=%d "
+             "vanished=%d timed_out=%d ms=%.1f", len(wanted), len(results), destroyed,
+             sum(r.gone for r in results), sum(r.failed for r in results),
+             sum(r.vanished for r in results), sum(r.timed_out for r in results),
+             (time.monotonic() - started) * 1000)
+    return destroyed
+
+
+# -- which network namespaces ------------------------------------------------------------------
+
+NetnsKey = tuple[int, int]   # (st_dev, st_ino) of the nsfs inode
+
+
+def find_namespaces(cgroup_dir: Path, include_own_netns: bool = True
+                    ) -> dict[NetnsKey, list[str]]:
+    """The network namespaces of the processes in cgroup_dir's tree, each with the /proc
+    paths that lead to it (several: when one process has exited, another still leads there).
+    The caller's own namespace comes first when included."""
+    found: dict[NetnsKey, list[str]] = {}
+    if include_own_netns:
+        _add(found, "/proc/self/ns/net")
+    for pid in cgroup_pids(cgroup_dir):
+        _add(found, f"/proc/{pid}/ns/net")
+    return found
+
+
+def cgroup_pids(cgroup_dir: Path) -> Iterator[int]:
+    """Pids in cgroup_dir and every cgroup below it; cgroups removed meanwhile are skipped.
+    Processes in another pid namespace than ours are listed as 0 and skipped: the agent needs
+    the host's pid namespace (hostPID) to see pods."""
+    for dirpath, _dirs, _files in os.walk(cgroup_dir):
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs"), "rb") as procs:
+                text = procs.read()
+        except OSError:
+            continue      # removed while we walked, or not a cgroup
+        for token in text.split():
+            pid = int(token)
+            if pid > 0:
+                yield pid
+
+
+def _add(found: dict[NetnsKey, list[str]], path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return            # exited (ENOENT, ESRCH), or a zombie (its namespaces are gone)
+    found.setdefault((st.st_dev, st.st_ino), []).append(path)
+
+
+def _open_netns(key_ino: int, paths: list[str]) -> tuple[int, str] | None:
+    """An fd of the namespace through the first path that still leads to it."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue      # that process exited
+        if os.fstat(fd).st_ino == key_ino:
+            return fd, path
+        os.close(fd)      # the pid was reused by a process elsewhere
+    return None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    """setns(fd, CLONE_NEWNET) for the calling thread only (os.setns from Python 3.12)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+        return
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _diag_socket_in(netns_fd: int) -> socket.socket:
+    """A NETLINK_SOCK_DIAG socket bound to the namespace of netns_fd (a socket keeps the
+    namespace it was created in). This thread enters the namespace only for socket() and goes
+    back at once, so nothing else (logging, should_destroy) ever runs in a pod's namespace."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(netns_fd)
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 NETLINK_SOCK_DIAG)
+        except BaseException:
+            _setns(home)
+            raise
+        try:
+            _setns(home)
+        except BaseException:
+            sock.close()
+            raise
+    finally:
+        os.close(home)
+    return sock
+
+
+# -- one namespace -----------------------------------------------------------------------------
+
+def _sweep(netns_ino: int, paths: list[str], families: list[int],
+           wanted: set[Backend], should_destroy: Callable[[UdpSocket], bool] | None,
+           deadline: float) -> SweepResult:
+    result = SweepResult(netns=netns_ino)
+    if time.monotonic() >= deadline:
+        result.timed_out = True
+        return result
+    opened = _open_netns(netns_ino, paths)
+    if opened is None:
+        result.vanished = True
+        return result
+    fd, result.via = opened
+    try:
+        sock = _diag_socket_in(fd)
+    except OSError as error:
+        result.failed += 1
+        result.errors.append(f"enter: {_errname(error)}")
+        return result
+    finally:
+        os.close(fd)
+    with sock:
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)   # acks without our request
+            matches: list[UdpSocket] = []
+            for family in families:
+                # an error answer ends that dump only (IPv6 disabled, say): go on
+                try:
+                    for udp in dump_udp(sock, family, deadline):
+                        result.checked += 1
+                        if udp.peer in wanted and _agrees(should_destroy, udp, result):
+                            matches.append(udp)
+                except TimeoutError:
+                    raise
+                except OSError as error:
+                    result.failed += 1
+                    result.errors.append(f"dump(family={family}): {_errname(error)}")
+            result.matched = len(matches)
+            _destroy(sock, matches, deadline, result)
+        except TimeoutError:
+            result.timed_out = True
+        except OSError as error:
+            result.failed += 1
+            result.errors.append(f"netlink: {_errname(error)}")
+    return result
+
+
+def _agrees(should_destroy: Callable[[UdpSocket], bool] | None, udp: UdpSocket,
+            result: SweepResult) -> bool:
+    if should_destroy is None:
+        return True
+    try:
+        return bool(should_destroy(udp))
+    except Exception as error:  # noqa: BLE001 - a bad callback must not stop the sweep
+        result.errors.append(f"should_destroy: {error!r}")
+        return False
+
+
+class _Seq:
+    _next = int(time.time()) & 0x7FFFFFFF
+    _lock = threading.Lock()
+
+    @classmethod
+    def take(cls) -> int:
+        with cls._lock:
+            cls._next = (cls._next + 1) & 0xFFFFFFFF
+            return cls._next
+
+
+def _request(msg_type: int, flags: int, seq: int, family: int, states: int,
+             sockid: bytes = b"\0" * SOCKID_LEN) -> bytes:
+    body = _REQ_HEAD.pack(family, socket.IPPROTO_UDP, 0, states) + sockid
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def dump_udp(sock: socket.socket, family: int, deadline: float) -> Iterator[UdpSocket]:
+    """Every connected UDP socket of family in the netlink socket's namespace."""
+    seq = _Seq.take()
+    sock.sendall(_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, family,
+                          UDP_CONNECTED))
+    while True:
+        for msg_type, flags, msg_seq, payload in _receive(sock, deadline):
+            if msg_seq != seq:
+                continue          # a late answer to something else
+            if msg_type == NLMSG_DONE:
+                if flags & NLM_F_DUMP_INTR:
+                    log.debug("event=stale_udp_dump_interrupted family=%d", family)
+                return
+            if msg_type == NLMSG_ERROR:
+                code = _ERRNO.unpack_from(payload)[0]
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                continue
+            if msg_type == SOCK_DIAG_BY_FAMILY and len(payload) >= MSG_LEN:
+                yield parse_diag_msg(payload)
+
+
+def parse_diag_msg(payload: bytes) -> UdpSocket:
+    """struct inet_diag_msg -> UdpSocket."""
+    family, _state, _timer, _retrans = _MSG_HEAD.unpack_from(payload)
+    raw_id = bytes(payload[_MSG_HEAD.size:_MSG_HEAD.size + SOCKID_LEN])
+    sport, dport, src, dst = _SOCKID.unpack_from(raw_id)
+    _ifindex, cookie_lo, cookie_hi = _SOCKID_TAIL.unpack_from(raw_id, _SOCKID.size)
+    *_rest, uid, inode = _MSG_TAIL.unpack_from(payload, _MSG_HEAD.size + SOCKID_LEN)
+    if family == socket.AF_INET:
+        src_ip: IPAddress = ipaddress.IPv4Address(src[:4])
+        dst_ip: IPAddress = ipaddress.IPv4Address(dst[:4])
+    else:
+        src_ip, dst_ip = ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst)
+    return UdpSocket(family=family, src=src_ip, sport=sport, dst=dst_ip, dport=dport,
+                     cookie=cookie_lo | (cookie_hi << 32), inode=inode, uid=uid, raw_id=raw_id)
+
+
+def _destroy(sock: socket.socket, matches: list[UdpSocket], deadline: float,
+             result: SweepResult) -> None:
+    """SOCK_DESTROY each match by its exact id (addresses, ports, cookie), in batches: send a
+    batch, then collect its acks."""
+    for start in range(0, len(matches), _DESTROY_BATCH):
+        waiting: dict[int, UdpSocket] = {}
+        for udp in matches[start:start + _DESTROY_BATCH]:
+            seq = _Seq.take()
+            sock.sendall(_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, udp.family,
+                                  UDP_CONNECTED, udp.raw_id))
+            waiting[seq] = udp
+        while waiting:
+            for msg_type, _flags, seq, payload in _receive(sock, deadline):
+                if msg_type != NLMSG_ERROR or seq not in waiting:
+                    continue
+                udp = waiting.pop(seq)
+                code = -_ERRNO.unpack_from(payload)[0]
+                if code == 0:
+                    result.destroyed += 1
+                    log.debug("event=udp_socket_destroyed netns=%d src=%s:%d dst=%s:%d "
+                              "cookie=%d", result.netns, udp.src, udp.sport, udp.dst,
+                              udp.dport, udp.cookie)
+                elif code == errno.ENOENT:
+                    result.gone += 1        # closed or disconnected since the dump
+                else:
+                    result.failed += 1
+                    result.errors.append(f"destroy: {errno.errorcode.get(code, code)}")
+
+
+def _receive(sock: socket.socket, deadline: float) -> Iterator[tuple[int, int, int, bytes]]:
+    """The netlink messages of one datagram: (type, flags, seq, payload)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline")
+    sock.settimeout(left)
+    data = sock.recv(_RECV_BUFFER)     # TimeoutError past the deadline
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, msg_type, flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size:
+            break
+        yield msg_type, flags, seq, data[offset + _NLMSGHDR.size:offset + length]
+        offset += (length + 3) & ~3
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _unmap(ip: IPAddress) -> IPAddress:
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _normalise(backends: Iterable[Backend]) -> set[Backend]:
+    wanted = set()
+    for address, port in backends:
+        port = int(port)
+        if not 0 < port < 65536:
+            raise ValueError(f"backend port {port} out of range")
+        wanted.add((_unmap(ipaddress.ip_address(address)), port))
+    return wanted
+
+
+def _errname(error: OSError) -> str:
+    return errno.errorcode.get(error.errno or 0, str(error))
+
+
+def _log_sweep(result: SweepResult) -> None:
+    level = logging.INFO if (result.matched or result.failed or result.timed_out) \
+        else logging.DEBUG
+    log.log(level, "event=stale_udp_netns netns=%d via=%s checked=%d matched=%d destroyed=%d "
+            "gone=%d failed=%d vanished=%s timed_out=%s errors=%s", result.netns,
+            result.via or "-", result.checked, result.matched, result.destroyed, result.gone,
+            result.failed, result.vanished, result.timed_out,
+            ",".join(result.errors) or "-")

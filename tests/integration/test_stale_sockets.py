@@ -1,0 +1,342 @@
+"""Connected UDP sockets to a removed backend are destroyed (issue 5, point 8): real client
+processes in lab pods hold connected sockets, destroy_udp_sockets() finds them through the
+lab's cgroup tree and each pod's network namespace, and the client's next recv() fails with
+ECONNABORTED; sockets to other backends, other ports and other addresses are left alone."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import select
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from agent.datapath import stale_sockets
+from agent.datapath.stale_sockets import destroy_udp_sockets
+from lab import manifests
+from lab.agent_runner import AgentRunner
+
+integration = pytest.mark.integration
+pytestmark = pytest.mark.timeout(120)
+
+# One connected UDP socket, driven line by line on stdin; every command answers one line.
+#   ask        send a request, print "answer NAME:PORT" (or "errno E" / "timeout")
+#   recv       recv() with nothing sent: "timeout" unless the socket was destroyed
+#   wait       recv() for up to 10 s: a destroy wakes it up with ECONNABORTED
+#   reconnect  connect() again to the same address (through the socket LB for a VIP), ask
+# Its first line is "ready NAME:PORT" once the first answer came back.
+CLIENT = textwrap.dedent("""
+    import errno, socket, sys, time
+    addr, port = sys.argv[1], int(sys.argv[2])
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    def ask(timeout=1.0):
+        s.settimeout(timeout)
+        try:
+            s.send(b"?")
+            return "answer " + s.recv(100).decode().strip()
+        except socket.timeout:
+            return "timeout"
+        except OSError as e:
+            return "errno " + errno.errorcode[e.errno]
+    def recv(timeout):
+        s.settimeout(timeout)
+        started = time.monotonic()
+        try:
+            return "data " + s.recv(100).decode().strip()
+        except socket.timeout:
+            return "timeout"
+        except OSError as e:
+            return "errno %s %.2f" % (errno.errorcode[e.errno], time.monotonic() - started)
+    s.connect((addr, port))
+    print("ready " + ask(3.0).split(" ", 1)[-1], flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "ask":
+            out = ask()
+        elif command == "recv":
+            out = recv(0.5)
+        elif command == "wait":
+            out = recv(10.0)
+        elif command == "reconnect":
+            s.connect((addr, port))
+            out = ask(3.0)
+        else:
+            out = "unknown " + command
+        print(out, flush=True)
+""")
+
+# A dual-stack UDP echo of "NAME:PORT" on [::]:PORT (v4, v4-mapped and v6 clients alike).
+DUAL_STACK_SERVER = textwrap.dedent("""
+    import socket, sys
+    name, port = sys.argv[1], int(sys.argv[2])
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    print("ready", flush=True)
+    while True:
+        _, peer = s.recvfrom(100)
+        s.sendto(("%s:%d" % (name, port)).encode(), peer)
+""")
+
+
+class UdpClient:
+    """CLIENT running in a pod; `first` is the backend that answered its first request."""
+
+    def __init__(self, pod, addr: str, port: int) -> None:
+        self.pod = pod
+        self.process = pod.popen([sys.executable, "-c", CLIENT, addr, str(port)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        ready = self._line(10.0)
+        assert ready.startswith("ready "), f"client in {pod.name} to {addr}:{port}: {ready!r}"
+        self.first = ready.split(" ", 1)[1]
+        assert self.first not in ("timeout", "") and not self.first.startswith("errno"), ready
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def do(self, command: str, timeout: float = 15.0) -> str:
+        self.send(command)
+        return self._line(timeout)
+
+    def _line(self, timeout: float) -> str:
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not readable:
+            raise AssertionError(f"client in {self.pod.name}: no answer in {timeout}s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise AssertionError(f"client in {self.pod.name} exited: "
+                                 f"{self.process.stderr.read()}")
+        return line.strip()
+
+
+def aborted(line: str) -> bool:
+    return line.startswith("errno ECONNABORTED")
+
+
+def ip(text: str):
+    return ipaddress.ip_address(text)
+
+
+# -- pure ------------------------------------------------------------------------------------
+
+def test_inet_diag_msg_is_parsed_with_its_exact_id():
+    sockid = (stale_sockets._SOCKID.pack(40000, 53, socket.inet_aton("10.0.0.2") + b"\0" * 12,
+                                         socket.inet_aton("10.0.0.9") + b"\0" * 12)
+              + stale_sockets._SOCKID_TAIL.pack(0, 0x1234, 0x5))
+    payload = (stale_sockets._MSG_HEAD.pack(socket.AF_INET, 1, 0, 0) + sockid
+               + stale_sockets._MSG_TAIL.pack(0, 0, 0, 1000, 777) + b"attrs")
+    udp = stale_sockets.parse_diag_msg(payload)
+    assert (udp.src, udp.sport, udp.dst, udp.dport) == (ip("10.0.0.2"), 40000, ip("10.0.0.9"), 53)
+    assert (udp.cookie, udp.uid, udp.inode) == (0x5_0000_1234, 1000, 777)
+    assert udp.raw_id == sockid and len(sockid) == stale_sockets.SOCKID_LEN
+
+
+def test_ipv4_mapped_peer_matches_the_ipv4_backend():
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.9")
+    sockid = (stale_sockets._SOCKID.pack(1, 53, b"\0" * 16, mapped)
+              + stale_sockets._SOCKID_TAIL.pack(0, 1, 0))
+    payload = (stale_sockets._MSG_HEAD.pack(socket.AF_INET6, 1, 0, 0) + sockid
+               + stale_sockets._MSG_TAIL.pack(0, 0, 0, 0, 1))
+    assert stale_sockets.parse_diag_msg(payload).peer == (ip("10.0.0.9"), 53)
+    assert stale_sockets._normalise({("::ffff:10.0.0.9", 53), (ip("10.0.0.9"), 53)}) == {
+        (ip("10.0.0.9"), 53)}
+    with pytest.raises(ValueError):
+        stale_sockets._normalise({("10.0.0.9", 0)})
+
+
+def test_no_backends_does_nothing(tmp_path):
+    assert destroy_udp_sockets(tmp_path, set()) == 0
+
+
+# -- lab: real pods, no agent ----------------------------------------------------------------
+
+@pytest.fixture
+def backends(make_lab):
+    """Pods a and b answer UDP on 5353 and 5354."""
+    lab = make_lab()
+    a, b = lab.add_pod("a"), lab.add_pod("b")
+    for pod in (a, b):
+        pod.start_server([5353, 5354], udp=True)
+    return lab, a, b
+
+
+@integration
+def test_sockets_to_the_removed_backend_are_destroyed_and_no_others(backends, caplog):
+    lab, a, b = backends
+    c, d = lab.add_pod("c"), lab.add_pod("d")
+    # sockets to a:5353 in two pods (two namespaces), one of them blocked in recv()
+    c_to_a, d_to_a, c_waiting = UdpClient(c, a.ip, 5353), UdpClient(d, a.ip, 5353), \
+        UdpClient(c, a.ip, 5353)
+    # same backend address, other port; other backend, same port
+    c_to_a_other_port, d_to_b = UdpClient(c, a.ip, 5354), UdpClient(d, b.ip, 5353)
+    assert (c_to_a.first, c_to_a_other_port.first, d_to_b.first) == ("a:5353", "a:5354",
+                                                                     "b:5353")
+    c_waiting.send("wait")
+    time.sleep(0.2)                     # let it block in recv()
+
+    with caplog.at_level(logging.DEBUG, logger=stale_sockets.__name__):
+        destroyed = destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)})
+
+    assert destroyed == 3
+    woke = c_waiting._line(5.0)
+    assert aborted(woke) and float(woke.split()[2]) < 5.0, woke   # woken, not timed out
+    assert aborted(c_to_a.do("recv"))
+    assert aborted(d_to_a.do("recv"))
+    for untouched in (c_to_a_other_port, d_to_b):
+        assert untouched.do("recv") == "timeout"
+        assert untouched.do("ask") == f"answer {untouched.first}"
+    # an aborted socket is unconnected now: a client that reconnects is served again
+    assert c_to_a.do("reconnect") == "answer a:5353"
+    # a's server sockets (bound, unconnected) were never candidates
+    assert UdpClient(d, a.ip, 5353).first == "a:5353"
+
+    # one line per namespace: c and d (3 destroyed), plus a, b and our own with nothing
+    lines = [r.getMessage() for r in caplog.records if "event=stale_udp_netns " in r.getMessage()]
+    assert len(lines) == 5, lines
+    assert sorted(int(line.split("destroyed=")[1].split()[0]) for line in lines) == [0, 0, 0, 1, 2]
+    assert "event=stale_udp_sockets backends=1 netns=5 destroyed=3" in caplog.text
+
+
+@integration
+def test_ipv6_and_ipv4_mapped_sockets(make_lab):
+    lab = make_lab()
+    pod = lab.add_pod("dual")
+    server = pod.popen([sys.executable, "-c", DUAL_STACK_SERVER, "dual", "7000"],
+                       stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    v6 = UdpClient(pod, "::1", 7000)
+    mapped = UdpClient(pod, "::ffff:127.0.0.1", 7000)
+    v4 = UdpClient(pod, "127.0.0.1", 7000)
+
+    assert destroy_udp_sockets(lab.cgroup, {(ip("::1"), 7000)}) == 1
+    assert aborted(v6.do("recv"))
+    assert mapped.do("recv") == "timeout" and v4.do("recv") == "timeout"
+
+    # an IPv4 backend: the AF_INET socket and the AF_INET6 one connected to it, mapped
+    assert destroy_udp_sockets(lab.cgroup, {(ip("127.0.0.1"), 7000)}) == 2
+    assert aborted(mapped.do("recv")) and aborted(v4.do("recv"))
+    assert v6.do("reconnect") == "answer dual:7000"
+
+
+@integration
+def test_a_namespace_that_vanishes_midway_is_skipped(backends, monkeypatch, caplog):
+    lab, a, _b = backends
+    doomed, survivor = lab.add_pod("doomed"), lab.add_pod("survivor")
+    UdpClient(doomed, a.ip, 5353)
+    # survivor's namespace is reached through its second process once the first has exited
+    sleeper = survivor.popen(["sleep", "600"])
+    kept = UdpClient(survivor, a.ip, 5353)
+    find = stale_sockets.find_namespaces
+
+    def find_then_lose_some(*args, **kw):
+        found = find(*args, **kw)
+        sleeper_path = f"/proc/{sleeper.pid}/ns/net"
+        for paths in found.values():
+            if sleeper_path in paths:          # try the process that will be gone first
+                paths.remove(sleeper_path)
+                paths.insert(0, sleeper_path)
+        lab.remove_pod(doomed)                 # its processes and namespace go away
+        lab.processes.stop(sleeper)
+        return found
+
+    monkeypatch.setattr(stale_sockets, "find_namespaces", find_then_lose_some)
+    with caplog.at_level(logging.INFO, logger=stale_sockets.__name__):
+        assert destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)}) == 1
+    assert aborted(kept.do("recv"))
+    assert "vanished=1" in caplog.text
+
+
+@integration
+def test_out_of_time_is_logged_not_raised(backends, caplog):
+    lab, a, _b = backends
+    client = UdpClient(lab.add_pod("c"), a.ip, 5353)
+    with caplog.at_level(logging.INFO, logger=stale_sockets.__name__):
+        assert destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)}, timeout=0) == 0
+    assert "timed_out=4" in caplog.text            # a, b, c and our own namespace
+    assert client.do("ask") == "answer a:5353"
+
+
+@integration
+def test_should_destroy_can_veto(backends):
+    lab, a, _b = backends
+    c = lab.add_pod("c")
+    first, second = UdpClient(c, a.ip, 5353), UdpClient(c, a.ip, 5353)
+    seen = []
+
+    def only_one(udp):
+        seen.append(udp)
+        return len(seen) == 1
+
+    assert destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)}, should_destroy=only_one) == 1
+    assert len(seen) == 2 and all(udp.cookie for udp in seen)
+    assert {udp.dst for udp in seen} == {ip(a.ip)} and seen[0].cookie != seen[1].cookie
+    outcomes = sorted(client.do("recv") for client in (first, second))
+    assert aborted(outcomes[0]) and outcomes[1] == "timeout", outcomes
+
+
+# -- through the real agent and a ClusterIP --------------------------------------------------
+
+VIP = "10.96.0.10"
+
+
+def write_dns(directory, addresses: list[str]) -> None:
+    manifests.write(
+        directory, "dns.yaml",
+        manifests.service("dns", VIP, [{"name": "dns", "port": 53, "targetPort": 5353,
+                                        "protocol": "UDP"}]),
+        manifests.endpoint_slice("dns", addresses, [{"name": "dns", "port": 5353,
+                                                     "protocol": "UDP"}]))
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+
+
+@integration
+def test_udp_clients_of_a_cluster_ip_move_off_a_removed_backend(make_lab, tmp_path):
+    lab = make_lab()
+    pods = [lab.add_pod(f"backend-{x}") for x in "abc"]
+    for pod in pods:
+        pod.start_server([5353], udp=True)
+    client_pod = lab.add_pod("client")
+    directory = tmp_path / "manifests"
+    write_dns(directory, [p.ip for p in pods])
+    with AgentRunner(lab, directory) as agent:
+        agent.start()
+        # the socket LB picks a backend per socket (from its cookie): open sockets until
+        # some landed on backend-a (12 miss it with probability (2/3)^12, under 1%)
+        clients = [UdpClient(client_pod, VIP, 53) for _ in range(12)]
+        while not any(c.first == "backend-a:5353" for c in clients):
+            assert len(clients) < 40, "no socket ever went to backend-a"
+            clients.append(UdpClient(client_pod, VIP, 53))
+        assert {c.first for c in clients} <= {f"{p.name}:5353" for p in pods}
+        on_a = [c for c in clients if c.first == "backend-a:5353"]
+        others = [c for c in clients if c.first != "backend-a:5353"]
+
+        gone = pods[0]
+        gone_ip = gone.ip
+        write_dns(directory, [p.ip for p in pods[1:]])
+        wait_for(lambda: [len(s["backends"]) for s in agent.services()] == [2],
+                 what="backend-a out of the kernel")
+        lab.remove_pod(gone)                    # and the pod is gone for good
+        stuck = on_a[0].do("ask")
+        assert not stuck.startswith("answer"), f"still pinned to the dead backend: {stuck}"
+
+        assert destroy_udp_sockets(lab.cgroup, {(ip(gone_ip), 5353)}) == len(on_a)
+
+        for client in on_a:
+            assert aborted(client.do("recv"))
+            moved = client.do("reconnect")      # connect() again: the socket LB picks anew
+            assert moved in ("answer backend-b:5353", "answer backend-c:5353"), moved
+        for client in others:
+            assert client.do("ask") == f"answer {client.first}"
