@@ -10,7 +10,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
@@ -136,6 +136,10 @@ class Agent:
     # this node: its name picks its Node object (zone, addresses); --node-ip and
     # --nodeport-addresses win over the Node object's addresses
     node: NodeContext = field(default_factory=NodeContext)
+    # closes connected UDP sockets still aimed at backends a sync removed; given the
+    # removed backends and still_served(frontend, backend) to spare sockets that are fine
+    udp_cleanup: Callable[[frozenset[BackendAddr], Callable[[FrontendKey, BackendAddr],
+                                                            bool]], int] | None = None
 
     def __post_init__(self) -> None:
         # the objects, indexed by the service they belong to (kube-proxy's change trackers)
@@ -314,7 +318,18 @@ class Agent:
             log.debug("event=sync_changes services=%d ops=%d seconds=%.4f", len(dirty),
                       len(result.ops), elapsed)
         self.status.synced = True
+        if result.removed_udp and self.udp_cleanup is not None:
+            # not awaited: a slow sweep over many pods must not hold back the next sync
+            task = loop.run_in_executor(None, self.udp_cleanup, result.removed_udp,
+                                        self._still_served)
+            task.add_done_callback(_log_cleanup)
         return True
+
+    def _still_served(self, frontend: FrontendKey, backend: BackendAddr) -> bool:
+        """Whether a socket sent to `frontend` and balanced to `backend` is still right."""
+        svc_id = self._plan.owners.get(frontend) if self._plan else None
+        kernel = self._applied.get(svc_id) if svc_id is not None else None
+        return kernel is not None and backend in kernel.backends
 
     def _compute(self, full: bool, dirty: set[tuple[str, str]]):
         """(plan, desired state, desired keys by service): everything, or only what the
@@ -360,6 +375,13 @@ class Agent:
                 log.warning("event=service_port_unsupported service_port=%s family=IPv%d "
                             "reason=%r", key[0], key[1], "not in this datapath yet; skipped")
         return out
+
+
+def _log_cleanup(task: asyncio.Future) -> None:
+    if task.exception() is not None:
+        log.error("event=udp_cleanup_failed error=%r", str(task.exception()))
+    elif task.result():
+        log.info("event=stale_udp_sockets_closed count=%d", task.result())
 
 
 @contextlib.contextmanager

@@ -88,6 +88,9 @@ class Plan:
     losers: dict[FrontendKey, frozenset] = field(default_factory=dict)
     slot_total: int = 0            # backend slots in result, kept without a scan
     next_id: int = 1               # above every id in use or just freed
+    # UDP backends this plan takes out of a service port: connected sockets may still
+    # point at them (agent/datapath/stale_sockets.py closes those)
+    removed_udp: frozenset[BackendAddr] = frozenset()
 
 
 def plan(desired: DesiredState, applied: Mapping[int, KernelService],
@@ -125,11 +128,11 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
                 result[svc_id] = KernelService(svc_id, old.family, kept, old.backends,
                                                name_hash=old.name_hash)
                 owners.update(dict.fromkeys(kept, svc_id))
-    ops = _diff(applied, result, owners, applied.keys() | result.keys())
+    ops, removed = _diff(applied, result, owners, applied.keys() | result.keys())
     return Plan(ops, result, ids, tuple(conflicts), owners,
                 {f: frozenset(k) for f, k in losers.items()},
                 sum(len(s.backends) for s in result.values()),
-                max((*applied, *result, 0)) + 1)
+                max((*applied, *result, 0)) + 1, removed)
 
 
 _GONE = object()
@@ -196,7 +199,7 @@ def commit(p: Plan) -> Plan:
     """The plan with its overlays written into their bases (after the kernel took it)."""
     flat = [x.commit() if isinstance(x, Overlay) else x for x in (p.result, p.ids, p.owners)]
     return Plan(p.ops, flat[0], flat[1], p.conflicts, flat[2], p.losers, p.slot_total,
-                p.next_id)
+                p.next_id, p.removed_udp)
 
 
 def plan_changes(desired: Mapping, previous: Plan,
@@ -260,12 +263,12 @@ def plan_changes(desired: Mapping, previous: Plan,
             result[svc_id] = _entry(key, state, svc_id, frontends, old)
         else:
             result.pop(svc_id, None)
-    ops = _diff(previous.result, result, owners, touched)
+    ops, removed = _diff(previous.result, result, owners, touched)
     slot_total = previous.slot_total + sum(
         len(result[i].backends) if i in result else 0 for i in touched) - sum(
         len(previous.result[i].backends) if i in previous.result else 0 for i in touched)
     return Plan(ops, result, ids, tuple(conflicts), owners,
-                {f: frozenset(k) for f, k in losers.items()}, slot_total, next_id)
+                {f: frozenset(k) for f, k in losers.items()}, slot_total, next_id, removed)
 
 
 def _claim(key, state: ServicePortState, svc_id: int, owners, losers: dict,
@@ -292,16 +295,21 @@ def _entry(key, state: ServicePortState, svc_id: int, frontends: frozenset[Front
 
 
 def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],
-          owners: Mapping[FrontendKey, int], svc_ids: Iterable[int]) -> tuple[MapOp, ...]:
-    """The ordered operations that turn applied into result for the given service ids."""
+          owners: Mapping[FrontendKey, int], svc_ids: Iterable[int]
+          ) -> tuple[tuple[MapOp, ...], frozenset[BackendAddr]]:
+    """The ordered operations that turn applied into result for the given service ids,
+    and the backends UDP service ports lose."""
     put_slots: list[MapOp] = []
     put_frontends: list[MapOp] = []
     delete_frontends: list[MapOp] = []
     delete_slots: list[MapOp] = []
     released: set[FrontendKey] = set()
+    removed: set[BackendAddr] = set()
     for svc_id in sorted(svc_ids):
         old, new = applied.get(svc_id), result.get(svc_id)
         old_slots = old.backends if old else ()
+        if old is not None and any(f.protocol is Protocol.UDP for f in old.frontends):
+            removed.update(set(old_slots) - set(new.backends if new else ()))
         if old is not None:
             released.update(f for f in old.frontends if f not in owners)
         if new is None:
@@ -324,7 +332,7 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
         gone |= {i for i in (old.stray_slots if old else ()) if i >= len(new.backends)}
         delete_slots.extend(DeleteSlot(new.family, svc_id, i) for i in sorted(gone))
     delete_frontends.extend(DeleteFrontend(f) for f in sorted(released, key=_frontend_order))
-    return (*put_slots, *put_frontends, *delete_frontends, *delete_slots)
+    return (*put_slots, *put_frontends, *delete_frontends, *delete_slots), frozenset(removed)
 
 
 FrontendEntry = tuple[FrontendKey, int, int, int]    # frontend, svc_id, count, name_hash

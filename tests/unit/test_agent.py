@@ -3,10 +3,11 @@ the loop, retrying failures, repairing drift, serving only what the datapath can
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 
 from agent.agent import Agent
 from agent.model.objects import parse_endpoint_slice, parse_service
-from agent.planner import plan
+from agent.planner import BackendAddr, plan
 from agent.sources.events import ObjectChange
 from tests.fakes import FakeServiceMaps
 
@@ -213,3 +214,24 @@ def test_external_frontends_get_their_own_backends_under_a_local_policy():
     [port] = agent.status.services
     assert {kind for _, kind in port.frontends} == {"ClusterIP", "NodePort"}
     assert [str(b.address) for b, _ in port.backends] == ["10.0.0.9"]
+
+
+def test_removed_udp_backends_are_handed_to_the_socket_cleanup():
+    calls = []
+
+    def cleanup(removed, still_served):
+        calls.append(({str(b.address) for b in removed}, still_served))
+        return 0
+
+    dns = service("dns", ["10.96.0.53"], port=53, protocol="UDP")
+    batches = [upserts(dns, endpoint_slice("dns", ["10.0.0.1", "10.0.0.2"], protocol="UDP")),
+               upserts(endpoint_slice("dns", ["10.0.0.2"], protocol="UDP"))]
+    agent = Agent(ScriptedSource(batches), FakeServiceMaps(), min_sync_period=0.01,
+                  udp_cleanup=cleanup)
+    asyncio.run(run_for(agent, 0.4))
+    assert [removed for removed, _ in calls] == [{"10.0.0.1"}]
+    still_served = calls[0][1]
+    frontend = next(iter(agent._plan.owners))
+    kept = BackendAddr(ipaddress.ip_address("10.0.0.2"), 8080)
+    gone = BackendAddr(ipaddress.ip_address("10.0.0.1"), 8080)
+    assert still_served(frontend, kept) and not still_served(frontend, gone)

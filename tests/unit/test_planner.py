@@ -261,3 +261,14 @@ def test_an_unchanged_cluster_costs_nothing_incrementally():
     p = plan_changes(changed, first, {key})
     assert kinds(p.ops) == ["PutSlot", "PutFrontend"]
     assert len(p.result) == 200 and p.ids == first.ids
+
+
+def test_backends_a_udp_port_loses_are_reported_for_socket_cleanup():
+    udp = sp("dns", "10.96.0.10", ["10.0.0.1", "10.0.0.2"], port=53, protocol=Protocol.UDP)
+    tcp = sp("web", "10.96.0.11", ["10.0.0.1", "10.0.0.2"])
+    first = plan({**udp, **tcp}, {})
+    shrunk = plan({**sp("dns", "10.96.0.10", ["10.0.0.2"], port=53, protocol=Protocol.UDP),
+                   **sp("web", "10.96.0.11", ["10.0.0.2"])}, first.result)
+    assert {str(b.address) for b in shrunk.removed_udp} == {"10.0.0.1"}
+    gone = plan({}, shrunk.result)                  # the whole service goes
+    assert {str(b.address) for b in gone.removed_udp} == {"10.0.0.2"}
