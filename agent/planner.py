@@ -40,6 +40,7 @@ class KernelService:
     stray_slots: tuple[int, ...] = ()     # slots past the count: invisible, to delete
     stale_frontends: frozenset[FrontendKey] = frozenset()   # count differs: to rewrite
     name_hash: int = 0                    # port_hash() of the owning service port
+    affinity: int = 0                     # ClientIP session affinity timeout, s; 0: none
 
 
 # What the kernel holds, by service id. read_back() rebuilds it from the maps alone.
@@ -60,6 +61,7 @@ class PutFrontend:
     svc_id: int
     count: int
     name_hash: int = 0
+    affinity: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,8 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
             kept = frozenset(f for f in old.frontends if f not in owners)
             if svc_id not in result and kept:
                 result[svc_id] = KernelService(svc_id, old.family, kept, old.backends,
-                                               name_hash=old.name_hash)
+                                               name_hash=old.name_hash,
+                                               affinity=old.affinity)
                 owners.update(dict.fromkeys(kept, svc_id))
     ops, removed = _diff(applied, result, owners, applied.keys() | result.keys())
     return Plan(ops, result, ids, tuple(conflicts), owners,
@@ -291,7 +294,8 @@ def _entry(key, state: ServicePortState, svc_id: int, frontends: frozenset[Front
     wanted = [BackendAddr(b.address, b.port) for b in state.backends]
     return KernelService(svc_id, key[1], frontends,
                          _stable_slots(old.backends if old else (), wanted),
-                         name_hash=port_hash(key))
+                         name_hash=port_hash(key),
+                         affinity=state.session_affinity_timeout)
 
 
 def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],
@@ -321,13 +325,13 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
             if i >= len(old_slots) or old_slots[i] != backend:
                 put_slots.append(PutSlot(new.family, svc_id, i, backend))
         rewrite = old is None or len(old_slots) != len(new.backends) \
-            or old.name_hash != new.name_hash
+            or old.name_hash != new.name_hash or old.affinity != new.affinity
         had = old.frontends if old else frozenset()
         stale = old.stale_frontends if old else frozenset()
         for fkey in sorted(new.frontends, key=_frontend_order):
             if rewrite or fkey not in had or fkey in stale:
                 put_frontends.append(PutFrontend(fkey, svc_id, len(new.backends),
-                                                 new.name_hash))
+                                                 new.name_hash, new.affinity))
         gone = set(range(len(new.backends), len(old_slots)))
         gone |= {i for i in (old.stray_slots if old else ()) if i >= len(new.backends)}
         delete_slots.extend(DeleteSlot(new.family, svc_id, i) for i in sorted(gone))
@@ -335,7 +339,8 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
     return (*put_slots, *put_frontends, *delete_frontends, *delete_slots), frozenset(removed)
 
 
-FrontendEntry = tuple[FrontendKey, int, int, int]    # frontend, svc_id, count, name_hash
+# frontend, svc_id, count, name_hash[, affinity seconds]
+FrontendEntry = tuple[FrontendKey, int, int, int] | tuple[FrontendKey, int, int, int, int]
 SlotEntry = tuple[int, int, int, BackendAddr]        # (svc_id, slot, family, backend)
 
 
@@ -344,9 +349,9 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry]
     """The applied state that raw map entries mean: a service port serves slots
     [0, count); anything else an interrupted write left is marked for repair. Shared by
     the real maps' read_back and the test fake, so both adopt the same way."""
-    by_svc: dict[int, dict[FrontendKey, tuple[int, int]]] = {}
-    for fkey, svc_id, count, name_hash in frontends:
-        by_svc.setdefault(svc_id, {})[fkey] = (count, name_hash)
+    by_svc: dict[int, dict[FrontendKey, tuple[int, int, int]]] = {}
+    for fkey, svc_id, count, name_hash, *affinity in frontends:
+        by_svc.setdefault(svc_id, {})[fkey] = (count, name_hash, affinity[0] if affinity else 0)
     tables: dict[int, dict[int, BackendAddr]] = {}
     families: dict[int, int] = {}
     for svc_id, slot, family, backend in slots:
@@ -359,24 +364,28 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry]
         contiguous = 0
         while contiguous in table:
             contiguous += 1
-        live = min([contiguous, *(c for c, _ in entries.values())]) if entries else 0
-        hashes = [h for _, h in entries.values()]
-        name_hash = max(set(hashes), key=lambda h: (hashes.count(h), h)) if hashes else 0
+        live = min([contiguous, *(c for c, _, _ in entries.values())]) if entries else 0
+        name_hash, affinity = _most_common([(h, a) for _, h, a in entries.values()])
         family = families.get(svc_id) or next(iter(entries)).address.version
         state[svc_id] = KernelService(
             svc_id, family, frozenset(entries),
             tuple(table[i] for i in range(live)),
             stray_slots=tuple(sorted(i for i in table if i >= live)),
-            stale_frontends=frozenset(f for f, (c, h) in entries.items()
-                                      if c != live or h != name_hash),
-            name_hash=name_hash)
+            stale_frontends=frozenset(f for f, (c, h, a) in entries.items()
+                                      if c != live or (h, a) != (name_hash, affinity)),
+            name_hash=name_hash, affinity=affinity)
     return state
+
+
+def _most_common(values: list[tuple[int, int]]) -> tuple[int, int]:
+    """What most frontends of one id say (they differ only after an interrupted write)."""
+    return max(set(values), key=lambda v: (values.count(v), v)) if values else (0, 0)
 
 
 def apply_ops(applied: Mapping[int, KernelService], ops: Iterable[MapOp]) -> AppliedState:
     """What the kernel holds after ops, computed from the ops alone (for fakes and tests)."""
     frontends: dict[FrontendKey, tuple[int, int, int]] = {
-        f: (s.svc_id, len(s.backends), s.name_hash) for s in applied.values()
+        f: (s.svc_id, len(s.backends), s.name_hash, s.affinity) for s in applied.values()
         for f in s.frontends}
     slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {
         (s.svc_id, i): (s.family, b) for s in applied.values() for i, b in enumerate(s.backends)}
@@ -387,7 +396,7 @@ def apply_ops(applied: Mapping[int, KernelService], ops: Iterable[MapOp]) -> App
             case DeleteSlot():
                 slots.pop((op.svc_id, op.slot), None)
             case PutFrontend():
-                frontends[op.frontend] = (op.svc_id, op.count, op.name_hash)
+                frontends[op.frontend] = (op.svc_id, op.count, op.name_hash, op.affinity)
             case DeleteFrontend():
                 frontends.pop(op.frontend, None)
     return kernel_state(((f, *entry) for f, entry in frontends.items()),

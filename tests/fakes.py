@@ -27,7 +27,8 @@ class InvariantBroken(AssertionError):
 class FakeServiceMaps:
     def __init__(self, families: frozenset[int] = frozenset({4, 6})) -> None:
         self.families = families
-        self.frontends: dict[FrontendKey, tuple[int, int, int]] = {}  # (svc_id, count, hash)
+        # frontend -> (svc_id, count, name hash, affinity seconds)
+        self.frontends: dict[FrontendKey, tuple[int, int, int, int]] = {}
         self.slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {}  # -> (family, b)
         self.ops_applied = 0
 
@@ -42,14 +43,14 @@ class FakeServiceMaps:
                 case DeleteSlot():
                     self.slots.pop((op.svc_id, op.slot), None)
                 case PutFrontend():
-                    self.frontends[op.frontend] = (op.svc_id, op.count, op.name_hash)
+                    self.frontends[op.frontend] = (op.svc_id, op.count, op.name_hash, op.affinity)
                 case DeleteFrontend():
                     self.frontends.pop(op.frontend, None)
             self.ops_applied += 1
             self.check(after=op)
 
     def check(self, after: MapOp | None = None) -> None:
-        for fkey, (svc_id, count, _) in self.frontends.items():
+        for fkey, (svc_id, count, *_) in self.frontends.items():
             for slot in range(count):
                 if (svc_id, slot) not in self.slots:
                     raise InvariantBroken(f"after {after}: {fkey} -> svc {svc_id} count "

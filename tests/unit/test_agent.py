@@ -209,7 +209,7 @@ def test_external_frontends_get_their_own_backends_under_a_local_policy():
     node = NodeContext("this", (ipaddress.ip_address("192.0.2.5"),))
     agent = Agent(ScriptedSource([upserts(svc, remote)]), maps, min_sync_period=0.01, node=node)
     asyncio.run(run_for(agent, 0.3))
-    counts = {str(f): count for f, (_, count, _) in maps.frontends.items()}
+    counts = {str(f): count for f, (_, count, *_) in maps.frontends.items()}
     assert counts == {"10.96.0.1:80/TCP": 0, "192.0.2.5:30080/TCP": 1}
     [port] = agent.status.services
     assert {kind for _, kind in port.frontends} == {"ClusterIP", "NodePort"}

@@ -193,7 +193,7 @@ def test_a_frontend_left_with_an_old_count_is_rewritten():
     repair = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
                      extra_vips=("10.96.0.2",)), adopted)
     fake.apply(repair.ops)
-    assert {count for _, count, _ in fake.frontends.values()} == {3}
+    assert {count for _, count, *_ in fake.frontends.values()} == {3}
 
 
 def test_keep_unclaimed_keeps_what_an_incomplete_listing_does_not_mention():
@@ -272,3 +272,20 @@ def test_backends_a_udp_port_loses_are_reported_for_socket_cleanup():
     assert {str(b.address) for b in shrunk.removed_udp} == {"10.0.0.1"}
     gone = plan({}, shrunk.result)                  # the whole service goes
     assert {str(b.address) for b in gone.removed_udp} == {"10.0.0.2"}
+
+
+def test_switching_affinity_on_and_off_rewrites_only_the_frontends():
+    from dataclasses import replace
+    base = sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"])
+    key = next(iter(base))
+    sticky = {key: replace(base[key], session_affinity_timeout=10800)}
+    first = plan(base, {})
+    on = plan(sticky, first.result)
+    assert kinds(on.ops) == ["PutFrontend"] and on.ops[0].affinity == 10800
+    fake = FakeServiceMaps()
+    fake.apply(first.ops)
+    fake.apply(on.ops)
+    assert fake.read_back()[1].affinity == 10800
+    assert plan(sticky, fake.read_back()).ops == ()
+    off = plan(base, fake.read_back())
+    assert kinds(off.ops) == ["PutFrontend"] and off.ops[0].affinity == 0
