@@ -1,6 +1,7 @@
 /* bpf/maps.h: every map's key, value and size, shared by all programs and mirrored by
  * agent/datapath/layout.py. Layout changes bump BPFP_MAPS_VERSION and the pinned names
- * (bpfp_svc4_v1 -> _v2) so an agent never reads a map written with another layout. */
+ * (bpfp_svc4_v1 -> _v2) so an agent never reads a map written with another layout; a new
+ * map (the IPv6 ones joined v1) is no layout change: an older agent's pins stay valid. */
 #ifndef BPFP_MAPS_H
 #define BPFP_MAPS_H
 
@@ -51,7 +52,8 @@ struct backend4 {
 };
 
 /* Socket cookie + backend -> the service address the application asked for, so
- * recvmsg() and getpeername() report the service, as with kube-proxy's DNAT. */
+ * recvmsg() and getpeername() report the service, as with kube-proxy's DNAT. An AF_INET6
+ * socket that reached an IPv4 service through ::ffff:a.b.c.d is remembered here too. */
 struct revnat4_key {
         __u64  cookie;
         __be32 addr;
@@ -61,6 +63,36 @@ struct revnat4_key {
 
 struct revnat4_value {
         __be32 addr;
+        __be16 port;
+        __u16  pad;
+};
+
+/* IPv6: the same maps with 16-byte addresses, stored as ctx->user_ip6 holds them (four
+ * 32-bit words in network order). A service port's svc_id indexes the slot map of its
+ * family: an IPv6 frontend's slots are in bpfp_slot6, keyed like bpfp_slot4. */
+struct svc_key6 {
+        __be32 addr[4];
+        __be16 port;
+        __u8   proto;
+        __u8   scope;           /* reserved for traffic policies; 0 today */
+};
+
+struct backend6 {
+        __be32 addr[4];
+        __be16 port;
+        __u16  pad;
+};
+
+struct revnat6_key {
+        __u64  cookie;
+        __be32 addr[4];
+        __be16 port;
+        __u16  pad;
+        __u32  pad2;            /* explicit: a hash key must have no unwritten bytes */
+};
+
+struct revnat6_value {
+        __be32 addr[4];
         __be16 port;
         __u16  pad;
 };
@@ -75,5 +107,11 @@ BPF_TABLE_PINNED("hash", struct slot_key, struct backend4, bpfp_slot4,
                  BPFP_MAX_SLOTS, BPFP_PIN("bpfp_slot4_v1"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct revnat4_key, struct revnat4_value, bpfp_revnat4,
                  BPFP_MAX_REVNAT, BPFP_PIN("bpfp_revnat4_v1"));
+BPF_TABLE_PINNED("hash", struct svc_key6, struct svc_value, bpfp_svc6,
+                 BPFP_MAX_FRONTENDS, BPFP_PIN("bpfp_svc6_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct slot_key, struct backend6, bpfp_slot6,
+                 BPFP_MAX_SLOTS, BPFP_PIN("bpfp_slot6_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct revnat6_key, struct revnat6_value, bpfp_revnat6,
+                 BPFP_MAX_REVNAT, BPFP_PIN("bpfp_revnat6_v1"));
 
 #endif /* BPFP_MAPS_H */

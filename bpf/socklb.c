@@ -1,5 +1,5 @@
-/* bpf/socklb.c: socket-level load balancing for cgroup v2 (connect4, sendmsg4,
- * recvmsg4, getpeername4). A connection to a service address is pointed at a backend
+/* bpf/socklb.c: socket-level load balancing for cgroup v2 (connect, sendmsg, recvmsg and
+ * getpeername, IPv4 and IPv6). A connection to a service address is pointed at a backend
  * before it leaves the socket: no per-packet NAT, no conntrack entry. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -9,21 +9,30 @@
 #define SOCK_REJECT 0
 #define BPFP_ECONNREFUSED 111
 
-static __always_inline struct svc_key4 svc_key_from_sock(struct bpf_sock_addr *ctx)
+/* Word 2 of an IPv4-mapped IPv6 address (::ffff:a.b.c.d) as user_ip6[2] reads it. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define BPFP_V4_MAPPED_WORD 0xffff0000U
+#else
+#define BPFP_V4_MAPPED_WORD 0x0000ffffU
+#endif
+
+/* Keeps clang from merging or splitting the 32-bit user_ip6[] accesses: the verifier
+ * accepts only whole words (or aligned pairs) there, as Cilium's ctx_{get,set}_v6_address. */
+#define bpfp_barrier() asm volatile("" ::: "memory")
+
+/* What a lookup found for a destination address. */
+enum xlate { NOT_A_SERVICE, TO_BACKEND, NO_BACKEND };
+
+static __always_inline int is_balanced_protocol(struct bpf_sock_addr *ctx)
 {
-        struct svc_key4 key = {
-                .addr  = ctx->user_ip4,
-                .port  = (__be16)ctx->user_port,
-                .proto = (__u8)ctx->protocol,
-        };
-        return key;
+        return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
 }
 
 /* O(1) whatever the number of services or backends. TCP: a random slot per connection.
  * UDP: a slot from the socket cookie, so every datagram of one socket reaches the same
  * backend, as kube-proxy's conntrack entry keeps a UDP flow on one endpoint. */
-static __always_inline struct backend4 *pick_backend(struct bpf_sock_addr *ctx,
-                                                     struct svc_value *svc)
+static __always_inline struct slot_key pick_slot(struct bpf_sock_addr *ctx,
+                                                 struct svc_value *svc)
 {
         __u32 pick;
         if (ctx->protocol == IPPROTO_UDP)
@@ -34,82 +43,252 @@ static __always_inline struct backend4 *pick_backend(struct bpf_sock_addr *ctx,
                 .svc_id = svc->svc_id,
                 .slot   = pick % svc->count,
         };
-        return bpfp_slot4.lookup(&slot);
+        return slot;
 }
 
-/* Rewrite the destination to a backend; ECONNREFUSED when the service has none,
- * as kube-proxy's REJECT rule answers. */
-static __always_inline int redirect_to_backend(struct bpf_sock_addr *ctx,
-                                               struct svc_key4 *key, struct svc_value *svc)
+/* ECONNREFUSED for a service with no backend, as kube-proxy's REJECT rule answers. */
+static __always_inline int verdict(enum xlate found)
 {
-        if (svc->count == 0) {
-                bpf_set_retval(-BPFP_ECONNREFUSED);
-                return SOCK_REJECT;
-        }
-        struct backend4 *backend = pick_backend(ctx, svc);
-        if (!backend) {
+        if (found != NO_BACKEND)
+                return SOCK_ALLOW;
+        bpf_set_retval(-BPFP_ECONNREFUSED);
+        return SOCK_REJECT;
+}
+
+/* --- IPv4 --------------------------------------------------------------------------- */
+
+/* addr:port in the IPv4 maps; on TO_BACKEND *to is the backend and the reverse NAT entry is
+ * written. Takes the address, not the ctx field, so that an IPv4-mapped destination of an
+ * AF_INET6 socket shares it (Cilium's sock6_xlate_v4_in_v6 reuses __sock4_xlate_fwd). */
+static __always_inline enum xlate forward4(struct bpf_sock_addr *ctx, __be32 addr,
+                                           __be16 port, struct backend4 *to)
+{
+        struct svc_key4 key = {
+                .addr  = addr,
+                .port  = port,
+                .proto = (__u8)ctx->protocol,
+        };
+        struct svc_value *svc = bpfp_svc4.lookup(&key);
+        if (!svc)
+                return NOT_A_SERVICE;           /* not a service address: untouched */
+        if (svc->count == 0)
+                return NO_BACKEND;
+        struct slot_key slot = pick_slot(ctx, svc);
+        struct backend4 *backend = bpfp_slot4.lookup(&slot);
+        if (!backend)
                 /* a slot is written before the count that covers it; only a map
                  * corrupted from outside gets here */
-                bpf_set_retval(-BPFP_ECONNREFUSED);
-                return SOCK_REJECT;
-        }
+                return NO_BACKEND;
         struct revnat4_key rkey = {
                 .cookie = bpf_get_socket_cookie(ctx),
                 .addr   = backend->addr,
                 .port   = backend->port,
         };
-        struct revnat4_value rval = { .addr = key->addr, .port = key->port };
+        struct revnat4_value rval = { .addr = addr, .port = port };
         bpfp_revnat4.update(&rkey, &rval);
-
-        ctx->user_ip4  = backend->addr;
-        ctx->user_port = (__u32)backend->port;
-        return SOCK_ALLOW;
+        to->addr = backend->addr;
+        to->port = backend->port;
+        return TO_BACKEND;
 }
 
-static __always_inline int balance(struct bpf_sock_addr *ctx)
-{
-        if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
-                return SOCK_ALLOW;
-        struct svc_key4 key = svc_key_from_sock(ctx);
-        struct svc_value *svc = bpfp_svc4.lookup(&key);
-        if (!svc)
-                return SOCK_ALLOW;              /* not a service address: untouched */
-        return redirect_to_backend(ctx, &key, svc);
-}
-
-/* Replies and peer names show the service address the application connected to. */
-static __always_inline void reverse_translate(struct bpf_sock_addr *ctx)
+/* The service address a socket's peer addr:port stands for, or NULL. */
+static __always_inline struct revnat4_value *reverse4(struct bpf_sock_addr *ctx,
+                                                      __be32 addr, __be16 port)
 {
         struct revnat4_key rkey = {
                 .cookie = bpf_get_socket_cookie(ctx),
-                .addr   = ctx->user_ip4,
-                .port   = (__be16)ctx->user_port,
+                .addr   = addr,
+                .port   = port,
         };
-        struct revnat4_value *rval = bpfp_revnat4.lookup(&rkey);
+        return bpfp_revnat4.lookup(&rkey);
+}
+
+static __always_inline int balance4(struct bpf_sock_addr *ctx)
+{
+        if (!is_balanced_protocol(ctx))
+                return SOCK_ALLOW;
+        struct backend4 to = {};
+        enum xlate found = forward4(ctx, ctx->user_ip4, (__be16)ctx->user_port, &to);
+        if (found == TO_BACKEND) {
+                ctx->user_ip4  = to.addr;
+                ctx->user_port = (__u32)to.port;
+        }
+        return verdict(found);
+}
+
+/* Replies and peer names show the service address the application connected to. */
+static __always_inline void reverse_translate4(struct bpf_sock_addr *ctx)
+{
+        struct revnat4_value *rval = reverse4(ctx, ctx->user_ip4, (__be16)ctx->user_port);
         if (!rval)
                 return;
         ctx->user_ip4  = rval->addr;
         ctx->user_port = (__u32)rval->port;
 }
 
+/* --- IPv6 --------------------------------------------------------------------------- */
+
+static __always_inline void get_user_ip6(struct bpf_sock_addr *ctx, __be32 *addr)
+{
+        addr[0] = ctx->user_ip6[0];
+        bpfp_barrier();
+        addr[1] = ctx->user_ip6[1];
+        bpfp_barrier();
+        addr[2] = ctx->user_ip6[2];
+        bpfp_barrier();
+        addr[3] = ctx->user_ip6[3];
+        bpfp_barrier();
+}
+
+static __always_inline void set_user_ip6(struct bpf_sock_addr *ctx, const __be32 *addr)
+{
+        ctx->user_ip6[0] = addr[0];
+        bpfp_barrier();
+        ctx->user_ip6[1] = addr[1];
+        bpfp_barrier();
+        ctx->user_ip6[2] = addr[2];
+        bpfp_barrier();
+        ctx->user_ip6[3] = addr[3];
+        bpfp_barrier();
+}
+
+/* ::ffff:a.b.c.d (RFC 4291 2.5.5.2): an AF_INET6 socket talking IPv4. */
+static __always_inline int is_v4_mapped(const __be32 *addr)
+{
+        return addr[0] == 0 && addr[1] == 0 && addr[2] == BPFP_V4_MAPPED_WORD;
+}
+
+static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be32 *addr,
+                                           __be16 port, struct backend6 *to)
+{
+        struct svc_key6 key = {
+                .addr  = { addr[0], addr[1], addr[2], addr[3] },
+                .port  = port,
+                .proto = (__u8)ctx->protocol,
+        };
+        struct svc_value *svc = bpfp_svc6.lookup(&key);
+        if (!svc)
+                return NOT_A_SERVICE;
+        if (svc->count == 0)
+                return NO_BACKEND;
+        struct slot_key slot = pick_slot(ctx, svc);
+        struct backend6 *backend = bpfp_slot6.lookup(&slot);
+        if (!backend)
+                return NO_BACKEND;
+        struct revnat6_key rkey = {
+                .cookie = bpf_get_socket_cookie(ctx),
+                .addr   = { backend->addr[0], backend->addr[1], backend->addr[2],
+                            backend->addr[3] },
+                .port   = backend->port,
+        };
+        struct revnat6_value rval = {
+                .addr = { addr[0], addr[1], addr[2], addr[3] },
+                .port = port,
+        };
+        bpfp_revnat6.update(&rkey, &rval);
+        __builtin_memcpy(to, backend, sizeof(*to));
+        return TO_BACKEND;
+}
+
+/* An AF_INET6 socket: an IPv6 service, or an IPv4 one through its IPv4-mapped address,
+ * which goes to ::ffff:<IPv4 backend> (the kernel then talks IPv4 on that socket). */
+static __always_inline int balance6(struct bpf_sock_addr *ctx)
+{
+        if (!is_balanced_protocol(ctx))
+                return SOCK_ALLOW;
+        __be32 addr[4];
+        get_user_ip6(ctx, addr);
+        __be16 port = (__be16)ctx->user_port;
+        enum xlate found;
+        if (is_v4_mapped(addr)) {
+                struct backend4 to4 = {};
+                found = forward4(ctx, addr[3], port, &to4);
+                if (found == TO_BACKEND) {
+                        ctx->user_ip6[3] = to4.addr;    /* words 0-2 stay ::ffff */
+                        ctx->user_port   = (__u32)to4.port;
+                }
+                return verdict(found);
+        }
+        struct backend6 to6 = {};
+        found = forward6(ctx, addr, port, &to6);
+        if (found == TO_BACKEND) {
+                set_user_ip6(ctx, to6.addr);
+                ctx->user_port = (__u32)to6.port;
+        }
+        return verdict(found);
+}
+
+static __always_inline void reverse_translate6(struct bpf_sock_addr *ctx)
+{
+        __be32 addr[4];
+        get_user_ip6(ctx, addr);
+        __be16 port = (__be16)ctx->user_port;
+        if (is_v4_mapped(addr)) {
+                struct revnat4_value *rval4 = reverse4(ctx, addr[3], port);
+                if (rval4) {
+                        ctx->user_ip6[3] = rval4->addr;
+                        ctx->user_port   = (__u32)rval4->port;
+                }
+                return;
+        }
+        struct revnat6_key rkey = {
+                .cookie = bpf_get_socket_cookie(ctx),
+                .addr   = { addr[0], addr[1], addr[2], addr[3] },
+                .port   = port,
+        };
+        struct revnat6_value *rval = bpfp_revnat6.lookup(&rkey);
+        if (!rval)
+                return;
+        set_user_ip6(ctx, rval->addr);
+        ctx->user_port = (__u32)rval->port;
+}
+
+/* --- entry points ------------------------------------------------------------------- */
+
 int bpfp_connect4(struct bpf_sock_addr *ctx)
 {
-        return balance(ctx);
+        return balance4(ctx);
 }
 
 int bpfp_sendmsg4(struct bpf_sock_addr *ctx)
 {
-        return balance(ctx);
+        /* also an AF_INET6 socket's unconnected send to ::ffff:a.b.c.d: the kernel hands
+         * it to udp_sendmsg, which runs this hook with the IPv4 address */
+        return balance4(ctx);
 }
 
 int bpfp_recvmsg4(struct bpf_sock_addr *ctx)
 {
-        reverse_translate(ctx);
+        reverse_translate4(ctx);
         return SOCK_ALLOW;
 }
 
 int bpfp_getpeername4(struct bpf_sock_addr *ctx)
 {
-        reverse_translate(ctx);
+        reverse_translate4(ctx);
+        return SOCK_ALLOW;
+}
+
+int bpfp_connect6(struct bpf_sock_addr *ctx)
+{
+        return balance6(ctx);
+}
+
+int bpfp_sendmsg6(struct bpf_sock_addr *ctx)
+{
+        /* IPv6 destinations only in practice: udpv6_sendmsg hands ::ffff:a.b.c.d to
+         * udp_sendmsg (sendmsg4) before this hook runs */
+        return balance6(ctx);
+}
+
+int bpfp_recvmsg6(struct bpf_sock_addr *ctx)
+{
+        reverse_translate6(ctx);
+        return SOCK_ALLOW;
+}
+
+int bpfp_getpeername6(struct bpf_sock_addr *ctx)
+{
+        reverse_translate6(ctx);
         return SOCK_ALLOW;
 }

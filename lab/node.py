@@ -1,5 +1,6 @@
-"""Lab: one Kubernetes node as a network namespace with a bridge, and pods hanging off it.
-Nothing links it to the host (no default route, no host interface); all of it goes on exit."""
+"""Lab: one Kubernetes node as a network namespace with a bridge, and dual-stack pods hanging
+off it. Nothing links it to the host (no default route, no host interface); all of it goes on
+exit."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ BRIDGE = "bpfp-br0"
 # and go and leaves the pods' cached gateway neighbour entries pointing nowhere.
 BRIDGE_MAC = "02:62:70:66:00:01"
 SERVICE_CIDR = "10.96.0.0/12"  # kube's default service range; never routed anywhere here
+SERVICE_CIDR6 = "fd00:10:96::/112"  # kind's IPv6 service range; never routed anywhere either
 
 _open_labs: list[Lab] = []
 
@@ -28,13 +30,19 @@ _open_labs: list[Lab] = []
 class Lab:
     """with Lab(name="t1") as lab: pod = lab.add_pod("a"); ...   (name: [a-z0-9], short)"""
 
-    def __init__(self, name: str, pod_cidr: str = "10.244.1.0/24") -> None:
+    def __init__(
+        self, name: str, pod_cidr: str = "10.244.1.0/24", pod_cidr6: str = "fd00:10:244:1::/64"
+    ) -> None:
         if not re.fullmatch(r"[a-z0-9]{1,16}", name):
             raise ValueError(f"lab name {name!r}: use 1-16 characters of [a-z0-9] (no dashes)")
         self.name = name
         self.pod_cidr = ipaddress.ip_network(pod_cidr)
         hosts = self.pod_cidr.hosts()
         self.node_ip = str(next(hosts))
+        # Dual-stack: a pod's IPv6 address sits at its IPv4 address's offset in the ULA pod
+        # prefix (10.244.1.5 -> fd00:10:244:1::5), so a test can tell which pod either names.
+        self.pod_cidr6 = ipaddress.IPv6Network(pod_cidr6)
+        self.node_ip6 = self.ip6_of(self.node_ip)
         self._free_ips = [str(ip) for ip in hosts]
         self.node_netns = f"{netns.PREFIX}{name}-node"
         self.cgroup = cgroups.cgroup2_mount() / f"{netns.PREFIX}{name}"
@@ -71,17 +79,27 @@ class Lab:
     def _make_node(self) -> None:
         ns = self.node_netns
         netns.add(ns)
-        netns.ip("link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge", netns=ns)
+        # No multicast snooping: IPv6 neighbour discovery then never depends on MLD state.
+        netns.ip(
+            "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge", "mcast_snooping", "0",
+            netns=ns,
+        )  # fmt: skip
         prefix = self.pod_cidr.prefixlen
         netns.ip("addr", "add", f"{self.node_ip}/{prefix}", "dev", BRIDGE, netns=ns)
+        # nodad: usable at once, not after a second of duplicate address detection.
+        prefix6 = self.pod_cidr6.prefixlen
+        netns.ip("-6", "addr", "add", f"{self.node_ip6}/{prefix6}", "dev", BRIDGE, "nodad",
+                 netns=ns)  # fmt: skip
         netns.ip("link", "set", BRIDGE, "up", netns=ns)
         # Connects to a service address the agent did not rewrite fail fast (EHOSTUNREACH), not
         # by timeout; pods route everything via the node, so the node's ICMP reaches them. The
         # kernel allows such ICMP per client in a burst of about 5, then 1/s (host-wide
         # net.ipv4.route.error_cost/error_burst, which we leave alone): many more time out.
         netns.ip("route", "add", "unreachable", SERVICE_CIDR, netns=ns)
+        netns.ip("-6", "route", "add", "unreachable", SERVICE_CIDR6, netns=ns)
         # icmp_ratelimit=0: otherwise only about one "unreachable" per second gets back.
-        netns.sysctl(ns, {"net.ipv4.ip_forward": 1, "net.ipv4.icmp_ratelimit": 0})
+        forwarding = {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1}
+        netns.sysctl(ns, {**forwarding, "net.ipv4.icmp_ratelimit": 0, "net.ipv6.icmp.ratelimit": 0})
 
     def close(self) -> None:
         """Stop processes, delete namespaces and cgroups. Idempotent; keeps going on errors."""
@@ -103,8 +121,14 @@ class Lab:
 
     # -- pods ------------------------------------------------------------------------------
 
+    def ip6_of(self, ip: str) -> str:
+        """The IPv6 address that goes with an IPv4 address of the pod CIDR."""
+        offset = int(ipaddress.IPv4Address(ip)) - int(self.pod_cidr.network_address)
+        return str(self.pod_cidr6.network_address + offset)
+
     def add_pod(self, name: str) -> Pod:
-        """A pod with eth0 (the next free address of the pod CIDR), default route via the node."""
+        """A dual-stack pod: eth0 with the next free address of the pod CIDR and its IPv6
+        twin (ip6_of), default routes of both families via the node."""
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) or name == "node":
             raise ValueError(f"pod name {name!r}: use [a-z0-9-] like Kubernetes, not 'node'")
         if name in self.pods:
@@ -117,6 +141,7 @@ class Lab:
             lab=self,
             name=name,
             ip=ip,
+            ip6=self.ip6_of(ip),
             netns=f"{netns.PREFIX}{self.name}-{name}",
             cgroup=self.cgroup / name,
             node_veth=f"bpfpv{self._next_veth}",
@@ -142,8 +167,13 @@ class Lab:
         netns.ip(
             "addr", "add", f"{pod.ip}/{self.pod_cidr.prefixlen}", "dev", "eth0", netns=pod.netns
         )
+        netns.ip(
+            "-6", "addr", "add", f"{pod.ip6}/{self.pod_cidr6.prefixlen}", "dev", "eth0", "nodad",
+            netns=pod.netns,
+        )  # fmt: skip
         netns.ip("link", "set", "eth0", "up", netns=pod.netns)
         netns.ip("route", "add", "default", "via", self.node_ip, netns=pod.netns)
+        netns.ip("-6", "route", "add", "default", "via", self.node_ip6, netns=pod.netns)
 
     def remove_pod(self, pod: Pod | str) -> None:
         """Stop the pod's processes, delete its namespace (and veth) and cgroup; free its IP."""

@@ -1,5 +1,6 @@
-"""A pod of the lab: its own network namespace (eth0 on the node's bridge) and cgroup v2 dir.
-Commands run in both, so the agent's cgroup socket hooks see them as the pod's traffic."""
+"""A pod of the lab: its own network namespace (eth0 on the node's bridge, IPv4 and IPv6) and
+cgroup v2 dir. Commands run in both, so the agent's cgroup socket hooks see them as the pod's
+traffic."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Pod:
     lab: Lab
     name: str
     ip: str
+    ip6: str  # the pod's IPv6 address (the lab is dual-stack); servers answer on both
     netns: str  # bpfp-LAB-POD
     cgroup: Path  # <cgroup2 mount>/bpfp-LAB/POD
     node_veth: str  # the bridge port in the node namespace

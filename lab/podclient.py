@@ -1,11 +1,12 @@
 """A pod's client: N requests (or requests for S seconds) to ADDR:PORT, one JSON summary on stdout.
 `python -m lab.podclient tcp|udp|udp-connected ADDR PORT [--count N | --duration S]
-[--timeline]`."""
+[--timeline]`. An IPv6 ADDR (also ::ffff:a.b.c.d) is reached from an AF_INET6 socket."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import json
 import socket
 import time
@@ -94,7 +95,7 @@ def request_on(sock: socket.socket, addr: str, port: int, timeout: float) -> Out
         sock.settimeout(timeout)
         sock.sendto(b"?\n", target)
         data, source = sock.recvfrom(2048)
-        return Outcome(answer=_text(data), wrong_source=source != target)
+        return Outcome(answer=_text(data), wrong_source=not _names(source, addr, port))
     except TimeoutError:
         return Outcome(error="timeout")
     except OSError as error:
@@ -106,15 +107,15 @@ def request(mode: str, addr: str, port: int, timeout: float) -> Outcome:
     kind = socket.SOCK_STREAM if mode == "tcp" else socket.SOCK_DGRAM
     target = (addr, port)
     try:
-        with socket.socket(socket.AF_INET, kind) as sock:
+        with socket.socket(family(addr), kind) as sock:
             sock.settimeout(timeout)
             if mode == "udp":
                 sock.sendto(b"?\n", target)
                 data, source = sock.recvfrom(2048)
-                return Outcome(answer=_text(data), wrong_source=source != target)
+                return Outcome(answer=_text(data), wrong_source=not _names(source, addr, port))
             sock.connect(target)
             # With socket load balancing the peer must still read as the service address.
-            wrong_peer = sock.getpeername() != target
+            wrong_peer = not _names(sock.getpeername(), addr, port)
             if mode == "udp-connected":
                 sock.send(b"?\n")
                 return Outcome(answer=_text(sock.recv(2048)), wrong_peer=wrong_peer)
@@ -131,6 +132,18 @@ def request(mode: str, addr: str, port: int, timeout: float) -> Outcome:
             else type(error).__name__
         )
         return Outcome(error=name)
+
+
+def family(addr: str) -> socket.AddressFamily:
+    """AF_INET6 for any IPv6 address, IPv4-mapped ones included (an IPv6 socket talking IPv4)."""
+    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+
+
+def _names(peer: tuple, addr: str, port: int) -> bool:
+    """Whether a socket address (recvfrom, getpeername; 4-tuples for IPv6) is addr:port."""
+    if peer[1] != port:
+        return False
+    return peer[0] == addr or ipaddress.ip_address(peer[0]) == ipaddress.ip_address(addr)
 
 
 def _read_line(sock: socket.socket, deadline: float) -> bytes:
@@ -161,7 +174,7 @@ def run(
     result = ClientResult()
     start = result.started = time.monotonic()
     sent = 0
-    kept = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if mode == "udp-one-socket" else None
+    kept = socket.socket(family(addr), socket.SOCK_DGRAM) if mode == "udp-one-socket" else None
     while (time.monotonic() - start < duration) if duration is not None else sent < count:
         if kept is not None:
             outcome = request_on(kept, addr, port, timeout)

@@ -1,28 +1,29 @@
-"""A pod's workload: answer every TCP connection and UDP datagram with `NAME:PORT\\n`.
-Run in a pod as `python -m lab.podserver --name NAME --port P [--port P2] [--udp]`;
-prints "ready"."""
+"""A pod's workload: answer every TCP connection and UDP datagram, IPv4 or IPv6, with
+`NAME:PORT\\n`. Run in a pod as `python -m lab.podserver --name NAME --port P [--port P2]
+[--udp]`; prints "ready"."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import selectors
 import socket
+
+# One socket per family: the IPv4 one stays a plain AF_INET socket (what the benchmarks
+# measured), the IPv6 one is IPV6_V6ONLY so the two never compete for IPv4 connections.
+_ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
 def serve(name: str, ports: list[int], udp: bool) -> None:
     selector = selectors.DefaultSelector()
     for port in ports:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("0.0.0.0", port))
-        listener.listen(1024)  # bursts of short connections from benchmarks
-        listener.setblocking(False)
-        selector.register(listener, selectors.EVENT_READ, ("tcp", port))
-        if udp:
-            datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            datagrams.bind(("0.0.0.0", port))
-            datagrams.setblocking(False)
-            selector.register(datagrams, selectors.EVENT_READ, ("udp", port))
+        for family in _families():
+            listener = _bound(family, socket.SOCK_STREAM, port)
+            listener.listen(1024)  # bursts of short connections from benchmarks
+            selector.register(listener, selectors.EVENT_READ, ("tcp", port))
+            if udp:
+                datagrams = _bound(family, socket.SOCK_DGRAM, port)
+                selector.register(datagrams, selectors.EVENT_READ, ("udp", port))
     print("ready", flush=True)
 
     # One thread, non-blocking: each answer fits in an empty send buffer, so nothing waits.
@@ -34,6 +35,28 @@ def serve(name: str, ports: list[int], udp: bool) -> None:
                 _answer_connections(key.fileobj, answer)
             else:
                 _answer_datagrams(key.fileobj, answer)
+
+
+def _families() -> list[socket.AddressFamily]:
+    """IPv4, and IPv6 unless this kernel has none at all."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError as error:
+        if error.errno != errno.EAFNOSUPPORT:
+            raise
+        return [socket.AF_INET]
+    return [socket.AF_INET, socket.AF_INET6]
+
+
+def _bound(family: socket.AddressFamily, kind: socket.SocketKind, port: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((_ANY[family], port))
+    sock.setblocking(False)
+    return sock
 
 
 def _answer_connections(listener: socket.socket, answer: bytes) -> None:

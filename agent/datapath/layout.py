@@ -36,6 +36,30 @@ class Revnat4Value(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+# IPv6 addresses as bpf/maps.h holds them: __be32[4], the bytes of the address in network
+# order (what ctx->user_ip6 holds). from_buffer_copy(address.packed) writes one, bytes()
+# reads it back.
+Addr6 = ctypes.c_uint32 * 4
+
+
+class SvcKey6(ctypes.Structure):
+    _fields_ = [("addr", Addr6), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("scope", ctypes.c_uint8)]
+
+
+class Backend6(ctypes.Structure):
+    _fields_ = [("addr", Addr6), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class Revnat6Key(ctypes.Structure):
+    _fields_ = [("cookie", ctypes.c_uint64), ("addr", Addr6), ("port", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16), ("pad2", ctypes.c_uint32)]
+
+
+class Revnat6Value(ctypes.Structure):
+    _fields_ = [("addr", Addr6), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
 @dataclass(frozen=True)
 class MapLayout:
     table: str          # the name in bpf/maps.h (and BCC's table name)
@@ -48,4 +72,7 @@ MAPS = {
     "bpfp_svc4": MapLayout("bpfp_svc4", "bpfp_svc4_v1", SvcKey4, SvcValue),
     "bpfp_slot4": MapLayout("bpfp_slot4", "bpfp_slot4_v1", SlotKey, Backend4),
     "bpfp_revnat4": MapLayout("bpfp_revnat4", "bpfp_revnat4_v1", Revnat4Key, Revnat4Value),
+    "bpfp_svc6": MapLayout("bpfp_svc6", "bpfp_svc6_v1", SvcKey6, SvcValue),
+    "bpfp_slot6": MapLayout("bpfp_slot6", "bpfp_slot6_v1", SlotKey, Backend6),
+    "bpfp_revnat6": MapLayout("bpfp_revnat6", "bpfp_revnat6_v1", Revnat6Key, Revnat6Value),
 }

@@ -29,6 +29,10 @@ SOCKET_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
     ("bpfp_sendmsg4", AttachType.CGROUP_UDP4_SENDMSG),
     ("bpfp_recvmsg4", AttachType.CGROUP_UDP4_RECVMSG),
     ("bpfp_getpeername4", AttachType.CGROUP_INET4_GETPEERNAME),
+    ("bpfp_connect6", AttachType.CGROUP_INET6_CONNECT),
+    ("bpfp_sendmsg6", AttachType.CGROUP_UDP6_SENDMSG),
+    ("bpfp_recvmsg6", AttachType.CGROUP_UDP6_RECVMSG),
+    ("bpfp_getpeername6", AttachType.CGROUP_INET6_GETPEERNAME),
 )
 
 # Pinned maps (file names carry the layout version) by BCC table name.
@@ -116,8 +120,9 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
                 raise DatapathError(f"agent/datapath/layout.py {mirrored.__name__} "
                                     f"{_fields(mirrored)} differs from bpf/maps.h "
                                     f"{_fields(compiled)}")
-        expected_max = {"bpfp_svc4": config.max_frontends, "bpfp_slot4": config.max_slots,
-                        "bpfp_revnat4": config.max_revnat}[table_name]
+        kind = table_name.removeprefix("bpfp_").rstrip("46")     # one size for both families
+        expected_max = {"svc": config.max_frontends, "slot": config.max_slots,
+                        "revnat": config.max_revnat}[kind]
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
                         "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)

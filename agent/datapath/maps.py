@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol as TypingProtocol
 
@@ -58,6 +58,17 @@ def _be32(address: ipaddress.IPv4Address) -> int:
 
 def _from_be32(value: int) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(socket.ntohl(value))
+
+
+def _addr6(address: ipaddress.IPv6Address) -> layout.Addr6:
+    """An address as the __be32[4] whose memory holds it in network order (ctx->user_ip6)."""
+    if address.version != 6:
+        raise ValueError(f"{address} is not IPv6: the IPv6 maps cannot hold it")
+    return layout.Addr6.from_buffer_copy(address.packed)
+
+
+def _from_addr6(value: layout.Addr6) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(bytes(value))
 
 
 class PinnedMap:
@@ -123,54 +134,97 @@ class PinnedMap:
 
 
 class BpfServiceMaps:
-    """ServiceMaps on the pinned BPF maps under a pin directory."""
+    """ServiceMaps on the pinned BPF maps under a pin directory: each family has its own
+    frontend and slot map, and an op goes to the maps of its address's family."""
 
     def __init__(self, pin_dir: Path) -> None:
-        self.svc = PinnedMap(pin_dir, layout.MAPS["bpfp_svc4"])
-        self.slots = PinnedMap(pin_dir, layout.MAPS["bpfp_slot4"])
+        opened: list[PinnedMap] = []
+        try:
+            for family in (4, 6):
+                opened.append(PinnedMap(pin_dir, layout.MAPS[f"bpfp_svc{family}"]))
+                opened.append(PinnedMap(pin_dir, layout.MAPS[f"bpfp_slot{family}"]))
+        except BaseException:
+            for pinned in opened:
+                pinned.close()
+            raise
+        self.svc4, self.slots4, self.svc6, self.slots6 = opened
+        self.svc = {4: self.svc4, 6: self.svc6}
+        self.slots = {4: self.slots4, 6: self.slots6}
 
     def close(self) -> None:
-        self.svc.close()
-        self.slots.close()
+        for pinned in (self.svc4, self.slots4, self.svc6, self.slots6):
+            pinned.close()
 
     def supports(self, family: int, protocol: Protocol) -> bool:
-        """IPv4 TCP and UDP today (the socket programs leave other protocols alone)."""
-        return family == 4 and protocol in (Protocol.TCP, Protocol.UDP)
+        """IPv4 and IPv6, TCP and UDP (the socket programs leave other protocols alone)."""
+        return family in (4, 6) and protocol in (Protocol.TCP, Protocol.UDP)
 
     def apply(self, ops: Sequence[MapOp]) -> None:
-        """Ops are applied in their order; consecutive ops of one kind go in one batch."""
+        """Ops are applied in their order; consecutive ops of one kind go in one batch per
+        family (the two families' maps are independent of each other)."""
         for kind, group in itertools.groupby(ops, key=type):
-            batch = list(group)
-            if kind is PutSlot:
-                self.slots.update([_slot_key(o.svc_id, o.slot) for o in batch],
-                                  [_backend(o.backend) for o in batch])
-            elif kind is PutFrontend:
-                self.svc.update([_svc_key(o.frontend) for o in batch],
-                                [layout.SvcValue(o.svc_id, o.count, 0, 0, o.name_hash)
-                                 for o in batch])
-            elif kind is DeleteFrontend:
-                self.svc.delete([_svc_key(o.frontend) for o in batch])
-            elif kind is DeleteSlot:
-                self.slots.delete([_slot_key(o.svc_id, o.slot) for o in batch])
+            if kind is PutSlot or kind is DeleteSlot:
+                by_family = _split(group, lambda o: o.family)
+            else:
+                by_family = _split(group, lambda o: o.frontend.address.version)
+            for family, batch in by_family.items():
+                if kind is PutSlot:
+                    self.slots[family].update(
+                        [_slot_key(o.svc_id, o.slot) for o in batch],
+                        [_BACKEND[family](o.backend) for o in batch])
+                elif kind is PutFrontend:
+                    self.svc[family].update(
+                        [_SVC_KEY[family](o.frontend) for o in batch],
+                        [layout.SvcValue(o.svc_id, o.count, 0, 0, o.name_hash) for o in batch])
+                elif kind is DeleteFrontend:
+                    self.svc[family].delete([_SVC_KEY[family](o.frontend) for o in batch])
+                elif kind is DeleteSlot:
+                    self.slots[family].delete([_slot_key(o.svc_id, o.slot) for o in batch])
 
     def read_back(self) -> AppliedState:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
-        frontends = ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
-                                  _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
-                      v.name_hash)
-                     for k, v in self.svc.items())
-        slots = ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
-                 for k, v in self.slots.items())
+        frontends = itertools.chain(
+            ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
+                          _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
+              v.name_hash) for k, v in self.svc4.items()),
+            ((FrontendKey(_from_addr6(k.addr), socket.ntohs(k.port),
+                          _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
+              v.name_hash) for k, v in self.svc6.items()))
+        slots = itertools.chain(
+            ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
+             for k, v in self.slots4.items()),
+            ((k.svc_id, k.slot, 6, BackendAddr(_from_addr6(v.addr), socket.ntohs(v.port)))
+             for k, v in self.slots6.items()))
         return kernel_state(frontends, slots)
 
 
-def _svc_key(f: FrontendKey) -> layout.SvcKey4:
-    return layout.SvcKey4(_be32(f.address), socket.htons(f.port), f.protocol.number, 0)
+def _split(ops: Iterable[MapOp], family_of) -> dict[int, list]:
+    """ops by family, each family's in their order."""
+    by_family: dict[int, list] = {}
+    for op in ops:
+        by_family.setdefault(family_of(op), []).append(op)
+    return by_family
 
 
 def _slot_key(svc_id: int, slot: int) -> layout.SlotKey:
     return layout.SlotKey(svc_id, slot)
 
 
-def _backend(b: BackendAddr) -> layout.Backend4:
+def _svc_key4(f: FrontendKey) -> layout.SvcKey4:
+    return layout.SvcKey4(_be32(f.address), socket.htons(f.port), f.protocol.number, 0)
+
+
+def _svc_key6(f: FrontendKey) -> layout.SvcKey6:
+    return layout.SvcKey6(_addr6(f.address), socket.htons(f.port), f.protocol.number, 0)
+
+
+def _backend4(b: BackendAddr) -> layout.Backend4:
     return layout.Backend4(_be32(b.address), socket.htons(b.port), 0)
+
+
+def _backend6(b: BackendAddr) -> layout.Backend6:
+    return layout.Backend6(_addr6(b.address), socket.htons(b.port), 0)
+
+
+_SVC_KEY = {4: _svc_key4, 6: _svc_key6}
+_BACKEND = {4: _backend4, 6: _backend6}

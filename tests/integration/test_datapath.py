@@ -35,19 +35,28 @@ def open_maps(config: DatapathConfig) -> BpfServiceMaps:
     return BpfServiceMaps(config.pin_dir)
 
 
-def world(n: int, backends_each: int = 3, offset: int = 0) -> dict:
+# Service and pod ranges of each family, as a dual-stack cluster has them.
+RANGES = {4: ("10.96.0.0", "10.244.0.0"), 6: ("fd00:10:96::", "fd00:10:244::")}
+
+
+def world(n: int, backends_each: int = 3, offset: int = 0, family: int = 4) -> dict:
     desired = {}
+    service_range, pod_range = (ipaddress.ip_address(a) for a in RANGES[family])
     for i in range(n):
         name = ServicePortName("ns", f"svc{i}", "", Protocol.TCP if i % 2 else Protocol.UDP)
-        vip = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.96.0.0")) + i + 1)
+        vip = service_range + i + 1
         backends = tuple(
-            Backend(ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.244.0.0"))
-                                          + (i * backends_each + j + offset) % 60000 + 1), 8080)
+            Backend(pod_range + (i * backends_each + j + offset) % 60000 + 1, 8080)
             for j in range(backends_each))
-        desired[name, 4] = ServicePortState(
-            name, 4, (Frontend(vip, 80, name.protocol),),
+        desired[name, family] = ServicePortState(
+            name, family, (Frontend(vip, 80, name.protocol),),
             tuple(sorted(backends, key=Backend.sort_key)))
     return desired
+
+
+def dual_stack(n: int, backends_each: int = 3, offset: int = 0) -> dict:
+    """n dual-stack services: each service port once per family, as kube-proxy sees them."""
+    return world(n, backends_each, offset, 4) | world(n, backends_each, offset, 6)
 
 
 def test_plans_written_to_the_kernel_read_back_identically(pin_dir):
@@ -66,10 +75,40 @@ def test_plans_written_to_the_kernel_read_back_identically(pin_dir):
     assert maps.read_back() == {}
 
 
+def test_ipv6_and_dual_stack_plans_read_back_identically(pin_dir):
+    maps = open_maps(DatapathConfig(pin_dir=pin_dir))
+    assert maps.supports(6, Protocol.TCP) and maps.supports(6, Protocol.UDP)
+    only6 = plan(world(500, family=6), {})
+    maps.apply(only6.ops)
+    assert maps.read_back() == only6.result
+    assert {s.family for s in maps.read_back().values()} == {6}
+
+    both = plan(dual_stack(1000), maps.read_back())
+    maps.apply(both.ops)
+    assert maps.read_back() == both.result
+    assert plan(dual_stack(1000), maps.read_back()).ops == ()
+
+    # each family's svc_ids index that family's slot map, and nothing else
+    ids = {family: {i for i, s in both.result.items() if s.family == family} for family in (4, 6)}
+    assert len(ids[4]) == len(ids[6]) == 1000
+    assert {k.svc_id for k, _ in maps.slots4.items()} == ids[4]
+    assert {k.svc_id for k, _ in maps.slots6.items()} == ids[6]
+    frontends6 = {ipaddress.IPv6Address(bytes(k.addr)) for k, _ in maps.svc6.items()}
+    assert frontends6 == {f.address for i in ids[6] for f in both.result[i].frontends}
+
+    changed = plan(dual_stack(700, backends_each=2, offset=5), maps.read_back())
+    maps.apply(changed.ops)
+    assert maps.read_back() == changed.result
+
+    maps.apply(plan({}, maps.read_back()).ops)
+    assert maps.read_back() == {}
+    assert list(maps.svc6.items()) == [] and list(maps.slots6.items()) == []
+
+
 def test_a_second_compile_adopts_the_pinned_maps(pin_dir):
     config = DatapathConfig(pin_dir=pin_dir)
     first = open_maps(config)
-    p = plan(world(50), {})
+    p = plan(dual_stack(50), {})
     first.apply(p.ops)
     again = open_maps(config)
     assert again.read_back() == p.result
@@ -105,6 +144,8 @@ def test_a_pinned_map_of_another_layout_is_refused(pin_dir):
 def test_the_agents_ctypes_layouts_are_what_bcc_compiles(pin_dir):
     from agent.datapath import layout
     bpf = loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf
+    assert set(layout.MAPS) == {f"bpfp_{kind}{family}" for kind in ("svc", "slot", "revnat")
+                                for family in (4, 6)}
     for name, spec in layout.MAPS.items():
         table = bpf[name.encode()]
         assert loader._fields(table.Key) == loader._fields(spec.key), name

@@ -38,12 +38,14 @@ def pods(lab):
     return a, b, client
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("mode", ["tcp", "udp", "udp_connected"])
-def test_each_pod_address_reaches_that_pod(pods, mode):
+def test_each_pod_address_reaches_that_pod(pods, mode, family):
     a, b, client = pods
     for server in (a, b):
+        address = server.ip if family == 4 else server.ip6
         for port in (80, 8080):
-            result = getattr(client, mode)(server.ip, port, count=20)
+            result = getattr(client, mode)(address, port, count=20)
             assert result.answers == {f"{server.name}:{port}": 20}, result
             assert not result.errors
             assert (result.wrong_source, result.wrong_peer) == (0, 0)
@@ -66,6 +68,7 @@ def test_many_short_connections(pods):
 
 def test_node_is_sealed_off_from_the_host(lab, pods):
     assert lab.node_run(["ip", "route", "show", "default"], check=True).stdout == ""
+    assert lab.node_run(["ip", "-6", "route", "show", "default"], check=True).stdout == ""
     links = lab.node_run(["ip", "-o", "link", "show"], check=True).stdout
     names = {line.split(": ")[1].split("@")[0] for line in links.splitlines()}
     assert names == {"lo", "bpfp-br0"} | {pod.node_veth for pod in lab.pods.values()}
@@ -73,6 +76,9 @@ def test_node_is_sealed_off_from_the_host(lab, pods):
     _a, _b, client = pods
     route = client.run(["ip", "route", "show", "default"], check=True).stdout
     assert route.split()[:3] == ["default", "via", lab.node_ip]
+    route6 = client.run(["ip", "-6", "route", "show", "default"], check=True).stdout
+    assert route6.split()[:3] == ["default", "via", lab.node_ip6]
+    assert client.ip6 == lab.ip6_of(client.ip)     # 10.244.1.N <-> fd00:10:244:1::N
 
 
 def test_unrewritten_service_address_fails_fast(pods):
@@ -80,6 +86,10 @@ def test_unrewritten_service_address_fails_fast(pods):
     started = time.monotonic()
     result = client.tcp("10.96.0.10", 80, count=3, timeout=3)
     assert result.errors == {"EHOSTUNREACH": 3}, result
+    assert time.monotonic() - started < 5
+    started = time.monotonic()
+    result = client.tcp("fd00:10:96::10", 80, count=3, timeout=3)
+    assert result.errors == {"ENETUNREACH": 3}, result      # ICMPv6 "no route"
     assert time.monotonic() - started < 5
 
 
