@@ -21,6 +21,9 @@
 #ifndef BPFP_MAX_REVNAT
 #define BPFP_MAX_REVNAT 524288
 #endif
+#ifndef BPFP_MAX_AFFINITY
+#define BPFP_MAX_AFFINITY 262144
+#endif
 
 /* A service address as a socket sees it: ClusterIP:port/protocol. */
 struct svc_key4 {
@@ -97,6 +100,26 @@ struct revnat6_value {
         __u16  pad;
 };
 
+/* ClientIP session affinity. The client is its network namespace (a pod, or the node
+ * itself), as in Cilium's socket LB: at connect() a socket has no source address yet, and
+ * a pod's namespace stands for the pod's IP. The backend is kept whole (an IPv4 one in
+ * addr[0]) so a connection finds it again even after its slot moved. */
+struct affinity_key {
+        __u64 client;           /* bpf_get_netns_cookie() */
+        __u32 svc_id;
+        __u32 pad;
+};
+
+struct affinity_value {
+        __u64  last_ns;         /* bpf_ktime_get_ns() of the last connection */
+        __u32  slot;            /* where the backend was: checked first */
+        __u32  pad;
+        __be32 addr[4];
+        __be16 port;
+        __u16  pad2;
+        __u32  pad3;
+};
+
 #define BPFP_PIN(name) BPFP_PIN_DIR "/" name
 
 /* Frontends and slots are written only by the agent: no preallocation, so memory
@@ -113,5 +136,7 @@ BPF_TABLE_PINNED("hash", struct slot_key, struct backend6, bpfp_slot6,
                  BPFP_MAX_SLOTS, BPFP_PIN("bpfp_slot6_v1"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct revnat6_key, struct revnat6_value, bpfp_revnat6,
                  BPFP_MAX_REVNAT, BPFP_PIN("bpfp_revnat6_v1"));
+BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, bpfp_affinity,
+                 BPFP_MAX_AFFINITY, BPFP_PIN("bpfp_affinity_v1"));
 
 #endif /* BPFP_MAPS_H */

@@ -46,6 +46,40 @@ static __always_inline struct slot_key pick_slot(struct bpf_sock_addr *ctx,
         return slot;
 }
 
+/* --- ClientIP session affinity ------------------------------------------------------ */
+
+#define AFFINITY_SCAN 32        /* slots searched for a backend that moved; then re-pick */
+#define NSEC 1000000000ULL
+
+/* This client's affinity entry for the service, if it has not timed out. kube-proxy's
+ * `recent` match behaves the same: the clock restarts with every new connection. */
+static __always_inline struct affinity_value *affinity_lookup(struct bpf_sock_addr *ctx,
+                                                              struct svc_value *svc,
+                                                              struct affinity_key *key,
+                                                              __u64 now)
+{
+        key->client = bpf_get_netns_cookie(ctx);
+        key->svc_id = svc->svc_id;
+        struct affinity_value *aff = bpfp_affinity.lookup(key);
+        if (aff && now - aff->last_ns <= (__u64)svc->affinity_sec * NSEC)
+                return aff;
+        return NULL;
+}
+
+static __always_inline void affinity_remember(struct affinity_key *key, __u64 now,
+                                              __u32 slot, const __be32 *addr, int words,
+                                              __be16 port)
+{
+        struct affinity_value value = { .last_ns = now, .slot = slot, .port = port };
+        value.addr[0] = addr[0];
+        if (words == 4) {
+                value.addr[1] = addr[1];
+                value.addr[2] = addr[2];
+                value.addr[3] = addr[3];
+        }
+        bpfp_affinity.update(key, &value);
+}
+
 /* ECONNREFUSED for a service with no backend, as kube-proxy's REJECT rule answers. */
 static __always_inline int verdict(enum xlate found)
 {
@@ -56,6 +90,42 @@ static __always_inline int verdict(enum xlate found)
 }
 
 /* --- IPv4 --------------------------------------------------------------------------- */
+
+/* The backend this connection goes to: the client's affinity backend while it lasts and
+ * is still a backend of the service (its slot may have moved), else a fresh pick. */
+static __always_inline struct backend4 *select4(struct bpf_sock_addr *ctx,
+                                                struct svc_value *svc)
+{
+        struct affinity_key akey = {};
+        __u64 now = 0;
+        struct backend4 *backend;
+        if (svc->affinity_sec) {
+                now = bpf_ktime_get_ns();
+                struct affinity_value *aff = affinity_lookup(ctx, svc, &akey, now);
+                if (aff) {
+                        struct slot_key slot = { .svc_id = svc->svc_id, .slot = aff->slot };
+                        for (__u32 i = 0; i <= AFFINITY_SCAN; i++) {
+                                if (slot.slot < svc->count) {
+                                        backend = bpfp_slot4.lookup(&slot);
+                                        if (backend && backend->addr == aff->addr[0] &&
+                                            backend->port == aff->port) {
+                                                aff->last_ns = now;
+                                                aff->slot = slot.slot;
+                                                return backend;
+                                        }
+                                }
+                                if (i >= svc->count)
+                                        break;
+                                slot.slot = i;
+                        }
+                }
+        }
+        struct slot_key slot = pick_slot(ctx, svc);
+        backend = bpfp_slot4.lookup(&slot);
+        if (backend && svc->affinity_sec)
+                affinity_remember(&akey, now, slot.slot, &backend->addr, 1, backend->port);
+        return backend;
+}
 
 /* addr:port in the IPv4 maps; on TO_BACKEND *to is the backend and the reverse NAT entry is
  * written. Takes the address, not the ctx field, so that an IPv4-mapped destination of an
@@ -73,8 +143,7 @@ static __always_inline enum xlate forward4(struct bpf_sock_addr *ctx, __be32 add
                 return NOT_A_SERVICE;           /* not a service address: untouched */
         if (svc->count == 0)
                 return NO_BACKEND;
-        struct slot_key slot = pick_slot(ctx, svc);
-        struct backend4 *backend = bpfp_slot4.lookup(&slot);
+        struct backend4 *backend = select4(ctx, svc);
         if (!backend)
                 /* a slot is written before the count that covers it; only a map
                  * corrupted from outside gets here */
@@ -158,6 +227,45 @@ static __always_inline int is_v4_mapped(const __be32 *addr)
         return addr[0] == 0 && addr[1] == 0 && addr[2] == BPFP_V4_MAPPED_WORD;
 }
 
+static __always_inline int same6(const __be32 *a, const __be32 *b)
+{
+        return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline struct backend6 *select6(struct bpf_sock_addr *ctx,
+                                                struct svc_value *svc)
+{
+        struct affinity_key akey = {};
+        __u64 now = 0;
+        struct backend6 *backend;
+        if (svc->affinity_sec) {
+                now = bpf_ktime_get_ns();
+                struct affinity_value *aff = affinity_lookup(ctx, svc, &akey, now);
+                if (aff) {
+                        struct slot_key slot = { .svc_id = svc->svc_id, .slot = aff->slot };
+                        for (__u32 i = 0; i <= AFFINITY_SCAN; i++) {
+                                if (slot.slot < svc->count) {
+                                        backend = bpfp_slot6.lookup(&slot);
+                                        if (backend && same6(backend->addr, aff->addr) &&
+                                            backend->port == aff->port) {
+                                                aff->last_ns = now;
+                                                aff->slot = slot.slot;
+                                                return backend;
+                                        }
+                                }
+                                if (i >= svc->count)
+                                        break;
+                                slot.slot = i;
+                        }
+                }
+        }
+        struct slot_key slot = pick_slot(ctx, svc);
+        backend = bpfp_slot6.lookup(&slot);
+        if (backend && svc->affinity_sec)
+                affinity_remember(&akey, now, slot.slot, backend->addr, 4, backend->port);
+        return backend;
+}
+
 static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be32 *addr,
                                            __be16 port, struct backend6 *to)
 {
@@ -171,8 +279,7 @@ static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be
                 return NOT_A_SERVICE;
         if (svc->count == 0)
                 return NO_BACKEND;
-        struct slot_key slot = pick_slot(ctx, svc);
-        struct backend6 *backend = bpfp_slot6.lookup(&slot);
+        struct backend6 *backend = select6(ctx, svc);
         if (!backend)
                 return NO_BACKEND;
         struct revnat6_key rkey = {

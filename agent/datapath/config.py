@@ -15,6 +15,7 @@ class DatapathConfig:
     max_frontends: int = 262144       # service address:port/protocol entries
     max_slots: int = 2097152          # backend slots over all service ports
     max_revnat: int = 524288          # live UDP flows/sockets remembered for reverse NAT
+    max_affinity: int = 262144        # (client, service port) pairs with session affinity
 
     def macros(self) -> dict[str, str]:
         """C macro name -> C literal."""
@@ -23,6 +24,7 @@ class DatapathConfig:
             "BPFP_MAX_FRONTENDS": str(self.max_frontends),
             "BPFP_MAX_SLOTS": str(self.max_slots),
             "BPFP_MAX_REVNAT": str(self.max_revnat),
+            "BPFP_MAX_AFFINITY": str(self.max_affinity),
         }
 
     def cflags(self) -> list[str]:

@@ -60,6 +60,17 @@ class Revnat6Value(ctypes.Structure):
     _fields_ = [("addr", Addr6), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class AffinityKey(ctypes.Structure):
+    _fields_ = [("client", ctypes.c_uint64), ("svc_id", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+class AffinityValue(ctypes.Structure):
+    _fields_ = [("last_ns", ctypes.c_uint64), ("slot", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("addr", Addr6), ("port", ctypes.c_uint16),
+                ("pad2", ctypes.c_uint16), ("pad3", ctypes.c_uint32)]
+
+
 @dataclass(frozen=True)
 class MapLayout:
     table: str          # the name in bpf/maps.h (and BCC's table name)
@@ -75,4 +86,6 @@ MAPS = {
     "bpfp_svc6": MapLayout("bpfp_svc6", "bpfp_svc6_v1", SvcKey6, SvcValue),
     "bpfp_slot6": MapLayout("bpfp_slot6", "bpfp_slot6_v1", SlotKey, Backend6),
     "bpfp_revnat6": MapLayout("bpfp_revnat6", "bpfp_revnat6_v1", Revnat6Key, Revnat6Value),
+    "bpfp_affinity": MapLayout("bpfp_affinity", "bpfp_affinity_v1", AffinityKey,
+                               AffinityValue),
 }

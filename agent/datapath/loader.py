@@ -122,7 +122,7 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
                                     f"{_fields(compiled)}")
         kind = table_name.removeprefix("bpfp_").rstrip("46")     # one size for both families
         expected_max = {"svc": config.max_frontends, "slot": config.max_slots,
-                        "revnat": config.max_revnat}[kind]
+                        "revnat": config.max_revnat, "affinity": config.max_affinity}[kind]
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
                         "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)
@@ -215,7 +215,8 @@ def wait_detached(cgroup_dir: Path, timeout: float) -> list[str]:
 def load_in_child(config: DatapathConfig, cgroup_dir: Path, timeout: float = 300.0) -> None:
     argv = [sys.executable, "-m", "agent.datapath.loader", "--pin-dir", str(config.pin_dir),
             "--cgroup", str(cgroup_dir), "--max-frontends", str(config.max_frontends),
-            "--max-slots", str(config.max_slots), "--max-revnat", str(config.max_revnat)]
+            "--max-slots", str(config.max_slots), "--max-revnat", str(config.max_revnat),
+            "--max-affinity", str(config.max_affinity)]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -235,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frontends", type=int, required=True)
     parser.add_argument("--max-slots", type=int, required=True)
     parser.add_argument("--max-revnat", type=int, required=True)
+    parser.add_argument("--max-affinity", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     config = DatapathConfig(pin_dir=args.pin_dir, max_frontends=args.max_frontends,
-                            max_slots=args.max_slots, max_revnat=args.max_revnat)
+                            max_slots=args.max_slots, max_revnat=args.max_revnat,
+                            max_affinity=args.max_affinity)
     try:
         loaded = compile_programs(config)
         attach_socket_programs(loaded, args.cgroup)

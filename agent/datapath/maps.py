@@ -175,7 +175,8 @@ class BpfServiceMaps:
                 elif kind is PutFrontend:
                     self.svc[family].update(
                         [_SVC_KEY[family](o.frontend) for o in batch],
-                        [layout.SvcValue(o.svc_id, o.count, 0, 0, o.name_hash) for o in batch])
+                        [layout.SvcValue(o.svc_id, o.count, 0, o.affinity, o.name_hash)
+                         for o in batch])
                 elif kind is DeleteFrontend:
                     self.svc[family].delete([_SVC_KEY[family](o.frontend) for o in batch])
                 elif kind is DeleteSlot:
@@ -186,10 +187,10 @@ class BpfServiceMaps:
         frontends = itertools.chain(
             ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
                           _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
-              v.name_hash) for k, v in self.svc4.items()),
+              v.name_hash, v.affinity_sec) for k, v in self.svc4.items()),
             ((FrontendKey(_from_addr6(k.addr), socket.ntohs(k.port),
                           _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
-              v.name_hash) for k, v in self.svc6.items()))
+              v.name_hash, v.affinity_sec) for k, v in self.svc6.items()))
         slots = itertools.chain(
             ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
              for k, v in self.slots4.items()),

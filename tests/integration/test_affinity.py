@@ -1,0 +1,99 @@
+"""ClientIP session affinity through the socket LB, with real traffic: a client (a pod:
+its network namespace) sticks to one backend until the timeout; switching affinity on
+and off takes effect; unrelated endpoint changes keep it; its backend going away moves it."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lab import manifests
+from lab.agent_runner import AgentRunner
+
+pytestmark = pytest.mark.integration
+
+VIP = "10.96.0.70"
+PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+         {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}]
+SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"},
+               {"name": "dns", "port": 8080, "protocol": "UDP"}]
+
+
+@pytest.fixture
+def node(make_lab, tmp_path):
+    lab = make_lab()
+    backends = [lab.add_pod(f"backend-{c}") for c in "abcd"]
+    for pod in backends:
+        pod.start_server([8080], udp=True)
+    clients = [lab.add_pod("client-1"), lab.add_pod("client-2")]
+    agent = AgentRunner(lab, tmp_path / "manifests")
+    try:
+        yield agent, backends, clients, tmp_path / "manifests"
+    finally:
+        agent.close()
+
+
+def publish(directory, pods, affinity: int | None = 10800) -> None:
+    service = manifests.service("web", VIP, PORTS)
+    if affinity is not None:
+        service["spec"]["sessionAffinity"] = "ClientIP"
+        service["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity}}
+    manifests.write(directory, "web.yaml", service,
+                    manifests.endpoint_slice("web", [p.ip for p in pods], SLICE_PORTS))
+
+
+def names(result) -> set[str]:
+    return {answer.split(":")[0] for answer in result.answers}
+
+
+def sticky(client, count: int = 20) -> str:
+    result = client.tcp(VIP, 80, count=count)
+    assert result.errors == {}
+    assert len(names(result)) == 1, f"affinity broken: {dict(result.answers)}"
+    return next(iter(names(result)))
+
+
+def test_a_client_sticks_to_one_backend_and_follows_changes(node):
+    agent, backends, (client, other), directory = node
+    a, b, c, d = backends
+    publish(directory, [a, b, c])
+    agent.start()
+    mine = sticky(client)
+    sticky(other)                                        # each client has its own
+    udp = client.udp(VIP, 53, count=20)                  # a new UDP socket each time
+    assert len(names(udp)) == 1 and udp.wrong_source == 0
+
+    # unrelated changes: another backend leaves, a new one arrives; slots move
+    pods = {p.name: p for p in backends}
+    unrelated = next(p for p in (a, b, c) if p.name != mine)
+    publish(directory, [p for p in (a, b, c) if p is not unrelated] + [d])
+    time.sleep(1.0)
+    assert sticky(client) == mine
+
+    # its backend goes away: the client moves, and sticks again
+    publish(directory, [p for p in (a, b, c, d) if p.name != mine and p is not unrelated])
+    time.sleep(1.0)
+    moved = sticky(client)
+    assert moved != mine and moved in pods
+
+    # affinity off: connections spread again; on: sticky again
+    publish(directory, [a, b, c, d], affinity=None)
+    time.sleep(1.0)
+    assert len(names(client.tcp(VIP, 80, count=60))) > 1
+    publish(directory, [a, b, c, d])
+    time.sleep(1.0)
+    sticky(client)
+    listed = [s for s in agent.services() if s["port_name"] == "http"]
+    assert listed and len(listed[0]["backends"]) == 4
+
+
+def test_affinity_ends_after_its_timeout(node):
+    agent, backends, (client, _), directory = node
+    publish(directory, backends[:3], affinity=1)
+    agent.start()
+    first = sticky(client, count=5)
+    for _ in range(12):            # a fresh pick after the timeout: 1/3 stays the same
+        time.sleep(1.3)
+        if sticky(client, count=3) != first:
+            return
+    pytest.fail("the client never left its backend although affinity timed out")
