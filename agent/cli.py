@@ -122,6 +122,7 @@ async def _agent_main(args) -> int:
     from agent.datapath import loader
     from agent.datapath.config import DatapathConfig
     from agent.datapath.maps import BpfServiceMaps, LayoutError
+    from agent.datapath.stale_sockets import udp_cleanup_for
     from agent.model.types import NodeContext
     from agent.sources.manifests import ManifestSource
 
@@ -141,7 +142,8 @@ async def _agent_main(args) -> int:
     source = ManifestSource(args.manifests)
     agent = Agent(source=source, maps=maps,
                   min_sync_period=args.min_sync_period, sync_period=args.sync_period,
-                  node=NodeContext(args.node_name, args.node_ips, args.nodeport_cidrs))
+                  node=NodeContext(args.node_name, args.node_ips, args.nodeport_cidrs),
+                  udp_cleanup=udp_cleanup_for(cgroup, maps))
     agent.status.source = f"manifests:{args.manifests}"
     agent.status.node_name = args.node_name
     api = await server.start(args.api, agent.status)

@@ -25,6 +25,7 @@ _libbpf.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p,
 _libbpf.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+_libbpf.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
                                    ctypes.POINTER(ctypes.c_uint32),
                                    ctypes.POINTER(ctypes.c_uint32),
@@ -93,6 +94,11 @@ def map_lookup_batch(fd: int, token, first: bool, keys, values, count: int) -> t
                                        ctypes.byref(token), ctypes.byref(keys),
                                        ctypes.byref(values), ctypes.byref(n), None)
     return n.value, (0 if ret == 0 else (-ret if ret < -1 else ctypes.get_errno()))
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    """BPF_MAP_LOOKUP_ELEM into value; False when the key is absent."""
+    return _libbpf.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0
 
 
 def _info(fd: int, size: int = 256) -> bytes:

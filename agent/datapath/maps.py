@@ -116,6 +116,10 @@ class PinnedMap:
                 raise OSError(err, f"deleting from {self.spec.table}: {os.strerror(err)}")
             done += deleted + 1          # deleted were, the next one was absent
 
+    def lookup(self, key):
+        value = self.spec.value()
+        return value if bpfsys.map_lookup(self.fd, key, value) else None
+
     def items(self) -> Iterator[tuple[object, object]]:
         """BPF_MAP_LOOKUP_BATCH in bounded chunks."""
         keys = (self.spec.key * _CHUNK)()
@@ -149,11 +153,34 @@ class BpfServiceMaps:
             raise
         self.svc4, self.slots4, self.svc6, self.slots6 = opened
         self.svc = {4: self.svc4, 6: self.svc6}
+        self.pin_dir = pin_dir
         self.slots = {4: self.slots4, 6: self.slots6}
 
+        # read by the stale-socket sweep (its worker threads): opened once, here
+        self._revnat = {family: PinnedMap(pin_dir, layout.MAPS[f"bpfp_revnat{family}"])
+                        for family in (4, 6)}
+
     def close(self) -> None:
-        for pinned in (self.svc4, self.slots4, self.svc6, self.slots6):
+        for pinned in (self.svc4, self.slots4, self.svc6, self.slots6,
+                       *self._revnat.values()):
             pinned.close()
+
+    def socket_service(self, cookie: int, backend: BackendAddr,
+                       protocol: Protocol) -> FrontendKey | None:
+        """The service address a balanced socket asked for: the socket LB's reverse NAT
+        entry for (socket cookie, backend). None for a socket the LB did not balance."""
+        address = backend.address
+        if address.version == 6 and address.ipv4_mapped:    # AF_INET6 socket, IPv4 peer
+            address = address.ipv4_mapped
+        if address.version == 4:
+            key = layout.Revnat4Key(cookie, _be32(address), socket.htons(backend.port), 0)
+            value = self._revnat[4].lookup(key)
+            return None if value is None else FrontendKey(
+                _from_be32(value.addr), socket.ntohs(value.port), protocol)
+        key = layout.Revnat6Key(cookie, _addr6(address), socket.htons(backend.port), 0, 0)
+        value = self._revnat[6].lookup(key)
+        return None if value is None else FrontendKey(
+            _from_addr6(value.addr), socket.ntohs(value.port), protocol)
 
     def supports(self, family: int, protocol: Protocol) -> bool:
         """IPv4 and IPv6, TCP and UDP (the socket programs leave other protocols alone)."""

@@ -38,6 +38,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.model.types import Protocol
+from agent.planner import BackendAddr
+
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -460,3 +463,22 @@ def _log_sweep(result: SweepResult) -> None:
             result.via or "-", result.checked, result.matched, result.destroyed, result.gone,
             result.failed, result.vanished, result.timed_out,
             ",".join(result.errors) or "-")
+
+
+def udp_cleanup_for(cgroup_dir: Path, maps) -> Callable:
+    """The agent's udp_cleanup: close connected UDP sockets whose peer is a removed backend,
+    but only those the socket LB balanced to it for a service that no longer has it (the
+    reverse NAT entry of the socket's cookie names the service, as Cilium checks), so a
+    pod's own connection to another pod, or one through a service that still has the
+    backend, is left alone."""
+    def cleanup(removed, still_served) -> int:
+        def should_destroy(sock: UdpSocket) -> bool:
+            peer = sock.dst
+            if peer.version == 6 and peer.ipv4_mapped:
+                peer = peer.ipv4_mapped
+            backend = BackendAddr(peer, sock.dport)
+            frontend = maps.socket_service(sock.cookie, backend, Protocol.UDP)
+            return frontend is not None and not still_served(frontend, backend)
+        return destroy_udp_sockets(cgroup_dir, [(b.address, b.port) for b in removed],
+                                   should_destroy=should_destroy)
+    return cleanup
