@@ -35,7 +35,7 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        return cls([1, 1000, 10000, 50000, 100000], reps=5, seconds=0.8, rule_limit=10000,
+        return cls([1, 1000, 10000, 50000, 100000], reps=4, seconds=0.8, rule_limit=10000,
                    cp_sizes=[1000, 10000, 100000], cp_change_size=10000, cp_changes=200,
                    cp_reach=20)
 
@@ -90,8 +90,10 @@ def program(beds: dict[str, topology.Bed], size: int, plan: Plan, results: Resul
     """Give every contestant the same `size` services; returns the contestants in play."""
     traffic = workload.make(size, 3, backend_ips=beds["direct"].backend_ips)
     bpf = beds["bpfproxy"]
+    staged = traffic.stage(bpf.manifests)
     start = time.time()
-    traffic.write(bpf.manifests / "services.json")
+    workload.publish(staged)          # replaces the files of the previous size...
+    workload.withdraw(bpf.manifests, keep={final for _, final in staged})   # ...drops the rest
     agent.wait(lambda s: s.service_ports == 2 * size and s.last_sync_unix > start)
     results.load_seconds[size, "bpfproxy"] = agent.status().last_sync_unix - start
     results.memory[size] = topology.agent_memory(bpf.agent.process.pid)

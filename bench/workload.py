@@ -17,6 +17,7 @@ SERVICE_BASE = int(ipaddress.IPv4Address("10.96.0.1"))
 FAKE_ENDPOINT_BASE = int(ipaddress.IPv4Address("10.245.0.1"))   # no pod behind these
 BACKEND_PORT = 8080
 PORTS = (("http", "TCP", 80), ("dns", "UDP", 53))
+PER_FILE = 20000           # services per manifest file
 
 
 def service_name(i: int) -> str:
@@ -38,12 +39,39 @@ class Workload:
         slices = [parse_endpoint_slice(o) for o in self.objects if o["kind"] == "EndpointSlice"]
         return desired_state(services, slices)
 
+    def stage(self, directory: Path, stem: str = "services",
+              per_file: int = PER_FILE) -> list[tuple[Path, Path]]:
+        """Serialize into hidden files, (staged, final) pairs: publish() is then only
+        renames. Several files, as a cluster's manifests are: the source refuses files
+        over 64 MiB, and 100k services make 86 MB in one."""
+        pairs = []
+        services = [o for o in self.objects if o["kind"] == "Service"]
+        slices = [o for o in self.objects if o["kind"] == "EndpointSlice"]
+        for n, start in enumerate(range(0, len(services), per_file)):
+            final = directory / f"{stem}-{n:03d}.json"
+            staged = directory / f".{final.name}.staged"
+            items = services[start:start + per_file] + slices[start:start + per_file]
+            staged.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+            pairs.append((staged, final))
+        return pairs
+
     def write(self, path: Path) -> None:
         """One JSON `kind: List` (the source reads .json with the json module), written to
         a hidden name first: publishing it is a single rename."""
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": self.objects}))
         os.replace(tmp, path)
+
+
+def publish(pairs: list[tuple[Path, Path]]) -> None:
+    for staged, final in pairs:
+        os.replace(staged, final)
+
+
+def withdraw(directory: Path, stem: str = "services", keep: set[Path] = frozenset()) -> None:
+    for path in directory.glob(f"{stem}-*.json"):
+        if path not in keep:
+            path.unlink()
 
 
 def make(services: int, endpoints: int, backend_ips: list[str] | None = None,

@@ -25,7 +25,9 @@ enum xlate { NOT_A_SERVICE, TO_BACKEND, NO_BACKEND };
 
 static __always_inline int is_balanced_protocol(struct bpf_sock_addr *ctx)
 {
-        return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
+        /* SCTP connects through the same hook (a kernel without SCTP never gets here) */
+        return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP ||
+               ctx->protocol == IPPROTO_SCTP;
 }
 
 /* O(1) whatever the number of services or backends. TCP: a random slot per connection.

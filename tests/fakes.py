@@ -33,7 +33,7 @@ class FakeServiceMaps:
         self.ops_applied = 0
 
     def supports(self, family: int, protocol: Protocol) -> bool:
-        return family in self.families and protocol is not Protocol.SCTP
+        return family in self.families
 
     def apply(self, ops: Sequence[MapOp]) -> None:
         for op in ops:

@@ -183,8 +183,8 @@ class BpfServiceMaps:
             _from_addr6(value.addr), socket.ntohs(value.port), protocol)
 
     def supports(self, family: int, protocol: Protocol) -> bool:
-        """IPv4 and IPv6, TCP and UDP (the socket programs leave other protocols alone)."""
-        return family in (4, 6) and protocol in (Protocol.TCP, Protocol.UDP)
+        """IPv4 and IPv6; TCP, UDP and SCTP."""
+        return family in (4, 6)
 
     def apply(self, ops: Sequence[MapOp]) -> None:
         """Ops are applied in their order; consecutive ops of one kind go in one batch per

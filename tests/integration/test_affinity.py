@@ -12,88 +12,99 @@ from lab.agent_runner import AgentRunner
 
 pytestmark = pytest.mark.integration
 
-VIP = "10.96.0.70"
+VIPS = {4: "10.96.0.70", 6: "fd00:10:96::70"}
 PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
          {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}]
 SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"},
                {"name": "dns", "port": 8080, "protocol": "UDP"}]
 
 
-@pytest.fixture
-def node(make_lab, tmp_path):
+@pytest.fixture(params=[4, 6], ids=["ipv4", "ipv6"])
+def node(make_lab, tmp_path, request):
     lab = make_lab()
     backends = [lab.add_pod(f"backend-{c}") for c in "abcd"]
     for pod in backends:
         pod.start_server([8080], udp=True)
     clients = [lab.add_pod("client-1"), lab.add_pod("client-2")]
     agent = AgentRunner(lab, tmp_path / "manifests")
+    family = request.param
     try:
-        yield agent, backends, clients, tmp_path / "manifests"
+        yield agent, backends, clients, Cluster(tmp_path / "manifests", family)
     finally:
         agent.close()
 
 
-def publish(directory, pods, affinity: int | None = 10800) -> None:
-    service = manifests.service("web", VIP, PORTS)
+class Cluster:
+    """The manifest directory, and the family the service and its endpoints use."""
+
+    def __init__(self, directory, family: int) -> None:
+        self.directory, self.family, self.vip = directory, family, VIPS[family]
+
+    def ip(self, pod) -> str:
+        return pod.ip if self.family == 4 else pod.ip6
+
+
+def publish(cluster, pods, affinity: int | None = 10800) -> None:
+    service = manifests.service("web", cluster.vip, PORTS)
     if affinity is not None:
         service["spec"]["sessionAffinity"] = "ClientIP"
         service["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity}}
-    manifests.write(directory, "web.yaml", service,
-                    manifests.endpoint_slice("web", [p.ip for p in pods], SLICE_PORTS))
+    manifests.write(cluster.directory, "web.yaml", service,
+                    manifests.endpoint_slice("web", [cluster.ip(p) for p in pods], SLICE_PORTS))
 
 
 def names(result) -> set[str]:
     return {answer.split(":")[0] for answer in result.answers}
 
 
-def sticky(client, count: int = 20) -> str:
-    result = client.tcp(VIP, 80, count=count)
+def sticky(cluster, client, count: int = 20) -> str:
+    result = client.tcp(cluster.vip, 80, count=count)
     assert result.errors == {}
     assert len(names(result)) == 1, f"affinity broken: {dict(result.answers)}"
     return next(iter(names(result)))
 
 
 def test_a_client_sticks_to_one_backend_and_follows_changes(node):
-    agent, backends, (client, other), directory = node
+    agent, backends, (client, other), cluster = node
     a, b, c, d = backends
-    publish(directory, [a, b, c])
+    publish(cluster, [a, b, c])
     agent.start()
-    mine = sticky(client)
-    sticky(other)                                        # each client has its own
-    udp = client.udp(VIP, 53, count=20)                  # a new UDP socket each time
+    mine = sticky(cluster, client)
+    sticky(cluster, other)                                        # each client has its own
+    udp = client.udp(cluster.vip, 53, count=20)          # a new UDP socket each time
     assert len(names(udp)) == 1 and udp.wrong_source == 0
 
     # unrelated changes: another backend leaves, a new one arrives; slots move
     pods = {p.name: p for p in backends}
     unrelated = next(p for p in (a, b, c) if p.name != mine)
-    publish(directory, [p for p in (a, b, c) if p is not unrelated] + [d])
+    publish(cluster, [p for p in (a, b, c) if p is not unrelated] + [d])
     time.sleep(1.0)
-    assert sticky(client) == mine
+    assert sticky(cluster, client) == mine
 
     # its backend goes away: the client moves, and sticks again
-    publish(directory, [p for p in (a, b, c, d) if p.name != mine and p is not unrelated])
+    publish(cluster, [p for p in (a, b, c, d) if p.name != mine and p is not unrelated])
     time.sleep(1.0)
-    moved = sticky(client)
+    moved = sticky(cluster, client)
     assert moved != mine and moved in pods
 
     # affinity off: connections spread again; on: sticky again
-    publish(directory, [a, b, c, d], affinity=None)
+    publish(cluster, [a, b, c, d], affinity=None)
     time.sleep(1.0)
-    assert len(names(client.tcp(VIP, 80, count=60))) > 1
-    publish(directory, [a, b, c, d])
+    assert len(names(client.tcp(cluster.vip, 80, count=60))) > 1
+    publish(cluster, [a, b, c, d])
     time.sleep(1.0)
-    sticky(client)
+    sticky(cluster, client)
     listed = [s for s in agent.services() if s["port_name"] == "http"]
     assert listed and len(listed[0]["backends"]) == 4
 
 
 def test_affinity_ends_after_its_timeout(node):
-    agent, backends, (client, _), directory = node
-    publish(directory, backends[:3], affinity=1)
+    agent, backends, (client, _), cluster = node
+    publish(cluster, backends[:3], affinity=1)
     agent.start()
-    first = sticky(client, count=5)
+    first = sticky(cluster, client, count=5)
     for _ in range(12):            # a fresh pick after the timeout: 1/3 stays the same
         time.sleep(1.3)
-        if sticky(client, count=3) != first:
+        if sticky(cluster, client, count=3) != first:
             return
     pytest.fail("the client never left its backend although affinity timed out")

@@ -283,13 +283,13 @@ def test_should_destroy_can_veto(backends):
 
 # -- through the real agent and a ClusterIP --------------------------------------------------
 
-VIP = "10.96.0.10"
+VIPS = {4: "10.96.0.10", 6: "fd00:10:96::10"}
 
 
-def write_dns(directory, addresses: list[str]) -> None:
+def write_dns(directory, addresses: list[str], vip: str) -> None:
     manifests.write(
         directory, "dns.yaml",
-        manifests.service("dns", VIP, [{"name": "dns", "port": 53, "targetPort": 5353,
+        manifests.service("dns", vip, [{"name": "dns", "port": 53, "targetPort": 5353,
                                         "protocol": "UDP"}]),
         manifests.endpoint_slice("dns", addresses, [{"name": "dns", "port": 5353,
                                                      "protocol": "UDP"}]))
@@ -303,29 +303,36 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
 
 
 @integration
-def test_the_agent_moves_udp_clients_of_a_cluster_ip_off_a_removed_backend(make_lab, tmp_path):
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_the_agent_moves_udp_clients_of_a_cluster_ip_off_a_removed_backend(make_lab, tmp_path,
+                                                                          family):
     lab = make_lab()
     pods = [lab.add_pod(f"backend-{x}") for x in "abc"]
     for pod in pods:
         pod.start_server([5353], udp=True)
     client_pod = lab.add_pod("client")
     directory = tmp_path / "manifests"
-    write_dns(directory, [p.ip for p in pods])
+    vip = VIPS[family]
+
+    def address(pod) -> str:
+        return pod.ip if family == 4 else pod.ip6
+
+    write_dns(directory, [address(p) for p in pods], vip)
     with AgentRunner(lab, directory) as agent:
         agent.start()
         # the socket LB picks a backend per socket (from its cookie): open sockets until
         # some landed on backend-a (12 miss it with probability (2/3)^12, under 1%)
-        clients = [UdpClient(client_pod, VIP, 53) for _ in range(12)]
+        clients = [UdpClient(client_pod, vip, 53) for _ in range(12)]
         while not any(c.first == "backend-a:5353" for c in clients):
             assert len(clients) < 40, "no socket ever went to backend-a"
-            clients.append(UdpClient(client_pod, VIP, 53))
+            clients.append(UdpClient(client_pod, vip, 53))
         assert {c.first for c in clients} <= {f"{p.name}:5353" for p in pods}
         on_a = [c for c in clients if c.first == "backend-a:5353"]
         others = [c for c in clients if c.first != "backend-a:5353"]
 
-        direct = UdpClient(client_pod, pods[0].ip, 5353)   # to the pod, not the service
+        direct = UdpClient(client_pod, address(pods[0]), 5353)   # to the pod, not a service
         gone = pods[0]
-        write_dns(directory, [p.ip for p in pods[1:]])
+        write_dns(directory, [address(p) for p in pods[1:]], vip)
         wait_for(lambda: [len(s["backends"]) for s in agent.services()] == [2],
                  what="backend-a out of the kernel")
         # the agent closes, by itself, the sockets the LB sent to backend-a for this

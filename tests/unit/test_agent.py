@@ -73,12 +73,12 @@ def test_dual_stack_service_writes_only_the_family_the_datapath_serves(caplog):
     assert 0 < agent.status.last_event_to_kernel_seconds < 1
 
 
-def test_sctp_is_not_written_while_the_datapath_ignores_it():
+def test_sctp_services_are_written_like_tcp_and_udp():
     maps = FakeServiceMaps()
     source = ScriptedSource([upserts(service("s", ["10.96.0.2"], protocol="SCTP"),
                                      endpoint_slice("s", ["10.0.0.1"], protocol="SCTP"))])
     asyncio.run(run_for(Agent(source, maps, min_sync_period=0.01), 0.3))
-    assert maps.frontends == {}
+    assert frontends(maps) == {"10.96.0.2:80/SCTP"}
 
 
 def test_a_source_that_dies_before_listing_stops_the_agent_instead_of_hanging():
