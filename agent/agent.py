@@ -275,8 +275,11 @@ class Agent:
         try:
             if reread_kernel:
                 self._applied = await loop.run_in_executor(None, self.maps.read_back)
-            with _gc_paused():
-                result, desired, parts = self._compute(full, dirty)
+            # the model and the planner run in a thread on a snapshot of the objects: a
+            # large sync takes seconds of CPU, and the API must answer meanwhile
+            inputs = self._inputs(full, dirty)
+            result, desired, parts = await loop.run_in_executor(
+                None, self._compute, full, inputs, not self.source.complete)
             for conflict in result.conflicts:
                 log.warning("event=frontend_conflict detail=%r", conflict)
             if result.ops:
@@ -331,27 +334,39 @@ class Agent:
         kernel = self._applied.get(svc_id) if svc_id is not None else None
         return kernel is not None and backend in kernel.backends
 
-    def _compute(self, full: bool, dirty: set[tuple[str, str]]):
-        """(plan, desired state, desired keys by service): everything, or only what the
-        dirty services produce, planned against the last plan the kernel holds."""
+    def _inputs(self, full: bool, dirty: set[tuple[str, str]]):
+        """What _compute reads, copied on the loop (the source keeps changing the dicts)."""
         node = NodeContext.from_node(self._node_object, self.node.node_name,
                                      self.node.node_ips, self.node.node_port_cidrs)
         if full:
-            slices = [s for by_key in self._slices.values() for s in by_key.values()]
-            desired = by_scope(self._servable(model.desired_state(
-                list(self._services.values()), slices, node)))
-            parts: dict[tuple[str, str], set] = {}
-            for key in desired:
-                parts.setdefault((key[0].namespace, key[0].name), set()).add(key)
-            result = plan(desired, self._applied, keep_unclaimed=not self.source.complete)
-            return result, desired, {k: frozenset(v) for k, v in parts.items()}
+            return node, list(self._services.values()), \
+                [s for by_key in self._slices.values() for s in by_key.values()]
+        return node, {name: (self._services.get(name),
+                             list(self._slices.get(name, {}).values())) for name in dirty}
+
+    def _compute(self, full: bool, inputs, incomplete: bool):
+        """(plan, desired state, desired keys by service): everything, or only what the
+        dirty services produce, planned against the last plan the kernel holds."""
+        with _gc_paused():
+            return self._compute_full(inputs, incomplete) if full else \
+                self._compute_changes(inputs)
+
+    def _compute_full(self, inputs, incomplete: bool):
+        node, services, slices = inputs
+        desired = by_scope(self._servable(model.desired_state(services, slices, node)))
+        parts: dict[tuple[str, str], set] = {}
+        for key in desired:
+            parts.setdefault((key[0].namespace, key[0].name), set()).add(key)
+        result = plan(desired, self._applied, keep_unclaimed=incomplete)
+        return result, desired, {k: frozenset(v) for k, v in parts.items()}
+
+    def _compute_changes(self, inputs):
+        node, by_name = inputs
         desired, parts = Overlay(self._desired), Overlay(self._parts)
         changed = set()
-        for name in dirty:
-            service = self._services.get(name)
+        for name, (service, slices) in by_name.items():
             part = by_scope(self._servable(model.desired_state(
-                [service] if service else [], list(self._slices.get(name, {}).values()),
-                node)))
+                [service] if service else [], slices, node)))
             old_keys = parts.pop(name, frozenset())
             for key in old_keys - part.keys():
                 del desired[key]

@@ -95,9 +95,16 @@ class AgentClient:
         return self.stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
 
     def wait(self, predicate, timeout: float = 300.0, poll: float = 0.002):
+        import grpc
         deadline = time.monotonic() + timeout
+        status = None
         while True:
-            status = self.status()
+            try:
+                status = self.status()
+            except grpc.RpcError:          # a busy agent: ask again until the deadline
+                if time.monotonic() > deadline:
+                    raise
+                continue
             if predicate(status):
                 return status
             if time.monotonic() > deadline:

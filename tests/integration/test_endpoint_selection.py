@@ -13,6 +13,7 @@ from lab.agent_runner import AgentRunner
 pytestmark = pytest.mark.integration
 
 VIP = "10.96.0.60"
+VIP6 = "fd00:10:96::60"
 NODE = "bpfp-node"       # the name AgentRunner gives the agent
 
 
@@ -21,11 +22,11 @@ def node_object(zone: str) -> dict:
             "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": zone}}}
 
 
-def slice_of(endpoints: list[dict]) -> dict:
+def slice_of(endpoints: list[dict], family: int = 4) -> dict:
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "web-1", "namespace": "lab",
                          "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
+            "addressType": f"IPv{family}",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": endpoints}
 
@@ -45,8 +46,8 @@ def node(make_lab, tmp_path):
         agent.close()
 
 
-def publish(directory, *objects) -> None:
-    service = manifests.service("web", VIP, [{"name": "http", "port": 80,
+def publish(directory, *objects, vip: str = VIP) -> None:
+    service = manifests.service("web", vip, [{"name": "http", "port": 80,
                                               "targetPort": 8080, "protocol": "TCP"}])
     manifests.write(directory, "web.yaml", service, *objects)
 
@@ -55,22 +56,30 @@ def names(result) -> set[str]:
     return {answer.split(":")[0] for answer in result.answers}
 
 
-def test_serving_terminating_endpoints_take_traffic_only_when_none_is_ready(node):
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_serving_terminating_endpoints_take_traffic_only_when_none_is_ready(node, family):
     agent, (a, b, c), client, directory = node
+    vip = VIP if family == 4 else VIP6
+
+    def ip(pod) -> str:
+        return pod.ip if family == 4 else pod.ip6
+
     terminating = {"ready": False, "serving": True, "terminating": True}
     publish(directory, slice_of([
-        {"addresses": [a.ip], "conditions": terminating, "nodeName": NODE},
-        {"addresses": [b.ip], "conditions": {"ready": True}, "nodeName": NODE},
-        {"addresses": [c.ip], "conditions": {"ready": False, "serving": False,
-                                             "terminating": True}, "nodeName": NODE}]))
+        {"addresses": [ip(a)], "conditions": terminating, "nodeName": NODE},
+        {"addresses": [ip(b)], "conditions": {"ready": True}, "nodeName": NODE},
+        {"addresses": [ip(c)], "conditions": {"ready": False, "serving": False,
+                                              "terminating": True}, "nodeName": NODE}],
+        family), vip=vip)
     agent.start()
-    assert names(client.tcp(VIP, 80, count=30)) == {b.name}
+    assert names(client.tcp(vip, 80, count=30)) == {b.name}
     publish(directory, slice_of([                           # the ready one goes away
-        {"addresses": [a.ip], "conditions": terminating, "nodeName": NODE},
-        {"addresses": [c.ip], "conditions": {"ready": False, "serving": False,
-                                             "terminating": True}, "nodeName": NODE}]))
+        {"addresses": [ip(a)], "conditions": terminating, "nodeName": NODE},
+        {"addresses": [ip(c)], "conditions": {"ready": False, "serving": False,
+                                              "terminating": True}, "nodeName": NODE}],
+        family), vip=vip)
     time.sleep(1.0)
-    assert names(client.tcp(VIP, 80, count=30)) == {a.name}, \
+    assert names(client.tcp(vip, 80, count=30)) == {a.name}, \
         "fallback to serving-and-terminating, never to not-serving"
 
 
