@@ -212,7 +212,8 @@ def plot(results, path: Path) -> Path | None:
         if xs:
             ax.plot(xs, ys, style, label=f"{kind} ({TARGET_NAMES[target]})")
     ax.axhline(1.0, color="grey", linewidth=1, label="direct (no proxy)")
-    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xscale("log")
+    ax.set_xlim(0.6, max(sizes) * 1.6)
     ax.set_xlabel("services (3 endpoints each)")
     ax.set_ylabel("TCP connection rate / direct")
     ax.set_title("Connection rate vs cluster size (same-run ratio to no proxy)")
