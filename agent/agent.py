@@ -151,6 +151,7 @@ class Agent:
         self._applied: AppliedState = {}
         self._desired: DesiredState = {}
         self._plan: Plan | None = None     # the last plan the kernel holds; None: replan all
+        self._kernel_stale = False         # a write failed: re-read the kernel before planning
         self._node_object: Node | None = None
         self._node_changed = False         # topology and NodePorts depend on it: replan all
         self._unsupported: set[tuple[ServicePortName, int]] = set()
@@ -268,6 +269,7 @@ class Agent:
         started = time.perf_counter()
         since, self._pending_since = self._pending_since, None
         dirty, self._changed = self._changed, set()
+        reread_kernel = reread_kernel or self._kernel_stale
         full = (reread_kernel or self._plan is None or not self.source.complete
                 or self._node_changed
                 or len(dirty) > FULL_SYNC_SHARE * max(len(self._services), 1))
@@ -275,6 +277,7 @@ class Agent:
         try:
             if reread_kernel:
                 self._applied = await loop.run_in_executor(None, self.maps.read_back)
+                self._kernel_stale = False
             # the model and the planner run in a thread on a snapshot of the objects: a
             # large sync takes seconds of CPU, and the API must answer meanwhile
             inputs = self._inputs(full, dirty)
@@ -288,11 +291,8 @@ class Agent:
             self.status.sync_errors += 1
             log.error("event=sync_failed error=%r action=retry", str(exc),
                       exc_info=not isinstance(exc, OSError))
-            self._plan = None          # unknown what reached the kernel: replan it all
-            try:
-                self._applied = await loop.run_in_executor(None, self.maps.read_back)
-            except Exception as read_exc:
-                log.error("event=read_back_failed error=%r", str(read_exc))
+            # unknown what reached the kernel: the next sync re-reads it and replans all
+            self._plan, self._kernel_stale = None, True
             if since is not None:       # still not in the kernel: keep the oldest stamp
                 self._pending_since = min(since, self._pending_since or since)
             return False

@@ -13,7 +13,6 @@ import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol as TypingProtocol
 
 from agent.datapath import bpfsys, layout
 from agent.model.types import Protocol
@@ -41,12 +40,6 @@ class MapFullError(RuntimeError):
 
 class LayoutError(RuntimeError):
     """A pinned map does not have the layout this agent writes."""
-
-
-class ServiceMaps(TypingProtocol):
-    def apply(self, ops: Sequence[MapOp]) -> None: ...
-    def read_back(self) -> AppliedState: ...
-    def supports(self, family: int, protocol: Protocol) -> bool: ...
 
 
 def _be32(address: ipaddress.IPv4Address) -> int:
@@ -138,7 +131,7 @@ class PinnedMap:
 
 
 class BpfServiceMaps:
-    """ServiceMaps on the pinned BPF maps under a pin directory: each family has its own
+    """agent.agent.ServiceMaps on the pinned BPF maps under a pin directory: each family has its own
     frontend and slot map, and an op goes to the maps of its address's family."""
 
     def __init__(self, pin_dir: Path) -> None:
