@@ -382,28 +382,6 @@ def _most_common(values: list[tuple[int, int]]) -> tuple[int, int]:
     return max(set(values), key=lambda v: (values.count(v), v)) if values else (0, 0)
 
 
-def apply_ops(applied: Mapping[int, KernelService], ops: Iterable[MapOp]) -> AppliedState:
-    """What the kernel holds after ops, computed from the ops alone (for fakes and tests)."""
-    frontends: dict[FrontendKey, tuple[int, int, int]] = {
-        f: (s.svc_id, len(s.backends), s.name_hash, s.affinity) for s in applied.values()
-        for f in s.frontends}
-    slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {
-        (s.svc_id, i): (s.family, b) for s in applied.values() for i, b in enumerate(s.backends)}
-    for op in ops:
-        match op:
-            case PutSlot():
-                slots[op.svc_id, op.slot] = (op.family, op.backend)
-            case DeleteSlot():
-                slots.pop((op.svc_id, op.slot), None)
-            case PutFrontend():
-                frontends[op.frontend] = (op.svc_id, op.count, op.name_hash, op.affinity)
-            case DeleteFrontend():
-                frontends.pop(op.frontend, None)
-    return kernel_state(((f, *entry) for f, entry in frontends.items()),
-                        ((svc_id, slot, family, b)
-                         for (svc_id, slot), (family, b) in slots.items()))
-
-
 INTERNAL, EXTERNAL = 0, 1
 SCOPE_NAMES = {INTERNAL: "internal", EXTERNAL: "external"}
 

@@ -13,7 +13,6 @@ from agent.planner import (
     DeleteSlot,
     PutFrontend,
     PutSlot,
-    apply_ops,
     plan,
     port_hash,
 )
@@ -113,11 +112,14 @@ def test_two_service_ports_claiming_one_frontend_first_wins():
     assert list(owners.values()) == [p.ids[next(k for k in desired if k[0].name == "a")]]
 
 
-def test_apply_ops_matches_plan_result():
-    before = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]), {}).result
+def test_the_kernel_holds_the_plan_result_after_its_ops():
+    first = plan(sp("web", "10.96.0.1", ["10.0.0.1", "10.0.0.2"]), {})
+    fake = FakeServiceMaps()
+    fake.apply(first.ops)
     p = plan({**sp("web", "10.96.0.1", ["10.0.0.2", "10.0.0.5"]),
-              **sp("x", "10.96.0.9", ["10.0.0.7"])}, before)
-    assert apply_ops(before, p.ops) == p.result
+              **sp("x", "10.96.0.9", ["10.0.0.7"])}, first.result)
+    fake.apply(p.ops)
+    assert fake.read_back() == p.result
     assert any(isinstance(o, DeleteSlot) for o in p.ops) is False
 
 
