@@ -24,6 +24,9 @@
 #ifndef BPFP_MAX_AFFINITY
 #define BPFP_MAX_AFFINITY 262144
 #endif
+#ifndef BPFP_MAX_STATS
+#define BPFP_MAX_STATS 131072
+#endif
 
 /* A service address as a socket sees it: ClusterIP:port/protocol. */
 struct svc_key4 {
@@ -120,6 +123,26 @@ struct affinity_value {
         __u32  pad3;
 };
 
+/* Counters, per CPU (the agent sums them). One entry per backend of a service port, and
+ * one for the service port itself (addr all zero, port 0). svc_ids are unique across
+ * families; family says how to read addr. LRU: a full map forgets the coldest entries
+ * rather than refusing to count. */
+struct stats_key {
+        __u32  svc_id;
+        __u8   family;          /* 4 or 6 */
+        __u8   pad;
+        __be16 port;            /* backend port; 0 for the service port's own entry */
+        __be32 addr[4];         /* backend address (IPv4 in addr[0]); zero: the service */
+};
+
+struct stats_value {
+        __u64 connections;      /* connections (or UDP flows) balanced to it */
+        __u64 packets;          /* TC path only: the socket LB never sees a packet */
+        __u64 bytes;            /* TC path only, both directions */
+        __u64 refused;          /* service entry: no backend (refused or dropped) */
+        __u64 dropped;          /* service entry: loadBalancerSourceRanges said no */
+};
+
 #define BPFP_PIN(name) BPFP_PIN_DIR "/" name
 
 /* Frontends and slots are written only by the agent: no preallocation, so memory
@@ -138,5 +161,7 @@ BPF_TABLE_PINNED("lru_hash", struct revnat6_key, struct revnat6_value, bpfp_revn
                  BPFP_MAX_REVNAT, BPFP_PIN("bpfp_revnat6_v1"));
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, bpfp_affinity,
                  BPFP_MAX_AFFINITY, BPFP_PIN("bpfp_affinity_v1"));
+BPF_TABLE_PINNED("lru_percpu_hash", struct stats_key, struct stats_value, bpfp_stats,
+                 BPFP_MAX_STATS, BPFP_PIN("bpfp_stats_v1"));
 
 #endif /* BPFP_MAPS_H */

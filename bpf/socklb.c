@@ -4,6 +4,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 #include "maps.h"
+#include "counters.h"
 
 #define SOCK_ALLOW  1
 #define SOCK_REJECT 0
@@ -143,13 +144,17 @@ static __always_inline enum xlate forward4(struct bpf_sock_addr *ctx, __be32 add
         struct svc_value *svc = bpfp_svc4.lookup(&key);
         if (!svc)
                 return NOT_A_SERVICE;           /* not a service address: untouched */
-        if (svc->count == 0)
+        struct backend4 *backend = svc->count ? select4(ctx, svc) : NULL;
+        if (!backend) {
+                /* count 0; or a slot missing, which only a map corrupted from outside
+                 * does: a slot is written before the count that covers it */
+                struct bpfp_delta refused = { .refused = 1 };
+                bpfp_count(svc->svc_id, 4, NULL, 0, &refused);
                 return NO_BACKEND;
-        struct backend4 *backend = select4(ctx, svc);
-        if (!backend)
-                /* a slot is written before the count that covers it; only a map
-                 * corrupted from outside gets here */
-                return NO_BACKEND;
+        }
+        struct bpfp_delta one = { .connections = 1 };
+        bpfp_count(svc->svc_id, 4, NULL, 0, &one);
+        bpfp_count(svc->svc_id, 4, &backend->addr, backend->port, &one);
         struct revnat4_key rkey = {
                 .cookie = bpf_get_socket_cookie(ctx),
                 .addr   = backend->addr,
@@ -279,11 +284,15 @@ static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be
         struct svc_value *svc = bpfp_svc6.lookup(&key);
         if (!svc)
                 return NOT_A_SERVICE;
-        if (svc->count == 0)
+        struct backend6 *backend = svc->count ? select6(ctx, svc) : NULL;
+        if (!backend) {
+                struct bpfp_delta refused = { .refused = 1 };
+                bpfp_count(svc->svc_id, 6, NULL, 0, &refused);
                 return NO_BACKEND;
-        struct backend6 *backend = select6(ctx, svc);
-        if (!backend)
-                return NO_BACKEND;
+        }
+        struct bpfp_delta one = { .connections = 1 };
+        bpfp_count(svc->svc_id, 6, NULL, 0, &one);
+        bpfp_count(svc->svc_id, 6, backend->addr, backend->port, &one);
         struct revnat6_key rkey = {
                 .cookie = bpf_get_socket_cookie(ctx),
                 .addr   = { backend->addr[0], backend->addr[1], backend->addr[2],

@@ -71,6 +71,18 @@ class AffinityValue(ctypes.Structure):
                 ("pad2", ctypes.c_uint16), ("pad3", ctypes.c_uint32)]
 
 
+class StatsKey(ctypes.Structure):
+    _fields_ = [("svc_id", ctypes.c_uint32), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("port", ctypes.c_uint16), ("addr", Addr6)]
+
+
+class StatsValue(ctypes.Structure):
+    """One CPU's counters; a lookup returns one of these per possible CPU."""
+    _fields_ = [("connections", ctypes.c_uint64), ("packets", ctypes.c_uint64),
+                ("bytes", ctypes.c_uint64), ("refused", ctypes.c_uint64),
+                ("dropped", ctypes.c_uint64)]
+
+
 @dataclass(frozen=True)
 class MapLayout:
     table: str          # the name in bpf/maps.h (and BCC's table name)
@@ -88,4 +100,5 @@ MAPS = {
     "bpfp_revnat6": MapLayout("bpfp_revnat6", "bpfp_revnat6_v1", Revnat6Key, Revnat6Value),
     "bpfp_affinity": MapLayout("bpfp_affinity", "bpfp_affinity_v1", AffinityKey,
                                AffinityValue),
+    "bpfp_stats": MapLayout("bpfp_stats", "bpfp_stats_v1", StatsKey, StatsValue),
 }

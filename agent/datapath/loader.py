@@ -109,20 +109,22 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
     for table_name, spec in layout.MAPS.items():
         table = bpf[table_name.encode()]
         info = bpfsys.map_info(table.map_fd)
+        leaf = getattr(table, "sLeaf", table.Leaf)    # per-CPU tables: one CPU's value
         if info["key_size"] != ctypes.sizeof(table.Key) or \
-                info["value_size"] != ctypes.sizeof(table.Leaf):
+                info["value_size"] != ctypes.sizeof(leaf):
             raise DatapathError(
                 f"pinned map {config.pin_dir / spec.pin} has another layout "
                 f"(key {info['key_size']} B, value {info['value_size']} B); "
                 f"run `bpfproxy cleanup` and start again")
-        for compiled, mirrored in ((table.Key, spec.key), (table.Leaf, spec.value)):
+        for compiled, mirrored in ((table.Key, spec.key), (leaf, spec.value)):
             if _fields(compiled) != _fields(mirrored):
                 raise DatapathError(f"agent/datapath/layout.py {mirrored.__name__} "
                                     f"{_fields(mirrored)} differs from bpf/maps.h "
                                     f"{_fields(compiled)}")
         kind = table_name.removeprefix("bpfp_").rstrip("46")     # one size for both families
         expected_max = {"svc": config.max_frontends, "slot": config.max_slots,
-                        "revnat": config.max_revnat, "affinity": config.max_affinity}[kind]
+                        "revnat": config.max_revnat, "affinity": config.max_affinity,
+                        "stats": config.max_stats}[kind]
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
                         "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)
@@ -213,10 +215,8 @@ def wait_detached(cgroup_dir: Path, timeout: float) -> list[str]:
 # works on the pins alone and stays small.
 
 def load_in_child(config: DatapathConfig, cgroup_dir: Path, timeout: float = 300.0) -> None:
-    argv = [sys.executable, "-m", "agent.datapath.loader", "--pin-dir", str(config.pin_dir),
-            "--cgroup", str(cgroup_dir), "--max-frontends", str(config.max_frontends),
-            "--max-slots", str(config.max_slots), "--max-revnat", str(config.max_revnat),
-            "--max-affinity", str(config.max_affinity)]
+    argv = [sys.executable, "-m", "agent.datapath.loader", "--cgroup", str(cgroup_dir),
+            "--config", config.to_json()]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -231,17 +231,11 @@ def load_in_child(config: DatapathConfig, cgroup_dir: Path, timeout: float = 300
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="compile, pin and attach (agent-internal)")
-    parser.add_argument("--pin-dir", type=Path, required=True)
     parser.add_argument("--cgroup", type=Path, required=True)
-    parser.add_argument("--max-frontends", type=int, required=True)
-    parser.add_argument("--max-slots", type=int, required=True)
-    parser.add_argument("--max-revnat", type=int, required=True)
-    parser.add_argument("--max-affinity", type=int, required=True)
+    parser.add_argument("--config", required=True, help="DatapathConfig as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    config = DatapathConfig(pin_dir=args.pin_dir, max_frontends=args.max_frontends,
-                            max_slots=args.max_slots, max_revnat=args.max_revnat,
-                            max_affinity=args.max_affinity)
+    config = DatapathConfig.from_json(args.config)
     try:
         loaded = compile_programs(config)
         attach_socket_programs(loaded, args.cgroup)

@@ -145,11 +145,12 @@ def test_the_agents_ctypes_layouts_are_what_bcc_compiles(pin_dir):
     from agent.datapath import layout
     bpf = loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf
     assert set(layout.MAPS) == {f"bpfp_{kind}{family}" for kind in ("svc", "slot", "revnat")
-                                for family in (4, 6)} | {"bpfp_affinity"}
+                                for family in (4, 6)} | {"bpfp_affinity", "bpfp_stats"}
     for name, spec in layout.MAPS.items():
         table = bpf[name.encode()]
         assert loader._fields(table.Key) == loader._fields(spec.key), name
-        assert loader._fields(table.Leaf) == loader._fields(spec.value), name
+        leaf = getattr(table, "sLeaf", table.Leaf)     # per-CPU tables: one CPU's value
+        assert loader._fields(leaf) == loader._fields(spec.value), name
 
 
 def test_the_loader_child_compiles_pins_and_attaches(pin_dir, tmp_path):
