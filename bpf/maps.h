@@ -27,21 +27,37 @@
 #ifndef BPFP_MAX_STATS
 #define BPFP_MAX_STATS 131072
 #endif
+#ifndef BPFP_CT_MAX
+#define BPFP_CT_MAX 262144
+#endif
+#ifndef BPFP_MAX_SOURCE_RANGES
+#define BPFP_MAX_SOURCE_RANGES 65536
+#endif
+#ifndef BPFP_MAGLEV_M
+#define BPFP_MAGLEV_M 1021
+#endif
+#ifndef BPFP_MAX_MAGLEV_ROWS
+#define BPFP_MAX_MAGLEV_ROWS 1048576
+#endif
 
 /* A service address as a socket sees it: ClusterIP:port/protocol. */
 struct svc_key4 {
         __be32 addr;
         __be16 port;
         __u8   proto;
-        __u8   scope;           /* reserved for traffic policies; 0 today */
+        __u8   scope;           /* 0: every path; 1: traffic from outside the node only */
 };
+
+/* svc_value.flags: how the TC path treats a frontend (the socket LB ignores them). */
+#define BPFP_SVC_F_SOURCE_RANGES 1  /* only sources in bpfp_srcrange for its svc_id */
+#define BPFP_SVC_F_MAGLEV        2  /* backend from bpfp_maglev, not at random */
 
 /* One frontend -> its service port's backend slots [0, count). */
 struct svc_value {
         __u32 svc_id;           /* shared by every frontend of one service port */
         __u32 count;            /* 0: no usable backend, connect() is refused */
-        __u32 flags;            /* reserved */
-        __u32 affinity_sec;     /* reserved: ClientIP session affinity timeout */
+        __u32 flags;            /* BPFP_SVC_F_* */
+        __u32 affinity_sec;     /* ClientIP session affinity timeout, 0: none */
         __u64 name_hash;        /* which service port owns svc_id: how an agent that
                                  * restarts adopts ids without any state of its own */
 };
@@ -80,7 +96,7 @@ struct svc_key6 {
         __be32 addr[4];
         __be16 port;
         __u8   proto;
-        __u8   scope;           /* reserved for traffic policies; 0 today */
+        __u8   scope;           /* as in svc_key4 */
 };
 
 struct backend6 {
@@ -143,6 +159,73 @@ struct stats_value {
         __u64 dropped;          /* service entry: loadBalancerSourceRanges said no */
 };
 
+/* --- Traffic from outside the node (bpf/nodeport.c) ---------------------------------
+ * Addresses of both families in one layout: IPv4 in addr[0], the rest zero. */
+
+/* Connection tracking: one entry per direction of a flow, keyed by the packet's tuple as
+ * it arrives; the value is the tuple to rewrite it to. The reply direction's key is the
+ * forward rewrite swapped, so either entry finds the other. */
+struct ct_key {
+        __be32 saddr[4];
+        __be32 daddr[4];
+        __be16 sport;
+        __be16 dport;
+        __u8   proto;
+        __u8   family;          /* 4 or 6 */
+        __u16  pad;
+};
+
+#define BPFP_CT_REPLY   1       /* this entry is the reply direction */
+#define BPFP_CT_SNAT    2       /* the flow was SNATed to the node (backend elsewhere) */
+#define BPFP_CT_CLOSING 4       /* FIN or RST seen: expires after the close timeout */
+
+struct ct_value {
+        __be32 saddr[4];        /* rewrite to */
+        __be32 daddr[4];
+        __be16 sport;
+        __be16 dport;
+        __u32  svc_id;          /* for counters, and for the agent's cleanup */
+        __u64  expires;         /* bpf_ktime_get_ns() */
+        __u32  flags;           /* BPFP_CT_* */
+        __u32  pad;
+};
+
+/* The node's own address on an interface, per family: the SNAT source. */
+struct ifaddr_key {
+        __u32 ifindex;
+        __u32 family;
+};
+
+struct ifaddr_value {
+        __be32 addr[4];
+};
+
+/* ClientIP affinity for traffic from outside: the client is its source address. */
+struct affinity_ext_key {
+        __u32  svc_id;
+        __u32  family;
+        __be32 addr[4];
+};
+
+/* loadBalancerSourceRanges of a frontend with BPFP_SVC_F_SOURCE_RANGES: longest-prefix
+ * match on (svc_id, source). prefixlen counts svc_id's 32 bits plus the range's. */
+struct srcrange_key {
+        __u32  prefixlen;
+        __u32  svc_id;
+        __be32 addr[4];
+};
+
+/* Maglev: a service port's lookup table of BPFP_MAGLEV_M slot numbers, in rows of 32. */
+#define BPFP_MAGLEV_ROW 32
+struct maglev_key {
+        __u32 svc_id;
+        __u32 row;
+};
+
+struct maglev_row {
+        __u16 slot[BPFP_MAGLEV_ROW];
+};
+
 #define BPFP_PIN(name) BPFP_PIN_DIR "/" name
 
 /* Frontends and slots are written only by the agent: no preallocation, so memory
@@ -161,6 +244,16 @@ BPF_TABLE_PINNED("lru_hash", struct revnat6_key, struct revnat6_value, bpfp_revn
                  BPFP_MAX_REVNAT, BPFP_PIN("bpfp_revnat6_v1"));
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, bpfp_affinity,
                  BPFP_MAX_AFFINITY, BPFP_PIN("bpfp_affinity_v1"));
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, bpfp_ct,
+                 BPFP_CT_MAX, BPFP_PIN("bpfp_ct_v1"));
+BPF_TABLE_PINNED("hash", struct ifaddr_key, struct ifaddr_value, bpfp_ifaddr,
+                 1024, BPFP_PIN("bpfp_ifaddr_v1"));
+BPF_TABLE_PINNED("lru_hash", struct affinity_ext_key, struct affinity_value,
+                 bpfp_affinity_ext, BPFP_MAX_AFFINITY, BPFP_PIN("bpfp_affinity_ext_v1"));
+BPF_TABLE_PINNED("lpm_trie", struct srcrange_key, __u8, bpfp_srcrange,
+                 BPFP_MAX_SOURCE_RANGES, BPFP_PIN("bpfp_srcrange_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct maglev_key, struct maglev_row, bpfp_maglev,
+                 BPFP_MAX_MAGLEV_ROWS, BPFP_PIN("bpfp_maglev_v1"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_percpu_hash", struct stats_key, struct stats_value, bpfp_stats,
                  BPFP_MAX_STATS, BPFP_PIN("bpfp_stats_v1"));
 

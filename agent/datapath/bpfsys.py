@@ -42,6 +42,8 @@ class AttachType(enum.IntEnum):
     CGROUP_UDP6_RECVMSG = 20
     CGROUP_INET4_GETPEERNAME = 29
     CGROUP_INET6_GETPEERNAME = 30
+    TCX_INGRESS = 46
+    TCX_EGRESS = 47
 
 
 def _check(ret: int, what: str) -> int:
@@ -113,6 +115,11 @@ def link_cgroup_id(link_fd: int) -> int:
     """struct bpf_link_info: type, id, prog_id, then (8-aligned) cgroup.cgroup_id."""
     info = _info(link_fd)
     return struct.unpack_from("=Q", info, 16)[0]
+
+
+def link_ifindex(link_fd: int) -> int:
+    """A tcx link's device: bpf_link_info's tcx.ifindex, after type, id and prog_id."""
+    return struct.unpack_from("=I", _info(link_fd), 16)[0]
 
 
 def map_info(map_fd: int) -> dict[str, int]:

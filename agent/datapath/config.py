@@ -19,6 +19,14 @@ class DatapathConfig:
     max_revnat: int = 524288          # live UDP flows/sockets remembered for reverse NAT
     max_affinity: int = 262144        # (client, service port) pairs with session affinity
     max_stats: int = 131072           # counted service ports and backends (LRU)
+    ct_max: int = 262144              # flows from outside the node (two entries each)
+    ct_tcp_timeout: int = 21600       # seconds an idle established TCP flow is kept
+    ct_tcp_close_timeout: int = 10    # ... once it saw an RST or a FIN each way
+    ct_udp_timeout: int = 60          # ... an idle UDP flow
+    max_source_ranges: int = 65536    # loadBalancerSourceRanges entries
+    maglev_m: int = 1021              # Maglev table size per service port: a prime
+    max_maglev_rows: int = 1048576    # rows of 32 table entries over all service ports
+    interfaces: tuple[str, ...] = ()  # where the TC programs attach
 
     def macros(self) -> dict[str, str]:
         """C macro name -> C literal."""
@@ -29,6 +37,13 @@ class DatapathConfig:
             "BPFP_MAX_REVNAT": str(self.max_revnat),
             "BPFP_MAX_AFFINITY": str(self.max_affinity),
             "BPFP_MAX_STATS": str(self.max_stats),
+            "BPFP_CT_MAX": str(self.ct_max),
+            "BPFP_CT_TCP_TIMEOUT": str(self.ct_tcp_timeout),
+            "BPFP_CT_TCP_CLOSE_TIMEOUT": str(self.ct_tcp_close_timeout),
+            "BPFP_CT_UDP_TIMEOUT": str(self.ct_udp_timeout),
+            "BPFP_MAX_SOURCE_RANGES": str(self.max_source_ranges),
+            "BPFP_MAGLEV_M": str(self.maglev_m),
+            "BPFP_MAX_MAGLEV_ROWS": str(self.max_maglev_rows),
         }
 
     def to_json(self) -> str:
@@ -39,6 +54,7 @@ class DatapathConfig:
     def from_json(cls, text: str) -> DatapathConfig:
         fields = json.loads(text)
         fields["pin_dir"] = Path(fields["pin_dir"])
+        fields["interfaces"] = tuple(fields["interfaces"])
         return cls(**fields)
 
     def cflags(self) -> list[str]:

@@ -83,6 +83,52 @@ class StatsValue(ctypes.Structure):
                 ("dropped", ctypes.c_uint64)]
 
 
+class CtKey(ctypes.Structure):
+    _fields_ = [("saddr", Addr6), ("daddr", Addr6), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("family", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
+
+
+class CtValue(ctypes.Structure):
+    _fields_ = [("saddr", Addr6), ("daddr", Addr6), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("svc_id", ctypes.c_uint32),
+                ("expires", ctypes.c_uint64), ("flags", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+CT_REPLY, CT_SNAT = 1, 2
+
+
+class IfaddrKey(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("family", ctypes.c_uint32)]
+
+
+class IfaddrValue(ctypes.Structure):
+    _fields_ = [("addr", Addr6)]
+
+
+class AffinityExtKey(ctypes.Structure):
+    _fields_ = [("svc_id", ctypes.c_uint32), ("family", ctypes.c_uint32), ("addr", Addr6)]
+
+
+class SrcrangeKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("svc_id", ctypes.c_uint32), ("addr", Addr6)]
+
+
+MAGLEV_ROW = 32
+
+
+class MaglevKey(ctypes.Structure):
+    _fields_ = [("svc_id", ctypes.c_uint32), ("row", ctypes.c_uint32)]
+
+
+class MaglevRow(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint16 * MAGLEV_ROW)]
+
+
+SVC_F_SOURCE_RANGES, SVC_F_MAGLEV = 1, 2
+
+
 @dataclass(frozen=True)
 class MapLayout:
     table: str          # the name in bpf/maps.h (and BCC's table name)
@@ -101,4 +147,11 @@ MAPS = {
     "bpfp_affinity": MapLayout("bpfp_affinity", "bpfp_affinity_v1", AffinityKey,
                                AffinityValue),
     "bpfp_stats": MapLayout("bpfp_stats", "bpfp_stats_v1", StatsKey, StatsValue),
+    "bpfp_ct": MapLayout("bpfp_ct", "bpfp_ct_v1", CtKey, CtValue),
+    "bpfp_ifaddr": MapLayout("bpfp_ifaddr", "bpfp_ifaddr_v1", IfaddrKey, IfaddrValue),
+    "bpfp_affinity_ext": MapLayout("bpfp_affinity_ext", "bpfp_affinity_ext_v1",
+                                   AffinityExtKey, AffinityValue),
+    "bpfp_srcrange": MapLayout("bpfp_srcrange", "bpfp_srcrange_v1", SrcrangeKey,
+                               ctypes.c_uint8),
+    "bpfp_maglev": MapLayout("bpfp_maglev", "bpfp_maglev_v1", MaglevKey, MaglevRow),
 }

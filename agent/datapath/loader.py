@@ -9,6 +9,7 @@ import ctypes
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,13 @@ SOCKET_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
     ("bpfp_recvmsg6", AttachType.CGROUP_UDP6_RECVMSG),
     ("bpfp_getpeername6", AttachType.CGROUP_INET6_GETPEERNAME),
 )
+
+# (function in bpf/nodeport.c, hook) on each --interfaces device
+TC_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
+    ("bpfp_tc_ingress", AttachType.TCX_INGRESS),
+    ("bpfp_tc_egress", AttachType.TCX_EGRESS),
+)
+PROGRAM_FILES = ("socklb.c", "nodeport.c")
 
 # Pinned maps (file names carry the layout version) by BCC table name.
 PINNED_MAPS = {name: spec.pin for name, spec in layout.MAPS.items()}
@@ -94,11 +102,12 @@ def compile_programs(config: DatapathConfig) -> LoadedDatapath:
 
     check_kernel_headers()
     ensure_bpffs(config.pin_dir)
-    text = inline_headers(BPF_DIR / "socklb.c")
+    # one object: both programs share the maps (maps.h's include guard keeps one copy)
+    text = "".join(inline_headers(BPF_DIR / name) for name in PROGRAM_FILES)
     try:
         bpf = BPF(text=text.encode(), cflags=config.cflags())
     except Exception as exc:
-        raise DatapathError(f"compiling bpf/socklb.c failed: {exc}") from exc
+        raise DatapathError(f"compiling {', '.join(PROGRAM_FILES)} failed: {exc}") from exc
     _check_pinned_layouts(bpf, config)
     return LoadedDatapath(bpf, config)
 
@@ -124,7 +133,10 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
         kind = table_name.removeprefix("bpfp_").rstrip("46")     # one size for both families
         expected_max = {"svc": config.max_frontends, "slot": config.max_slots,
                         "revnat": config.max_revnat, "affinity": config.max_affinity,
-                        "stats": config.max_stats}[kind]
+                        "affinity_ext": config.max_affinity, "stats": config.max_stats,
+                        "ct": config.ct_max, "ifaddr": 1024,
+                        "srcrange": config.max_source_ranges,
+                        "maglev": config.max_maglev_rows}[kind]
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
                         "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)
@@ -132,6 +144,8 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
 
 def _fields(struct: type) -> list[tuple[str, int, int]]:
     """(name, offset, size) of each field: what must agree between C and Python."""
+    if not hasattr(struct, "_fields_"):                 # a scalar value (ctypes.c_uint8)
+        return [("", 0, ctypes.sizeof(struct))]
     return [(name, getattr(struct, name).offset, getattr(struct, name).size)
             for name, *_ in struct._fields_]
 
@@ -166,6 +180,50 @@ def attach_socket_programs(loaded: LoadedDatapath, cgroup_dir: Path) -> None:
             log.info("event=program_attached hook=%s cgroup=%s", attach_type.name, cgroup_dir)
     finally:
         os.close(cgroup_fd)
+
+
+def attach_tc_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> None:
+    """Attach (or atomically replace) the NodePort programs on each interface with tcx
+    links pinned as links/tc-<ifname>-<hook>; links of interfaces no longer listed go."""
+    from bcc import BPF
+
+    links = loaded.config.pin_dir / "links"
+    wanted = set()
+    for ifname in interfaces:
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+        except OSError as exc:
+            raise DatapathError(f"--interfaces {ifname}: no such interface here") from exc
+        for func_name, attach_type in TC_PROGRAMS:
+            fn = loaded.bpf.load_func(func_name.encode(), BPF.SCHED_CLS)
+            hook = "ingress" if attach_type is AttachType.TCX_INGRESS else "egress"
+            link_path = links / f"tc-{ifname}-{hook}"
+            wanted.add(link_path.name)
+            if link_path.exists():
+                link_fd = bpfsys.obj_get(str(link_path))
+                try:
+                    if bpfsys.link_ifindex(link_fd) == ifindex:
+                        bpfsys.link_update(link_fd, fn.fd)
+                        log.info("event=program_replaced hook=tcx_%s interface=%s", hook,
+                                 ifname)
+                        continue
+                finally:
+                    os.close(link_fd)
+                link_path.unlink()      # the device was re-created: a new link
+            try:
+                link_fd = bpfsys.link_create(fn.fd, ifindex, attach_type)
+            except OSError as exc:
+                raise DatapathError(f"attaching to {ifname} ({hook}) failed: {exc}; tcx "
+                                    f"needs Linux 6.6 or later") from exc
+            try:
+                bpfsys.obj_pin(link_fd, str(link_path))
+            finally:
+                os.close(link_fd)
+            log.info("event=program_attached hook=tcx_%s interface=%s", hook, ifname)
+    for link in links.glob("tc-*"):
+        if link.name not in wanted:
+            link.unlink()               # unpinning the last reference detaches it
+            log.info("event=program_detached link=%s", link.name)
 
 
 def cleanup(pin_dir: Path) -> list[str]:
@@ -239,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = compile_programs(config)
         attach_socket_programs(loaded, args.cgroup)
+        attach_tc_programs(loaded, config.interfaces)
     except (DatapathError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

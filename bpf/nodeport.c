@@ -1,0 +1,524 @@
+/* bpf/nodeport.c: traffic from outside the node to NodePort, ExternalIP and LoadBalancer
+ * addresses (and ClusterIPs routed to the node), on the node's interfaces (tcx ingress
+ * and egress). Per packet: DNAT to a backend, conntrack in an LRU map, SNAT to the node
+ * when the backend is on another node, reverse NAT on the way back. Both families share
+ * one code path: addresses travel as four words, IPv4 in word 0. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include "maps.h"
+#include "counters.h"
+
+#ifndef BPFP_CT_TCP_TIMEOUT
+#define BPFP_CT_TCP_TIMEOUT 21600
+#endif
+#ifndef BPFP_CT_TCP_CLOSE_TIMEOUT
+#define BPFP_CT_TCP_CLOSE_TIMEOUT 10
+#endif
+#ifndef BPFP_CT_UDP_TIMEOUT
+#define BPFP_CT_UDP_TIMEOUT 60
+#endif
+#define BPFP_CT_SYN_TIMEOUT 60     /* a flow whose reply never came: like Cilium's */
+#define NSEC 1000000000ULL
+
+/* SNAT source ports: above Linux's default ephemeral range (32768-60999), so the node's
+ * own connections never collide with a translated flow. */
+#define SNAT_PORT_MIN 61000
+#define SNAT_PORT_SPAN 4536
+#define SNAT_TRIES 8
+#define AFFINITY_SCAN 32
+
+#define IP_MF     0x2000
+#define IP_OFFSET 0x1FFF
+#define TH_FIN    0x01
+#define TH_RST    0x04
+#define BPFP_AF_INET  2
+#define BPFP_AF_INET6 10
+
+/* conntrack flags beyond maps.h's: TCP's progress */
+#define BPFP_CT_ESTABLISHED 8   /* the reply direction was seen */
+#define BPFP_CT_FIN         16  /* this direction sent FIN */
+
+/* BCC's declaration predates the helper's params argument (Linux 5.11) */
+static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+        (void *)BPF_FUNC_redirect_neigh;
+
+/* A parsed packet: where its headers are and its tuple. */
+struct pkt {
+        struct ct_key t;
+        __u32 l3;               /* offset of the IP header */
+        __u32 l4;               /* offset of the TCP/UDP header */
+        __u32 len;              /* bytes, for counters */
+        __u8  tcp_flags;        /* FIN 1, SYN 2, RST 4, ACK 16 */
+};
+
+struct target {
+        __be32 addr[4];
+        __be16 port;
+};
+
+/* --- parsing: anything we do not handle passes untouched ----------------------------- */
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+        void *data = (void *)(long)skb->data;
+        void *end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > end)
+                return 0;
+        p->l3 = sizeof(*eth);
+        p->len = skb->len;
+        if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+                struct iphdr *ip = (void *)(eth + 1);
+                if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5)
+                        return 0;
+                if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+                        return 0;       /* fragments: no ports to translate */
+                p->t.family = 4;
+                p->t.proto = ip->protocol;
+                p->t.saddr[0] = ip->saddr;
+                p->t.daddr[0] = ip->daddr;
+                p->l4 = p->l3 + ip->ihl * 4;
+        } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+                struct ipv6hdr *ip6 = (void *)(eth + 1);
+                if ((void *)(ip6 + 1) > end || ip6->version != 6)
+                        return 0;
+                /* extension headers (fragments among them) are not followed */
+                p->t.family = 6;
+                p->t.proto = ip6->nexthdr;
+                __builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
+                __builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
+                p->l4 = p->l3 + sizeof(*ip6);
+        } else {
+                return 0;
+        }
+        if (p->t.proto == IPPROTO_TCP) {
+                struct tcphdr *tcp = data + p->l4;
+                if ((void *)(tcp + 1) > end)
+                        return 0;
+                p->t.sport = tcp->source;
+                p->t.dport = tcp->dest;
+                p->tcp_flags = ((__u8 *)tcp)[13];
+                return 1;
+        }
+        if (p->t.proto == IPPROTO_UDP) {
+                struct udphdr *udp = data + p->l4;
+                if ((void *)(udp + 1) > end)
+                        return 0;
+                p->t.sport = udp->source;
+                p->t.dport = udp->dest;
+                return 1;
+        }
+        return 0;
+}
+
+/* --- rewriting, with checksums kept right --------------------------------------------- */
+
+static __always_inline __u32 l4_csum_off(struct pkt *p)
+{
+        return p->l4 + (p->t.proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
+                                                  : __builtin_offsetof(struct udphdr, check));
+}
+
+static __always_inline int set_addr(struct __sk_buff *skb, struct pkt *p, int dst,
+                                    const __be32 *old, const __be32 *new)
+{
+        __u64 flags = BPF_F_PSEUDO_HDR | (p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
+        if (p->t.family == 4) {
+                if (old[0] == new[0])
+                        return 0;
+                __u32 off = p->l3 + (dst ? __builtin_offsetof(struct iphdr, daddr)
+                                         : __builtin_offsetof(struct iphdr, saddr));
+                if (bpf_l4_csum_replace(skb, l4_csum_off(p), old[0], new[0], flags | 4) ||
+                    bpf_l3_csum_replace(skb, p->l3 + __builtin_offsetof(struct iphdr, check),
+                                        old[0], new[0], 4))
+                        return -1;
+                return bpf_skb_store_bytes(skb, off, (void *)&new[0], 4, 0);
+        }
+        __u32 off = p->l3 + (dst ? __builtin_offsetof(struct ipv6hdr, daddr)
+                                 : __builtin_offsetof(struct ipv6hdr, saddr));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+                if (old[i] != new[i] &&
+                    bpf_l4_csum_replace(skb, l4_csum_off(p), old[i], new[i], flags | 4))
+                        return -1;
+        }
+        return bpf_skb_store_bytes(skb, off, (void *)new, 16, 0);
+}
+
+static __always_inline int set_port(struct __sk_buff *skb, struct pkt *p, int dst,
+                                    __be16 old, __be16 new)
+{
+        if (old == new)
+                return 0;
+        __u64 flags = p->t.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+        __u32 off = p->l4 + (dst ? 2 : 0);      /* dest follows source in TCP and UDP */
+        if (bpf_l4_csum_replace(skb, l4_csum_off(p), old, new, flags | 2))
+                return -1;
+        return bpf_skb_store_bytes(skb, off, &new, 2, 0);
+}
+
+/* The packet's tuple becomes the entry's. */
+static __always_inline int rewrite(struct __sk_buff *skb, struct pkt *p, struct ct_value *v)
+{
+        if (set_addr(skb, p, 0, p->t.saddr, v->saddr) ||
+            set_addr(skb, p, 1, p->t.daddr, v->daddr) ||
+            set_port(skb, p, 0, p->t.sport, v->sport) ||
+            set_port(skb, p, 1, p->t.dport, v->dport))
+                return -1;
+        return 0;
+}
+
+/* --- conntrack ------------------------------------------------------------------------ */
+
+static __always_inline __u64 lifetime(struct pkt *p, __u32 flags)
+{
+        if (p->t.proto != IPPROTO_TCP)
+                return BPFP_CT_UDP_TIMEOUT * NSEC;
+        if (flags & BPFP_CT_CLOSING)
+                return BPFP_CT_TCP_CLOSE_TIMEOUT * NSEC;
+        if (flags & BPFP_CT_ESTABLISHED)
+                return BPFP_CT_TCP_TIMEOUT * NSEC;
+        return BPFP_CT_SYN_TIMEOUT * NSEC;
+}
+
+/* The reply's key: the forward rewrite, swapped. */
+static __always_inline void reply_key(struct ct_key *fwd, struct ct_value *v,
+                                      struct ct_key *out)
+{
+        __builtin_memcpy(out->saddr, v->daddr, 16);
+        __builtin_memcpy(out->daddr, v->saddr, 16);
+        out->sport = v->dport;
+        out->dport = v->sport;
+        out->proto = fwd->proto;
+        out->family = fwd->family;
+        out->pad = 0;
+}
+
+/* Backend of a flow, for counters: the forward entry rewrites to it, the reply comes
+ * from it. */
+static __always_inline void count_flow(struct pkt *p, struct ct_value *v,
+                                       struct bpfp_delta *d)
+{
+        if (v->flags & BPFP_CT_REPLY)
+                bpfp_count(v->svc_id, p->t.family, p->t.saddr, p->t.sport, d);
+        else
+                bpfp_count(v->svc_id, p->t.family, v->daddr, v->dport, d);
+}
+
+/* --- backends ------------------------------------------------------------------------- */
+
+static __always_inline int slot_backend(__u8 family, __u32 svc_id, __u32 slot,
+                                        struct target *out)
+{
+        struct slot_key key = { .svc_id = svc_id, .slot = slot };
+        if (family == 4) {
+                struct backend4 *b = bpfp_slot4.lookup(&key);
+                if (!b)
+                        return 0;
+                out->addr[0] = b->addr;
+                out->port = b->port;
+                return 1;
+        }
+        struct backend6 *b = bpfp_slot6.lookup(&key);
+        if (!b)
+                return 0;
+        __builtin_memcpy(out->addr, b->addr, 16);
+        out->port = b->port;
+        return 1;
+}
+
+static __always_inline __u32 mix32(__u32 h)
+{
+        h ^= h >> 16;
+        h *= 0x85ebca6b;
+        h ^= h >> 13;
+        h *= 0xc2b2ae35;
+        h ^= h >> 16;
+        return h;
+}
+
+/* Maglev hashes what every node sees alike: the client's address and port, the service
+ * port and the protocol (not the node address a NodePort client dialled). */
+static __always_inline __u32 flow_hash(struct pkt *p)
+{
+        __u32 h = mix32(p->t.saddr[0] ^ 0x9e3779b9);
+        h = mix32(h ^ p->t.saddr[1]);
+        h = mix32(h ^ p->t.saddr[2]);
+        h = mix32(h ^ p->t.saddr[3]);
+        h = mix32(h ^ (((__u32)p->t.sport << 16) | p->t.dport));
+        return mix32(h ^ p->t.proto);
+}
+
+static __always_inline int pick(struct pkt *p, struct svc_value *svc, struct target *out,
+                                __u32 *slot_out)
+{
+        __u32 slot = bpf_get_prandom_u32() % svc->count;
+        if (svc->flags & BPFP_SVC_F_MAGLEV) {
+                __u32 idx = flow_hash(p) % BPFP_MAGLEV_M;
+                struct maglev_key key = { .svc_id = svc->svc_id, .row = idx / BPFP_MAGLEV_ROW };
+                struct maglev_row *row = bpfp_maglev.lookup(&key);
+                if (row) {
+                        __u32 col = idx % BPFP_MAGLEV_ROW;
+                        if (col < BPFP_MAGLEV_ROW && row->slot[col] < svc->count)
+                                slot = row->slot[col];
+                }
+        }
+        *slot_out = slot;
+        return slot_backend(p->t.family, svc->svc_id, slot, out);
+}
+
+/* The client's affinity backend while it lasts and is still a backend (its slot may have
+ * moved), else a fresh pick remembered: the socket LB's semantics, keyed by source. */
+static __always_inline int select_backend(struct pkt *p, struct svc_value *svc,
+                                          struct target *out)
+{
+        struct affinity_ext_key akey = { .svc_id = svc->svc_id, .family = p->t.family };
+        __builtin_memcpy(akey.addr, p->t.saddr, 16);
+        __u64 now = 0;
+        if (svc->affinity_sec) {
+                now = bpf_ktime_get_ns();
+                struct affinity_value *aff = bpfp_affinity_ext.lookup(&akey);
+                if (aff && now - aff->last_ns <= (__u64)svc->affinity_sec * NSEC) {
+                        __u32 slot = aff->slot;
+                        for (__u32 i = 0; i <= AFFINITY_SCAN; i++) {
+                                if (slot < svc->count &&
+                                    slot_backend(p->t.family, svc->svc_id, slot, out) &&
+                                    out->port == aff->port && out->addr[0] == aff->addr[0] &&
+                                    out->addr[1] == aff->addr[1] &&
+                                    out->addr[2] == aff->addr[2] &&
+                                    out->addr[3] == aff->addr[3]) {
+                                        aff->last_ns = now;
+                                        aff->slot = slot;
+                                        return 1;
+                                }
+                                if (i >= svc->count)
+                                        break;
+                                slot = i;
+                        }
+                }
+        }
+        __u32 slot;
+        if (!pick(p, svc, out, &slot))
+                return 0;
+        if (svc->affinity_sec) {
+                struct affinity_value value = { .last_ns = now, .slot = slot,
+                                                .port = out->port };
+                __builtin_memcpy(value.addr, out->addr, 16);
+                bpfp_affinity_ext.update(&akey, &value);
+        }
+        return 1;
+}
+
+/* --- a new flow ----------------------------------------------------------------------- */
+
+static __always_inline struct svc_value *find_service(struct pkt *p)
+{
+        /* scope 1 first: a frontend whose traffic from outside has its own backends
+         * (externalTrafficPolicy Local, source ranges); else the one every path uses */
+        if (p->t.family == 4) {
+                struct svc_key4 key = { .addr = p->t.daddr[0], .port = p->t.dport,
+                                        .proto = p->t.proto, .scope = 1 };
+                struct svc_value *svc = bpfp_svc4.lookup(&key);
+                if (svc)
+                        return svc;
+                key.scope = 0;
+                return bpfp_svc4.lookup(&key);
+        }
+        struct svc_key6 key = { .port = p->t.dport, .proto = p->t.proto, .scope = 1 };
+        __builtin_memcpy(key.addr, p->t.daddr, 16);
+        struct svc_value *svc = bpfp_svc6.lookup(&key);
+        if (svc)
+                return svc;
+        key.scope = 0;
+        return bpfp_svc6.lookup(&key);
+}
+
+static __always_inline int source_allowed(struct pkt *p, struct svc_value *svc)
+{
+        if (!(svc->flags & BPFP_SVC_F_SOURCE_RANGES))
+                return 1;
+        struct srcrange_key key = {
+                .prefixlen = 32 + (p->t.family == 4 ? 32 : 128),
+                .svc_id = svc->svc_id,
+        };
+        __builtin_memcpy(key.addr, p->t.saddr, 16);
+        return bpfp_srcrange.lookup(&key) != NULL;
+}
+
+/* Where the kernel would send a packet for addr: its egress interface, 0 if nowhere. */
+static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const __be32 *src,
+                                       const __be32 *dst)
+{
+        struct bpf_fib_lookup fib = {};
+        fib.ifindex = skb->ingress_ifindex;
+        if (family == 4) {
+                fib.family = BPFP_AF_INET;
+                fib.ipv4_src = src[0];
+                fib.ipv4_dst = dst[0];
+        } else {
+                fib.family = BPFP_AF_INET6;
+                __builtin_memcpy(fib.ipv6_src, src, 16);
+                __builtin_memcpy(fib.ipv6_dst, dst, 16);
+        }
+        long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+        if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+                return 0;
+        return fib.ifindex;
+}
+
+/* Claim a node port for a SNATed flow: the reply entry is inserted only if no other flow
+ * holds that (backend, node address, port). */
+static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
+                                      struct ct_value *rev, struct ct_key *rkey)
+{
+        __u32 start = bpf_get_prandom_u32();
+        for (int i = 0; i < SNAT_TRIES; i++) {
+                fwd->sport = bpf_htons(SNAT_PORT_MIN + (start + i * 7919) % SNAT_PORT_SPAN);
+                reply_key(&p->t, fwd, rkey);
+                if (bpfp_ct.insert(rkey, rev) == 0)
+                        return 1;
+        }
+        return 0;
+}
+
+#define DROP(p, svc, what) ({                                           \
+        struct bpfp_delta d = { .what = 1 };                            \
+        bpfp_count((svc)->svc_id, (p)->t.family, NULL, 0, &d);          \
+        TC_ACT_SHOT; })
+
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
+{
+        struct svc_value *svc = find_service(p);
+        if (!svc)
+                return TC_ACT_OK;               /* not a service address: not ours */
+        if (!source_allowed(p, svc))
+                return DROP(p, svc, dropped);
+        struct target be = {};
+        /* no backend: dropped (externalTrafficPolicy Local without a local endpoint is
+         * kube-proxy's DROP too; with none anywhere kube-proxy REJECTs) */
+        if (svc->count == 0 || !select_backend(p, svc, &be))
+                return DROP(p, svc, refused);
+
+        __u64 now = bpf_ktime_get_ns();
+        struct ct_value fwd = { .sport = p->t.sport, .dport = be.port, .svc_id = svc->svc_id };
+        __builtin_memcpy(fwd.saddr, p->t.saddr, 16);
+        __builtin_memcpy(fwd.daddr, be.addr, 16);
+        struct ct_value rev = { .sport = p->t.dport, .dport = p->t.sport,
+                                .svc_id = svc->svc_id, .flags = BPFP_CT_REPLY };
+        __builtin_memcpy(rev.saddr, p->t.daddr, 16);
+        __builtin_memcpy(rev.daddr, p->t.saddr, 16);
+
+        /* A backend reached back out of the interface the packet came in on is on another
+         * node: SNAT to this node, so its reply comes back here to be translated. */
+        __u32 out = route_out(skb, p->t.family, p->t.saddr, be.addr);
+        if (out == 0)
+                return DROP(p, svc, refused);
+        int snat = out == skb->ingress_ifindex;
+        __u64 life = p->t.proto == IPPROTO_TCP ? BPFP_CT_SYN_TIMEOUT * NSEC
+                                                : BPFP_CT_UDP_TIMEOUT * NSEC;
+        fwd.expires = rev.expires = now + life;
+        struct ct_key rkey = {};
+        if (snat) {
+                struct ifaddr_key ikey = { .ifindex = out, .family = p->t.family };
+                struct ifaddr_value *node = bpfp_ifaddr.lookup(&ikey);
+                if (!node)
+                        return DROP(p, svc, refused);
+                __builtin_memcpy(fwd.saddr, node->addr, 16);
+                fwd.flags = rev.flags = BPFP_CT_SNAT;
+                rev.flags |= BPFP_CT_REPLY;
+                if (!claim_snat(p, &fwd, &rev, &rkey))
+                        return DROP(p, svc, refused);
+        } else {
+                reply_key(&p->t, &fwd, &rkey);
+                bpfp_ct.update(&rkey, &rev);
+        }
+        bpfp_ct.update(&p->t, &fwd);
+
+        struct bpfp_delta d = { .connections = 1, .packets = 1, .bytes = p->len };
+        bpfp_count(svc->svc_id, p->t.family, be.addr, be.port, &d);
+        struct bpfp_delta c = { .connections = 1 };
+        bpfp_count(svc->svc_id, p->t.family, NULL, 0, &c);
+        if (rewrite(skb, p, &fwd))
+                return TC_ACT_SHOT;
+        /* the new source is the node's own address: the input path would drop it as a
+         * martian, so it leaves straight from the egress side */
+        return snat ? redirect_neigh(out, NULL, 0, 0) : TC_ACT_OK;
+}
+
+/* TCP's progress on both entries of a flow: established once a reply passed, closing
+ * after an RST or a FIN each way (then the short close timeout applies). */
+static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 now)
+{
+        __u32 add = 0;
+        if ((v->flags & BPFP_CT_REPLY) && !(v->flags & BPFP_CT_ESTABLISHED))
+                add |= BPFP_CT_ESTABLISHED;
+        if (p->tcp_flags & TH_RST)
+                add |= BPFP_CT_CLOSING;
+        if ((p->tcp_flags & TH_FIN) && !(v->flags & BPFP_CT_FIN)) {
+                v->flags |= BPFP_CT_FIN;
+                add |= BPFP_CT_FIN;     /* tells the other entry, which checks its own */
+        }
+        if (!add)
+                return;
+        struct ct_key other = {};
+        reply_key(&p->t, v, &other);
+        struct ct_value *o = bpfp_ct.lookup(&other);
+        if (!o)
+                return;
+        if ((add & BPFP_CT_FIN) && (o->flags & BPFP_CT_FIN))
+                add |= BPFP_CT_CLOSING;
+        v->flags |= add & (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING);
+        o->flags |= add & (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING);
+        o->expires = now + lifetime(p, o->flags);
+}
+
+/* --- entry points --------------------------------------------------------------------- */
+
+static __always_inline int handle(struct __sk_buff *skb, int ingress)
+{
+        struct pkt p = {};
+        if (!parse(skb, &p))
+                return TC_ACT_OK;
+        struct ct_value *v = bpfp_ct.lookup(&p.t);
+        __u64 now = bpf_ktime_get_ns();
+        if (v && v->expires < now) {
+                bpfp_ct.delete(&p.t);
+                v = NULL;
+        }
+        if (!v)
+                return ingress ? new_flow(skb, &p) : TC_ACT_OK;
+
+        if (p.t.proto == IPPROTO_TCP)
+                track_tcp(&p, v, now);
+        v->expires = now + lifetime(&p, v->flags);
+        __u32 flags = v->flags;
+        struct bpfp_delta d = { .packets = 1, .bytes = p.len };
+        count_flow(&p, v, &d);
+        struct ct_value to = *v;
+        if (rewrite(skb, &p, &to))
+                return TC_ACT_SHOT;
+        if (ingress && (flags & BPFP_CT_SNAT)) {
+                /* both directions of a SNATed flow carry a node address as source or
+                 * destination: route them out directly (see new_flow) */
+                __u32 out = route_out(skb, p.t.family, to.saddr, to.daddr);
+                if (out)
+                        return redirect_neigh(out, NULL, 0, 0);
+        }
+        return TC_ACT_OK;
+}
+
+int bpfp_tc_ingress(struct __sk_buff *skb)
+{
+        return handle(skb, 1);
+}
+
+int bpfp_tc_egress(struct __sk_buff *skb)
+{
+        return handle(skb, 0);
+}
