@@ -8,19 +8,30 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from agent.model.types import DesiredState, IPAddress, Protocol, ServicePortName, ServicePortState
+from agent import maglev
+from agent.model.types import (
+    DesiredState,
+    FrontendKind,
+    IPAddress,
+    IPNetwork,
+    Protocol,
+    ServicePortName,
+    ServicePortState,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class FrontendKey:
-    """A frontend as the kernel keys it."""
+    """A frontend as the kernel keys it. scope 1: only traffic from outside the node (the
+    TC programs) sees it; they look there first, then at scope 0, which every path sees."""
     address: IPAddress
     port: int
     protocol: Protocol
+    scope: int = 0
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
-        return f"{host}:{self.port}/{self.protocol.value}"
+        return f"{host}:{self.port}/{self.protocol.value}" + (" (outside)" if self.scope else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +52,12 @@ class KernelService:
     stale_frontends: frozenset[FrontendKey] = frozenset()   # count differs: to rewrite
     name_hash: int = 0                    # port_hash() of the owning service port
     affinity: int = 0                     # ClientIP session affinity timeout, s; 0: none
+    flags: int = 0                        # SVC_F_*: how the TC path treats it
+    source_ranges: tuple[IPNetwork, ...] = ()   # with SVC_F_SOURCE_RANGES: who may connect
 
+
+# svc_value.flags (bpf/maps.h BPFP_SVC_F_*)
+SVC_F_SOURCE_RANGES, SVC_F_MAGLEV = 1, 2
 
 # What the kernel holds, by service id. read_back() rebuilds it from the maps alone.
 AppliedState = dict[int, KernelService]
@@ -62,6 +78,7 @@ class PutFrontend:
     count: int
     name_hash: int = 0
     affinity: int = 0
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +93,34 @@ class DeleteSlot:
     slot: int
 
 
-MapOp = PutSlot | PutFrontend | DeleteFrontend | DeleteSlot
+@dataclass(frozen=True, slots=True)
+class PutRange:
+    """A source range allowed to a svc_id's frontends (loadBalancerSourceRanges)."""
+    svc_id: int
+    network: IPNetwork
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRange:
+    svc_id: int
+    network: IPNetwork
+
+
+@dataclass(frozen=True, slots=True)
+class PutMaglev:
+    """A svc_id's Maglev lookup table: entry i is a slot number."""
+    svc_id: int
+    table: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteMaglev:
+    svc_id: int
+    size: int
+
+
+MapOp = (PutSlot | PutFrontend | DeleteFrontend | DeleteSlot | PutRange | DeleteRange
+         | PutMaglev | DeleteMaglev)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +140,7 @@ class Plan:
 
 
 def plan(desired: DesiredState, applied: Mapping[int, KernelService],
-         keep_unclaimed: bool = False) -> Plan:
+         keep_unclaimed: bool = False, maglev_m: int = 0) -> Plan:
     """The full plan. Backends first, then the frontend that points at them; on removal
     the frontend goes first. The phases are global, so the order also holds when a
     frontend moves from one service port to another within one sync.
@@ -104,14 +148,15 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
     A frontend claimed by two service ports stays with the one the kernel already gives
     it to; between new claimants the first by name wins (no flapping on restarts).
     keep_unclaimed: service ports in the kernel that nothing desired claims are kept, not
-    deleted (the source's listing is incomplete, e.g. a manifest failed to parse)."""
+    deleted (the source's listing is incomplete, e.g. a manifest failed to parse).
+    maglev_m: Maglev table size for frontends of external kinds; 0: random choice."""
     ids = _assign_ids(desired, applied)
     order = sorted(desired, key=_name_order)
     before = {f: s.svc_id for s in applied.values() for f in s.frontends}
     owners: dict[FrontendKey, int] = {}
     for key in order:                              # incumbents first
         for f in desired[key].frontends:
-            fkey = FrontendKey(f.address, f.port, f.protocol)
+            fkey = frontend_key(f, key)
             if before.get(fkey) == ids[key]:
                 owners.setdefault(fkey, ids[key])
     conflicts: list[str] = []
@@ -122,16 +167,15 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
         frontends = _claim(key, desired[key], svc_id, owners, losers, conflicts)
         if frontends:     # else nothing can reach it: write no slots for it
             result[svc_id] = _entry(key, desired[key], svc_id, frontends,
-                                    applied.get(svc_id))
+                                    applied.get(svc_id), maglev_m)
     if keep_unclaimed:
         for svc_id, old in applied.items():
             kept = frozenset(f for f in old.frontends if f not in owners)
             if svc_id not in result and kept:
-                result[svc_id] = KernelService(svc_id, old.family, kept, old.backends,
-                                               name_hash=old.name_hash,
-                                               affinity=old.affinity)
+                result[svc_id] = replace(old, frontends=kept, stray_slots=(),
+                                         stale_frontends=frozenset())
                 owners.update(dict.fromkeys(kept, svc_id))
-    ops, removed = _diff(applied, result, owners, applied.keys() | result.keys())
+    ops, removed = _diff(applied, result, owners, applied.keys() | result.keys(), maglev_m)
     return Plan(ops, result, ids, tuple(conflicts), owners,
                 {f: frozenset(k) for f, k in losers.items()},
                 sum(len(s.backends) for s in result.values()),
@@ -206,7 +250,7 @@ def commit(p: Plan) -> Plan:
 
 
 def plan_changes(desired: Mapping, previous: Plan,
-                 changed: Iterable[tuple[ServicePortName, int]]) -> Plan:
+                 changed: Iterable[tuple[ServicePortName, int]], maglev_m: int = 0) -> Plan:
     """The same operations as plan(), for the service ports in `changed` only (added,
     modified or removed since `previous`, whose result the kernel holds): the cost of a
     sync follows the change, not the cluster. Frontends keep their owners. The result
@@ -231,7 +275,7 @@ def plan_changes(desired: Mapping, previous: Plan,
         svc_id = ids.get(key)
         old = result.get(svc_id) if svc_id is not None else None
         if key in desired and old is not None:
-            wanted = {FrontendKey(f.address, f.port, f.protocol) for f in desired[key].frontends}
+            wanted = {frontend_key(f, key) for f in desired[key].frontends}
             for f in old.frontends - wanted:
                 if owners.get(f) == svc_id:
                     del owners[f]
@@ -263,10 +307,10 @@ def plan_changes(desired: Mapping, previous: Plan,
             if owners.get(f) == svc_id:
                 del owners[f]
         if frontends:
-            result[svc_id] = _entry(key, state, svc_id, frontends, old)
+            result[svc_id] = _entry(key, state, svc_id, frontends, old, maglev_m)
         else:
             result.pop(svc_id, None)
-    ops, removed = _diff(previous.result, result, owners, touched)
+    ops, removed = _diff(previous.result, result, owners, touched, maglev_m)
     slot_total = previous.slot_total + sum(
         len(result[i].backends) if i in result else 0 for i in touched) - sum(
         len(previous.result[i].backends) if i in previous.result else 0 for i in touched)
@@ -279,7 +323,7 @@ def _claim(key, state: ServicePortState, svc_id: int, owners, losers: dict,
     """The frontends of `state` that go to svc_id: all but those another port owns."""
     frontends = set()
     for f in state.frontends:
-        fkey = FrontendKey(f.address, f.port, f.protocol)
+        fkey = frontend_key(f, key)
         if owners.setdefault(fkey, svc_id) != svc_id:
             conflicts.append(f"{fkey} of {state.name} is already served by another "
                              f"service port; frontend skipped")
@@ -289,21 +333,37 @@ def _claim(key, state: ServicePortState, svc_id: int, owners, losers: dict,
     return frozenset(frontends)
 
 
+def frontend_key(f, key: tuple) -> FrontendKey:
+    """A model frontend as the kernel keys it for the by_scope part `key`."""
+    outside = len(key) > 2 and key[2] >= OUTSIDE
+    return FrontendKey(f.address, f.port, f.protocol, 1 if outside else 0)
+
+
 def _entry(key, state: ServicePortState, svc_id: int, frontends: frozenset[FrontendKey],
-           old: KernelService | None) -> KernelService:
+           old: KernelService | None, maglev_m: int = 0) -> KernelService:
     wanted = [BackendAddr(b.address, b.port) for b in state.backends]
+    scope = key[2] if len(key) > 2 else INTERNAL
+    flags = 0
+    if scope == FIREWALLED:
+        flags |= SVC_F_SOURCE_RANGES
+    # Maglev where a table fits (slot numbers are 16 bits); the TC path picks at random
+    # otherwise. ClusterIPs stay random: traffic from outside to them is not balanced
+    # across nodes.
+    if maglev_m and scope != INTERNAL and len(wanted) < min(maglev_m, 65536):
+        flags |= SVC_F_MAGLEV
     return KernelService(svc_id, key[1], frontends,
                          _stable_slots(old.backends if old else (), wanted),
                          name_hash=port_hash(key),
-                         affinity=state.session_affinity_timeout)
+                         affinity=state.session_affinity_timeout, flags=flags,
+                         source_ranges=state.source_ranges if scope == FIREWALLED else ())
 
 
 def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],
-          owners: Mapping[FrontendKey, int], svc_ids: Iterable[int]
+          owners: Mapping[FrontendKey, int], svc_ids: Iterable[int], maglev_m: int = 0
           ) -> tuple[tuple[MapOp, ...], frozenset[BackendAddr]]:
     """The ordered operations that turn applied into result for the given service ids,
     and the backends UDP service ports lose."""
-    put_slots: list[MapOp] = []
+    put_slots: list[MapOp] = []        # with the ranges and Maglev tables frontends use
     put_frontends: list[MapOp] = []
     delete_frontends: list[MapOp] = []
     delete_slots: list[MapOp] = []
@@ -316,22 +376,36 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
             removed.update(set(old_slots) - set(new.backends if new else ()))
         if old is not None:
             released.update(f for f in old.frontends if f not in owners)
+        old_ranges = set(old.source_ranges) if old else set()
+        old_maglev = old is not None and old.flags & SVC_F_MAGLEV
         if new is None:
             if old is not None:
                 slots = sorted(set(range(len(old_slots))) | set(old.stray_slots))
                 delete_slots.extend(DeleteSlot(old.family, svc_id, i) for i in slots)
+                delete_slots.extend(DeleteRange(svc_id, n) for n in sorted(old_ranges, key=str))
+                if old_maglev and maglev_m:
+                    delete_slots.append(DeleteMaglev(svc_id, maglev_m))
             continue
         for i, backend in enumerate(new.backends):
             if i >= len(old_slots) or old_slots[i] != backend:
                 put_slots.append(PutSlot(new.family, svc_id, i, backend))
+        put_slots.extend(PutRange(svc_id, n) for n in new.source_ranges if n not in old_ranges)
+        if new.flags & SVC_F_MAGLEV and (not old_maglev or old_slots != new.backends):
+            names = [f"{b.address}:{b.port}" for b in new.backends]
+            put_slots.append(PutMaglev(svc_id, tuple(maglev.table(names, maglev_m))))
         rewrite = old is None or len(old_slots) != len(new.backends) \
-            or old.name_hash != new.name_hash or old.affinity != new.affinity
+            or old.name_hash != new.name_hash or old.affinity != new.affinity \
+            or old.flags != new.flags
         had = old.frontends if old else frozenset()
         stale = old.stale_frontends if old else frozenset()
         for fkey in sorted(new.frontends, key=_frontend_order):
             if rewrite or fkey not in had or fkey in stale:
                 put_frontends.append(PutFrontend(fkey, svc_id, len(new.backends),
-                                                 new.name_hash, new.affinity))
+                                                 new.name_hash, new.affinity, new.flags))
+        delete_slots.extend(DeleteRange(svc_id, n) for n in
+                            sorted(old_ranges - set(new.source_ranges), key=str))
+        if old_maglev and not new.flags & SVC_F_MAGLEV and maglev_m:
+            delete_slots.append(DeleteMaglev(svc_id, maglev_m))
         gone = set(range(len(new.backends), len(old_slots)))
         gone |= {i for i in (old.stray_slots if old else ()) if i >= len(new.backends)}
         delete_slots.extend(DeleteSlot(new.family, svc_id, i) for i in sorted(gone))
@@ -339,19 +413,20 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
     return (*put_slots, *put_frontends, *delete_frontends, *delete_slots), frozenset(removed)
 
 
-# frontend, svc_id, count, name_hash[, affinity seconds]
-FrontendEntry = tuple[FrontendKey, int, int, int] | tuple[FrontendKey, int, int, int, int]
+# frontend, svc_id, count, name_hash[, affinity seconds[, flags]]
+FrontendEntry = tuple
 SlotEntry = tuple[int, int, int, BackendAddr]        # (svc_id, slot, family, backend)
 
 
-def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry]
-                 ) -> AppliedState:
+def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
+                 ranges: Mapping[int, Iterable[IPNetwork]] | None = None) -> AppliedState:
     """The applied state that raw map entries mean: a service port serves slots
     [0, count); anything else an interrupted write left is marked for repair. Shared by
     the real maps' read_back and the test fake, so both adopt the same way."""
-    by_svc: dict[int, dict[FrontendKey, tuple[int, int, int]]] = {}
-    for fkey, svc_id, count, name_hash, *affinity in frontends:
-        by_svc.setdefault(svc_id, {})[fkey] = (count, name_hash, affinity[0] if affinity else 0)
+    by_svc: dict[int, dict[FrontendKey, tuple[int, int, tuple[int, int]]]] = {}
+    for fkey, svc_id, count, name_hash, *extra in frontends:
+        affinity, flags = (*extra, 0, 0)[:2]
+        by_svc.setdefault(svc_id, {})[fkey] = (count, name_hash, (affinity, flags))
     tables: dict[int, dict[int, BackendAddr]] = {}
     families: dict[int, int] = {}
     for svc_id, slot, family, backend in slots:
@@ -365,25 +440,31 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry]
         while contiguous in table:
             contiguous += 1
         live = min([contiguous, *(c for c, _, _ in entries.values())]) if entries else 0
-        name_hash, affinity = _most_common([(h, a) for _, h, a in entries.values()])
+        name_hash, (affinity, flags) = _most_common([(h, a) for _, h, a in entries.values()])
         family = families.get(svc_id) or next(iter(entries)).address.version
         state[svc_id] = KernelService(
             svc_id, family, frozenset(entries),
             tuple(table[i] for i in range(live)),
             stray_slots=tuple(sorted(i for i in table if i >= live)),
             stale_frontends=frozenset(f for f, (c, h, a) in entries.items()
-                                      if c != live or (h, a) != (name_hash, affinity)),
-            name_hash=name_hash, affinity=affinity)
+                                      if c != live or (h, a) != (name_hash, (affinity, flags))),
+            name_hash=name_hash, affinity=affinity, flags=flags,
+            source_ranges=tuple(sorted((ranges or {}).get(svc_id, ()),
+                                       key=lambda n: (n.version, int(n.network_address),
+                                                      n.prefixlen))))
     return state
 
 
-def _most_common(values: list[tuple[int, int]]) -> tuple[int, int]:
+def _most_common(values: list[tuple]) -> tuple:
     """What most frontends of one id say (they differ only after an interrupted write)."""
-    return max(set(values), key=lambda v: (values.count(v), v)) if values else (0, 0)
+    return max(set(values), key=lambda v: (values.count(v), v)) if values else (0, (0, 0))
 
 
-INTERNAL, EXTERNAL = 0, 1
-SCOPE_NAMES = {INTERNAL: "internal", EXTERNAL: "external"}
+# by_scope parts. OUTSIDE and FIREWALLED are seen by traffic from outside only (kernel
+# scope 1); the TC path falls back to the scope 0 entries, which every path sees.
+INTERNAL, EXTERNAL, OUTSIDE, FIREWALLED = 0, 1, 2, 3
+SCOPE_NAMES = {INTERNAL: "internal", EXTERNAL: "external", OUTSIDE: "outside",
+               FIREWALLED: "firewalled"}
 
 
 def by_scope(desired: DesiredState) -> dict[tuple[ServicePortName, int, int], ServicePortState]:
@@ -399,6 +480,18 @@ def by_scope(desired: DesiredState) -> dict[tuple[ServicePortName, int, int], Se
         if external:
             out[name, family, EXTERNAL] = replace(state, frontends=external,
                                                   backends=state.external_backends)
+        # From outside the node: LoadBalancer addresses behind loadBalancerSourceRanges
+        # (kube-proxy filters those only, not NodePorts) get their own part; the rest
+        # one when its backends differ from the node's own view (a Local policy).
+        walled = tuple(f for f in external if state.source_ranges
+                       and f.kind is FrontendKind.LOAD_BALANCER)
+        rest = tuple(f for f in external if f not in walled)
+        if walled:
+            out[name, family, FIREWALLED] = replace(state, frontends=walled,
+                                                    backends=state.outside_backends)
+        if rest and set(state.outside_backends) != set(state.external_backends):
+            out[name, family, OUTSIDE] = replace(state, frontends=rest,
+                                                 backends=state.outside_backends)
     return out
 
 

@@ -30,6 +30,16 @@
 #ifndef BPFP_CT_MAX
 #define BPFP_CT_MAX 262144
 #endif
+/* conntrack timeouts, seconds */
+#ifndef BPFP_CT_TCP_TIMEOUT
+#define BPFP_CT_TCP_TIMEOUT 21600
+#endif
+#ifndef BPFP_CT_TCP_CLOSE_TIMEOUT
+#define BPFP_CT_TCP_CLOSE_TIMEOUT 10
+#endif
+#ifndef BPFP_CT_UDP_TIMEOUT
+#define BPFP_CT_UDP_TIMEOUT 60
+#endif
 #ifndef BPFP_MAX_SOURCE_RANGES
 #define BPFP_MAX_SOURCE_RANGES 65536
 #endif

@@ -14,15 +14,6 @@
 #include "maps.h"
 #include "counters.h"
 
-#ifndef BPFP_CT_TCP_TIMEOUT
-#define BPFP_CT_TCP_TIMEOUT 21600
-#endif
-#ifndef BPFP_CT_TCP_CLOSE_TIMEOUT
-#define BPFP_CT_TCP_CLOSE_TIMEOUT 10
-#endif
-#ifndef BPFP_CT_UDP_TIMEOUT
-#define BPFP_CT_UDP_TIMEOUT 60
-#endif
 #define BPFP_CT_SYN_TIMEOUT 60     /* a flow whose reply never came: like Cilium's */
 #define NSEC 1000000000ULL
 

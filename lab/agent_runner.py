@@ -16,13 +16,15 @@ BPFPROXY = [sys.executable, "-m", "agent.cli"]
 
 
 class AgentRunner:
-    def __init__(self, lab: Lab, manifests: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, lab: Lab, manifests: Path, extra_args: tuple[str, ...] = (),
+                 node_name: str = "bpfp-node") -> None:
         self.lab = lab
         self.manifests = manifests
         self.bpffs = Path(f"/sys/fs/bpf/bpfp-{lab.name}")
         self.api = f"unix://{lab.workdir}/api.sock"
         self.log_path = lab.workdir / "agent.log"
         self.extra_args = extra_args
+        self.node_name = node_name  # EndpointSlices' nodeName: which backends are local
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> AgentRunner:
@@ -37,7 +39,7 @@ class AgentRunner:
         self.process = self.lab.node_popen(
             [*BPFPROXY, "agent", "--manifests", str(self.manifests), "--cgroup",
              str(self.lab.cgroup), "--bpffs", str(self.bpffs), "--api", self.api,
-             "--node-name", "bpfp-node", *self.extra_args],
+             "--node-name", self.node_name, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         if wait:

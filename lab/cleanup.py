@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import sys
 from collections.abc import Collection
@@ -38,7 +39,8 @@ def workdir(lab_name: str) -> Path:
 
 
 def lab_name_of(resource: str) -> str:
-    """bpfp-LAB-node, bpfp-LAB-POD and the cgroup bpfp-LAB all belong to LAB (no dash in LAB)."""
+    """bpfp-LAB-node, bpfp-LAB-POD and the cgroup bpfp-LAB all belong to LAB (no dash in LAB);
+    so do a cluster's bpfp-LAB-wire and bpfp-LAB-ext (the cluster locks LAB like a lab)."""
     return resource.removeprefix(netns.PREFIX).split("-")[0]
 
 
@@ -60,6 +62,17 @@ def remove_lab(lab_name: str) -> list[str]:
         shutil.rmtree(workdir(lab_name))
         removed.append(f"workdir {workdir(lab_name)}")
     return removed
+
+
+def remove_cluster(cluster_name: str) -> list[str]:
+    """A cluster's own namespaces (bpfp-C-wire, bpfp-C-ext: remove_lab(C), the caller owns C)
+    and its node labs CnI that no live lab holds, whatever node count a crashed run had."""
+    node_lab = re.compile(rf"{re.escape(cluster_name)}n[0-9]+")
+    mount = cgroups.cgroup2_mount()
+    found = [n for n in netns.names() if n.startswith(netns.PREFIX)]
+    found += [p.name for p in mount.iterdir() if p.is_dir() and p.name.startswith(netns.PREFIX)]
+    node_labs = {name for name in map(lab_name_of, found) if node_lab.fullmatch(name)}
+    return remove_lab(cluster_name) + cleanup_stale(lab_names=node_labs)
 
 
 def cleanup_stale(prefix: str = "bpfp-", *, lab_names: Collection[str] | None = None) -> list[str]:

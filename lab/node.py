@@ -79,6 +79,9 @@ class Lab:
     def _make_node(self) -> None:
         ns = self.node_netns
         netns.add(ns)
+        # No DAD on the node's link-local addresses either: while one is tentative the node
+        # cannot solicit neighbours for packets it forwards (pods of another node, lab.cluster).
+        netns.sysctl(ns, {"net.ipv6.conf.default.accept_dad": 0})
         # No multicast snooping: IPv6 neighbour discovery then never depends on MLD state.
         netns.ip(
             "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge", "mcast_snooping", "0",

@@ -42,14 +42,18 @@ class Pod:
         return self.lab.processes.run(argv, self.netns, self.cgroup, self.name, timeout, check)
 
     def start_server(
-        self, ports: list[int], udp: bool = False, name: str | None = None, timeout: float = 10.0
+        self, ports: list[int], udp: bool = False, name: str | None = None, timeout: float = 10.0,
+        peer: bool = False,
     ) -> subprocess.Popen:
-        """Start lab.podserver answering `NAME:PORT`; return once it has bound every port."""
+        """Start lab.podserver answering `NAME:PORT` (peer: `NAME:PORT@CLIENT`); return once it
+        has bound every port."""
         argv = [sys.executable, "-m", "lab.podserver", "--name", name or self.name]
         for port in ports:
             argv += ["--port", str(port)]
         if udp:
             argv.append("--udp")
+        if peer:
+            argv.append("--peer")
         log = self.lab.workdir / f"{self.name}-server-{ports[0]}.log"
         with open(log, "w") as stderr:
             server = self.popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)

@@ -1,6 +1,6 @@
 """A pod's workload: answer every TCP connection and UDP datagram, IPv4 or IPv6, with
-`NAME:PORT\\n`. Run in a pod as `python -m lab.podserver --name NAME --port P [--port P2]
-[--udp]`; prints "ready"."""
+`NAME:PORT\\n` (with --peer `NAME:PORT@CLIENT-ADDRESS\\n`: who the server saw). Run in a pod
+as `python -m lab.podserver --name NAME --port P [--port P2] [--udp] [--peer]`; prints "ready"."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import socket
 _ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
-def serve(name: str, ports: list[int], udp: bool) -> None:
+def serve(name: str, ports: list[int], udp: bool, peer: bool = False) -> None:
     selector = selectors.DefaultSelector()
     for port in ports:
         for family in _families():
@@ -30,11 +30,11 @@ def serve(name: str, ports: list[int], udp: bool) -> None:
     while True:
         for key, _events in selector.select():
             protocol, port = key.data
-            answer = f"{name}:{port}\n".encode()
+            answer = f"{name}:{port}"
             if protocol == "tcp":
-                _answer_connections(key.fileobj, answer)
+                _answer_connections(key.fileobj, answer, peer)
             else:
-                _answer_datagrams(key.fileobj, answer)
+                _answer_datagrams(key.fileobj, answer, peer)
 
 
 def _families() -> list[socket.AddressFamily]:
@@ -59,27 +59,31 @@ def _bound(family: socket.AddressFamily, kind: socket.SocketKind, port: int) -> 
     return sock
 
 
-def _answer_connections(listener: socket.socket, answer: bytes) -> None:
+def _reply(answer: str, client, peer: bool) -> bytes:
+    return (f"{answer}@{client[0]}\n" if peer else f"{answer}\n").encode()
+
+
+def _answer_connections(listener: socket.socket, answer: str, peer: bool) -> None:
     while True:
         try:
-            connection, _peer = listener.accept()
+            connection, client = listener.accept()
         except BlockingIOError:
             return
         with connection:
             try:
-                connection.sendall(answer)
+                connection.sendall(_reply(answer, client, peer))
             except OSError:
                 pass  # the client gave up; nothing to tell it
 
 
-def _answer_datagrams(datagrams: socket.socket, answer: bytes) -> None:
+def _answer_datagrams(datagrams: socket.socket, answer: str, peer: bool) -> None:
     while True:
         try:
             _request, client = datagrams.recvfrom(2048)
         except BlockingIOError:
             return
         try:
-            datagrams.sendto(answer, client)
+            datagrams.sendto(_reply(answer, client, peer), client)
         except OSError:
             pass
 
@@ -89,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="the pod name to answer with")
     parser.add_argument("--port", type=int, action="append", required=True)
     parser.add_argument("--udp", action="store_true", help="also answer UDP on each port")
+    parser.add_argument("--peer", action="store_true", help="add the client's address")
     args = parser.parse_args(argv)
     try:
-        serve(args.name, args.port, args.udp)
+        serve(args.name, args.port, args.udp, args.peer)
     except KeyboardInterrupt:
         pass
 

@@ -43,6 +43,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def pytest_runtest_logreport(report):
+    # Reliability rows (tests/reliability_report.py) say whether their test passed.
+    if report.when == "call" or report.failed:
+        from tests import reliability_report
+        reliability_report.outcome(report.nodeid, report.passed)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # docs/reliability.md is rewritten only when a reliability test recorded figures.
+    from tests import reliability_report
+    reliability_report.write()
+
+
 # Unique per process and call; "x" (not a hex digit) keeps pid and counter apart.
 _lab_names = (f"t{os.getpid():x}x{n}" for n in itertools.count(1))
 
@@ -69,6 +82,46 @@ def make_lab():
             errors.append(error)
     if errors:
         raise errors[0]
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    return digits[n] if n < 36 else _base36(n // 36) + digits[n % 36]
+
+
+# A cluster name has at most 10 characters (its node labs add "nI"): the pid is fixed width,
+# so pid and counter cannot run together into another process's name.
+_cluster_names = (f"cl{_base36(os.getpid()):0>5}{n}" for n in itertools.count(1))
+
+
+@pytest.fixture
+def make_cluster():
+    """A function that opens a Cluster (keyword args go to Cluster); all closed at teardown."""
+    from lab.cluster import Cluster
+
+    clusters: list[Cluster] = []
+
+    def make(name: str | None = None, **kw) -> Cluster:
+        cluster = Cluster(name or next(_cluster_names), **kw)
+        clusters.append(cluster)
+        cluster.open()
+        return cluster
+
+    yield make
+    errors = []
+    for cluster in reversed(clusters):
+        try:
+            cluster.close()
+        except Exception as error:  # noqa: BLE001 - close every cluster, then report
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def new_cluster_name():
+    """A unique cluster name, for tests that manage a Cluster's life themselves."""
+    return next(_cluster_names)
 
 
 @pytest.fixture

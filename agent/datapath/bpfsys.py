@@ -26,6 +26,10 @@ _libbpf.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c
                                          ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
 _libbpf.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libbpf.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_uint64]
+_libbpf.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libbpf.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
                                    ctypes.POINTER(ctypes.c_uint32),
                                    ctypes.POINTER(ctypes.c_uint32),
@@ -101,6 +105,29 @@ def map_lookup_batch(fd: int, token, first: bool, keys, values, count: int) -> t
 def map_lookup(fd: int, key, value) -> bool:
     """BPF_MAP_LOOKUP_ELEM into value; False when the key is absent."""
     return _libbpf.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0
+
+
+def map_update(fd: int, key, value) -> None:
+    _check(_libbpf.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0),
+           "bpf_map_update_elem")
+
+
+def map_delete(fd: int, key) -> bool:
+    """False when the key was already gone."""
+    return _libbpf.bpf_map_delete_elem(fd, ctypes.byref(key)) == 0
+
+
+def map_keys(fd: int, key_type) -> list:
+    """Every key, one BPF_MAP_GET_NEXT_KEY at a time: for maps without batch lookups (LPM
+    tries), which are small."""
+    keys, current = [], None
+    while True:
+        nxt = key_type()
+        if _libbpf.bpf_map_get_next_key(fd, None if current is None else ctypes.byref(current),
+                                        ctypes.byref(nxt)) != 0:
+            return keys
+        keys.append(nxt)
+        current = nxt
 
 
 def _info(fd: int, size: int = 256) -> bytes:

@@ -11,19 +11,23 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from agent.datapath import bpfsys, layout
-from agent.model.types import Protocol
+from agent.model.types import IPAddress, IPNetwork, Protocol
 from agent.planner import (
     AppliedState,
     BackendAddr,
     DeleteFrontend,
+    DeleteMaglev,
+    DeleteRange,
     DeleteSlot,
     FrontendKey,
     MapOp,
     PutFrontend,
+    PutMaglev,
+    PutRange,
     PutSlot,
     kernel_state,
 )
@@ -117,7 +121,8 @@ class PinnedMap:
         """BPF_MAP_LOOKUP_BATCH in bounded chunks."""
         keys = (self.spec.key * _CHUNK)()
         values = (self.spec.value * _CHUNK)()
-        token = ctypes.c_uint64(0)
+        # the position token: a u32 for hash maps, a whole key for the generic batch code
+        token = ctypes.create_string_buffer(max(8, ctypes.sizeof(self.spec.key)))
         first = True
         while True:
             count, err = bpfsys.map_lookup_batch(self.fd, token, first, keys, values, _CHUNK)
@@ -152,10 +157,15 @@ class BpfServiceMaps:
         # read by the stale-socket sweep (its worker threads): opened once, here
         self._revnat = {family: PinnedMap(pin_dir, layout.MAPS[f"bpfp_revnat{family}"])
                         for family in (4, 6)}
+        # the TC path's
+        self.ranges = PinnedMap(pin_dir, layout.MAPS["bpfp_srcrange"])
+        self.maglev = PinnedMap(pin_dir, layout.MAPS["bpfp_maglev"])
+        self.ct = PinnedMap(pin_dir, layout.MAPS["bpfp_ct"])
+        self.ifaddr = PinnedMap(pin_dir, layout.MAPS["bpfp_ifaddr"])
 
     def close(self) -> None:
         for pinned in (self.svc4, self.slots4, self.svc6, self.slots6,
-                       *self._revnat.values()):
+                       *self._revnat.values(), self.ranges, self.maglev, self.ct, self.ifaddr):
             pinned.close()
 
     def socket_service(self, cookie: int, backend: BackendAddr,
@@ -183,6 +193,9 @@ class BpfServiceMaps:
         """Ops are applied in their order; consecutive ops of one kind go in one batch per
         family (the two families' maps are independent of each other)."""
         for kind, group in itertools.groupby(ops, key=type):
+            if kind in _TC_OPS:
+                _TC_OPS[kind](self, list(group))
+                continue
             if kind is PutSlot or kind is DeleteSlot:
                 by_family = _split(group, lambda o: o.family)
             else:
@@ -195,7 +208,7 @@ class BpfServiceMaps:
                 elif kind is PutFrontend:
                     self.svc[family].update(
                         [_SVC_KEY[family](o.frontend) for o in batch],
-                        [layout.SvcValue(o.svc_id, o.count, 0, o.affinity, o.name_hash)
+                        [layout.SvcValue(o.svc_id, o.count, o.flags, o.affinity, o.name_hash)
                          for o in batch])
                 elif kind is DeleteFrontend:
                     self.svc[family].delete([_SVC_KEY[family](o.frontend) for o in batch])
@@ -206,17 +219,75 @@ class BpfServiceMaps:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
         frontends = itertools.chain(
             ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
-                          _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
-              v.name_hash, v.affinity_sec) for k, v in self.svc4.items()),
+                          _PROTOCOLS.get(k.proto, Protocol.TCP), k.scope), v.svc_id, v.count,
+              v.name_hash, v.affinity_sec, v.flags) for k, v in self.svc4.items()),
             ((FrontendKey(_from_addr6(k.addr), socket.ntohs(k.port),
-                          _PROTOCOLS.get(k.proto, Protocol.TCP)), v.svc_id, v.count,
-              v.name_hash, v.affinity_sec) for k, v in self.svc6.items()))
+                          _PROTOCOLS.get(k.proto, Protocol.TCP), k.scope), v.svc_id, v.count,
+              v.name_hash, v.affinity_sec, v.flags) for k, v in self.svc6.items()))
         slots = itertools.chain(
             ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
              for k, v in self.slots4.items()),
             ((k.svc_id, k.slot, 6, BackendAddr(_from_addr6(v.addr), socket.ntohs(v.port)))
              for k, v in self.slots6.items()))
-        return kernel_state(frontends, slots)
+        frontends = list(frontends)
+        family = {svc_id: f.address.version for f, svc_id, *_ in frontends}
+        ranges: dict[int, list] = {}
+        for k in bpfsys.map_keys(self.ranges.fd, layout.SrcrangeKey):
+            if k.svc_id in family:      # else a leftover: its frontends are gone
+                ranges.setdefault(k.svc_id, []).append(_range_of(k, family[k.svc_id]))
+        return kernel_state(frontends, slots, ranges)
+
+    # --- the TC path's maps ------------------------------------------------------------
+
+    def _put_ranges(self, ops: list[PutRange]) -> None:
+        for o in ops:       # LPM tries take no batches
+            bpfsys.map_update(self.ranges.fd, _range_key(o.svc_id, o.network), ctypes.c_uint8(1))
+
+    def _delete_ranges(self, ops: list[DeleteRange]) -> None:
+        for o in ops:       # already gone (an interrupted write) is fine
+            bpfsys.map_delete(self.ranges.fd, _range_key(o.svc_id, o.network))
+
+    def _put_maglev(self, ops: list[PutMaglev]) -> None:
+        keys, rows = [], []
+        for o in ops:
+            for row in range(0, len(o.table), layout.MAGLEV_ROW):
+                part = o.table[row:row + layout.MAGLEV_ROW]
+                keys.append(layout.MaglevKey(o.svc_id, row // layout.MAGLEV_ROW))
+                rows.append(layout.MaglevRow((ctypes.c_uint16 * layout.MAGLEV_ROW)(*part)))
+        self.maglev.update(keys, rows)
+
+    def _delete_maglev(self, ops: list[DeleteMaglev]) -> None:
+        self.maglev.delete([layout.MaglevKey(o.svc_id, row) for o in ops
+                            for row in range(-(-o.size // layout.MAGLEV_ROW))])
+
+    def set_interface_addresses(self, addresses: dict[tuple[int, int], IPAddress]) -> None:
+        """(ifindex, family) -> the node's address there: the SNAT source."""
+        current = {(k.ifindex, k.family) for k, _ in self.ifaddr.items()}
+        if addresses:
+            self.ifaddr.update([layout.IfaddrKey(i, f) for i, f in addresses],
+                               [layout.IfaddrValue(_addr16(a)) for a in addresses.values()])
+        gone = current - set(addresses)
+        if gone:
+            self.ifaddr.delete([layout.IfaddrKey(i, f) for i, f in gone])
+
+    def flows(self) -> Iterator[tuple[layout.CtKey, layout.CtValue]]:
+        return self.ct.items()
+
+    def forget_flows(self, serves: Callable[[int, BackendAddr], bool]) -> int:
+        """Delete both entries of every tracked flow whose backend its service port no
+        longer has (serves(svc_id, backend) is False): its next packet picks anew, as
+        kube-proxy's conntrack cleanup makes it. Returns the entries deleted."""
+        doomed = []
+        for key, value in self.ct.items():
+            if value.flags & layout.CT_REPLY:
+                backend = _ct_addr(key.family, key.saddr), socket.ntohs(key.sport)
+            else:
+                backend = _ct_addr(key.family, value.daddr), socket.ntohs(value.dport)
+            if not serves(value.svc_id, BackendAddr(*backend)):
+                doomed.append(layout.CtKey.from_buffer_copy(key))
+        if doomed:
+            self.ct.delete(doomed)
+        return len(doomed)
 
 
 def _split(ops: Iterable[MapOp], family_of) -> dict[int, list]:
@@ -232,11 +303,11 @@ def _slot_key(svc_id: int, slot: int) -> layout.SlotKey:
 
 
 def _svc_key4(f: FrontendKey) -> layout.SvcKey4:
-    return layout.SvcKey4(_be32(f.address), socket.htons(f.port), f.protocol.number, 0)
+    return layout.SvcKey4(_be32(f.address), socket.htons(f.port), f.protocol.number, f.scope)
 
 
 def _svc_key6(f: FrontendKey) -> layout.SvcKey6:
-    return layout.SvcKey6(_addr6(f.address), socket.htons(f.port), f.protocol.number, 0)
+    return layout.SvcKey6(_addr6(f.address), socket.htons(f.port), f.protocol.number, f.scope)
 
 
 def _backend4(b: BackendAddr) -> layout.Backend4:
@@ -248,4 +319,29 @@ def _backend6(b: BackendAddr) -> layout.Backend6:
 
 
 _SVC_KEY = {4: _svc_key4, 6: _svc_key6}
+
+_TC_OPS = {PutRange: BpfServiceMaps._put_ranges, DeleteRange: BpfServiceMaps._delete_ranges,
+           PutMaglev: BpfServiceMaps._put_maglev, DeleteMaglev: BpfServiceMaps._delete_maglev}
+
+
+def _addr16(address: IPAddress) -> layout.Addr6:
+    """Either family in the TC maps' layout: IPv4 in word 0, the rest zero."""
+    return layout.Addr6.from_buffer_copy(address.packed.ljust(16, b"\0"))
+
+
+def _ct_addr(family: int, value: layout.Addr6) -> IPAddress:
+    raw = bytes(value)
+    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw)
+
+
+def _range_key(svc_id: int, network: IPNetwork) -> layout.SrcrangeKey:
+    return layout.SrcrangeKey(32 + network.prefixlen, svc_id, _addr16(network.network_address))
+
+
+def _range_of(key: layout.SrcrangeKey, family: int) -> IPNetwork:
+    """The key names no family: its svc_id's frontends do."""
+    raw = bytes(key.addr)
+    if family == 4:
+        return ipaddress.IPv4Network((raw[:4], key.prefixlen - 32))
+    return ipaddress.IPv6Network((raw, key.prefixlen - 32))
 _BACKEND = {4: _backend4, 6: _backend6}

@@ -1,0 +1,255 @@
+"""Cluster: several lab nodes joined by a wire (an L2 bridge in its own namespace), plus an
+outside client on that wire, so NodePort traffic can really enter one node and cross to another.
+
+Node i (1-based) is Lab(f"{name}n{i}") with pod CIDRs 10.244.i.0/24 and fd00:10:244:i::/64 and
+an uplink eth0 at 172.30.0.(10+i) / fd00:172:30::(10+i). Pod-to-pod across nodes is plain
+routing via the other node's eth0 address (no overlay, no masquerade), as kind's kindnet does.
+The external client at 172.30.0.100 / fd00:172:30::100 knows only node addresses."""
+
+from __future__ import annotations
+
+import atexit
+import re
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from lab import cleanup, netns
+from lab.agent_runner import AgentRunner
+from lab.node import Lab
+from lab.pod import Pod
+from lab.processes import Processes
+
+WIRE_BRIDGE = "bpfp-wire"
+# Fixed, like the node bridge's: a bridge otherwise takes the lowest port MAC, which changes as
+# nodes come and go.
+WIRE_BRIDGE_MAC = "02:62:70:66:00:02"
+NODE_NET = "172.30.0"  # node i: .(10+i), the external client: .100
+NODE_NET6 = "fd00:172:30:"
+UPLINK = "eth0"
+EXTERNAL_HOST = 100
+MAX_NODES = 9  # 10.244.i.0/24 and .(10+i) leave room for more; labs share 2 cores
+
+_open_clusters: list[Cluster] = []
+
+
+@dataclass(eq=False)
+class Host(Pod):
+    """A namespace that is not a pod (the external client, a node itself) with a Pod's server
+    and client helpers. No cgroup: no agent's socket hooks see its traffic."""
+
+    answer_as: str = ""  # what its podservers answer with (default: its name)
+
+    def start_server(
+        self, ports: list[int], udp: bool = False, name: str | None = None, **kw
+    ) -> subprocess.Popen:
+        return super().start_server(ports, udp, name or self.answer_as or None, **kw)
+
+
+class Cluster:
+    """with Cluster("c1") as cluster: a = cluster.add_pod(1, "a"); cluster.external.tcp(...)"""
+
+    def __init__(self, name: str, nodes: int = 2) -> None:
+        if not re.fullmatch(r"[a-z0-9]{1,10}", name):
+            raise ValueError(f"cluster name {name!r}: use 1-10 characters of [a-z0-9]")
+        if not 1 <= nodes <= MAX_NODES:
+            raise ValueError(f"cluster {name}: {nodes} nodes; use 1-{MAX_NODES}")
+        self.name = name
+        self.nodes: dict[int, Lab] = {
+            i: Lab(f"{name}n{i}", pod_cidr=f"10.244.{i}.0/24", pod_cidr6=f"fd00:10:244:{i}::/64")
+            for i in range(1, nodes + 1)
+        }
+        self.wire_netns = f"{netns.PREFIX}{name}-wire"
+        self.external_netns = f"{netns.PREFIX}{name}-ext"
+        self.processes = Processes()  # the external client's
+        self.workdir = cleanup.workdir(name)
+        self.external = Host(
+            lab=self,  # a Host's lab needs only processes and workdir
+            name="ext",
+            ip=f"{NODE_NET}.{EXTERNAL_HOST}",
+            ip6=f"{NODE_NET6}:{EXTERNAL_HOST}",
+            netns=self.external_netns,
+            cgroup=None,
+            node_veth="bpfpwext",
+        )
+        self.agents: dict[int, AgentRunner] = {}
+        self._node_hosts: dict[int, Host] = {}
+        self._lock_fd: int | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        # The cluster's name is locked like a lab's: bpfp-NAME-wire and bpfp-NAME-ext are then
+        # NAME's to remove, here and in cleanup_stale().
+        self._lock_fd = cleanup.claim(self.name)
+        if self._lock_fd is None:
+            raise RuntimeError(f"cluster {self.name}: a running lab has this name; pick another")
+        _open_clusters.append(self)
+        _register_exit_path()
+        try:
+            cleanup.remove_cluster(self.name)  # leftovers of a crashed run of the same name
+            self.workdir.mkdir()
+            self._make_wire()
+            for i, node in self.nodes.items():
+                node.open()
+                self._make_uplink(i, node)
+            self._route_pod_cidrs()
+            self._make_external()
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_wire(self) -> None:
+        netns.add(self.wire_netns)
+        netns.ip(
+            "link", "add", WIRE_BRIDGE, "address", WIRE_BRIDGE_MAC, "type", "bridge",
+            "mcast_snooping", "0", netns=self.wire_netns,
+        )  # fmt: skip
+        netns.ip("link", "set", WIRE_BRIDGE, "up", netns=self.wire_netns)
+
+    def _plug_into_wire(self, ns: str, wire_port: str, ip: str, ip6: str) -> None:
+        """eth0 in ns, its veth peer a port of the wire bridge; both made in place."""
+        netns.ip(
+            "link", "add", UPLINK, "type", "veth", "peer", "name", wire_port,
+            "netns", self.wire_netns, netns=ns,
+        )  # fmt: skip
+        netns.ip("link", "set", wire_port, "master", WIRE_BRIDGE, "up", netns=self.wire_netns)
+        netns.ip("addr", "add", f"{ip}/24", "dev", UPLINK, netns=ns)
+        netns.ip("-6", "addr", "add", f"{ip6}/64", "dev", UPLINK, "nodad", netns=ns)
+        netns.ip("link", "set", UPLINK, "up", netns=ns)
+
+    def _make_uplink(self, i: int, node: Lab) -> None:
+        ns = node.node_netns
+        # The TC programs will send packets back out the interface they came in on (SNAT to a
+        # backend on another node): no redirects for that, and no reverse-path drops of the
+        # replies. "default" before eth0 exists, so eth0 starts with it; eth0 set again anyway.
+        loose = {
+            "net.ipv4.conf.all.send_redirects": 0,
+            "net.ipv4.conf.default.send_redirects": 0,
+            "net.ipv4.conf.all.rp_filter": 0,
+            "net.ipv4.conf.default.rp_filter": 0,
+        }
+        netns.sysctl(ns, loose)
+        self._plug_into_wire(ns, f"bpfpw{i}", self.node_ip(i, 4), self.node_ip(i, 6))
+        netns.sysctl(ns, {f"net.ipv4.conf.{UPLINK}.send_redirects": 0,
+                          f"net.ipv4.conf.{UPLINK}.rp_filter": 0})  # fmt: skip
+        self._node_hosts[i] = Host(
+            lab=node,
+            name="node",  # no pod may be called that: stopping a pod never stops these
+            ip=self.node_ip(i, 4),
+            ip6=self.node_ip(i, 6),
+            netns=ns,
+            cgroup=None,
+            node_veth=UPLINK,
+            answer_as=f"node{i}",
+        )
+
+    def _route_pod_cidrs(self) -> None:
+        for i, node in self.nodes.items():
+            for j, other in self.nodes.items():
+                if j == i:
+                    continue
+                ns = node.node_netns
+                netns.ip("route", "add", str(other.pod_cidr), "via", self.node_ip(j, 4),
+                         "dev", UPLINK, netns=ns)  # fmt: skip
+                netns.ip("-6", "route", "add", str(other.pod_cidr6), "via", self.node_ip(j, 6),
+                         "dev", UPLINK, netns=ns)  # fmt: skip
+
+    def _make_external(self) -> None:
+        netns.add(self.external_netns)
+        netns.sysctl(self.external_netns, {"net.ipv6.conf.default.accept_dad": 0})  # as nodes
+        # Only the wire's own subnet: an outside client reaches node addresses, never pods.
+        self._plug_into_wire(self.external_netns, self.external.node_veth, self.external.ip,
+                             self.external.ip6)  # fmt: skip
+
+    def close(self) -> None:
+        """Stop agents and processes, remove every node lab, the wire and the external client.
+        Idempotent; keeps going on errors and reports them all at the end."""
+        if self._lock_fd is None:
+            return
+        errors: list[BaseException] = []
+        steps = [*(agent.close for agent in self.agents.values()), self.processes.stop_all,
+                 *(node.close for node in self.nodes.values()),
+                 lambda: cleanup.remove_lab(self.name)]  # fmt: skip
+        for step in steps:
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - the rest must still be removed
+                errors.append(error)
+        self.agents.clear()
+        self._node_hosts.clear()
+        cleanup.release(self.name, self._lock_fd)
+        self._lock_fd = None
+        if self in _open_clusters:
+            _open_clusters.remove(self)
+        if errors:
+            raise RuntimeError(f"cluster {self.name}: teardown incomplete: {errors}")
+
+    # -- nodes, pods, agents ---------------------------------------------------------------
+
+    def node_ip(self, i: int, family: int = 4) -> str:
+        """Node i's address on the wire (its eth0): what NodePorts are served on."""
+        self._check_node(i)
+        if family not in (4, 6):
+            raise ValueError(f"family {family!r}: use 4 or 6")
+        return f"{NODE_NET}.{10 + i}" if family == 4 else f"{NODE_NET6}:{10 + i}"
+
+    def node_host(self, i: int) -> Host:
+        """Node i's own namespace as a Host: servers there answer `node<i>:PORT`."""
+        self._check_node(i)
+        if i not in self._node_hosts:
+            raise RuntimeError(f"cluster {self.name}: not open")
+        return self._node_hosts[i]
+
+    def add_pod(self, node_index: int, name: str) -> Pod:
+        self._check_node(node_index)
+        return self.nodes[node_index].add_pod(name)
+
+    def start_agents(
+        self, manifests: Path, extra_args: Iterable[str] = (), wait: float = 60.0
+    ) -> dict[int, AgentRunner]:
+        """One agent per node on the same manifest directory (one API server for all nodes),
+        each with its own pins, cgroup and API socket; started together, then waited for."""
+        for i, node in self.nodes.items():
+            node_ips = f"{self.node_ip(i, 4)},{self.node_ip(i, 6)}"
+            args = ("--node-ip", node_ips, "--interfaces", UPLINK, *extra_args)
+            self.agents[i] = AgentRunner(node, manifests, extra_args=args, node_name=f"node{i}")
+            self.agents[i].start(wait=0)
+        if wait:
+            for agent in self.agents.values():
+                agent.wait_synced(wait)
+        return self.agents
+
+    def _check_node(self, i: int) -> None:
+        if i not in self.nodes:
+            raise ValueError(f"cluster {self.name}: no node {i!r}; nodes are 1-{len(self.nodes)}")
+
+
+def _close_open_clusters() -> None:
+    for cluster in _open_clusters.copy():
+        try:
+            cluster.close()
+        except Exception as error:  # noqa: BLE001 - at exit, try every cluster
+            print(f"cluster {cluster.name}: {error}", file=sys.stderr)
+
+
+_exit_path_registered = False
+
+
+def _register_exit_path() -> None:
+    # Labs close their own at exit (and SIGTERM unwinds `with` blocks); this takes the wire
+    # and the external client too, whichever of the two runs first.
+    global _exit_path_registered
+    if not _exit_path_registered:
+        _exit_path_registered = True
+        atexit.register(_close_open_clusters)
