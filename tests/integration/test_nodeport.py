@@ -1,0 +1,277 @@
+"""Traffic from outside the node, through the TC programs, on a two-node lab with an agent per
+node: NodePort, ExternalIP and LoadBalancer addresses, both traffic policies, conntrack,
+source ranges, affinity, hairpin, over TCP and UDP, IPv4 and IPv6."""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import pytest
+
+from lab import manifests, netns
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+MODES = pytest.mark.parametrize("mode", ["tcp", "udp"])
+CLUSTER_IPS = {"web": ("10.96.0.10", "fd00:10:96::10"), "local": ("10.96.0.11", "fd00:10:96::11"),
+               "lb": ("10.96.0.12", "fd00:10:96::12"), "sticky": ("10.96.0.13", "fd00:10:96::13")}
+LB_IPS = ("192.0.2.10", "2001:db8::10")          # the load balancer's addresses, routed to node 1
+EXTERNAL_IPS = ("192.0.2.20", "2001:db8::20")
+
+
+def ports(http: int, dns: int) -> list[dict]:
+    return [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": http, "protocol": "TCP"},
+            {"name": "dns", "port": 53, "targetPort": 8080, "nodePort": dns, "protocol": "UDP"}]
+
+
+ENDPOINT_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"},
+                  {"name": "dns", "port": 8080, "protocol": "UDP"}]
+
+
+def write_service(directory, name, pods, service_type="NodePort", node_ports=(30080, 30053),
+                  **kw):
+    """A dual-stack service on the pods (name -> Pod, each on its node)."""
+    objects = [manifests.service(name, CLUSTER_IPS[name], ports(*node_ports),
+                                 service_type=service_type, **kw)]
+    for family in (4, 6):
+        addresses = [p.ip if family == 4 else p.ip6 for p in pods]
+        nodes = {(p.ip if family == 4 else p.ip6): f"node{p.lab.name[-1]}" for p in pods}
+        objects.append(manifests.endpoint_slice(name, addresses, ENDPOINT_PORTS,
+                                                name=f"{name}-v{family}", nodes=nodes))
+    manifests.write(directory, f"{name}.yaml", *objects)
+
+
+def route(namespace: str, family: int, prefix: str, via: str) -> None:
+    """The outside world's route for a load balancer's (or external IP's) address."""
+    netns.ip(*(["-6"] if family == 6 else []), "route", "replace", prefix, "via", via,
+             netns=namespace)
+
+
+def eventually(check, timeout: float = 10.0):
+    """check() until it returns something true (an agent applies a change within ~0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two nodes with an agent each; pod a on node 1 and pod b on node 2 answer on 8080
+    (TCP and UDP, with the client address they saw)."""
+    from lab.cluster import Cluster
+    directory = tmp_path_factory.mktemp("manifests")
+    with Cluster(f"np{os.getpid() % 100000}") as cluster:
+        a, b = cluster.add_pod(1, "a"), cluster.add_pod(2, "b")
+        for pod in (a, b):
+            pod.start_server([8080], udp=True, peer=True)
+        write_service(directory, "web", [a, b])
+        write_service(directory, "local", [a], node_ports=(30081, 30054),
+                      external_traffic_policy="Local")
+        write_service(directory, "lb", [a, b], service_type="LoadBalancer",
+                      node_ports=(30082, 30055), load_balancer_ingress=LB_IPS,
+                      external_ips=EXTERNAL_IPS,
+                      load_balancer_source_ranges=["172.30.0.100/32", "fd00:172:30::100/128"])
+        write_service(directory, "sticky", [a, b], node_ports=(30083, 30056),
+                      session_affinity_timeout=60)
+        for prefix, family in zip((*LB_IPS, *EXTERNAL_IPS), (4, 6, 4, 6), strict=True):
+            route(cluster.external_netns, family, prefix, cluster.node_ip(1, family))
+        cluster.start_agents(directory)
+        yield cluster, a, b, directory
+
+
+def who(result) -> Counter:
+    """answers 'pod:port@client' -> Counter of (pod, client address)."""
+    out = Counter()
+    for answer, n in result.answers.items():
+        server, _, client = answer.partition("@")
+        out[server.split(":")[0], client] += n
+    return out
+
+
+@FAMILIES
+@MODES
+def test_cluster_policy_reaches_backends_on_both_nodes_with_snat_for_the_remote_one(
+        world, mode, family):
+    cluster, a, b, _ = world
+    port = 30080 if mode == "tcp" else 30053
+    result = cluster.external.start_client(mode, cluster.node_ip(1, family), port,
+                                           count=60).result()
+    assert result.errors == {}
+    assert result.wrong_source == 0 and result.wrong_peer == 0
+    seen = who(result)
+    client, node1 = cluster.external.ip if family == 4 else cluster.external.ip6, \
+        cluster.node_ip(1, family)
+    # a is local to node 1: it sees the client; b on node 2 sees node 1 (SNAT)
+    assert set(seen) == {("a", client), ("b", node1)}, seen
+
+
+@FAMILIES
+def test_through_the_other_node_too(world, family):
+    cluster, a, b, _ = world
+    result = cluster.external.tcp(cluster.node_ip(2, family), 30080, count=40)
+    assert result.errors == {}
+    node2 = cluster.node_ip(2, family)
+    client = cluster.external.ip if family == 4 else cluster.external.ip6
+    assert set(who(result)) == {("a", node2), ("b", client)}
+
+
+@FAMILIES
+@MODES
+def test_local_policy_keeps_the_client_address_and_only_local_backends(world, mode, family):
+    cluster, a, _, _ = world
+    port = 30081 if mode == "tcp" else 30054
+    client = cluster.external.ip if family == 4 else cluster.external.ip6
+    result = cluster.external.start_client(mode, cluster.node_ip(1, family), port,
+                                           count=20).result()
+    assert result.errors == {} and who(result) == Counter({("a", client): 20})
+    # node 2 has no endpoint of it: dropped (kube-proxy DROPs too), so the client times out
+    result = cluster.external.start_client(mode, cluster.node_ip(2, family), port, count=2,
+                                           timeout=0.5).result()
+    assert result.answers == {} and sum(result.errors.values()) == 2, result
+
+
+@FAMILIES
+def test_load_balancer_and_external_ips_within_source_ranges(world, family):
+    cluster, _, _, _ = world
+    for address in (LB_IPS[family == 6], EXTERNAL_IPS[family == 6]):
+        for mode, port in (("tcp", 80), ("udp", 53)):
+            result = cluster.external.start_client(mode, address, port, count=20).result()
+            assert result.errors == {}, (address, mode, result.errors)
+            assert {pod for pod, _ in who(result)} == {"a", "b"}
+            assert result.wrong_source == 0
+
+
+def test_source_ranges_drop_other_sources_on_the_load_balancer_address_only(world):
+    cluster, a, b, directory = world
+    # the ranges no longer hold the client
+    write_service(directory, "lb", [a, b], service_type="LoadBalancer",
+                  node_ports=(30082, 30055), load_balancer_ingress=LB_IPS,
+                  external_ips=EXTERNAL_IPS,
+                  load_balancer_source_ranges=["198.51.100.0/24", "2001:db8:1::/48"])
+    try:
+        for family in (4, 6):
+            lb, external_ip = LB_IPS[family == 6], EXTERNAL_IPS[family == 6]
+            refused = eventually(lambda lb=lb: (r := cluster.external.start_client(
+                "tcp", lb, 80, count=1, timeout=0.3).result()).answers == {} and r)
+            assert refused and sum(refused.errors.values()) == 1, refused
+            # kube-proxy filters LoadBalancer addresses only: the ExternalIP still answers,
+            # and so does the NodePort
+            for address, port in ((external_ip, 80), (cluster.node_ip(1, family), 30082)):
+                allowed = cluster.external.tcp(address, port, count=3)
+                assert allowed.errors == {}, (address, allowed)
+    finally:
+        write_service(directory, "lb", [a, b], service_type="LoadBalancer",
+                      node_ports=(30082, 30055), load_balancer_ingress=LB_IPS,
+                      external_ips=EXTERNAL_IPS,
+                      load_balancer_source_ranges=["172.30.0.100/32", "fd00:172:30::100/128"])
+    assert eventually(lambda: cluster.external.tcp(LB_IPS[0], 80, count=1).errors == {})
+
+
+@FAMILIES
+def test_conntrack_keeps_a_flow_on_its_backend(world, family):
+    cluster, _, _, _ = world
+    result = cluster.external.udp_one_socket(cluster.node_ip(1, family), 30053, count=30)
+    assert result.errors == {} and len(who(result)) == 1, who(result)
+
+
+@FAMILIES
+def test_client_ip_affinity_from_outside(world, family):
+    cluster, _, _, _ = world
+    seen = Counter()
+    for _ in range(3):
+        seen += who(cluster.external.tcp(cluster.node_ip(1, family), 30083, count=10))
+    assert len({pod for pod, _ in seen}) == 1, seen
+
+
+@FAMILIES
+def test_a_pod_reaches_its_own_service_through_the_node_address(world, family):
+    """Hairpin: pod a, the only backend of `local`, through node 1's address."""
+    cluster, a, _, _ = world
+    result = a.tcp(cluster.node_ip(1, family), 30081, count=5)
+    assert result.errors == {} and {pod for pod, _ in who(result)} == {"a"}
+
+
+def test_other_ports_of_the_node_pass(world):
+    cluster, _, _, _ = world
+    host = cluster.node_host(1)
+    host.start_server([8090], udp=True)
+    for family in (4, 6):
+        result = cluster.external.tcp(cluster.node_ip(1, family), 8090, count=3)
+        assert result.errors == {} and result.answers == {"node1:8090": 3}
+
+
+def read_flows(agent, proto: int):
+    from agent.datapath.maps import BpfServiceMaps
+    maps = BpfServiceMaps(agent.bpffs)
+    try:
+        return [(k, v) for k, v in maps.flows() if k.proto == proto]
+    finally:
+        maps.close()
+
+
+@FAMILIES
+def test_an_established_flow_keeps_its_backend_while_backends_change(world, family):
+    cluster, a, b, directory = world
+    c = cluster.add_pod(1, f"c{family}")
+    c.start_server([8080], udp=True, peer=True)
+    flow = cluster.external.start_client("udp-one-socket", cluster.node_ip(1, family), 30053,
+                                         count=40, interval=0.05)
+    time.sleep(0.5)
+    write_service(directory, "web", [a, b, c])          # a backend joins mid-flow
+    try:
+        seen = who(flow.result())
+        assert flow.result().errors == {} and len(seen) == 1, seen
+        # ... and new flows do reach it
+        fresh = eventually(lambda: any(pod.startswith("c") for pod, _ in who(
+            cluster.external.udp(cluster.node_ip(1, family), 30053, count=30))))
+        assert fresh
+    finally:
+        write_service(directory, "web", [a, b])
+        cluster.nodes[1].remove_pod(c)
+
+
+@FAMILIES
+def test_a_flow_whose_backend_is_removed_moves_on(world, family):
+    """UDP to a backend that left: the agent forgets the flow (kube-proxy clears its
+    conntrack entries), and the next datagram goes to a backend that is there."""
+    cluster, a, b, directory = world
+    write_service(directory, "sticky", [b], node_ports=(30083, 30056))   # no affinity now
+    try:
+        assert eventually(lambda: set(who(cluster.external.udp(
+            cluster.node_ip(1, family), 30056, count=3))) <= {("b", cluster.node_ip(1, family))})
+        flow = cluster.external.start_client("udp-one-socket", cluster.node_ip(1, family),
+                                             30056, count=60, interval=0.05, timeline=True)
+        time.sleep(1.0)
+        write_service(directory, "sticky", [a], node_ports=(30083, 30056))
+        result = flow.result()
+        assert result.errors == {}, result.errors
+        order = [answer.split(":")[0] for _, answer in result.timeline]
+        # b first, then a; once a answered, never b again
+        assert order[0] == "b" and order[-1] == "a", order
+        assert "b" not in order[order.index("a"):], order
+    finally:
+        write_service(directory, "sticky", [a, b], node_ports=(30083, 30056),
+                      session_affinity_timeout=60)
+
+
+def test_flow_lifetimes_follow_protocol_and_tcp_state(world):
+    cluster, _, _, _ = world
+    agent = cluster.agents[1]
+    assert cluster.external.tcp(cluster.node_ip(1, 4), 30080, count=3).errors == {}
+    assert cluster.external.udp(cluster.node_ip(1, 4), 30053, count=3).errors == {}
+    now = time.monotonic_ns()              # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+    client = bytes(map(int, cluster.external.ip.split(".")))
+    closed = [(k, v) for k, v in read_flows(agent, 6)
+              if client in (bytes(k.saddr)[:4], bytes(k.daddr)[:4])]
+    assert closed
+    # each connection ended with FIN both ways: the short close timeout (10 s) applies
+    for _, v in closed:
+        assert v.flags & 4 and v.expires - now <= 10 * 10**9, (v.flags, v.expires - now)
+    udp = [v for k, v in read_flows(agent, 17) if client in (bytes(k.saddr)[:4],
+                                                              bytes(k.daddr)[:4])]
+    assert udp and all(v.expires - now <= 60 * 10**9 for v in udp)
