@@ -72,7 +72,12 @@ def test_maglev_is_consistent_across_nodes_and_moves_few_flows(tmp_path, family)
         write(tmp_path, pods, family)
         # flows expire after 1 s idle, so a second round is balanced afresh
         cluster.start_agents(tmp_path, extra_args=("--lb-algorithm", "maglev",
-                                                   "--conntrack-udp-timeout", "1"))
+                                                   "--conntrack-udp-timeout", "1",
+                                                   "--conntrack-max", "4096"))
+        from agent.datapath.maps import BpfServiceMaps
+        maps = BpfServiceMaps(cluster.agents[1].bpffs)
+        assert maps.ct.max_entries == 4096      # the flow table is bounded (LRU)
+        maps.close()
         via1, via2 = flows(cluster, 1, family), flows(cluster, 2, family)
         assert "timeout" not in via1.values() and "timeout" not in via2.values()
         assert via1 == via2, sum(via1[p] != via2[p] for p in PORTS)

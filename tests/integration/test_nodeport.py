@@ -4,12 +4,14 @@ source ranges, affinity, hairpin, over TCP and UDP, IPv4 and IPv6."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 
 import pytest
 
 from lab import manifests, netns
+from lab.podclient import ClientResult
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -275,3 +277,27 @@ def test_flow_lifetimes_follow_protocol_and_tcp_state(world):
     udp = [v for k, v in read_flows(agent, 17) if client in (bytes(k.saddr)[:4],
                                                               bytes(k.daddr)[:4])]
     assert udp and all(v.expires - now <= 60 * 10**9 for v in udp)
+
+
+@FAMILIES
+def test_from_a_pod_on_another_node(world, family):
+    """Pod b on node 2 dials node 1's NodePort: its packets cross the wire into node 1's TC
+    program; a (local there) sees b's address, b itself comes back SNATed to node 1."""
+    cluster, a, b, _ = world
+    result = b.tcp(cluster.node_ip(1, family), 30080, count=40)
+    assert result.errors == {} and result.wrong_peer == 0
+    b_address = b.ip if family == 4 else b.ip6
+    assert set(who(result)) == {("a", b_address), ("b", cluster.node_ip(1, family))}
+
+
+@FAMILIES
+def test_from_the_node_itself(world, family):
+    """A process on node 1 (in the cgroup the agent serves: the whole host, in a cluster)
+    reaches its own NodePort through the socket LB: both backends, no TC path needed."""
+    cluster, _, _, _ = world
+    node = cluster.nodes[1]
+    argv = [sys.executable, "-m", "lab.podclient", "tcp", cluster.node_ip(1, family), "30080",
+            "--count", "30", "--timeout", "1"]
+    done = node.processes.run(argv, node.node_netns, node.cgroup, "", 60, True)
+    result = ClientResult.from_json(done.stdout)
+    assert result.errors == {} and {pod for pod, _ in who(result)} == {"a", "b"}
