@@ -33,5 +33,20 @@ bench-quick: install
 lint: install
 	$(VENV)/bin/ruff check agent tests examples
 
+# A kind cluster without kube-proxy, bpfproxy in it, a test app through it (needs Docker
+# and kind; each target says so at once when they are missing). KIND_CLUSTER, BPFPROXY_IMAGE.
+.PHONY: kind-up kind-deploy kind-test kind-down
+kind-up:
+	bash scripts/kind.sh up
+
+kind-deploy:
+	bash scripts/kind.sh deploy
+
+kind-test:
+	bash scripts/kind.sh test
+
+kind-down:
+	bash scripts/kind.sh down
+
 clean:
 	rm -rf $(VENV) agent/api/generated .pytest_cache

@@ -11,10 +11,11 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol as TypingProtocol
 
 from agent import model
+from agent.model.health import ServiceHealth, by_port, service_health_parts
 from agent.model.types import (
     DesiredState,
     EndpointSlice,
@@ -29,10 +30,13 @@ from agent.model.types import (
 from agent.planner import (
     AppliedState,
     BackendAddr,
+    DeleteFrontend,
+    DeleteSlot,
     FrontendKey,
     KernelService,
     Overlay,
     Plan,
+    PutSlot,
     by_scope,
     commit,
     plan,
@@ -76,7 +80,8 @@ class AppliedServicePort:
                  for _, desired in parts for f in desired.frontends}
         states = {BackendAddr(b.address, b.port): b.state.value
                   for _, desired in parts for b in desired.backends}
-        frontends = sorted({f for kernel, _ in parts for f in kernel.frontends},
+        # a frontend seen by traffic from outside only (scope 1) is the same address
+        frontends = sorted({replace(f, scope=0) for kernel, _ in parts for f in kernel.frontends},
                            key=lambda f: (int(f.address), f.port))
         backends = list(dict.fromkeys(b for kernel, _ in parts for b in kernel.backends))
         return cls(name, family, tuple((f, kinds.get(f, "unknown")) for f in frontends),
@@ -140,6 +145,17 @@ class Agent:
     # removed backends and still_served(frontend, backend) to spare sockets that are fine
     udp_cleanup: Callable[[frozenset[BackendAddr], Callable[[FrontendKey, BackendAddr],
                                                             bool]], int] | None = None
+    # Maglev table size for traffic from outside the node (--lb-algorithm maglev); 0: random
+    maglev_m: int = 0
+    # forgets the tracked UDP flows (TC path) of backends their service port lost, given
+    # {svc_id: lost backends}; returns how many entries went
+    flow_cleanup: Callable[[dict[int, set[BackendAddr]]], int] | None = None
+    # told of each sync, failure and conflict as (kind, fields), on the loop; must not
+    # block (the API's event hub queues per client and drops for slow ones)
+    on_event: Callable[[str, dict], None] | None = None
+    # given, after each sync the kernel accepted, on the loop: every healthCheckNodePort
+    # with the service it reports on and its ready endpoints here (model.health)
+    service_health: Callable[[dict[int, ServiceHealth]], None] | None = None
 
     def __post_init__(self) -> None:
         # the objects, indexed by the service they belong to (kube-proxy's change trackers)
@@ -156,6 +172,10 @@ class Agent:
         self._node_changed = False         # topology and NodePorts depend on it: replan all
         self._unsupported: set[tuple[ServicePortName, int]] = set()
         self._pending_since: float | None = None   # oldest change not yet in the kernel
+        self._health_parts: dict = {}      # service -> (health check port, its health)
+        self._next_health: dict = {}       # computed with the sync in flight
+        self._lost_flows: dict[int, set[BackendAddr]] = {}   # UDP flows to forget, next
+        self._flow_task: asyncio.Future | None = None
         self._listed = asyncio.Event()     # the source's first, complete listing arrived
         self._dirty = asyncio.Event()
         self._stop = asyncio.Event()
@@ -192,6 +212,7 @@ class Agent:
         except Exception as exc:
             self.status.failure = f"source failed: {exc}"
             log.exception("event=source_failed")
+        self._emit("source_failed", message=self.status.failure)
         # What is programmed keeps serving (the kernel holds it); the agent exits so that
         # its supervisor restarts it with a fresh source.
         log.error("event=agent_exiting reason=%r programs=left_attached", self.status.failure)
@@ -285,6 +306,7 @@ class Agent:
                 None, self._compute, full, inputs, not self.source.complete)
             for conflict in result.conflicts:
                 log.warning("event=frontend_conflict detail=%r", conflict)
+                self._emit("conflict", message=conflict)
             if result.ops:
                 await loop.run_in_executor(None, self.maps.apply, result.ops)
         except Exception as exc:
@@ -295,16 +317,27 @@ class Agent:
             self._plan, self._kernel_stale = None, True
             if since is not None:       # still not in the kernel: keep the oldest stamp
                 self._pending_since = min(since, self._pending_since or since)
+            self._emit("sync_failed", message=str(exc))
             return False
         if since is not None:
             self.status.last_event_to_kernel_seconds = time.monotonic() - since
             self.status.change_syncs += 1
+        # service ports gone from the kernel: their ids may be reused, their counters not
+        gone = {op.svc_id for op in result.ops if isinstance(op, DeleteSlot)}
+        if self._plan is not None:
+            gone.update(self._plan.owners.get(op.frontend) for op in result.ops
+                        if isinstance(op, DeleteFrontend))
+        gone = {i for i in gone if i is not None and i not in result.result}
+        lost = self._lost_udp_backends(result) if self.flow_cleanup is not None else {}
         # the kernel holds it: write the overlays of an incremental sync into the record
         result = commit(result)
         if isinstance(desired, Overlay):
             desired, parts = desired.commit(), parts.commit()
         self._plan, self._applied, self._desired, self._parts = \
             result, result.result, desired, parts
+        if self.service_health is not None:
+            self._health_parts = self._next_health
+            self._report_health()
         self.status.view = AppliedView(result.result, desired, result.ids,
                                        (len(result.result), len(result.owners),
                                         result.slot_total))
@@ -321,12 +354,71 @@ class Agent:
             log.debug("event=sync_changes services=%d ops=%d seconds=%.4f", len(dirty),
                       len(result.ops), elapsed)
         self.status.synced = True
+        self._emit("sync", duration_seconds=elapsed, operations=len(result.ops), full=full,
+                   event_to_kernel_seconds=(self.status.last_event_to_kernel_seconds
+                                            if since is not None else 0.0),
+                   service_ports=len(result.result))
+        forget = getattr(self.maps, "forget_counters", None)
+        if gone and forget is not None:
+            try:        # before the next sync: a full plan may give the ids out again
+                await loop.run_in_executor(None, forget, gone)
+            except Exception as exc:
+                log.error("event=counter_cleanup_failed error=%r", str(exc))
+        if lost:
+            self._forget_flows(lost)
         if result.removed_udp and self.udp_cleanup is not None:
             # not awaited: a slow sweep over many pods must not hold back the next sync
             task = loop.run_in_executor(None, self.udp_cleanup, result.removed_udp,
                                         self._still_served)
             task.add_done_callback(_log_cleanup)
         return True
+
+    def _emit(self, kind: str, **fields) -> None:
+        """Tell on_event; an observer's failure is logged, never raised into the loop."""
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, fields)
+            except Exception:
+                log.exception("event=observer_failed kind=%s", kind)
+
+    def _lost_udp_backends(self, result: Plan) -> dict[int, set[BackendAddr]]:
+        """{svc_id: backends it no longer has} for UDP service ports this plan changed
+        (before commit: self._applied still holds what the kernel had)."""
+        touched = {op.svc_id for op in result.ops if isinstance(op, (PutSlot, DeleteSlot))}
+        lost = {}
+        for svc_id in touched:
+            old = self._applied.get(svc_id)
+            if old is None or not any(f.protocol is Protocol.UDP for f in old.frontends):
+                continue
+            new = result.result.get(svc_id)
+            gone = set(old.backends) - set(new.backends if new else ())
+            if gone:
+                lost[svc_id] = gone
+        return lost
+
+    def _forget_flows(self, lost: dict[int, set[BackendAddr]]) -> None:
+        """kube-proxy clears conntrack entries of UDP endpoints that went away (TCP flows
+        are left alone: a terminating backend keeps its connections). One scan of the
+        flow table at a time; what comes meanwhile goes into the next."""
+        for svc_id, backends in lost.items():
+            self._lost_flows.setdefault(svc_id, set()).update(backends)
+        if self._flow_task is not None and not self._flow_task.done():
+            return
+        batch, self._lost_flows = self._lost_flows, {}
+        if not batch:
+            return
+        self._flow_task = asyncio.get_running_loop().run_in_executor(
+            None, self.flow_cleanup, batch)
+        self._flow_task.add_done_callback(self._flows_forgotten)
+
+    def _flows_forgotten(self, task: asyncio.Future) -> None:
+        if task.exception() is not None:
+            log.error("event=flow_cleanup_failed error=%r", str(task.exception()))
+        elif task.result():
+            log.info("event=flows_forgotten entries=%d reason=udp_backend_gone",
+                     task.result())
+        if self._lost_flows:
+            self._forget_flows({})
 
     def _still_served(self, frontend: FrontendKey, backend: BackendAddr) -> bool:
         """Whether a socket sent to `frontend` and balanced to `backend` is still right."""
@@ -348,8 +440,31 @@ class Agent:
         """(plan, desired state, desired keys by service): everything, or only what the
         dirty services produce, planned against the last plan the kernel holds."""
         with _gc_paused():
+            if self.service_health is not None:     # from the same snapshot, same thread
+                self._next_health = self._health_for(full, inputs)
             return self._compute_full(inputs, incomplete) if full else \
                 self._compute_changes(inputs)
+
+    def _health_for(self, full: bool, inputs) -> dict:
+        """Health check parts of every service: all of them, or the last ones with the
+        dirty services' recomputed (a sync's cost follows its change)."""
+        if full:
+            node, services, slices = inputs
+            return service_health_parts(services, slices, node)
+        node, by_name = inputs
+        parts = dict(self._health_parts)
+        for name, (service, slices) in by_name.items():
+            parts.pop(name, None)
+            if service is not None:
+                parts.update(service_health_parts([service], slices, node))
+        return parts
+
+    def _report_health(self) -> None:
+        """Hand the health checks to service_health; its failure is logged, not raised."""
+        try:
+            self.service_health(by_port(self._health_parts))
+        except Exception:
+            log.exception("event=service_health_update_failed")
 
     def _compute_full(self, inputs, incomplete: bool):
         node, services, slices = inputs
@@ -357,7 +472,8 @@ class Agent:
         parts: dict[tuple[str, str], set] = {}
         for key in desired:
             parts.setdefault((key[0].namespace, key[0].name), set()).add(key)
-        result = plan(desired, self._applied, keep_unclaimed=incomplete)
+        result = plan(desired, self._applied, keep_unclaimed=incomplete,
+                      maglev_m=self.maglev_m)
         return result, desired, {k: frozenset(v) for k, v in parts.items()}
 
     def _compute_changes(self, inputs):
@@ -377,7 +493,7 @@ class Agent:
                     changed.add(key)
             if part:
                 parts[name] = frozenset(part)
-        return plan_changes(desired, self._plan, changed), desired, parts
+        return plan_changes(desired, self._plan, changed, self.maglev_m), desired, parts
 
     def _servable(self, desired: DesiredState) -> DesiredState:
         """Only what the datapath can serve; the rest is logged once per service port."""

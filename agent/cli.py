@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -19,17 +17,6 @@ from pathlib import Path
 from agent.datapath.config import DEFAULT_PIN_DIR
 
 DEFAULT_API = "unix:///run/bpfproxy/api.sock"
-LATER = "(accepted; used from a later release)"
-
-
-def find_cgroup2_mount() -> Path:
-    """cgroup v2 may be /sys/fs/cgroup or, in a hybrid layout, /sys/fs/cgroup/unified."""
-    for line in Path("/proc/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    raise SystemExit("bpfproxy: no cgroup v2 mount found in /proc/mounts; "
-                     "mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--manifests", type=Path, metavar="DIR",
                      help="read Services and EndpointSlices from *.yaml/*.yml/*.json in DIR")
     src.add_argument("--kubeconfig", type=Path, metavar="FILE",
-                     help=f"watch the Kubernetes API {LATER}")
+                     help="watch the Kubernetes API this kubeconfig names (default: "
+                          "in-cluster, with the pod's service account)")
+    agent.add_argument("--config", type=Path, metavar="FILE",
+                       help="a BpfProxyConfiguration YAML file; flags given here win over it")
     agent.add_argument("--node-name", default=socket.gethostname())
     agent.add_argument("--node-ip", default="", metavar="IP[,IP]",
                        help="this node's addresses: NodePorts are served on them (default: "
@@ -52,41 +42,115 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only node addresses in these CIDRs serve NodePorts "
                             "(kube-proxy's --nodeport-addresses)")
     agent.add_argument("--interfaces", default="", metavar="IF[,IF]",
-                       help=f"interfaces for the TC NodePort programs {LATER}")
+                       help="node interfaces whose traffic from outside the node reaches "
+                            "NodePort, ExternalIP and LoadBalancer addresses (TC programs)")
+    agent.add_argument("--lb-algorithm", choices=["random", "maglev"], default="random",
+                       help="backend choice for traffic from outside the node: maglev picks "
+                            "the same backend for a flow whichever node it enters through")
+    agent.add_argument("--maglev-table-size", type=int, default=1021, metavar="PRIME",
+                       help="Maglev lookup table entries per service (a prime, well above "
+                            "the largest backend count)")
+    agent.add_argument("--conntrack-max", type=int, default=262144, metavar="N",
+                       help="flows tracked for traffic from outside the node (LRU)")
+    agent.add_argument("--conntrack-tcp-timeout", type=float, default=21600.0,
+                       metavar="SECONDS", help="idle established TCP flows expire after this")
+    agent.add_argument("--conntrack-tcp-close-timeout", type=float, default=10.0,
+                       metavar="SECONDS", help="TCP flows expire this soon after FIN or RST")
+    agent.add_argument("--conntrack-udp-timeout", type=float, default=60.0,
+                       metavar="SECONDS", help="idle UDP flows expire after this")
     agent.add_argument("--cgroup", type=Path, metavar="CGROUP2_DIR",
                        help="cgroup v2 directory the socket programs attach to "
                             "(default: the cgroup2 mount, i.e. every process)")
     agent.add_argument("--bpffs", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR",
                        help="where maps and program links are pinned")
     agent.add_argument("--api", default=DEFAULT_API, metavar="ADDR")
-    agent.add_argument("--metrics", default="", metavar="ADDR", help=f"Prometheus {LATER}")
-    agent.add_argument("--healthz", default="", metavar="ADDR", help=f"health {LATER}")
+    agent.add_argument("--api-tls-cert", type=Path, metavar="FILE",
+                       help="serve the API over TLS with this certificate (PEM)")
+    agent.add_argument("--api-tls-key", type=Path, metavar="FILE",
+                       help="the private key of --api-tls-cert (PEM)")
+    agent.add_argument("--api-tls-ca", type=Path, metavar="FILE",
+                       help="mutual TLS: only clients with a certificate this CA signed")
+    agent.add_argument("--metrics", default="127.0.0.1:10249", metavar="ADDR",
+                       help="Prometheus /metrics on HOST:PORT (kube-proxy's port); "
+                            "'off' to disable")
+    agent.add_argument("--healthz", default="0.0.0.0:10256", metavar="ADDR",
+                       help="/healthz and /livez on HOST:PORT (kube-proxy's port); "
+                            "'off' to disable")
     agent.add_argument("--min-sync-period", type=float, default=0.1, metavar="SECONDS")
     agent.add_argument("--sync-period", type=float, default=30.0, metavar="SECONDS")
 
-    status = sub.add_parser("status", help="exit 0 once the first full sync is in the kernel")
-    status.add_argument("--api", default=DEFAULT_API, metavar="ADDR")
+    status = sub.add_parser("status", help="exit 0 once the first full sync is in the kernel",
+                            epilog=EXIT_CODES)
+    _api_client_flags(status, filters=False)
     status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="keep asking until synced or SECONDS have passed")
 
-    services = sub.add_parser("services", help="list service ports as the kernel serves them")
-    services.add_argument("--api", default=DEFAULT_API, metavar="ADDR")
-    services.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    services = sub.add_parser("services", help="list service ports as the kernel serves them",
+                              epilog=EXIT_CODES)
+    _api_client_flags(services)
+    backends = sub.add_parser("backends", help="list backends per service port, with state",
+                              epilog=EXIT_CODES)
+    _api_client_flags(backends)
+    stats = sub.add_parser("stats", help="counters per service port and backend",
+                           epilog=EXIT_CODES)
+    _api_client_flags(stats)
+    watch = sub.add_parser("watch", help="print sync events and errors as they happen",
+                           epilog=EXIT_CODES)
+    _api_client_flags(watch, filters=False)
+    watch.add_argument("--count", type=int, default=0, metavar="N",
+                       help="exit 0 after N events (default: until interrupted)")
 
     cleanup = sub.add_parser("cleanup", help="remove every program, link and map installed")
     cleanup.add_argument("--cgroup", type=Path, metavar="DIR",
                          help="also check that no program is left attached here")
     cleanup.add_argument("--bpffs", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR")
+    cleanup.add_argument("--kube-proxy", action="store_true",
+                         help="instead, remove kube-proxy's iptables chains and nftables "
+                              "tables from this network namespace, as `kube-proxy --cleanup` "
+                              "does (run it once bpfproxy serves; bpfproxy's own state stays)")
     return parser
 
 
+EXIT_CODES = ("exit codes: 0 ok; 1 no agent answering, not synced (status) or the stream "
+              "broke (watch); 2 bad flags or a request the agent refused; 3 a filter matched "
+              "nothing")
+
+
+def _api_client_flags(parser: argparse.ArgumentParser, filters: bool = True) -> None:
+    parser.add_argument("--api", default=DEFAULT_API, metavar="ADDR",
+                        help="unix:///path or HOST:PORT")
+    parser.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    parser.add_argument("--tls-ca", type=Path, metavar="FILE",
+                        help="TLS to a TCP --api: the CA that signed the agent's certificate")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="our client certificate, when the agent asks for one")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE")
+    parser.add_argument("--tls-server-name", default="", metavar="NAME",
+                        help="the name the agent's certificate must carry (default: the host "
+                             "of --api)")
+    if filters:
+        parser.add_argument("-n", "--namespace", default="")
+        parser.add_argument("--name", default="", help="the Service's name")
+        parser.add_argument("--address", default="", metavar="IP",
+                            help="a frontend address (or, for backends, a backend's)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "agent" and args.config is not None:
+        from agent import config
+        try:
+            args = config.apply(parser, argv, args)
+        except config.ConfigError as exc:
+            print(f"bpfproxy: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # one line per file change is noise at info level; our source logs what matters
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     return {"agent": run_agent, "status": show_status, "services": show_services,
+            "backends": show_backends, "stats": show_stats, "watch": watch_events,
             "cleanup": run_cleanup}[args.command](args)
 
 
@@ -96,143 +160,222 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _check_tc_flags(args) -> str:
+    """The TC path's flags, checked before anything is loaded."""
+    from agent import maglev
+    if not maglev.is_prime(args.maglev_table_size) or \
+            not maglev.M_MIN <= args.maglev_table_size <= maglev.M_MAX:
+        return (f"--maglev-table-size {args.maglev_table_size}: must be a prime between "
+                f"{maglev.M_MIN} and {maglev.M_MAX}")
+    if args.conntrack_max < 1024:
+        return f"--conntrack-max {args.conntrack_max}: at least 1024"
+    for flag in ("tcp_timeout", "tcp_close_timeout", "udp_timeout"):
+        value = getattr(args, f"conntrack_{flag}")
+        if not 1 <= value <= 7 * 86400:
+            return (f"--conntrack-{flag.replace('_', '-')} {value}: must be 1 second to "
+                    f"7 days")
+    return ""
+
+
 def run_agent(args) -> int:
     if args.manifests is None:
-        print("bpfproxy: the Kubernetes API source (--kubeconfig, in-cluster) comes in a "
-              "later release; run with --manifests DIR", file=sys.stderr)
-        return 2
-    if not args.manifests.is_dir():
+        from agent.sources.kube import api_client_for
+        try:
+            # --kubeconfig, or in-cluster: the service account's token and CA
+            args.api_client = api_client_for(str(args.kubeconfig) if args.kubeconfig else None)
+        except Exception as exc:  # noqa: BLE001 -- ConfigException, unreadable, not YAML
+            where = f"--kubeconfig {args.kubeconfig}" if args.kubeconfig else "in-cluster"
+            print(f"bpfproxy: {where}: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+    elif args.manifests.exists() and not args.manifests.is_dir():
+        # absent is fine (the source waits for it); a file there is a mistake
         print(f"bpfproxy: --manifests {args.manifests}: not a directory", file=sys.stderr)
         return 2
     try:
         args.node_ips = tuple(ipaddress.ip_address(a) for a in _split(args.node_ip))
+        args.interface_names = tuple(_split(args.interfaces))
         args.nodeport_cidrs = tuple(ipaddress.ip_network(c, strict=False)
                                     for c in _split(args.nodeport_addresses))
     except ValueError as exc:
         print(f"bpfproxy: --node-ip/--nodeport-addresses: {exc}", file=sys.stderr)
         return 2
-    for flag in ("interfaces", "metrics", "healthz"):
-        if getattr(args, flag):
-            logging.getLogger("agent").info("event=flag_not_yet_used flag=--%s",
-                                            flag.replace("_", "-"))
-    return asyncio.run(_agent_main(args))
-
-
-async def _agent_main(args) -> int:
-    from agent.agent import Agent
-    from agent.api import server
-    from agent.datapath import loader
-    from agent.datapath.config import DatapathConfig
-    from agent.datapath.maps import BpfServiceMaps, LayoutError
-    from agent.datapath.stale_sockets import udp_cleanup_for
-    from agent.model.types import NodeContext
-    from agent.sources.manifests import ManifestSource
-
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Leave programs and pinned maps in place: traffic keeps flowing without us.
-        loop.add_signal_handler(sig, stopping.set)
-    cgroup = args.cgroup or find_cgroup2_mount()
-    config = DatapathConfig(pin_dir=args.bpffs)
-    try:
-        await loop.run_in_executor(None, loader.load_in_child, config, cgroup)
-        maps = BpfServiceMaps(config.pin_dir)
-    except (loader.DatapathError, LayoutError, OSError) as exc:
-        logging.getLogger("agent").error("event=datapath_failed error=%r", str(exc))
-        return 1
-    source = ManifestSource(args.manifests)
-    agent = Agent(source=source, maps=maps,
-                  min_sync_period=args.min_sync_period, sync_period=args.sync_period,
-                  node=NodeContext(args.node_name, args.node_ips, args.nodeport_cidrs),
-                  udp_cleanup=udp_cleanup_for(cgroup, maps))
-    agent.status.source = f"manifests:{args.manifests}"
-    agent.status.node_name = args.node_name
-    api = await server.start(args.api, agent.status)
-    stopper = asyncio.create_task(stopping.wait())
-    stopper.add_done_callback(lambda _: agent.stop())
-    try:
-        code = await agent.run()
-    finally:
-        stopper.cancel()
-        await api.stop(grace=0.5)
-        logging.getLogger("agent").info(
-            "event=agent_stopped programs=left_attached maps=left_pinned")
-    return code
+    problem = _check_tc_flags(args)
+    if problem:
+        print(f"bpfproxy: {problem}", file=sys.stderr)
+        return 2
+    from agent.main import serve
+    return asyncio.run(serve(args))
 
 
 # --- clients of the API ---------------------------------------------------------------
+# Plumbing in agent/api/client.py, rendering in agent/cli_output.py; here: ask and print.
 
-def _stub(address: str):
-    import grpc
+def _client(args):
+    from agent.api import client
+    tls = client.ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    channel = client.channel(args.api, tls)
+    return channel, client.stub(channel)
 
-    from agent.api.generated import agent_pb2_grpc
-    channel = grpc.insecure_channel(address)
-    return channel, agent_pb2_grpc.AgentStub(channel)
+
+def _print(data, args, as_table) -> None:
+    from agent import cli_output
+    print(as_table(data) if args.output == "table" else cli_output.dump(data, args.output))
+
+
+def _failed(exc, args) -> int:
+    from agent.api import client
+    print(f"bpfproxy: {client.describe(exc, args.api)}", file=sys.stderr)
+    return client.exit_code(exc)
+
+
+def _filtered(args) -> bool:
+    return bool(args.namespace or args.name or args.address)
 
 
 def show_status(args) -> int:
     import grpc
 
+    from agent import cli_output
+    from agent.api import client
     from agent.api.generated import agent_pb2
     deadline = time.monotonic() + args.wait
-    channel, stub = _stub(args.api)
+    channel, stub = _client(args)
     with channel:
         while True:
             try:
-                status = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=2)
-                if status.synced:
-                    print(f"synced: {status.service_ports} service ports, {status.frontends} "
-                          f"frontends, {status.backends} backend slots in the kernel "
-                          f"(node {status.node_name}, {status.source})")
-                    return 0
+                status = client.to_plain(stub.GetStatus(agent_pb2.GetStatusRequest(),
+                                                        timeout=5))
+                if status["synced"]:
+                    _print(status, args, cli_output.status_text)
+                    return client.EXIT_OK
                 problem = "agent running, first sync not yet in the kernel"
             except grpc.RpcError as exc:
-                problem = f"no agent answering at {args.api}: {exc.code().name}"
+                status, problem = None, client.describe(exc, args.api)
             if time.monotonic() >= deadline:
+                if status is not None and args.output != "table":
+                    _print(status, args, cli_output.status_text)
                 print(f"not synced: {problem}", file=sys.stderr)
-                return 1
+                return client.EXIT_UNAVAILABLE
             time.sleep(0.2)
+
+
+def _stats_by_port(stub, flt) -> dict[tuple, dict] | None:
+    """Counters per service port (families summed) for tables; None when unavailable."""
+    import grpc
+
+    from agent.api import client
+    from agent.api.generated import agent_pb2
+    try:
+        rows = list(client.all_pages(stub.GetStats, agent_pb2.GetStatsRequest, "services",
+                                     flt))
+    except grpc.RpcError:
+        return None
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r.namespace, r.name, r.port_name, r.protocol)
+        total = out.setdefault(key, dict.fromkeys(("connections", "refused"), 0))
+        total["connections"] += r.counters.connections
+        total["refused"] += r.counters.refused
+    return out
 
 
 def show_services(args) -> int:
     import grpc
 
+    from agent import cli_output
+    from agent.api import client
     from agent.api.generated import agent_pb2
-    channel, stub = _stub(args.api)
+    flt = client.service_filter(args.namespace, args.name, args.address)
+    channel, stub = _client(args)
     with channel:
         try:
-            reply = stub.ListServices(agent_pb2.ListServicesRequest(), timeout=5)
+            ports = list(client.all_pages(stub.ListServices, agent_pb2.ListServicesRequest,
+                                          "services", flt))
         except grpc.RpcError as exc:
-            print(f"bpfproxy: no agent answering at {args.api}: {exc.code().name}",
-                  file=sys.stderr)
-            return 1
-    entries = [{
-        "namespace": s.namespace, "name": s.name, "port_name": s.port_name,
-        "protocol": s.protocol,
-        "frontends": [{"address": f.address, "port": f.port, "kind": f.kind}
-                      for f in s.frontends],
-        "backends": [{"address": b.address, "port": b.port, "state": b.state}
-                     for b in s.backends],
-    } for s in reply.services]
-    if args.output == "json":
-        print(json.dumps(entries, indent=2))
-        return 0
-    rows = [("SERVICE", "PORT", "PROTO", "FRONTENDS", "BACKENDS")]
-    for e in entries:
-        rows.append((f"{e['namespace']}/{e['name']}", e["port_name"] or "-", e["protocol"],
-                     ",".join(f"{f['address']}:{f['port']}" for f in e["frontends"]) or "-",
-                     ",".join(f"{b['address']}:{b['port']}" for b in e["backends"])
-                     or "(none: connections refused)"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            return _failed(exc, args)
+        stats = _stats_by_port(stub, flt) if args.output == "table" else None
+    if args.output == "table":
+        print(cli_output.services_table([client.to_plain(p) for p in ports], stats))
+    else:
+        print(cli_output.dump([client.service_entry(p) for p in ports], args.output))
+    return client.EXIT_NOT_FOUND if not ports and _filtered(args) else client.EXIT_OK
+
+
+def show_backends(args) -> int:
+    import grpc
+
+    from agent import cli_output
+    from agent.api import client
+    from agent.api.generated import agent_pb2
+    flt = client.service_filter(args.namespace, args.name, args.address)
+    channel, stub = _client(args)
+    with channel:
+        try:
+            rows = [client.to_plain(b) for b in client.all_pages(
+                stub.ListBackends, agent_pb2.ListBackendsRequest, "backends", flt)]
+        except grpc.RpcError as exc:
+            return _failed(exc, args)
+        try:   # counters are a bonus here: a node without them still lists its backends
+            stats = list(client.all_pages(stub.GetStats, agent_pb2.GetStatsRequest,
+                                          "services", flt))
+        except grpc.RpcError:
+            stats = []
+    counters = {(s.namespace, s.name, s.port_name, s.protocol, s.family, b.address, b.port):
+                client.to_plain(b.counters) for s in stats for b in s.backends}
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
-    return 0
+        r["counters"] = counters.get((r["namespace"], r["name"], r["port_name"],
+                                      r["protocol"], r["family"], r["address"], r["port"]))
+    _print(rows, args, cli_output.backends_table)
+    return client.EXIT_NOT_FOUND if not rows and _filtered(args) else client.EXIT_OK
+
+
+def show_stats(args) -> int:
+    import grpc
+
+    from agent import cli_output
+    from agent.api import client
+    from agent.api.generated import agent_pb2
+    flt = client.service_filter(args.namespace, args.name, args.address)
+    channel, stub = _client(args)
+    with channel:
+        try:
+            rows = [client.to_plain(s) for s in client.all_pages(
+                stub.GetStats, agent_pb2.GetStatsRequest, "services", flt)]
+        except grpc.RpcError as exc:
+            return _failed(exc, args)
+    _print(rows, args, cli_output.stats_table)
+    return client.EXIT_NOT_FOUND if not rows and _filtered(args) else client.EXIT_OK
+
+
+def watch_events(args) -> int:
+    import grpc
+
+    from agent import cli_output
+    from agent.api import client
+    from agent.api.generated import agent_pb2
+    channel, stub = _client(args)
+    seen = 0
+    with channel:
+        try:
+            for event in stub.WatchEvents(agent_pb2.WatchEventsRequest()):
+                print(cli_output.event_record(client.to_plain(event), args.output),
+                      flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    return client.EXIT_OK
+        except grpc.RpcError as exc:
+            return _failed(exc, args)
+        except KeyboardInterrupt:
+            return client.EXIT_OK
+    print("bpfproxy: the agent closed the event stream", file=sys.stderr)
+    return client.EXIT_UNAVAILABLE
 
 
 # --- cleanup --------------------------------------------------------------------------
 
 def run_cleanup(args) -> int:
+    if args.kube_proxy:
+        return _cleanup_kube_proxy()
     from agent.datapath import loader
     removed = loader.cleanup(args.bpffs)
     for path in removed:
@@ -246,6 +389,18 @@ def run_cleanup(args) -> int:
     if not removed:
         print(f"nothing to remove under {args.bpffs}")
     return 0
+
+
+def _cleanup_kube_proxy() -> int:
+    from agent import kubeproxy_cleanup
+    report = kubeproxy_cleanup.cleanup()
+    for what in report.removed:
+        print(f"removed {what}")
+    for error in report.errors:
+        print(f"bpfproxy: {error}", file=sys.stderr)
+    if not report.removed and not report.errors:
+        print("nothing of kube-proxy's to remove")
+    return 1 if report.errors else 0
 
 
 if __name__ == "__main__":

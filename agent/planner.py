@@ -383,8 +383,8 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
                 slots = sorted(set(range(len(old_slots))) | set(old.stray_slots))
                 delete_slots.extend(DeleteSlot(old.family, svc_id, i) for i in slots)
                 delete_slots.extend(DeleteRange(svc_id, n) for n in sorted(old_ranges, key=str))
-                if old_maglev and maglev_m:
-                    delete_slots.append(DeleteMaglev(svc_id, maglev_m))
+                if old_maglev:
+                    delete_slots.append(DeleteMaglev(svc_id, maglev_m or maglev.M_MAX))
             continue
         for i, backend in enumerate(new.backends):
             if i >= len(old_slots) or old_slots[i] != backend:
@@ -404,8 +404,9 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
                                                  new.name_hash, new.affinity, new.flags))
         delete_slots.extend(DeleteRange(svc_id, n) for n in
                             sorted(old_ranges - set(new.source_ranges), key=str))
-        if old_maglev and not new.flags & SVC_F_MAGLEV and maglev_m:
-            delete_slots.append(DeleteMaglev(svc_id, maglev_m))
+        if old_maglev and not new.flags & SVC_F_MAGLEV:
+            # after a switch to random the table's size is unknown: the largest one
+            delete_slots.append(DeleteMaglev(svc_id, maglev_m or maglev.M_MAX))
         gone = set(range(len(new.backends), len(old_slots)))
         gone |= {i for i in (old.stray_slots if old else ()) if i >= len(new.backends)}
         delete_slots.extend(DeleteSlot(new.family, svc_id, i) for i in sorted(gone))
@@ -433,7 +434,10 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
         tables.setdefault(svc_id, {})[slot] = backend
         families[svc_id] = family
     state: AppliedState = {}
-    for svc_id in by_svc.keys() | tables.keys():
+    ranges = ranges or {}
+    # ids with ranges only: a crash between deleting the frontends and the ranges; read
+    # back so the planner deletes them (and never hands the id out with stale ranges)
+    for svc_id in by_svc.keys() | tables.keys() | ranges.keys():
         table = tables.get(svc_id, {})
         entries = by_svc.get(svc_id, {})
         contiguous = 0
@@ -441,7 +445,8 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
             contiguous += 1
         live = min([contiguous, *(c for c, _, _ in entries.values())]) if entries else 0
         name_hash, (affinity, flags) = _most_common([(h, a) for _, h, a in entries.values()])
-        family = families.get(svc_id) or next(iter(entries)).address.version
+        family = families.get(svc_id) or (next(iter(entries)).address.version if entries
+                                           else next(iter(ranges[svc_id])).version)
         state[svc_id] = KernelService(
             svc_id, family, frozenset(entries),
             tuple(table[i] for i in range(live)),
@@ -449,7 +454,7 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
             stale_frontends=frozenset(f for f, (c, h, a) in entries.items()
                                       if c != live or (h, a) != (name_hash, (affinity, flags))),
             name_hash=name_hash, affinity=affinity, flags=flags,
-            source_ranges=tuple(sorted((ranges or {}).get(svc_id, ()),
+            source_ranges=tuple(sorted(ranges.get(svc_id, ()),
                                        key=lambda n: (n.version, int(n.network_address),
                                                       n.prefixlen))))
     return state
@@ -475,22 +480,25 @@ def by_scope(desired: DesiredState) -> dict[tuple[ServicePortName, int, int], Se
     for (name, family), state in desired.items():
         internal = tuple(f for f in state.frontends if not f.kind.external)
         external = tuple(f for f in state.frontends if f.kind.external)
-        if internal or not external:
+        # LoadBalancer addresses behind loadBalancerSourceRanges (kube-proxy filters those,
+        # not NodePorts) are served to traffic from outside only, where the TC path checks
+        # the source: the socket LB cannot (no source address at connect()), so a pod's
+        # connection to them leaves the node, as to the cloud's load balancer.
+        walled = tuple(f for f in external if state.source_ranges
+                       and f.kind is FrontendKind.LOAD_BALANCER)
+        external = tuple(f for f in external if f not in walled)
+        if internal or not (external or walled):
             out[name, family, INTERNAL] = replace(state, frontends=internal)
         if external:
             out[name, family, EXTERNAL] = replace(state, frontends=external,
                                                   backends=state.external_backends)
-        # From outside the node: LoadBalancer addresses behind loadBalancerSourceRanges
-        # (kube-proxy filters those only, not NodePorts) get their own part; the rest
-        # one when its backends differ from the node's own view (a Local policy).
-        walled = tuple(f for f in external if state.source_ranges
-                       and f.kind is FrontendKind.LOAD_BALANCER)
-        rest = tuple(f for f in external if f not in walled)
         if walled:
             out[name, family, FIREWALLED] = replace(state, frontends=walled,
                                                     backends=state.outside_backends)
-        if rest and set(state.outside_backends) != set(state.external_backends):
-            out[name, family, OUTSIDE] = replace(state, frontends=rest,
+        # the rest from outside: a part of its own when its backends differ from the
+        # node's own view (a Local policy); else the TC path uses the EXTERNAL part
+        if external and set(state.outside_backends) != set(state.external_backends):
+            out[name, family, OUTSIDE] = replace(state, frontends=external,
                                                  backends=state.outside_backends)
     return out
 

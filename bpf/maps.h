@@ -185,9 +185,11 @@ struct ct_key {
         __u16  pad;
 };
 
-#define BPFP_CT_REPLY   1       /* this entry is the reply direction */
-#define BPFP_CT_SNAT    2       /* the flow was SNATed to the node (backend elsewhere) */
-#define BPFP_CT_CLOSING 4       /* FIN or RST seen: expires after the close timeout */
+#define BPFP_CT_REPLY       1   /* this entry is the reply direction */
+#define BPFP_CT_SNAT        2   /* the flow was SNATed to the node (backend elsewhere) */
+#define BPFP_CT_CLOSING     4   /* RST, or FIN each way: expires after the close timeout */
+#define BPFP_CT_ESTABLISHED 8   /* TCP: the reply direction was seen */
+#define BPFP_CT_FIN         16  /* TCP: this direction sent FIN */
 
 struct ct_value {
         __be32 saddr[4];        /* rewrite to */
@@ -197,7 +199,7 @@ struct ct_value {
         __u32  svc_id;          /* for counters, and for the agent's cleanup */
         __u64  expires;         /* bpf_ktime_get_ns() */
         __u32  flags;           /* BPFP_CT_* */
-        __u32  pad;
+        __u32  partner_refreshed;       /* seconds of ktime: the other entry's last refresh */
 };
 
 /* The node's own address on an interface, per family: the SNAT source. */

@@ -30,10 +30,11 @@
 #define TH_RST    0x04
 #define BPFP_AF_INET  2
 #define BPFP_AF_INET6 10
+#define TH_SYN    0x02
+#define TH_ACK    0x10
 
-/* conntrack flags beyond maps.h's: TCP's progress */
-#define BPFP_CT_ESTABLISHED 8   /* the reply direction was seen */
-#define BPFP_CT_FIN         16  /* this direction sent FIN */
+/* Not ours: the next program on the hook (tcx), else the stack, sees it unchanged. */
+#define PASS TC_ACT_UNSPEC
 
 /* BCC's declaration predates the helper's params argument (Linux 5.11) */
 static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
@@ -342,7 +343,10 @@ static __always_inline int source_allowed(struct pkt *p, struct svc_value *svc)
         return bpfp_srcrange.lookup(&key) != NULL;
 }
 
-/* Where the kernel would send a packet for addr: its egress interface, 0 if nowhere. */
+/* Where the kernel would send a packet for dst: its egress interface; ROUTE_LOCAL for an
+ * address of this node (a hostNetwork backend); ROUTE_NONE when nowhere. */
+#define ROUTE_NONE  0
+#define ROUTE_LOCAL 0xffffffff
 static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const __be32 *src,
                                        const __be32 *dst)
 {
@@ -358,8 +362,10 @@ static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const
                 __builtin_memcpy(fib.ipv6_dst, dst, 16);
         }
         long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+        if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+                return ROUTE_LOCAL;
         if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-                return 0;
+                return ROUTE_NONE;
         return fib.ifindex;
 }
 
@@ -387,7 +393,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 {
         struct svc_value *svc = find_service(p);
         if (!svc)
-                return TC_ACT_OK;               /* not a service address: not ours */
+                return PASS;                    /* not a service address: not ours */
         if (!source_allowed(p, svc))
                 return DROP(p, svc, dropped);
         struct target be = {};
@@ -405,21 +411,21 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         __builtin_memcpy(rev.saddr, p->t.daddr, 16);
         __builtin_memcpy(rev.daddr, p->t.saddr, 16);
 
-        /* A backend reached back out of the interface the packet came in on is on another
-         * node: SNAT to this node, so its reply comes back here to be translated. */
+        /* A backend reached through one of the node's own interfaces (those with an
+         * address in bpfp_ifaddr: the --interfaces) is on another node: SNAT to this node
+         * there, so its reply comes back here to be translated. A pod here (its veth or
+         * bridge) or the node itself (hostNetwork) gets the packet as it is. */
         __u32 out = route_out(skb, p->t.family, p->t.saddr, be.addr);
-        if (out == 0)
+        if (out == ROUTE_NONE)
                 return DROP(p, svc, refused);
-        int snat = out == skb->ingress_ifindex;
+        struct ifaddr_key ikey = { .ifindex = out, .family = p->t.family };
+        struct ifaddr_value *node = out == ROUTE_LOCAL ? NULL : bpfp_ifaddr.lookup(&ikey);
+        int snat = node != NULL;
         __u64 life = p->t.proto == IPPROTO_TCP ? BPFP_CT_SYN_TIMEOUT * NSEC
                                                 : BPFP_CT_UDP_TIMEOUT * NSEC;
         fwd.expires = rev.expires = now + life;
         struct ct_key rkey = {};
-        if (snat) {
-                struct ifaddr_key ikey = { .ifindex = out, .family = p->t.family };
-                struct ifaddr_value *node = bpfp_ifaddr.lookup(&ikey);
-                if (!node)
-                        return DROP(p, svc, refused);
+        if (node) {
                 __builtin_memcpy(fwd.saddr, node->addr, 16);
                 fwd.flags = rev.flags = BPFP_CT_SNAT;
                 rev.flags |= BPFP_CT_REPLY;
@@ -457,16 +463,36 @@ static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 n
         }
         if (!add)
                 return;
+        v->flags |= add & (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING);
         struct ct_key other = {};
         reply_key(&p->t, v, &other);
         struct ct_value *o = bpfp_ct.lookup(&other);
         if (!o)
                 return;
-        if ((add & BPFP_CT_FIN) && (o->flags & BPFP_CT_FIN))
+        if ((add & BPFP_CT_FIN) && (o->flags & BPFP_CT_FIN)) {
                 add |= BPFP_CT_CLOSING;
-        v->flags |= add & (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING);
+                v->flags |= BPFP_CT_CLOSING;
+        }
         o->flags |= add & (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING);
         o->expires = now + lifetime(p, o->flags);
+}
+
+/* An entry lives while packets use it. Its partner is refreshed too, at most every
+ * quarter of a lifetime: a one-way stream keeps its reply direction (and its SNAT port)
+ * alive, and the two entries of a flow expire together. */
+static __always_inline void keep_alive(struct pkt *p, struct ct_value *v, __u64 now)
+{
+        __u64 life = lifetime(p, v->flags);
+        v->expires = now + life;
+        __u32 seconds = now / NSEC;
+        if (seconds - v->partner_refreshed < life / NSEC / 4)
+                return;
+        v->partner_refreshed = seconds;
+        struct ct_key other = {};
+        reply_key(&p->t, v, &other);
+        struct ct_value *o = bpfp_ct.lookup(&other);
+        if (o)
+                o->expires = now + lifetime(p, o->flags);
 }
 
 /* --- entry points --------------------------------------------------------------------- */
@@ -475,19 +501,28 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
         struct pkt p = {};
         if (!parse(skb, &p))
-                return TC_ACT_OK;
+                return PASS;
         struct ct_value *v = bpfp_ct.lookup(&p.t);
         __u64 now = bpf_ktime_get_ns();
         if (v && v->expires < now) {
                 bpfp_ct.delete(&p.t);
                 v = NULL;
         }
+        /* a new connection on a tuple whose last one closed: balanced afresh */
+        if (v && ingress && (p.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN &&
+            (v->flags & (BPFP_CT_CLOSING | BPFP_CT_REPLY)) == BPFP_CT_CLOSING) {
+                struct ct_key other = {};
+                reply_key(&p.t, v, &other);
+                bpfp_ct.delete(&other);
+                bpfp_ct.delete(&p.t);
+                v = NULL;
+        }
         if (!v)
-                return ingress ? new_flow(skb, &p) : TC_ACT_OK;
+                return ingress ? new_flow(skb, &p) : PASS;
 
         if (p.t.proto == IPPROTO_TCP)
                 track_tcp(&p, v, now);
-        v->expires = now + lifetime(&p, v->flags);
+        keep_alive(&p, v, now);
         __u32 flags = v->flags;
         struct bpfp_delta d = { .packets = 1, .bytes = p.len };
         count_flow(&p, v, &d);
@@ -498,7 +533,7 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
                 /* both directions of a SNATed flow carry a node address as source or
                  * destination: route them out directly (see new_flow) */
                 __u32 out = route_out(skb, p.t.family, to.saddr, to.daddr);
-                if (out)
+                if (out != ROUTE_NONE && out != ROUTE_LOCAL)
                         return redirect_neigh(out, NULL, 0, 0);
         }
         return TC_ACT_OK;

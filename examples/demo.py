@@ -1,5 +1,6 @@
 """`make demo`: a lab node with three backend pods and a client, the real agent on
-examples/manifests, real TCP and UDP to a ClusterIP; then a scale-down followed live."""
+examples/manifests, real TCP and UDP to a ClusterIP; then a scale-down followed live. Then
+two nodes with an agent each and a client outside: NodePort through the TC programs."""
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from lab import Lab
+from lab import Lab, manifests
 from lab.agent_runner import AgentRunner
+from lab.cluster import Cluster
 
 EXAMPLES = Path(__file__).resolve().parent / "manifests"
 VIP = "10.96.0.10"
@@ -93,6 +95,8 @@ def main() -> int:
 
             say("\n$ bpfproxy services")
             say(agent.cli("services", "--api", agent.api).stdout.rstrip())
+            say("\n$ bpfproxy stats --name web")
+            say(agent.cli("stats", "--api", agent.api, "--name", "web").stdout.rstrip())
             agent.stop(signal.SIGTERM)
             after = client.tcp(VIP, 80, count=20)
             say(f"\nagent stopped (SIGTERM): programs and maps stay, "
@@ -101,8 +105,48 @@ def main() -> int:
             say(f"$ bpfproxy cleanup: removed {removed} pinned links and maps")
         ok = sum(tcp.answers.values()) == 300 and sum(udp.answers.values()) == 300 \
             and not any(a.startswith("backend-c") for a in tcp.answers)
-    say(f"\ndone in {time.monotonic() - started:.0f}s; lab removed")
+    ok = nodeport() and ok
+    say(f"\ndone in {time.monotonic() - started:.0f}s; labs removed")
     return 0 if ok else 1
+
+
+def nodeport() -> bool:
+    """Traffic from outside the nodes, through each node's TC programs."""
+    say("\n--- NodePort: two nodes, an agent on each, a client outside ---")
+    with Cluster("demonp") as cluster:
+        a, b = cluster.add_pod(1, "pod-a"), cluster.add_pod(2, "pod-b")
+        for pod in (a, b):
+            pod.start_server([8080], peer=True)   # answers with the client address it saw
+        directory = cluster.nodes[1].workdir / "np-manifests"
+        port = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+        endpoints = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        for name, node_port, policy, pods in (("web", 30080, "Cluster", (a, b)),
+                                              ("web-local", 30081, "Local", (a,))):
+            manifests.write(directory, f"{name}.yaml", manifests.service(
+                name, f"10.96.1.{node_port - 30000}", [{**port[0], "nodePort": node_port}],
+                service_type="NodePort", external_traffic_policy=policy),
+                manifests.endpoint_slice(name, [p.ip for p in pods], endpoints,
+                                         nodes={a.ip: "node1", b.ip: "node2"}))
+        cluster.start_agents(directory)
+        n1, n2 = cluster.node_ip(1), cluster.node_ip(2)
+        say(f"nodes {n1} (pod-a {a.ip}) and {n2} (pod-b {b.ip}); client "
+            f"{cluster.external.ip}, which has no route to any pod")
+        ok = True
+        for title, node, node_port in (("externalTrafficPolicy Cluster via node 1", n1, 30080),
+                                       ("externalTrafficPolicy Local via node 1", n1, 30081),
+                                       ("externalTrafficPolicy Local via node 2", n2, 30081)):
+            result = cluster.external.tcp(node, node_port, count=100, timeout=0.5)
+            say(f"\n{title} ({node}:{node_port}), 100 connections:")
+            for answer, n in sorted(result.answers.items()):
+                server, _, seen = answer.partition("@")
+                say(f"  {server.split(':')[0]:<8}{n:>4}  saw the client as {seen}")
+            if result.errors:
+                say(f"  failed  {sum(result.errors.values()):>4}  {dict(result.errors)}")
+            ok = ok and result.wrong_peer == 0
+        say("\n(Cluster: the remote backend sees node 1's address, SNAT brings its replies "
+            "back;\n Local: the client's own address, and node 2, with no local endpoint, "
+            "drops.)")
+        return ok
 
 
 if __name__ == "__main__":

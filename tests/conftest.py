@@ -47,7 +47,7 @@ def pytest_runtest_logreport(report):
     # Reliability rows (tests/reliability_report.py) say whether their test passed.
     if report.when == "call" or report.failed:
         from tests import reliability_report
-        reliability_report.outcome(report.nodeid, report.passed)
+        reliability_report.outcome(report)
 
 
 def pytest_sessionfinish(session, exitstatus):

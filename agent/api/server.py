@@ -1,63 +1,276 @@
-"""The gRPC status API: answers from the agent's applied state, never writes it.
+"""The gRPC status API (bpfproxy.v1.Agent, grpc.health.v1, reflection): read-only answers
+from the agent's applied state and the kernel inventory; never writes either.
 
-Listens on a unix socket (unix:///run/bpfproxy/api.sock) or host:port."""
+Listens on a unix socket (unix:///run/bpfproxy/api.sock, mode 0660) or host:port, with TLS
+(and client certificates) when given. Kernel reads and page building run in the API's
+own two threads, so no client can take the threads the sync loop writes the kernel with."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from agent.agent import AgentStatus
+from agent.agent import AgentStatus, AppliedServicePort
+from agent.api import queries
+from agent.api.events import Event, TooManySubscribers
 from agent.api.generated import agent_pb2, agent_pb2_grpc
+from agent.api.observed import Observed
+from agent.api.queries import Filter, InvalidRequest
+from agent.datapath.inventory import Counters
 
 log = logging.getLogger(__name__)
 
 DEFAULT_API = "unix:///run/bpfproxy/api.sock"
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+MAX_CONCURRENT_RPCS = 128      # beyond: RESOURCE_EXHAUSTED, not an unbounded backlog
 
 
-def service_ports_message(status: AgentStatus) -> list[agent_pb2.ServicePort]:
-    return [agent_pb2.ServicePort(
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path | None = None      # given: clients must present a certificate it signed
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.ca.read_bytes() if self.ca else None,
+            require_client_auth=self.ca is not None)
+
+
+# ---- messages --------------------------------------------------------------------------
+
+def service_port_message(sp: AppliedServicePort) -> agent_pb2.ServicePort:
+    return agent_pb2.ServicePort(
         namespace=sp.name.namespace, name=sp.name.name, port_name=sp.name.port_name,
-        protocol=sp.name.protocol.value,
+        protocol=sp.name.protocol.value, family=sp.family, type=queries.service_type(sp),
         frontends=[agent_pb2.Frontend(address=str(f.address), port=f.port, kind=kind)
                    for f, kind in sp.frontends],
         backends=[agent_pb2.Backend(address=str(b.address), port=b.port, state=state)
                   for b, state in sp.backends])
-        for sp in status.services]
 
+
+def service_ports_message(status: AgentStatus) -> list[agent_pb2.ServicePort]:
+    return [service_port_message(sp) for sp in status.services]
+
+
+def counters_message(c: Counters) -> agent_pb2.Counters:
+    return agent_pb2.Counters(connections=c.connections, packets=c.packets, bytes=c.bytes,
+                              refused=c.refused, dropped=c.dropped)
+
+
+def event_message(event: Event) -> agent_pb2.Event:
+    f = event.fields
+    return agent_pb2.Event(
+        time_unix=event.time_unix, kind=event.kind, message=str(f.get("message", "")),
+        duration_seconds=f.get("duration_seconds", 0.0), operations=f.get("operations", 0),
+        full=bool(f.get("full", False)),
+        event_to_kernel_seconds=f.get("event_to_kernel_seconds", 0.0),
+        service_ports=f.get("service_ports", 0), dropped_before=event.dropped_before)
+
+
+def _filter(request) -> Filter:
+    f = request.filter
+    return Filter.parse(f.namespace, f.name, f.address)
+
+
+# ---- the service -----------------------------------------------------------------------
 
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, status: AgentStatus) -> None:
-        self.status = status
+    def __init__(self, observed: Observed, executor: ThreadPoolExecutor) -> None:
+        self.observed = observed
+        self.executor = executor
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _refuse(self, context, exc: InvalidRequest, rpc: str):
+        self.observed.invalid_requests += 1
+        log.info("event=api_invalid_request rpc=%s error=%r", rpc, str(exc))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def GetStatus(self, request, context):
-        s = self.status
+        o, s = self.observed, self.observed.status
+        programs, maps = await self._in_thread(self._kernel_inventory)
         service_ports, frontends, backends = s.view.counts
         return agent_pb2.Status(
             synced=s.synced, node_name=s.node_name, service_ports=service_ports,
             frontends=frontends, backends=backends, last_sync_unix=s.last_sync_unix,
             syncs=s.syncs, sync_errors=s.sync_errors, source=s.source,
             last_event_to_kernel_seconds=s.last_event_to_kernel_seconds,
-            last_sync_seconds=s.last_sync_seconds, change_syncs=s.change_syncs)
+            last_sync_seconds=s.last_sync_seconds, change_syncs=s.change_syncs,
+            version=o.version, full_syncs=s.full_syncs, started_unix=o.started_unix,
+            source_state=agent_pb2.SourceState(kind=o.source_kind, location=o.source_location,
+                                               complete=o.source_complete),
+            programs=programs, maps=maps, errors=o.errors(),
+            pin_dir=str(o.inventory.pin_dir) if o.inventory else "")
+
+    def _kernel_inventory(self):
+        """Programs and maps; a failed read leaves its list empty (counted as kernel_read
+        by the inventory) so that status still answers."""
+        inv = self.observed.inventory
+        if inv is None:
+            return [], []
+        try:
+            programs = [agent_pb2.Program(name=a.name, hook=a.hook, target=a.target,
+                                          attached=a.attached, program_id=a.program_id)
+                        for a in inv.programs()]
+        except OSError:
+            programs = []
+        try:
+            maps = [agent_pb2.MapUsage(name=m.name, type=m.type, entries=m.entries,
+                                       max_entries=m.max_entries) for m in inv.maps()]
+        except OSError:
+            maps = []
+        return programs, maps
 
     async def ListServices(self, request, context):
-        return agent_pb2.ListServicesResponse(services=service_ports_message(self.status))
+        try:
+            flt, size = _filter(request), queries.page_size(request.page_size)
+            return await self._in_thread(self._services_page, flt, size, request.page_token)
+        except InvalidRequest as exc:
+            await self._refuse(context, exc, "ListServices")
+
+    def _services_page(self, flt: Filter, size: int, token: str):
+        ports, next_token = queries.select_services(self.observed.status.view, flt, size,
+                                                    token)
+        return agent_pb2.ListServicesResponse(
+            services=[service_port_message(sp) for sp in ports], next_page_token=next_token)
+
+    async def GetService(self, request, context):
+        try:
+            if not request.namespace or not request.name:
+                raise InvalidRequest("namespace and name are both required")
+            flt = Filter.parse(request.namespace, request.name)
+        except InvalidRequest as exc:
+            await self._refuse(context, exc, "GetService")
+            return
+        ports = [sp for sp in self.observed.status.services if flt.service(sp)]
+        if not ports:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"Service {request.namespace}/{request.name}: not in the "
+                                f"kernel (no such Service, or none of its ports is served)")
+        return agent_pb2.GetServiceResponse(
+            ports=[service_port_message(sp) for sp in sorted(ports, key=queries.service_key)])
+
+    async def ListBackends(self, request, context):
+        try:
+            flt, size = _filter(request), queries.page_size(request.page_size)
+            return await self._in_thread(self._backends_page, flt, size, request.page_token)
+        except InvalidRequest as exc:
+            await self._refuse(context, exc, "ListBackends")
+
+    def _backends_page(self, flt: Filter, size: int, token: str):
+        rows, next_token = queries.select_backends(self.observed.status.view, flt, size,
+                                                   token)
+        return agent_pb2.ListBackendsResponse(backends=[agent_pb2.BackendEntry(
+            namespace=sp.name.namespace, name=sp.name.name, port_name=sp.name.port_name,
+            protocol=sp.name.protocol.value, family=sp.family, address=str(b.address),
+            port=b.port, state=state) for sp, b, state in rows], next_page_token=next_token)
+
+    async def GetStats(self, request, context):
+        if self.observed.inventory is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no kernel counters here")
+        try:
+            flt, size = _filter(request), queries.page_size(request.page_size)
+            return await self._in_thread(self._stats_page, flt, size, request.page_token)
+        except InvalidRequest as exc:
+            await self._refuse(context, exc, "GetStats")
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"reading the counters map failed: {exc}")
+
+    def _stats_page(self, flt: Filter, size: int, token: str):
+        view = self.observed.status.view
+        ports, next_token = queries.select_services(view, flt, size, token)
+        rows = queries.port_stats(view, self.observed.inventory.stats(), ports)
+        return agent_pb2.GetStatsResponse(services=[agent_pb2.ServiceStats(
+            namespace=r.port.name.namespace, name=r.port.name.name,
+            port_name=r.port.name.port_name, protocol=r.port.name.protocol.value,
+            family=r.port.family, counters=counters_message(r.counters),
+            backends=[agent_pb2.BackendStats(address=str(b.address), port=b.port, state=state,
+                                             counters=counters_message(c))
+                      for b, state, c in r.backends]) for r in rows],
+            next_page_token=next_token)
+
+    async def WatchEvents(self, request, context):
+        try:
+            subscription = self.observed.hub.subscribe()
+        except TooManySubscribers as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            while True:
+                yield event_message(await subscription.next())
+        finally:
+            subscription.close()
 
 
-async def start(address: str, status: AgentStatus) -> grpc.aio.Server:
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(status), server)
-    if address.startswith("unix://"):
-        path = Path(address.removeprefix("unix://"))
+# ---- health ----------------------------------------------------------------------------
+
+def _health_tracker(observed: Observed, servicer: health.aio.HealthServicer):
+    """SERVING once the first sync is in the kernel; NOT_SERVING when the source failed."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def set_all(state) -> None:
+        for name in ("", SERVICE_NAME):
+            await servicer.set(name, state)
+
+    def on_event(event: Event) -> None:
+        if event.kind == "sync":
+            asyncio.get_running_loop().create_task(set_all(serving))
+        elif event.kind == "source_failed":
+            asyncio.get_running_loop().create_task(set_all(not_serving))
+
+    return set_all(serving if observed.status.synced else not_serving), on_event
+
+
+# ---- start -----------------------------------------------------------------------------
+
+def _unix_path(address: str) -> Path | None:
+    return Path(address.removeprefix("unix://")) if address.startswith("unix://") else None
+
+
+async def start(address: str, observed: Observed | AgentStatus,
+                tls: TlsFiles | None = None) -> grpc.aio.Server:
+    if isinstance(observed, AgentStatus):
+        observed = Observed(observed)
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api")
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(observed, executor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    initial, on_event = _health_tracker(observed, health_servicer)
+    await initial
+    observed.hub.listen(on_event)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    path = _unix_path(address)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             path.unlink()    # left by an agent that was killed; we own this path
-    if server.add_insecure_port(address) == 0:
+    elif tls is None:
+        log.warning("event=api_insecure address=%s hint=%r", address,
+                    "TCP without --api-tls-cert/--api-tls-key: anyone who reaches it reads "
+                    "the node's services")
+    try:
+        bound = server.add_secure_port(address, tls.credentials()) if tls else \
+            server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on --api {address}: {exc}") from exc
+    if bound == 0:
         raise OSError(f"cannot listen on --api {address}")
     await server.start()
-    if address.startswith("unix://"):
-        os.chmod(address.removeprefix("unix://"), 0o660)
-    log.info("event=api_listening address=%s", address)
+    if path is not None:
+        os.chmod(path, 0o660)
+    log.info("event=api_listening address=%s tls=%s client_certs=%s", address,
+             tls is not None, bool(tls and tls.ca))
     return server

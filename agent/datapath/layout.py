@@ -93,10 +93,11 @@ class CtValue(ctypes.Structure):
     _fields_ = [("saddr", Addr6), ("daddr", Addr6), ("sport", ctypes.c_uint16),
                 ("dport", ctypes.c_uint16), ("svc_id", ctypes.c_uint32),
                 ("expires", ctypes.c_uint64), ("flags", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+                ("partner_refreshed", ctypes.c_uint32)]
 
 
-CT_REPLY, CT_SNAT = 1, 2
+# bpf/maps.h BPFP_CT_*
+CT_REPLY, CT_SNAT, CT_CLOSING, CT_ESTABLISHED, CT_FIN = 1, 2, 4, 8, 16
 
 
 class IfaddrKey(ctypes.Structure):
@@ -126,7 +127,6 @@ class MaglevRow(ctypes.Structure):
     _fields_ = [("slot", ctypes.c_uint16 * MAGLEV_ROW)]
 
 
-SVC_F_SOURCE_RANGES, SVC_F_MAGLEV = 1, 2
 
 
 @dataclass(frozen=True)

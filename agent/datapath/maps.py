@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from agent.datapath import bpfsys, layout
@@ -229,12 +229,12 @@ class BpfServiceMaps:
              for k, v in self.slots4.items()),
             ((k.svc_id, k.slot, 6, BackendAddr(_from_addr6(v.addr), socket.ntohs(v.port)))
              for k, v in self.slots6.items()))
-        frontends = list(frontends)
-        family = {svc_id: f.address.version for f, svc_id, *_ in frontends}
+        frontends, slots = list(frontends), list(slots)
+        family = {svc_id: fam for svc_id, _, fam, _ in slots}
+        family.update({svc_id: f.address.version for f, svc_id, *_ in frontends})
         ranges: dict[int, list] = {}
         for k in bpfsys.map_keys(self.ranges.fd, layout.SrcrangeKey):
-            if k.svc_id in family:      # else a leftover: its frontends are gone
-                ranges.setdefault(k.svc_id, []).append(_range_of(k, family[k.svc_id]))
+            ranges.setdefault(k.svc_id, []).append(_range_of(k, family.get(k.svc_id)))
         return kernel_state(frontends, slots, ranges)
 
     # --- the TC path's maps ------------------------------------------------------------
@@ -270,20 +270,35 @@ class BpfServiceMaps:
         if gone:
             self.ifaddr.delete([layout.IfaddrKey(i, f) for i, f in gone])
 
+    def forget_counters(self, svc_ids: set[int]) -> int:
+        """Delete the counters of service ports that are gone: their ids are reused."""
+        stats = PinnedMap(self.pin_dir, layout.MAPS["bpfp_stats"])
+        try:
+            doomed = [layout.StatsKey.from_buffer_copy(k)
+                      for k in bpfsys.map_keys(stats.fd, layout.StatsKey) if k.svc_id in svc_ids]
+            if doomed:
+                stats.delete(doomed)
+            return len(doomed)
+        finally:
+            stats.close()
+
     def flows(self) -> Iterator[tuple[layout.CtKey, layout.CtValue]]:
         return self.ct.items()
 
-    def forget_flows(self, serves: Callable[[int, BackendAddr], bool]) -> int:
-        """Delete both entries of every tracked flow whose backend its service port no
-        longer has (serves(svc_id, backend) is False): its next packet picks anew, as
-        kube-proxy's conntrack cleanup makes it. Returns the entries deleted."""
+    def forget_flows(self, lost: dict[int, set[BackendAddr]]) -> int:
+        """Delete both entries of every tracked UDP flow whose service port lost its
+        backend ({svc_id: backends}): its next datagram picks anew, as kube-proxy's
+        conntrack cleanup makes it. Returns the entries deleted."""
         doomed = []
         for key, value in self.ct.items():
+            if key.proto != socket.IPPROTO_UDP or value.svc_id not in lost:
+                continue
             if value.flags & layout.CT_REPLY:
-                backend = _ct_addr(key.family, key.saddr), socket.ntohs(key.sport)
+                backend = BackendAddr(_ct_addr(key.family, key.saddr), socket.ntohs(key.sport))
             else:
-                backend = _ct_addr(key.family, value.daddr), socket.ntohs(value.dport)
-            if not serves(value.svc_id, BackendAddr(*backend)):
+                backend = BackendAddr(_ct_addr(key.family, value.daddr),
+                                      socket.ntohs(value.dport))
+            if backend in lost[value.svc_id]:
                 doomed.append(layout.CtKey.from_buffer_copy(key))
         if doomed:
             self.ct.delete(doomed)
@@ -338,9 +353,12 @@ def _range_key(svc_id: int, network: IPNetwork) -> layout.SrcrangeKey:
     return layout.SrcrangeKey(32 + network.prefixlen, svc_id, _addr16(network.network_address))
 
 
-def _range_of(key: layout.SrcrangeKey, family: int) -> IPNetwork:
-    """The key names no family: its svc_id's frontends do."""
+def _range_of(key: layout.SrcrangeKey, family: int | None) -> IPNetwork:
+    """The key names no family: its svc_id's frontends or slots do. Ranges left alone by
+    an interrupted delete have neither: IPv4 when the range fits in the first word."""
     raw = bytes(key.addr)
+    if family is None:
+        family = 4 if key.prefixlen - 32 <= 32 and raw[4:] == bytes(12) else 6
     if family == 4:
         return ipaddress.IPv4Network((raw[:4], key.prefixlen - 32))
     return ipaddress.IPv6Network((raw, key.prefixlen - 32))

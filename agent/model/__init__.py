@@ -33,10 +33,12 @@ def desired_state(services: Iterable[Service], slices: Iterable[EndpointSlice],
     node = node or _NO_NODE
     node_name, zone = node.node_name, node.zone
     node_port_ips = {4: node.node_port_ips(4), 6: node.node_port_ips(6)}
+    # kube-proxy's nodeIP of each family: the first one (source ranges' allowFromNode)
+    primary_ips = {ip.version: ip for ip in reversed(node.node_ips)}
     endpoints = endpoints_by_service_port(slices)
     state: DesiredState = {}
     for service in services:
-        for info in service_port_infos(service, node_port_ips):
+        for info in service_port_infos(service, node_port_ips, primary_ips):
             key = (info.name, info.family)
             group = endpoints.get(key, _NO_ENDPOINTS)
             internal_local, external_local = info.internal_policy_local, info.external_policy_local
@@ -55,5 +57,5 @@ def desired_state(services: Iterable[Service], slices: Iterable[EndpointSlice],
                 external = outside = ()
             state[key] = ServicePortState(
                 info.name, info.family, info.frontends, backends or (), external or (),
-                outside or (), info.session_affinity_timeout, has_any)
+                outside or (), info.session_affinity_timeout, has_any, info.source_ranges)
     return state

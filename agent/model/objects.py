@@ -14,6 +14,7 @@ from agent.model.types import (
     EndpointSlice,
     InvalidObject,
     IPAddress,
+    IPNetwork,
     LoadBalancerIngress,
     Node,
     NodeAddress,
@@ -249,7 +250,9 @@ def parse_service(d: dict) -> Service:
         internal_traffic_policy=_traffic_policy(where, spec, "internalTrafficPolicy"),
         external_traffic_policy=_traffic_policy(where, spec, "externalTrafficPolicy"),
         session_affinity_timeout=_session_affinity(where, spec),
-        excluded_by_label=excluded)
+        excluded_by_label=excluded,
+        load_balancer_source_ranges=_source_ranges(where, spec),
+        health_check_node_port=_health_check_node_port(where, spec))
 
 
 def _service_ports(where: _Where, raw_ports: list, service_type: str
@@ -355,8 +358,7 @@ def _external_ips(where: _Where, spec: dict) -> tuple[IPAddress, ...]:
         field = f"spec.externalIPs[{i}]"
         ip = where.address(value, field)
         # The API server's ValidateNonSpecialIP: these would capture the node's own traffic.
-        if ip.is_unspecified or ip.is_loopback or ip.is_link_local or \
-                (ip.is_multicast and ip in _LINK_LOCAL_MULTICAST[ip.version]):
+        if _special(ip):
             where.fail(field, f"{ip} is an unspecified, loopback or link-local address")
         ips.append(ip)
     return tuple(dict.fromkeys(ips))
@@ -364,6 +366,20 @@ def _external_ips(where: _Where, spec: dict) -> tuple[IPAddress, ...]:
 
 _LINK_LOCAL_MULTICAST = {4: ipaddress.ip_network("224.0.0.0/24"),
                          6: ipaddress.ip_network("ff02::/16")}
+
+
+def _special(ip: IPAddress) -> bool:
+    """What the API server's ValidateNonSpecialIP refuses for external IPs and endpoint
+    addresses: unspecified, loopback, link-local unicast and multicast (Go compares an
+    IPv4-mapped IPv6 address as its IPv4 address)."""
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        value = int(ip)   # an endpoint's hot path: integers, not ipaddress' network tests
+        return value == 0 or value >> 24 == 127 or value >> 16 == 0xA9FE or \
+            value >> 8 == 0xE00000
+    return ip.is_unspecified or ip.is_loopback or ip.is_link_local or \
+        ip in _LINK_LOCAL_MULTICAST[6]
 
 
 def _load_balancer_ingress(where: _Where, d: dict) -> tuple[LoadBalancerIngress, ...]:
@@ -395,6 +411,57 @@ def _traffic_policy(where: _Where, spec: dict, key: str) -> str:
     if policy not in TRAFFIC_POLICIES:
         where.fail(f"spec.{key}", f"{policy!r} is not one of Cluster, Local")
     return policy
+
+
+def _source_ranges(where: _Where, spec: dict) -> tuple[IPNetwork, ...]:
+    """spec.loadBalancerSourceRanges, space-trimmed (API validation lets padding through;
+    serviceport.go trims), host bits cleared as Go's ParseCIDR does. kube-proxy skips an
+    entry it cannot parse, which the API server never lets through; here it fails the
+    service, because skipping the only entry would open the service to every source.
+    Kept on any service type, as kube-proxy keeps them: only LoadBalancer IPs use them.
+    The deprecated annotation service.beta.kubernetes.io/load-balancer-source-ranges is
+    read by cloud providers only, never by kube-proxy, so it is not read here either."""
+    ranges = []
+    for i, value in enumerate(where.sequence(spec.get("loadBalancerSourceRanges"),
+                                             "spec.loadBalancerSourceRanges")):
+        field = f"spec.loadBalancerSourceRanges[{i}]"
+        if not isinstance(value, str):
+            where.fail(field, f"must be a CIDR string, got {_show(value)}")
+        network = parse_cidr(value.strip())
+        if network is None:
+            where.fail(field, f"{_show(value)} is not a CIDR such as 10.0.0.0/8")
+        ranges.append(network)
+    return tuple(dict.fromkeys(ranges))
+
+
+def parse_cidr(text: str) -> IPNetwork | None:
+    """What Go's net.ParseCIDR (k8s.io/utils ParseCIDRSloppy) accepts, else None: ADDR/BITS
+    with a decimal prefix length, IPv4 octets with leading zeros read as decimal."""
+    address, slash, bits = text.partition("/")
+    if not _decimal(bits) or "%" in address:      # no zone index either
+        return None
+    octets = address.split(".")
+    if ":" not in address and len(octets) == 4 and all(map(_decimal, octets)):
+        address = ".".join(str(int(o)) for o in octets)   # 010.1.2.3: sloppy, decimal
+    try:
+        return ipaddress.ip_network(f"{address}/{int(bits)}", strict=False)
+    except ValueError:
+        return None
+
+
+def _decimal(text: str) -> bool:
+    # Go's dtoi: ASCII digits, leading zeros allowed; bounded so int() stays cheap.
+    return text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 3
+
+
+def _health_check_node_port(where: _Where, spec: dict) -> int:
+    """spec.healthCheckNodePort, 0 when absent. Read on any service, as kube-proxy reads it;
+    the model uses it only for type LoadBalancer with externalTrafficPolicy Local
+    (apiservice.NeedsHealthCheck)."""
+    value = spec.get("healthCheckNodePort")
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return 0
+    return where.port(value, "spec.healthCheckNodePort")
 
 
 def _session_affinity(where: _Where, spec: dict) -> int:
@@ -492,6 +559,13 @@ def _endpoint(where: _Where, raw: Any, index: int, family: int | None) -> Endpoi
     else:
         addresses = tuple(where.address(v, f"endpoints[{index}].addresses[{i}]", family)
                           for i, v in enumerate(raw_addresses))
+    # ValidateNonSpecialIP, as the API server applies it to EndpointSlices: a backend at
+    # 127.0.0.1, 0.0.0.0 or 169.254.169.254 would send pods to their own or the node's
+    # local services. (Found by tests/unit/test_fuzz_objects.py.)
+    for i, ip in enumerate(addresses):
+        if _special(ip):
+            where.fail(f"endpoints[{index}].addresses[{i}]",
+                       f"{ip} is an unspecified, loopback or link-local address")
     # kube-proxy's defaults (endpointslicecache.go addEndpoints): an unset ready or serving
     # condition counts as true, an unset terminating as false.
     conditions = entry.get("conditions")

@@ -2,6 +2,7 @@
 frontends of every kind and its policies. Pure; mirrors serviceport.go, servicechangetracker.go."""
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ from agent.model.types import (
     Frontend,
     FrontendKind,
     IPAddress,
+    IPNetwork,
     Service,
     ServicePortName,
 )
@@ -31,6 +33,7 @@ class ServicePortInfo:
     internal_policy_local: bool
     external_policy_local: bool
     session_affinity_timeout: int
+    source_ranges: tuple[IPNetwork, ...] = ()     # ServicePortState.source_ranges
 
     @property
     def uses_cluster_endpoints(self) -> bool:
@@ -71,11 +74,13 @@ def external_policy_local(service: Service) -> bool:
         (service.type == "ClusterIP" and bool(service.external_ips))
 
 
-def service_port_infos(service: Service, node_port_ips: Mapping[int, tuple[IPAddress, ...]]
+def service_port_infos(service: Service, node_port_ips: Mapping[int, tuple[IPAddress, ...]],
+                       primary_node_ips: Mapping[int, IPAddress] | None = None
                        ) -> Iterator[ServicePortInfo]:
     """One ServicePortInfo per service port and cluster IP family (servicechangetracker.go
     serviceToServiceMap, run once per family). A service port is identified by name and
-    protocol, never by number (ServicePortName). node_port_ips: NodePort addresses by family."""
+    protocol, never by number (ServicePortName). node_port_ips: NodePort addresses by family;
+    primary_node_ips: this node's IP by family (kube-proxy's nodeIP, for source ranges)."""
     internal_local = service.internal_traffic_policy == "Local"
     external_local = external_policy_local(service)
     affinity = service.session_affinity_timeout
@@ -85,6 +90,8 @@ def service_port_infos(service: Service, node_port_ips: Mapping[int, tuple[IPAdd
         external_ips = [ip for ip in service.external_ips if ip.version == family]
         lb_vips = [i.ip for i in service.load_balancer_ingress
                    if i.ip_mode == "VIP" and i.ip.version == family]
+        ranges = source_ranges(service, family, lb_vips,
+                               (primary_node_ips or {}).get(family))
         node_ips = node_port_ips.get(family, ())
         for port in service.ports:
             name = ServicePortName(service.namespace, service.name, port.name, port.protocol)
@@ -104,7 +111,25 @@ def service_port_infos(service: Service, node_port_ips: Mapping[int, tuple[IPAdd
                 name, family, tuple(frontends),
                 externally_accessible=bool(port.node_port or external_ips or lb_vips),
                 internal_policy_local=internal_local, external_policy_local=external_local,
-                session_affinity_timeout=affinity)
+                session_affinity_timeout=affinity, source_ranges=ranges)
+
+
+_LOOPBACK = {4: ipaddress.ip_address("127.0.0.1"), 6: ipaddress.ip_address("::1")}
+
+
+def source_ranges(service: Service, family: int, lb_vips: list[IPAddress],
+                  node_ip: IPAddress | None) -> tuple[IPNetwork, ...]:
+    """The family's loadBalancerSourceRanges (serviceport.go newBaseServiceInfo), sorted and
+    de-duplicated; () when one of them is a /0 (IsZeroCIDR: "allow any"). When one contains
+    this node's IP, the VIPs join them (proxier.go allowFromNode); kube-proxy without a node
+    IP of the family assumes loopback."""
+    ranges = {r for r in service.load_balancer_source_ranges if r.version == family}
+    if not ranges or any(r.prefixlen == 0 for r in ranges):
+        return ()
+    node_ip = node_ip or _LOOPBACK[family]
+    if any(node_ip in r for r in ranges):
+        ranges.update(ipaddress.ip_network(vip) for vip in lb_vips)
+    return tuple(sorted(ranges, key=lambda r: (int(r.network_address), r.prefixlen)))
 
 
 def _first_claim_wins(frontends: list[Frontend]) -> list[Frontend]:

@@ -94,6 +94,9 @@ class Service:
     external_traffic_policy: str = "Cluster"                  # "Cluster" | "Local"
     session_affinity_timeout: int = 0     # seconds, 1..86400 with ClientIP; 0 = None
     excluded_by_label: str = ""   # SERVICE_PROXY_NAME_LABEL or HEADLESS_LABEL when present
+    # spec.loadBalancerSourceRanges, trimmed and parsed, both families, as written
+    load_balancer_source_ranges: tuple[IPNetwork, ...] = ()
+    health_check_node_port: int = 0       # spec.healthCheckNodePort; 0 = none
 
     @property
     def key(self) -> ObjectKey:
@@ -269,7 +272,18 @@ class ServicePortState:
     An empty set means no backend for that traffic. has_any_endpoints tells which of
     kube-proxy's verdicts that is: False -> nothing usable anywhere, REJECT (connection
     refused); True -> usable endpoints exist on other nodes but a Local policy excludes
-    them, which kube-proxy DROPs ("has no local endpoints")."""
+    them, which kube-proxy DROPs ("has no local endpoints").
+
+    source_ranges: the sources allowed to reach this port's LoadBalancer frontends, sorted
+    and de-duplicated, of this state's family; empty = no restriction. Any other source is
+    DROPped, whether it comes from outside, from a pod or from the node (kube-proxy's
+    firewall chain sits before DNAT for all of them). They apply to LoadBalancer frontends
+    only: "for loadbalancers which direct traffic to service NodePort, the firewall rules
+    will not apply", nor to ClusterIPs and ExternalIPs. When a range contains this node's
+    IP, the LoadBalancer IPs themselves are added as /32 (/128) ranges: a node reaching a
+    VIP that is also a local address arrives with the VIP as its source (iptables and
+    nftables proxier.go, allowFromNode). A /0 range means no restriction at all
+    (serviceport.go, IsZeroCIDR)."""
     name: ServicePortName
     family: int                         # 4 or 6
     frontends: tuple[Frontend, ...]     # every address of this port, sorted by sort_key
@@ -278,6 +292,7 @@ class ServicePortState:
     outside_backends: tuple[Backend, ...] = ()    # from outside the node, to an external one
     session_affinity_timeout: int = 0   # ClientIP affinity in seconds; 0 = no affinity
     has_any_endpoints: bool = False     # usable endpoints exist on some node
+    source_ranges: tuple[IPNetwork, ...] = ()     # allowed to LoadBalancer frontends; () = all
 
     def backends_for(self, kind: FrontendKind, from_outside: bool = False
                      ) -> tuple[Backend, ...]:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 DEFAULT_RESYNC_SECONDS = 30.0
+WAIT_FOR_DIRECTORY = 0.5          # seconds between looks for a directory not there yet
 # Kubernetes objects nest about ten deep. libyaml's composer recurses in C and kills the
 # process on deep input (~40k levels on an 8 MiB stack, fewer on a thread's), so deeper
 # files are refused before the composer sees them; 1000 is also Python's recursion limit.
@@ -69,8 +70,19 @@ class ManifestSource:
         self._touched: set[str] = set()              # names the watcher reported
 
     async def changes(self) -> AsyncIterator[list[ObjectChange]]:
-        if not self.directory.is_dir():
-            raise NotADirectoryError(f"manifest directory {self.directory} does not exist")
+        # Not there yet (a ConfigMap volume not mounted, a directory being provisioned):
+        # wait for it. The agent programs nothing before the first listing, so what the
+        # kernel holds from an earlier run keeps serving meanwhile.
+        waited = 0.0
+        while not self.directory.is_dir():
+            if waited == 0.0:
+                log.warning(_kv(event="source_unavailable", directory=self.directory,
+                                action="waiting"))
+            await asyncio.sleep(WAIT_FOR_DIRECTORY)
+            waited += WAIT_FOR_DIRECTORY
+        if waited:
+            log.info(_kv(event="source_available", directory=self.directory,
+                         waited_seconds=round(waited, 1)))
         wake, stop = asyncio.Event(), asyncio.Event()
         watcher = asyncio.create_task(self._watch(wake, stop))
         # awatch arms inotify before its first await: one turn of the loop, and no edit can

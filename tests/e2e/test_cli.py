@@ -24,7 +24,7 @@ def test_console_script_is_installed():
     assert Path(BPFPROXY).exists(), "make install must create .venv/bin/bpfproxy"
     done = run("--help")
     assert done.returncode == 0
-    for command in ("agent", "status", "services", "cleanup"):
+    for command in ("agent", "status", "services", "backends", "stats", "watch", "cleanup"):
         assert command in done.stdout
 
 
@@ -41,10 +41,32 @@ def test_every_documented_agent_flag_is_accepted():
         Path("/b")
 
 
-def test_kube_source_is_accepted_but_says_it_comes_later():
+def test_kube_source_with_a_missing_kubeconfig_fails_fast():
     done = run("agent", "--kubeconfig", "/nonexistent")
     assert done.returncode == 2
-    assert "later release" in done.stderr and "--manifests" in done.stderr
+    assert "--kubeconfig /nonexistent" in done.stderr
+
+
+def test_api_flags_and_outputs_are_accepted():
+    args = build_parser().parse_args([
+        "agent", "--manifests", "/tmp", "--api", "127.0.0.1:9443", "--api-tls-cert", "/c",
+        "--api-tls-key", "/k", "--api-tls-ca", "/ca"])
+    assert (args.api_tls_cert, args.api_tls_key, args.api_tls_ca) == \
+        (Path("/c"), Path("/k"), Path("/ca"))
+    defaults = build_parser().parse_args(["agent", "--manifests", "/tmp"])
+    assert (defaults.metrics, defaults.healthz) == ("127.0.0.1:10249", "0.0.0.0:10256")
+    for command in ("status", "services", "backends", "stats", "watch"):
+        for output in ("table", "json", "yaml"):
+            assert build_parser().parse_args([command, "-o", output]).output == output
+    assert build_parser().parse_args(["stats", "-n", "ns", "--name", "web", "--address",
+                                      "10.0.0.1"]).namespace == "ns"
+
+
+@pytest.mark.parametrize("command", ["services", "backends", "stats", "watch"])
+def test_api_commands_without_an_agent_exit_1(tmp_path, command):
+    done = run(command, "--api", f"unix://{tmp_path}/none.sock")
+    assert done.returncode == 1
+    assert "no agent answering" in done.stderr
 
 
 def test_status_without_an_agent_fails(tmp_path):

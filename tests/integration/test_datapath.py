@@ -145,7 +145,9 @@ def test_the_agents_ctypes_layouts_are_what_bcc_compiles(pin_dir):
     from agent.datapath import layout
     bpf = loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf
     assert set(layout.MAPS) == {f"bpfp_{kind}{family}" for kind in ("svc", "slot", "revnat")
-                                for family in (4, 6)} | {"bpfp_affinity", "bpfp_stats", "bpfp_ct", "bpfp_ifaddr", "bpfp_affinity_ext", "bpfp_srcrange", "bpfp_maglev"}
+                                for family in (4, 6)} | {
+        "bpfp_affinity", "bpfp_stats", "bpfp_ct", "bpfp_ifaddr", "bpfp_affinity_ext",
+        "bpfp_srcrange", "bpfp_maglev"}
     for name, spec in layout.MAPS.items():
         table = bpf[name.encode()]
         assert loader._fields(table.Key) == loader._fields(spec.key), name

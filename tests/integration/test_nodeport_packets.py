@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -188,3 +189,34 @@ def test_arp_and_icmp_echo_pass_untouched(node):
     assert ext_mac in neighbour, neighbour
     done = cluster.external.run([sys.executable, "-c", PING, n4, str(REPO)], timeout=10)
     assert "echo reply" in done.stdout, done.stderr
+
+
+# Lists our TC programs on eth0 of the namespace it runs in.
+TC_ATTACHED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from agent.datapath.inventory import tc_programs
+print(sum(a.attached for a in tc_programs(["eth0"])))
+"""
+
+
+def test_cleanup_detaches_the_tc_programs(tmp_path):
+    from lab.cluster import Cluster
+    with Cluster(f"pc{os.getpid() % 100000}", nodes=1) as cluster:
+        cluster.start_agents(tmp_path)
+        node = cluster.nodes[1]
+        count = node.node_run([sys.executable, "-c", TC_ATTACHED, str(REPO)], check=True)
+        assert count.stdout.strip() == "2"        # tcx ingress and egress
+        agent = cluster.agents[1]
+        agent.stop()
+        # programs stay attached without the agent: traffic from outside keeps flowing
+        count = node.node_run([sys.executable, "-c", TC_ATTACHED, str(REPO)], check=True)
+        assert count.stdout.strip() == "2"
+        assert agent.cleanup().returncode == 0
+        deadline = time.monotonic() + 5           # links are released asynchronously
+        while True:
+            count = node.node_run([sys.executable, "-c", TC_ATTACHED, str(REPO)], check=True)
+            if count.stdout.strip() == "0" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert count.stdout.strip() == "0"

@@ -122,12 +122,24 @@ def test_initial_listing_of_an_empty_directory_is_empty(tmp_path):
     assert run(first()) == []
 
 
-def test_missing_directory_fails_at_start(tmp_path):
-    async def first():
-        return await next_batch(ManifestSource(tmp_path / "absent").changes())
+def test_a_missing_directory_is_waited_for(tmp_path):
+    """Nothing is listed (so nothing programmed) until the directory appears."""
+    directory = tmp_path / "later"
 
-    with pytest.raises(NotADirectoryError, match="absent"):
-        run(first())
+    async def first():
+        changes = ManifestSource(directory).changes()
+        waiting = asyncio.ensure_future(next_batch(changes))
+        await asyncio.sleep(1.2)
+        assert not waiting.done()
+        directory.mkdir()
+        (directory / "svc.yaml").write_text(svc("web"))
+        try:
+            return await asyncio.wait_for(waiting, 5)
+        finally:
+            await changes.aclose()
+
+    batch = run(first())
+    assert [c.key.name for c in batch] == ["web"]
 
 
 # --- changes seen by the watcher (resync far away, so only inotify can notice) ----------

@@ -274,6 +274,9 @@ def flow(state, source: str, dest: str, port: int, protocol: str = "TCP") -> str
         for frontend in sps.frontends:
             if (frontend.address, frontend.port, frontend.protocol.value) == \
                     (ip(dest), port, protocol):
+                if frontend.kind is FrontendKind.LOAD_BALANCER and sps.source_ranges and \
+                        not any(ip(source) in r for r in sps.source_ranges):
+                    return "DROP"     # the firewall, before any endpoint is chosen
                 backends = sps.backends_for(frontend.kind, source in OUTSIDE_CLIENTS)
                 if not backends:
                     return "DROP" if sps.has_any_endpoints else "REJECT"
@@ -418,8 +421,6 @@ FLOWS = [
     Flow("TestClusterIPGeneral", "clusterIP with TCP, UDP, and SCTP on same port (SCTP)",
          "10.180.0.2", "172.30.0.42", 53, "10.180.0.1:53, 10.180.2.1:53", "SCTP"),
 
-    # Not mirrored: the LoadBalancerSourceRanges cases (blocked clients, pods blocked,
-    # SNATted-to-LB sources); the firewall is not part of this model yet.
     Flow("TestLoadBalancer", "pod to cluster IP", POD, "172.30.0.41", 80, "10.180.0.1:80"),
     Flow("TestLoadBalancer", "external to nodePort", OUTSIDE, NODE_IP, 3001, "10.180.0.1:80"),
     Flow("TestLoadBalancer", "nodePort bypasses LoadBalancerSourceRanges",
@@ -428,8 +429,22 @@ FLOWS = [
          "10.180.0.1:80"),
     Flow("TestLoadBalancer", "accepted external to LB2", OUTSIDE, "5.6.7.8", 80,
          "10.180.0.1:80"),
+    Flow("TestLoadBalancer", "blocked external to LB1", TEST_EXTERNAL_CLIENT_BLOCKED,
+         "1.2.3.4", 80, "DROP"),
+    Flow("TestLoadBalancer", "blocked external to LB2", TEST_EXTERNAL_CLIENT_BLOCKED,
+         "5.6.7.8", 80, "DROP"),
+    Flow("TestLoadBalancer", "pod to LB1 (blocked by LoadBalancerSourceRanges)", POD,
+         "1.2.3.4", 80, "DROP"),
+    Flow("TestLoadBalancer", "pod to LB2 (blocked by LoadBalancerSourceRanges)", POD,
+         "5.6.7.8", 80, "DROP"),
     Flow("TestLoadBalancer", "node to LB1 (allowed by LoadBalancerSourceRanges)", NODE_IP,
          "1.2.3.4", 80, "10.180.0.1:80"),
+    Flow("TestLoadBalancer", "node to LB2 (allowed by LoadBalancerSourceRanges)", NODE_IP,
+         "5.6.7.8", 80, "10.180.0.1:80"),
+    Flow("TestLoadBalancer", "same node to LB1, SNATted to LB1 (implicitly allowed)",
+         "1.2.3.4", "1.2.3.4", 80, "10.180.0.1:80"),
+    Flow("TestLoadBalancer", "same node to LB2, SNATted to LB2 (implicitly allowed)",
+         "5.6.7.8", "5.6.7.8", 80, "10.180.0.1:80"),
 
     *[Flow(f"TestNodePorts/{case}", name, source, dest, port, output)
       for case, v4, allow_alt in [("ipv4", True, False),
@@ -790,6 +805,59 @@ def test_service_to_service_map(name, service, want):
     assert frontends(desired_state([service], [], fake_node())) == want
 
 
+# --- loadBalancerSourceRanges: serviceport.go filtering, proxier.go allowFromNode ---------
+
+def lb_with_ranges(ranges, ingress=("1.2.3.4", "5.6.7.8"), cluster_ips=("172.30.0.41",)):
+    return make_service("ns1", "svc1", {
+        "type": "LoadBalancer", "clusterIP": cluster_ips[0], "clusterIPs": list(cluster_ips),
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3001}],
+        "loadBalancerSourceRanges": list(ranges)}, ingress=ingress)
+
+
+SOURCE_RANGE_CASES = [
+    # (name, service, node IPs, {family: ranges})
+    ("TestLoadBalancer: node IP inside a range lets the VIPs in as sources",
+     lb_with_ranges(["192.168.0.0/24", " 203.0.113.0/25"]), TEST_NODE_IPS,
+     {4: ["1.2.3.4/32", "5.6.7.8/32", "192.168.0.0/24", "203.0.113.0/25"]}),
+    ("node IP outside every range: the ranges alone",
+     lb_with_ranges(["203.0.113.0/25"]), TEST_NODE_IPS, {4: ["203.0.113.0/25"]}),
+    ("only the first node IP of the family counts (kube-proxy's nodeIP)",
+     lb_with_ranges(["192.168.1.0/24"]), TEST_NODE_IPS, {4: ["192.168.1.0/24"]}),
+    ("no node IP of the family: kube-proxy assumes loopback",
+     lb_with_ranges(["127.0.0.0/8"]), [TEST_NODE_IPV6],
+     {4: ["1.2.3.4/32", "5.6.7.8/32", "127.0.0.0/8"]}),
+    ("zero CIDR allows any source: no restriction",          # IsZeroCIDR
+     lb_with_ranges(["0.0.0.0/0", "203.0.113.0/25"]), TEST_NODE_IPS, {4: []}),
+    ("ipMode Proxy ingress is no VIP and never a source",
+     lb_with_ranges(["192.168.0.0/24"], ingress=[{"ip": "1.2.3.4", "ipMode": "Proxy"},
+                                                 "5.6.7.8"]), TEST_NODE_IPS,
+     {4: ["5.6.7.8/32", "192.168.0.0/24"]}),
+    ("sorted and de-duplicated, host bits cleared",
+     lb_with_ranges(["203.0.113.9/25", "10.0.0.0/8", "203.0.113.0/25", "10.0.0.0/16"]),
+     TEST_NODE_IPS, {4: ["10.0.0.0/8", "10.0.0.0/16", "203.0.113.0/25"]}),
+    ("dual-stack: each family keeps its own ranges; a /0 frees only its family",
+     lb_with_ranges(["::/0", "203.0.113.0/25", "2001:db8::/64", "192.168.0.0/16"],
+                    ingress=["1.2.3.4", "2001:db8:ff::4"],
+                    cluster_ips=("172.30.0.41", "fd00:172:30::41")), TEST_NODE_IPS,
+     {4: ["1.2.3.4/32", "192.168.0.0/16", "203.0.113.0/25"], 6: []}),
+    ("IPv6: the node's IPv6 address inside a range lets the IPv6 VIP in",
+     lb_with_ranges(["2001:db8::/64"], ingress=["1.2.3.4", "2001:db8:ff::4"],
+                    cluster_ips=("fd00:172:30::41",)), TEST_NODE_IPS,
+     {6: ["2001:db8::/64", "2001:db8:ff::4/128"]}),
+    ("no ranges: no restriction",
+     lb_with_ranges([]), TEST_NODE_IPS, {4: []}),
+]
+
+
+@pytest.mark.parametrize("name,service,node_ips,want", SOURCE_RANGE_CASES,
+                         ids=[c[0] for c in SOURCE_RANGE_CASES])
+def test_load_balancer_source_ranges(name, service, node_ips, want):
+    node = NodeContext(TEST_NODE_NAME, tuple(map(ip, node_ips)))
+    state = desired_state([service], [], node)
+    got = {family: [str(r) for r in sps.source_ranges] for (_, family), sps in state.items()}
+    assert got == want
+
+
 # --- nftables TestOverallNFTablesRules: every set of every service at once ---------------
 
 def test_overall_nftables_rules():
@@ -1083,6 +1151,10 @@ def service_dicts(draw):
         "sessionAffinity": st.sampled_from(["None", "ClientIP"]),
         "ipFamilies": st.just(["IPv6" if ":" in a else "IPv4" for a in ips if a != "None"]),
         "trafficDistribution": st.sampled_from(["PreferClose", "PreferSameNode"]),
+        "loadBalancerSourceRanges": st.lists(st.sampled_from(
+            ["10.0.0.0/8", " 192.168.0.0/16", "0.0.0.0/0", "2001:db8::/32", "::/0",
+             "192.168.99.11/32"]), max_size=3),
+        "healthCheckNodePort": st.sampled_from([0, 30000, 32767]),
     }
     for key, strategy in optional.items():
         value = maybe(draw, strategy)
@@ -1242,6 +1314,12 @@ def test_random_objects_never_break_the_model(world):
             assert sps.has_any_endpoints
         assert 0 <= sps.session_affinity_timeout <= 86400
         assert (sps.session_affinity_timeout > 0) == (service.session_affinity_timeout > 0)
+        assert all(r.version == family for r in sps.source_ranges)
+        assert list(sps.source_ranges) == sorted(set(sps.source_ranges), key=lambda r: (
+            int(r.network_address), r.prefixlen)), "sorted, de-duplicated"
+        assert all(r.prefixlen for r in sps.source_ranges), "a /0 means no restriction"
+        assert set(sps.source_ranges) <= set(service.load_balancer_source_ranges) | {
+            ipaddress.ip_network(i.ip) for i in service.load_balancer_ingress}
 
 
 json_values = st.recursive(

@@ -215,6 +215,37 @@ SERVICE_CASES = [
           edit(service_dict(), "metadata.labels", {HEADLESS_LABEL: None, "app": "web"}),
           Service("default", "web", "ClusterIP", (ip("10.96.0.10"),),
                   (ServicePort("", TCP, 80, 80),), excluded_by_label=HEADLESS_LABEL)),
+    # serviceport.go: trimmed (validation lets padding through), parsed as Go's sloppy
+    # ParseCIDR does; both families kept here, the model picks each state's own.
+    Valid("loadBalancerSourceRanges: trimmed, host bits cleared, duplicates dropped",
+          service_dict(type="LoadBalancer", loadBalancerSourceRanges=[
+              " 203.0.113.0/25", "192.168.0.7/24\t", "2001:db8::1/32", "203.0.113.0/25",
+              "010.000.0.0/8"]),
+          Service("default", "web", "LoadBalancer", (ip("10.96.0.10"),),
+                  (ServicePort("", TCP, 80, 80),),
+                  load_balancer_source_ranges=tuple(map(ipaddress.ip_network, [
+                      "203.0.113.0/25", "192.168.0.0/24", "2001:db8::/32", "10.0.0.0/8"])))),
+    Valid("loadBalancerSourceRanges kept on any type, as kube-proxy keeps them",
+          service_dict(loadBalancerSourceRanges=["0.0.0.0/1"]),
+          Service("default", "web", "ClusterIP", (ip("10.96.0.10"),),
+                  (ServicePort("", TCP, 80, 80),),
+                  load_balancer_source_ranges=(ipaddress.ip_network("0.0.0.0/1"),))),
+    Valid("the deprecated source-ranges annotation is not read (cloud providers only)",
+          edit(service_dict(type="LoadBalancer"), "metadata.annotations",
+               {"service.beta.kubernetes.io/load-balancer-source-ranges": "10.0.0.0/8"}),
+          Service("default", "web", "LoadBalancer", (ip("10.96.0.10"),),
+                  (ServicePort("", TCP, 80, 80),))),
+    Valid("healthCheckNodePort",
+          service_dict(type="LoadBalancer", externalTrafficPolicy="Local",
+                       healthCheckNodePort=32000),
+          Service("default", "web", "LoadBalancer", (ip("10.96.0.10"),),
+                  (ServicePort("", TCP, 80, 80),), external_traffic_policy="Local",
+                  health_check_node_port=32000)),
+    Valid("healthCheckNodePort 0: none allocated",
+          service_dict(type="LoadBalancer", externalTrafficPolicy="Local",
+                       healthCheckNodePort=0),
+          Service("default", "web", "LoadBalancer", (ip("10.96.0.10"),),
+                  (ServicePort("", TCP, 80, 80),), external_traffic_policy="Local")),
 ]
 
 
@@ -367,6 +398,21 @@ SERVICE_INVALID = [
     Invalid("service-proxy-name label not a string",
             edit(service_dict(), "metadata.labels", {SERVICE_PROXY_NAME_LABEL: 3}),
             f"metadata.labels[{SERVICE_PROXY_NAME_LABEL}]"),
+    # kube-proxy skips a range it cannot parse (the API server never lets one in); skipping
+    # the only range would open the service to everyone, so the service is refused.
+    *[Invalid(f"loadBalancerSourceRanges entry {value!r}",
+              service_dict(type="LoadBalancer",
+                           loadBalancerSourceRanges=["10.0.0.0/8", value]),
+              "spec.loadBalancerSourceRanges[1]")
+      for value in ["10.0.0.1", "10.0.0.0/33", "10.0.0.0/255.0.0.0", "fe80::1%eth0/64",
+                    "::/129", "", "web", 10, None]],
+    Invalid("loadBalancerSourceRanges not a list",
+            service_dict(loadBalancerSourceRanges="10.0.0.0/8"),
+            "spec.loadBalancerSourceRanges", "must be a list"),
+    *[Invalid(f"healthCheckNodePort {value!r}",
+              service_dict(type="LoadBalancer", externalTrafficPolicy="Local",
+                           healthCheckNodePort=value), "spec.healthCheckNodePort")
+      for value in [65536, -1, True, "32000"]],
 ]
 
 

@@ -1,0 +1,53 @@
+"""What the API, metrics and health read, in one place: the agent's status, its source,
+the kernel inventory and the event hub. Readers only; nothing here writes applied state."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from agent.agent import AgentStatus
+from agent.api.events import EventHub
+from agent.datapath.inventory import Inventory
+
+# error counters a source may keep (manifests: parse_errors, refused_files; kube: api_errors)
+SOURCE_COUNTERS = ("invalid_objects", "parse_errors", "refused_files", "api_errors")
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("bpfproxy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Observed:
+    status: AgentStatus
+    inventory: Inventory | None = None      # None: no kernel to read (unit tests)
+    hub: EventHub = field(default_factory=EventHub)
+    source: object | None = None            # .complete and the SOURCE_COUNTERS it has
+    source_kind: str = ""
+    source_location: str = ""
+    sync_period: float = 30.0               # health: a sync older than 2x this is stale
+    version: str = field(default_factory=agent_version)
+    started_unix: float = field(default_factory=time.time)
+    invalid_requests: int = 0               # API requests refused as malformed
+
+    @property
+    def source_complete(self) -> bool:
+        return bool(getattr(self.source, "complete", True))
+
+    def errors(self) -> dict[str, int]:
+        """Errors since start, by kind (GetStatus.errors, bpfproxy_errors_total)."""
+        out = {"sync": self.status.sync_errors,
+               "source": self.hub.errors.get("source_failed", 0),
+               "invalid_request": self.invalid_requests,
+               "events_dropped": self.hub.dropped,
+               "kernel_read": self.inventory.read_errors if self.inventory else 0,
+               "frontend_conflict": self.hub.errors.get("conflict", 0)}
+        for name in SOURCE_COUNTERS:
+            value = getattr(self.source, name, None)
+            if isinstance(value, int):
+                out[f"source_{name}"] = value
+        return out

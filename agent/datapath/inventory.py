@@ -1,0 +1,315 @@
+"""Read-only kernel reads for the API, metrics and health: pinned maps' occupancy, which of
+our programs are attached where, and the per-CPU counters summed. Never writes anything.
+
+Callers run these in a thread (each is one or a few bpf(2) calls per 4096 entries); an
+Inventory caches answers for a second so probes, scrapes and clients do not repeat work."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from agent.datapath import bpfsys, layout
+from agent.datapath.loader import SOCKET_PROGRAMS
+from agent.planner import BackendAddr
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 4096
+# our own handle, so these prototypes never clash with bpfsys's
+_libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+_libbpf.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
+                                   ctypes.POINTER(ctypes.c_uint32),
+                                   ctypes.POINTER(ctypes.c_uint32),
+                                   ctypes.POINTER(ctypes.c_uint32)]
+
+# enum bpf_map_type (uapi/linux/bpf.h), the ones a reader may meet
+MAP_TYPES = {1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
+             6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie",
+             12: "array_of_maps", 13: "hash_of_maps", 27: "ringbuf"}
+_PER_CPU = {5, 6, 10}
+# enum bpf_attach_type: tcx links (kernel 6.6+)
+_TCX_INGRESS, _TCX_EGRESS = 46, 47
+_TC_INGRESS_PARENT, _TC_EGRESS_PARENT = 0xFFFFFFF2, 0xFFFFFFF3   # clsact's two qdisc parents
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many values a per-CPU map lookup returns: one per possible CPU ("0-3,6")."""
+    count = 0
+    for part in Path(path).read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+# ---- maps ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class MapUsage:
+    name: str            # the pin name, e.g. bpfp_svc4_v1
+    type: str
+    entries: int
+    max_entries: int
+
+
+def _value_bytes(info: dict[str, int], cpus: int) -> int:
+    """What one entry's value takes in a lookup buffer (per-CPU: 8-aligned, times CPUs)."""
+    if info["type"] in _PER_CPU:
+        return (info["value_size"] + 7) // 8 * 8 * cpus
+    return info["value_size"]
+
+
+def iterate(fd: int, info: dict[str, int], cpus: int):
+    """(keys buffer, values buffer, count) per batch of a map, by BPF_MAP_LOOKUP_BATCH;
+    maps without batch lookup (arrays of maps, ...) raise OSError(EINVAL/ENOTSUPP)."""
+    key_size, value_size = info["key_size"], _value_bytes(info, cpus)
+    keys = ctypes.create_string_buffer(key_size * _CHUNK)
+    values = ctypes.create_string_buffer(max(value_size, 1) * _CHUNK)
+    # the kernel's generic batch lookup (arrays, LPM tries) writes a whole key as its
+    # position token; hash maps a u32
+    token = ctypes.create_string_buffer(max(8, key_size))
+    first = True
+    while True:
+        count, err = bpfsys.map_lookup_batch(fd, token, first, keys, values, _CHUNK)
+        if count:
+            yield keys, values, count
+        if err == errno.ENOENT:
+            return
+        if err:
+            raise OSError(err, f"reading map {info['id']}: {os.strerror(err)}")
+        first = False
+
+
+def count_entries(fd: int, info: dict[str, int], cpus: int) -> int:
+    if info["type"] in (2, 6):                 # arrays: every index exists
+        return info["max_entries"]
+    try:
+        return sum(count for _, _, count in iterate(fd, info, cpus))
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP):
+            raise
+    # no batch ops for this map type: walk the keys one by one
+    key = ctypes.create_string_buffer(info["key_size"])
+    following = ctypes.create_string_buffer(info["key_size"])
+    count, previous = 0, None
+    while _libbpf.bpf_map_get_next_key(fd, previous, following) == 0:
+        count += 1
+        ctypes.memmove(key, following, info["key_size"])
+        previous = key
+    return count
+
+
+def map_usage(pin_dir: Path) -> list[MapUsage]:
+    """Every map pinned under pin_dir (bpfp_*), with its entries counted now."""
+    cpus = possible_cpus()
+    usage = []
+    for pin in sorted(pin_dir.glob("bpfp_*")):
+        fd = bpfsys.obj_get(str(pin))
+        try:
+            info = bpfsys.map_info(fd)
+            usage.append(MapUsage(pin.name, MAP_TYPES.get(info["type"], str(info["type"])),
+                                  count_entries(fd, info, cpus), info["max_entries"]))
+        finally:
+            os.close(fd)
+    return usage
+
+
+# ---- counters --------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Counters:
+    """bpf/maps.h struct stats_value, summed over CPUs (and over svc_ids by callers)."""
+    connections: int = 0
+    packets: int = 0
+    bytes: int = 0
+    refused: int = 0
+    dropped: int = 0
+
+    def add(self, other: Counters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+# (svc_id, backend) -> counters; backend None: the service port's own entry
+StatsTable = dict[tuple[int, BackendAddr | None], Counters]
+
+
+def _stats_backend(key: layout.StatsKey) -> BackendAddr | None:
+    raw = bytes(key.addr)
+    if key.port == 0 and raw == bytes(16):
+        return None
+    address = ipaddress.ip_address(raw[:4] if key.family == 4 else raw)
+    return BackendAddr(address, socket.ntohs(key.port))
+
+
+def read_stats(pin_dir: Path) -> StatsTable:
+    """bpfp_stats (LRU per-CPU hash), each entry summed over the possible CPUs."""
+    spec = layout.MAPS["bpfp_stats"]
+    fd = bpfsys.obj_get(str(pin_dir / spec.pin))
+    try:
+        info = bpfsys.map_info(fd)
+        if (info["key_size"], info["value_size"]) != (ctypes.sizeof(spec.key),
+                                                      ctypes.sizeof(spec.value)):
+            raise OSError(errno.EINVAL, f"{spec.pin}: key/value {info['key_size']}/"
+                                        f"{info['value_size']} bytes, this agent reads "
+                                        f"{ctypes.sizeof(spec.key)}/{ctypes.sizeof(spec.value)}")
+        cpus = possible_cpus()
+        width = len(spec.value._fields_)
+        step = _value_bytes(info, cpus) // 8          # u64 words per entry
+        table: StatsTable = {}
+        for keys, values, count in iterate(fd, info, cpus):
+            key_array = (spec.key * count).from_buffer(keys)
+            words = memoryview(values).cast("B").cast("Q")
+            for i in range(count):
+                sums = [sum(words[i * step + cpu * width + f] for cpu in range(cpus))
+                        for f in range(width)]
+                entry = (key_array[i].svc_id, _stats_backend(key_array[i]))
+                table.setdefault(entry, Counters()).add(Counters(*sums))
+        return table
+    finally:
+        os.close(fd)
+
+
+# ---- programs --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    name: str            # function in bpf/*.c ("" when none of ours is where expected)
+    hook: str
+    target: str          # cgroup directory or interface
+    attached: bool
+    program_id: int = 0
+
+
+def socket_programs(cgroup_dir: Path) -> list[Attachment]:
+    """Each socket LB hook on the cgroup: attached (with its program id) or missing."""
+    out = []
+    for func, hook in SOCKET_PROGRAMS:
+        found = [pid for pid in bpfsys.cgroup_program_ids(str(cgroup_dir), hook)
+                 if bpfsys.program_name(pid) == func[:15]]   # the kernel keeps 15 chars
+        out.append(Attachment(func, hook.name, str(cgroup_dir), bool(found),
+                              found[0] if found else 0))
+    return out
+
+
+def _tcx_programs(ifname: str, ifindex: int) -> list[Attachment]:
+    out = []
+    for attach_type, direction in ((_TCX_INGRESS, "ingress"), (_TCX_EGRESS, "egress")):
+        ids = (ctypes.c_uint32 * 64)()
+        count, flags = ctypes.c_uint32(64), ctypes.c_uint32(0)
+        # for tcx the query's target is the interface index
+        if _libbpf.bpf_prog_query(ifindex, attach_type, 0, ctypes.byref(flags), ids,
+                                  ctypes.byref(count)) < 0:
+            continue                                   # no tcx on this kernel/interface
+        for pid in ids[:count.value]:
+            name = bpfsys.program_name(pid)
+            if name.startswith("bpfp_"):
+                out.append(Attachment(name, f"tcx {direction}", ifname, True, pid))
+    return out
+
+
+def _clsact_programs(ifname: str, ifindex: int) -> list[Attachment]:
+    from pyroute2 import IPRoute  # only the datapath imports pyroute2
+    out = []
+    with IPRoute() as ipr:
+        for parent, direction in ((_TC_INGRESS_PARENT, "ingress"),
+                                  (_TC_EGRESS_PARENT, "egress")):
+            try:
+                filters = ipr.get_filters(index=ifindex, parent=parent)
+            except Exception:          # no clsact qdisc: nothing attached that way
+                continue
+            for f in filters:
+                options = f.get_attr("TCA_OPTIONS")
+                if f.get_attr("TCA_KIND") != "bpf" or options is None:
+                    continue
+                name = (options.get_attr("TCA_BPF_NAME") or "").split(":")[0]
+                pid = options.get_attr("TCA_BPF_ID") or 0
+                if name.startswith("bpfp_"):
+                    out.append(Attachment(name, f"tc {direction}", ifname, True, pid))
+    return out
+
+
+def tc_programs(interfaces: Sequence[str]) -> list[Attachment]:
+    """Our TC programs (tcx links or clsact filters named bpfp_*) on each interface; an
+    interface with none of ours gives one Attachment(attached=False). The TC datapath
+    plugs in here: any attach style it picks is found by program name."""
+    out = []
+    for ifname in interfaces:
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+        except OSError:
+            out.append(Attachment("", "tc", ifname, False))
+            continue
+        found = _tcx_programs(ifname, ifindex) + _clsact_programs(ifname, ifindex)
+        out.extend(found or [Attachment("", "tc", ifname, False)])
+    return out
+
+
+# ---- the cached door -------------------------------------------------------------------
+
+class Inventory:
+    """The node's kernel state for readers; programs and maps cached for max_age seconds
+    (probes and scrapes come often). Thread-safe: the API reads in its threads, metrics
+    in its HTTP thread."""
+
+    def __init__(self, pin_dir: Path, cgroup_dir: Path, interfaces: Sequence[str] = (),
+                 max_age: float = 1.0, expect_tc: bool = False) -> None:
+        self.pin_dir = pin_dir
+        self.cgroup_dir = cgroup_dir
+        self.interfaces = tuple(interfaces)
+        self.expect_tc = expect_tc and bool(self.interfaces)
+        self.max_age = max_age
+        self.read_errors = 0
+        # one lock per kind: a health probe (programs) never waits behind a walk of every
+        # map's entries (maps), which takes long with full flow tables
+        self._locks = {"programs": threading.Lock(), "maps": threading.Lock()}
+        self._cache: dict[str, tuple[float, object]] = {}
+
+    def _cached(self, kind: str, read: Callable[[], object]):
+        with self._locks[kind]:
+            hit = self._cache.get(kind)
+            if hit is not None and time.monotonic() - hit[0] < self.max_age:
+                return hit[1]
+            try:
+                value = read()
+            except OSError as exc:
+                self.read_errors += 1
+                log.warning("event=kernel_read_failed what=%s error=%r", kind, str(exc))
+                raise
+            self._cache[kind] = (time.monotonic(), value)
+            return value
+
+    def programs(self) -> list[Attachment]:
+        return self._cached("programs", lambda: socket_programs(self.cgroup_dir)
+                            + (tc_programs(self.interfaces) if self.expect_tc else []))
+
+    def maps(self) -> list[MapUsage]:
+        return self._cached("maps", lambda: map_usage(self.pin_dir))
+
+    def stats(self) -> StatsTable:
+        """Never cached: whoever asks right after sending traffic must see it counted."""
+        try:
+            return read_stats(self.pin_dir)
+        except OSError as exc:
+            self.read_errors += 1
+            log.warning("event=kernel_read_failed what=stats error=%r", str(exc))
+            raise
+
+    def programs_attached(self) -> tuple[bool, str]:
+        """(all expected programs attached, what is missing) for health."""
+        try:
+            missing = [f"{a.name or 'bpfp_*'} at {a.hook} on {a.target}"
+                       for a in self.programs() if not a.attached]
+        except OSError as exc:
+            return False, f"cannot query programs: {exc}"
+        return not missing, ", ".join(missing)

@@ -1,0 +1,110 @@
+"""The agent process: loads the datapath, picks the source, starts the API, metrics and
+health servers around the Agent, and keeps the TC path's view of the node's interfaces
+current. agent/cli.py parses and checks the flags; this wires the rooms for them."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from agent.agent import Agent
+from agent.api import observe
+from agent.api.service_health import ServiceHealthServer
+from agent.datapath import loader
+from agent.datapath.config import DatapathConfig
+from agent.datapath.maps import BpfServiceMaps, LayoutError
+from agent.datapath.stale_sockets import udp_cleanup_for
+from agent.datapath.tc import interface_addresses
+from agent.model.types import NodeContext
+from agent.sources.manifests import ManifestSource
+
+log = logging.getLogger("agent")
+
+
+def find_cgroup2_mount() -> Path:
+    """cgroup v2 may be /sys/fs/cgroup or, in a hybrid layout, /sys/fs/cgroup/unified."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    raise SystemExit("bpfproxy: no cgroup v2 mount found in /proc/mounts; "
+                     "mount one (mount -t cgroup2 none /sys/fs/cgroup/unified)")
+
+
+async def serve(args) -> int:
+    """Run the agent for parsed command-line arguments (agent/cli.py checked them)."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Leave programs and pinned maps in place: traffic keeps flowing without us.
+        loop.add_signal_handler(sig, stopping.set)
+    cgroup = args.cgroup or find_cgroup2_mount()
+    config = DatapathConfig(
+        pin_dir=args.bpffs, interfaces=args.interface_names,
+        ct_max=args.conntrack_max, ct_tcp_timeout=round(args.conntrack_tcp_timeout),
+        ct_tcp_close_timeout=round(args.conntrack_tcp_close_timeout),
+        ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size)
+    try:
+        await loop.run_in_executor(None, loader.load_in_child, config, cgroup)
+        maps = BpfServiceMaps(config.pin_dir)
+        # pyroute2's synchronous API runs its own event loop: not on ours
+        addresses = await loop.run_in_executor(None, interface_addresses, config.interfaces,
+                                               args.node_ips)
+        maps.set_interface_addresses(addresses)
+    except (loader.DatapathError, LayoutError, OSError) as exc:
+        log.error("event=datapath_failed error=%r", str(exc))
+        return 1
+    if args.manifests is None:
+        from agent.sources.kube import KubeSource
+        source = KubeSource(args.api_client, args.node_name)
+        source_name = f"kube:{source.host}"
+    else:
+        source = ManifestSource(args.manifests)
+        source_name = f"manifests:{args.manifests}"
+    # healthCheckNodePorts: on the --node-ip addresses, else on all of them
+    health_checks = ServiceHealthServer(args.node_ips)
+    agent = Agent(source=source, maps=maps,
+                  min_sync_period=args.min_sync_period, sync_period=args.sync_period,
+                  node=NodeContext(args.node_name, args.node_ips, args.nodeport_cidrs),
+                  udp_cleanup=udp_cleanup_for(cgroup, maps),
+                  maglev_m=args.maglev_table_size if args.lb_algorithm == "maglev" else 0,
+                  flow_cleanup=maps.forget_flows if config.interfaces else None,
+                  service_health=health_checks.update)
+    agent.status.source = source_name
+    agent.status.node_name = args.node_name
+    try:
+        observers = await observe.start(args, agent, cgroup, source_name)
+    except (OSError, ValueError) as exc:
+        log.error("event=api_failed error=%r", str(exc))
+        return 1
+    stopper = asyncio.create_task(stopping.wait())
+    stopper.add_done_callback(lambda _: agent.stop())
+    refresher = asyncio.create_task(_refresh_interface_addresses(
+        maps, config.interfaces, args.node_ips, args.sync_period))
+    try:
+        code = await agent.run()
+    finally:
+        stopper.cancel()
+        refresher.cancel()
+        await observers.stop()
+        await health_checks.close()
+        log.info(
+            "event=agent_stopped programs=left_attached maps=left_pinned")
+    return code
+
+
+async def _refresh_interface_addresses(maps: BpfServiceMaps, interfaces: tuple[str, ...],
+                                       node_ips, period: float) -> None:
+    """A node address that changes (DHCP, a re-created interface) would leave SNATed flows
+    without a source: look again every sync period."""
+    loop = asyncio.get_running_loop()
+    while interfaces:
+        await asyncio.sleep(period)
+        try:
+            # pyroute2's synchronous API runs its own event loop: not on ours
+            addresses = await loop.run_in_executor(None, interface_addresses, interfaces,
+                                                   node_ips)
+            await loop.run_in_executor(None, maps.set_interface_addresses, addresses)
+        except Exception as exc:  # noqa: BLE001 -- the next period tries again
+            log.warning("event=interface_addresses_failed error=%r", str(exc))
