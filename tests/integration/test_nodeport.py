@@ -3,6 +3,7 @@ node: NodePort, ExternalIP and LoadBalancer addresses, both traffic policies, co
 source ranges, affinity, hairpin, over TCP and UDP, IPv4 and IPv6."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,7 +19,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 MODES = pytest.mark.parametrize("mode", ["tcp", "udp"])
 CLUSTER_IPS = {"web": ("10.96.0.10", "fd00:10:96::10"), "local": ("10.96.0.11", "fd00:10:96::11"),
-               "lb": ("10.96.0.12", "fd00:10:96::12"), "sticky": ("10.96.0.13", "fd00:10:96::13")}
+               "lb": ("10.96.0.12", "fd00:10:96::12"), "sticky": ("10.96.0.13", "fd00:10:96::13"),
+               "lblocal": ("10.96.0.15", "fd00:10:96::15")}
 LB_IPS = ("192.0.2.10", "2001:db8::10")          # the load balancer's addresses, routed to node 1
 EXTERNAL_IPS = ("192.0.2.20", "2001:db8::20")
 
@@ -80,6 +82,9 @@ def world(tmp_path_factory):
                       load_balancer_source_ranges=["172.30.0.100/32", "fd00:172:30::100/128"])
         write_service(directory, "sticky", [a, b], node_ports=(30083, 30056),
                       session_affinity_timeout=60)
+        write_service(directory, "lblocal", [a], service_type="LoadBalancer",
+                      node_ports=(30084, 30057), load_balancer_ingress=("192.0.2.30",),
+                      external_traffic_policy="Local", health_check_node_port=32100)
         for prefix, family in zip((*LB_IPS, *EXTERNAL_IPS), (4, 6, 4, 6), strict=True):
             route(cluster.external_netns, family, prefix, cluster.node_ip(1, family))
         cluster.start_agents(directory)
@@ -259,6 +264,9 @@ def test_a_flow_whose_backend_is_removed_moves_on(world, family):
     finally:
         write_service(directory, "sticky", [a, b], node_ports=(30083, 30056),
                       session_affinity_timeout=60)
+        write_service(directory, "lblocal", [a], service_type="LoadBalancer",
+                      node_ports=(30084, 30057), load_balancer_ingress=("192.0.2.30",),
+                      external_traffic_policy="Local", health_check_node_port=32100)
 
 
 def test_flow_lifetimes_follow_protocol_and_tcp_state(world):
@@ -340,3 +348,29 @@ def test_connections_to_a_terminating_backend_are_kept(world):
     assert {c["backend"] for c in conns} == {"a", "b"}, conns     # both were in use
     assert all(c["error"] is None and c["wrong_answers"] == 0 for c in conns), conns
     assert {c["backend"] for c in fresh["connections"]} == {"a"}, fresh
+
+
+# GET http://ADDR:PORT/ from the client; prints the status and the body.
+HTTP_GET = """
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(f"http://{sys.argv[1]}:{sys.argv[2]}/", timeout=3) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+"""
+
+
+@FAMILIES
+def test_health_check_node_port_tells_the_load_balancer_which_nodes_serve(world, family):
+    """externalTrafficPolicy Local: node 1 has the endpoint (200), node 2 none (503), as
+    kube-proxy's health check server answers a cloud load balancer."""
+    cluster, _, _, _ = world
+    answers = {}
+    for node in (1, 2):
+        address = cluster.node_ip(node, family)
+        host = f"[{address}]" if family == 6 else address
+        done = cluster.external.run([sys.executable, "-c", HTTP_GET, host, "32100"])
+        status, _, body = done.stdout.partition(" ")
+        answers[node] = (int(status), json.loads(body)["localEndpoints"])
+    assert answers == {1: (200, 1), 2: (503, 0)}
