@@ -132,11 +132,12 @@ def nodeport() -> bool:
         say(f"nodes {n1} (pod-a {a.ip}) and {n2} (pod-b {b.ip}); client "
             f"{cluster.external.ip}, which has no route to any pod")
         ok = True
-        for title, node, node_port in (("externalTrafficPolicy Cluster via node 1", n1, 30080),
-                                       ("externalTrafficPolicy Local via node 1", n1, 30081),
-                                       ("externalTrafficPolicy Local via node 2", n2, 30081)):
-            result = cluster.external.tcp(node, node_port, count=100, timeout=0.5)
-            say(f"\n{title} ({node}:{node_port}), 100 connections:")
+        for title, node, node_port, count in (
+                ("externalTrafficPolicy Cluster via node 1", n1, 30080, 100),
+                ("externalTrafficPolicy Local via node 1", n1, 30081, 100),
+                ("externalTrafficPolicy Local via node 2", n2, 30081, 5)):   # each times out
+            result = cluster.external.tcp(node, node_port, count=count, timeout=0.5)
+            say(f"\n{title} ({node}:{node_port}), {count} connections:")
             for answer, n in sorted(result.answers.items()):
                 server, _, seen = answer.partition("@")
                 say(f"  {server.split(':')[0]:<8}{n:>4}  saw the client as {seen}")
