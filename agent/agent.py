@@ -34,11 +34,13 @@ from agent.planner import (
     DeleteSlot,
     FrontendKey,
     KernelService,
+    MapFullError,
     Overlay,
     Plan,
     PutSlot,
     by_scope,
     commit,
+    map_usage,
     plan,
     plan_changes,
 )
@@ -125,6 +127,10 @@ class AgentStatus:
     last_event_to_kernel_seconds: float = 0.0
     full_syncs: int = 0                # syncs that recomputed everything (the rest: changes)
     change_syncs: int = 0              # syncs that carried changes from the source
+    # Services whose change does not fit the maps, "namespace/name" -> why; the kernel
+    # keeps what it had of them. services_refused counts each time one was refused.
+    refused: dict[str, str] = field(default_factory=dict)
+    services_refused: int = 0
 
     @property
     def services(self) -> tuple[AppliedServicePort, ...]:
@@ -176,6 +182,9 @@ class Agent:
         self._next_health: dict = {}       # computed with the sync in flight
         self._lost_flows: dict[int, set[BackendAddr]] = {}   # UDP flows to forget, next
         self._flow_task: asyncio.Future | None = None
+        self._capacity: dict[str, int] | None = None   # the maps' sizes; None: unbounded
+        self._full_maps: set[str] = set()  # refused an insert: budget what they took
+        self._clamps: dict[str, int] = {}  # map -> entries it took before refusing more
         self._listed = asyncio.Event()     # the source's first, complete listing arrived
         self._dirty = asyncio.Event()
         self._stop = asyncio.Event()
@@ -185,6 +194,7 @@ class Agent:
         exit code: 0 when stopped, 1 when the source ended on its own."""
         loop = asyncio.get_running_loop()
         self._applied = await loop.run_in_executor(None, self.maps.read_back)
+        self._capacity = self._read_capacity()
         log.info("event=adopted service_ports=%d", len(self._applied))
         watcher = asyncio.create_task(self._watch_source(), name="source")
         try:
@@ -290,6 +300,7 @@ class Agent:
         started = time.perf_counter()
         since, self._pending_since = self._pending_since, None
         dirty, self._changed = self._changed, set()
+        periodic = reread_kernel and not self._kernel_stale
         reread_kernel = reread_kernel or self._kernel_stale
         full = (reread_kernel or self._plan is None or not self.source.complete
                 or self._node_changed
@@ -299,6 +310,7 @@ class Agent:
             if reread_kernel:
                 self._applied = await loop.run_in_executor(None, self.maps.read_back)
                 self._kernel_stale = False
+                self._rebudget(periodic)
             # the model and the planner run in a thread on a snapshot of the objects: a
             # large sync takes seconds of CPU, and the API must answer meanwhile
             inputs = self._inputs(full, dirty)
@@ -311,6 +323,8 @@ class Agent:
                 await loop.run_in_executor(None, self.maps.apply, result.ops)
         except Exception as exc:
             self.status.sync_errors += 1
+            if isinstance(exc, MapFullError):      # the budget was wrong: lower it
+                self._full_maps.add(exc.map_name)
             log.error("event=sync_failed error=%r action=retry", str(exc),
                       exc_info=not isinstance(exc, OSError))
             # unknown what reached the kernel: the next sync re-reads it and replans all
@@ -338,6 +352,7 @@ class Agent:
         if self.service_health is not None:
             self._health_parts = self._next_health
             self._report_health()
+        self._report_refused(result)
         self.status.view = AppliedView(result.result, desired, result.ids,
                                        (len(result.result), len(result.owners),
                                         result.slot_total))
@@ -372,6 +387,60 @@ class Agent:
                                         self._still_served)
             task.add_done_callback(_log_cleanup)
         return True
+
+    def _read_capacity(self) -> dict[str, int] | None:
+        """The maps' sizes, when the datapath tells them (the planner budgets against)."""
+        reader = getattr(self.maps, "capacity", None)
+        if reader is None:
+            return None
+        try:
+            return dict(reader())
+        except Exception as exc:  # noqa: BLE001 -- keep the last sizes known
+            log.error("event=capacity_read_failed error=%r", str(exc))
+            return self._capacity
+
+    def _budget(self) -> dict[str, int] | None:
+        if self._capacity is None:
+            return None
+        return {m: min(n, self._clamps.get(m, n)) for m, n in self._capacity.items()}
+
+    def _rebudget(self, periodic: bool) -> None:
+        """After a kernel re-read: a map that refused an insert the planner counted room
+        for (a per-CPU counted hash map can refuse early; someone else wrote to it) is
+        budgeted at what it holds now; a periodic re-read tries the real sizes again."""
+        self._capacity = self._read_capacity()
+        if periodic:
+            self._clamps.clear()
+        if not self._full_maps:
+            return
+        held = map_usage(self._applied.values(), self.maglev_m)
+        for name in sorted(self._full_maps):
+            self._clamps[name] = held.get(name, 0)
+            log.warning("event=map_budget_lowered map=%s entries=%d max_entries=%s "
+                        "reason=%r", name, self._clamps[name],
+                        (self._capacity or {}).get(name, "unknown"),
+                        "the map refused an insert; services that do not fit are refused")
+        self._full_maps.clear()
+
+    def _report_refused(self, result: Plan) -> None:
+        """Log, count and tell each Service the maps refused, once, and when it goes in."""
+        refused = {f"{ns}/{name}": why for (ns, name), why in sorted(result.refused.items())}
+        for service, why in refused.items():
+            if service not in self.status.refused:
+                self.status.services_refused += 1
+                log.error("event=service_refused service=%s reason=%r action=%s", service,
+                          why, "kept as the kernel had it; retried every sync")
+                self._emit("service_refused", message=f"Service {service} refused: {why}; "
+                           f"the kernel keeps what it had of it", namespace=service.split(
+                               "/")[0], name=service.split("/", 1)[1], reason=why)
+        for service in self.status.refused.keys() - refused.keys():
+            log.info("event=service_accepted service=%s reason=%r", service,
+                     "room in the maps again, or its change went")
+        self.status.refused = refused
+        # room freed by this sync's deletions counts only once the kernel has them (they
+        # are written last): try the refused again at once rather than a period later
+        if refused and any(isinstance(op, (DeleteSlot, DeleteFrontend)) for op in result.ops):
+            self._dirty.set()
 
     def _emit(self, kind: str, **fields) -> None:
         """Tell on_event; an observer's failure is logged, never raised into the loop."""
@@ -473,7 +542,7 @@ class Agent:
         for key in desired:
             parts.setdefault((key[0].namespace, key[0].name), set()).add(key)
         result = plan(desired, self._applied, keep_unclaimed=incomplete,
-                      maglev_m=self.maglev_m)
+                      maglev_m=self.maglev_m, capacity=self._budget())
         return result, desired, {k: frozenset(v) for k, v in parts.items()}
 
     def _compute_changes(self, inputs):
@@ -493,7 +562,8 @@ class Agent:
                     changed.add(key)
             if part:
                 parts[name] = frozenset(part)
-        return plan_changes(desired, self._plan, changed, self.maglev_m), desired, parts
+        return plan_changes(desired, self._plan, changed, self.maglev_m,
+                            self._budget()), desired, parts
 
     def _servable(self, desired: DesiredState) -> DesiredState:
         """Only what the datapath can serve; the rest is logged once per service port."""

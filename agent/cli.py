@@ -17,6 +17,7 @@ from pathlib import Path
 from agent.datapath.config import DEFAULT_PIN_DIR
 
 DEFAULT_API = "unix:///run/bpfproxy/api.sock"
+MAX_MAP_ENTRIES = 1 << 30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="TCP flows expire this soon after FIN or RST")
     agent.add_argument("--conntrack-udp-timeout", type=float, default=60.0,
                        metavar="SECONDS", help="idle UDP flows expire after this")
+    # map sizes: a Service whose change would not fit is refused whole and kept as the
+    # kernel had it (event=service_refused); a map pinned earlier keeps its size
+    agent.add_argument("--max-frontends", type=int, default=262144, metavar="N",
+                       help="service address:port/protocol entries, per address family")
+    agent.add_argument("--max-backend-slots", type=int, default=2097152, metavar="N",
+                       help="backend slots over all service ports, per address family (a "
+                            "pod behind two service ports takes two)")
+    agent.add_argument("--max-source-ranges", type=int, default=65536, metavar="N",
+                       help="loadBalancerSourceRanges entries over all services")
+    agent.add_argument("--max-maglev-rows", type=int, default=1048576, metavar="N",
+                       help="Maglev table rows (32 entries each) over all service ports")
     agent.add_argument("--cgroup", type=Path, metavar="CGROUP2_DIR",
                        help="cgroup v2 directory the socket programs attach to "
                             "(default: the cgroup2 mount, i.e. every process)")
@@ -169,6 +181,10 @@ def _check_tc_flags(args) -> str:
                 f"{maglev.M_MIN} and {maglev.M_MAX}")
     if args.conntrack_max < 1024:
         return f"--conntrack-max {args.conntrack_max}: at least 1024"
+    for flag in ("max_frontends", "max_backend_slots", "max_source_ranges", "max_maglev_rows"):
+        value = getattr(args, flag)
+        if not 1 <= value <= MAX_MAP_ENTRIES:     # the kernel refuses larger hash maps
+            return f"--{flag.replace('_', '-')} {value}: must be 1 to {MAX_MAP_ENTRIES}"
     for flag in ("tcp_timeout", "tcp_close_timeout", "udp_timeout"):
         value = getattr(args, f"conntrack_{flag}")
         if not 1 <= value <= 7 * 86400:

@@ -159,6 +159,13 @@ FIELDS: dict[str, tuple[str, Converter]] = {
     "kubeconfig": ("kubeconfig", _path),
     "manifests": ("manifests", _path),
 }
+# map sizes (the agent's --max-* flags)
+MAPS_FIELDS: dict[str, tuple[str, Converter]] = {
+    "frontends": ("max_frontends", _positive_int),
+    "backendSlots": ("max_backend_slots", _positive_int),
+    "sourceRanges": ("max_source_ranges", _positive_int),
+    "maglevRows": ("max_maglev_rows", _positive_int),
+}
 CONNTRACK_FIELDS: dict[str, tuple[str, Converter]] = {
     "maxEntries": ("conntrack_max", _positive_int),
     "tcpTimeout": ("conntrack_tcp_timeout", _positive_seconds),
@@ -176,13 +183,16 @@ def parse(document: Any) -> dict[str, Any]:
         raise _fail("apiVersion", f"must be {API_VERSION}", document.get("apiVersion"))
     if document.get("kind") != KIND:
         raise _fail("kind", f"must be {KIND}", document.get("kind"))
-    values = _fields(document, FIELDS, "", skip=("apiVersion", "kind", "conntrack"))
-    conntrack = document.get("conntrack")
-    if conntrack is not None:
-        if not isinstance(conntrack, dict):
-            raise _fail("conntrack", "must be a mapping", "a list" if isinstance(
-                conntrack, list) else conntrack)
-        values.update(_fields(conntrack, CONNTRACK_FIELDS, "conntrack."))
+    sections = {"conntrack": CONNTRACK_FIELDS, "maps": MAPS_FIELDS}
+    values = _fields(document, FIELDS, "", skip=("apiVersion", "kind", *sections))
+    for section, known in sections.items():
+        mapping = document.get(section)
+        if mapping is None:
+            continue
+        if not isinstance(mapping, dict):
+            raise _fail(section, "must be a mapping", "a list" if isinstance(
+                mapping, list) else mapping)
+        values.update(_fields(mapping, known, f"{section}."))
     if "manifests" in values and "kubeconfig" in values:
         raise ConfigError("config: manifests, kubeconfig: give one source, not both")
     return values

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from agent import capabilities
 from agent.agent import Agent
 from agent.api import observe
 from agent.api.service_health import ServiceHealthServer
@@ -44,17 +46,23 @@ async def serve(args) -> int:
         pin_dir=args.bpffs, interfaces=args.interface_names,
         ct_max=args.conntrack_max, ct_tcp_timeout=round(args.conntrack_tcp_timeout),
         ct_tcp_close_timeout=round(args.conntrack_tcp_close_timeout),
-        ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size)
+        ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size,
+        max_frontends=args.max_frontends, max_slots=args.max_backend_slots,
+        max_source_ranges=args.max_source_ranges, max_maglev_rows=args.max_maglev_rows)
     try:
-        await loop.run_in_executor(None, loader.load_in_child, config, cgroup)
-        maps = BpfServiceMaps(config.pin_dir)
-        # pyroute2's synchronous API runs its own event loop: not on ours
-        addresses = await loop.run_in_executor(None, interface_addresses, config.interfaces,
-                                               args.node_ips)
+        # A thread that ends before the capability drop below: threads keep their own.
+        with ThreadPoolExecutor(1, thread_name_prefix="load") as loading:
+            await loop.run_in_executor(loading, loader.load_in_child, config, cgroup)
+            maps = BpfServiceMaps(config.pin_dir)
+            # pyroute2's synchronous API runs its own event loop: not on ours
+            addresses = await loop.run_in_executor(loading, interface_addresses,
+                                                   config.interfaces, args.node_ips)
         maps.set_interface_addresses(addresses)
     except (loader.DatapathError, LayoutError, OSError) as exc:
         log.error("event=datapath_failed error=%r", str(exc))
         return 1
+    # Loading and attaching are done (in the loader child): keep only what serving needs.
+    capabilities.drop_after_loading()
     if args.manifests is None:
         from agent.sources.kube import KubeSource
         source = KubeSource(args.api_client, args.node_name)

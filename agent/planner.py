@@ -5,6 +5,7 @@ before its slots; unchanged service ports produce no operations."""
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -137,10 +138,34 @@ class Plan:
     # UDP backends this plan takes out of a service port: connected sockets may still
     # point at them (agent/datapath/stale_sockets.py closes those)
     removed_udp: frozenset[BackendAddr] = frozenset()
+    # entries of result in each budgeted map (Capacity's keys), kept without a scan
+    usage: dict[str, int] = field(default_factory=dict)
+    # Services whose change did not fit the maps, (namespace, name) -> why: the kernel
+    # keeps what it had of them (nothing, when new). Their desired keys are retried by
+    # the next plan_changes, so they go in once room returns.
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    refused_keys: frozenset = frozenset()
+
+
+class MapFullError(RuntimeError):
+    """A map had no room for an insert (E2BIG, ENOSPC). The map writer raises it, naming
+    the map as Capacity does, so that the agent can budget below what the map took."""
+
+    def __init__(self, map_name: str, message: str) -> None:
+        super().__init__(message)
+        self.map_name = map_name
+
+
+# Entries each budgeted map holds at most, by its name in bpf/maps.h: "bpfp_svc4",
+# "bpfp_svc6" (frontends), "bpfp_slot4", "bpfp_slot6" (backend slots), "bpfp_srcrange",
+# "bpfp_maglev" (rows). The pinned maps' real max_entries; a map not named is unbounded.
+Capacity = Mapping[str, int]
+MAGLEV_ROW = 32         # Maglev table entries per bpfp_maglev row (bpf/maps.h)
 
 
 def plan(desired: DesiredState, applied: Mapping[int, KernelService],
-         keep_unclaimed: bool = False, maglev_m: int = 0) -> Plan:
+         keep_unclaimed: bool = False, maglev_m: int = 0,
+         capacity: Capacity | None = None) -> Plan:
     """The full plan. Backends first, then the frontend that points at them; on removal
     the frontend goes first. The phases are global, so the order also holds when a
     frontend moves from one service port to another within one sync.
@@ -149,12 +174,36 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
     it to; between new claimants the first by name wins (no flapping on restarts).
     keep_unclaimed: service ports in the kernel that nothing desired claims are kept, not
     deleted (the source's listing is incomplete, e.g. a manifest failed to parse).
-    maglev_m: Maglev table size for frontends of external kinds; 0: random choice."""
+    maglev_m: Maglev table size for frontends of external kinds; 0: random choice.
+    capacity: a Service whose change would overflow a map is refused whole (Plan.refused),
+    by name order; see _refusals."""
+    baseline = map_usage(applied.values(), maglev_m)
+    held: dict[tuple[str, str], str] = {}
+    while True:
+        p = _plan_all(desired, applied, keep_unclaimed, maglev_m, held)
+        if not capacity or _fits(baseline, p.usage, capacity):
+            return p
+        before = {f for s in applied.values() for f in s.frontends}
+        more = _refusals(_costs(p, applied, before.__contains__, maglev_m,
+                                {p.ids[k]: _service(k) for k in desired if k in p.ids}),
+                         baseline, capacity)
+        if more.keys() <= held.keys():
+            return p
+        held.update((k, v) for k, v in more.items() if k not in held)
+
+
+def _plan_all(desired: DesiredState, applied: Mapping[int, KernelService],
+              keep_unclaimed: bool, maglev_m: int, held: dict[tuple[str, str], str]) -> Plan:
+    """plan() with the Services in `held` left as the kernel holds them."""
     ids = _assign_ids(desired, applied)
     order = sorted(desired, key=_name_order)
     before = {f: s.svc_id for s in applied.values() for f in s.frontends}
     owners: dict[FrontendKey, int] = {}
     for key in order:                              # incumbents first
+        if _service(key) in held:                  # keeps every frontend it has
+            old = applied.get(ids[key])
+            owners.update(dict.fromkeys(old.frontends if old else (), ids[key]))
+            continue
         for f in desired[key].frontends:
             fkey = frontend_key(f, key)
             if before.get(fkey) == ids[key]:
@@ -162,8 +211,17 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
     conflicts: list[str] = []
     losers: dict[FrontendKey, set] = {}
     result: AppliedState = {}
+    refused_keys = set()
     for key in order:
         svc_id = ids[key]
+        if _service(key) in held:
+            refused_keys.add(key)
+            old = applied.get(svc_id)
+            if old is None:           # new: not served, and its id is not taken
+                del ids[key]
+            else:                     # as the kernel has it, an interrupted write repaired
+                result[svc_id] = replace(old, stray_slots=(), stale_frontends=frozenset())
+            continue
         frontends = _claim(key, desired[key], svc_id, owners, losers, conflicts)
         if frontends:     # else nothing can reach it: write no slots for it
             result[svc_id] = _entry(key, desired[key], svc_id, frontends,
@@ -179,7 +237,8 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
     return Plan(ops, result, ids, tuple(conflicts), owners,
                 {f: frozenset(k) for f, k in losers.items()},
                 sum(len(s.backends) for s in result.values()),
-                max((*applied, *result, 0)) + 1, removed)
+                max((*applied, *result, 0)) + 1, removed,
+                map_usage(result.values(), maglev_m), dict(held), frozenset(refused_keys))
 
 
 _GONE = object()
@@ -245,19 +304,39 @@ class Overlay(Mapping):
 def commit(p: Plan) -> Plan:
     """The plan with its overlays written into their bases (after the kernel took it)."""
     flat = [x.commit() if isinstance(x, Overlay) else x for x in (p.result, p.ids, p.owners)]
-    return Plan(p.ops, flat[0], flat[1], p.conflicts, flat[2], p.losers, p.slot_total,
-                p.next_id, p.removed_udp)
+    return replace(p, result=flat[0], ids=flat[1], owners=flat[2])
 
 
 def plan_changes(desired: Mapping, previous: Plan,
-                 changed: Iterable[tuple[ServicePortName, int]], maglev_m: int = 0) -> Plan:
+                 changed: Iterable[tuple[ServicePortName, int]], maglev_m: int = 0,
+                 capacity: Capacity | None = None) -> Plan:
     """The same operations as plan(), for the service ports in `changed` only (added,
     modified or removed since `previous`, whose result the kernel holds): the cost of a
     sync follows the change, not the cluster. Frontends keep their owners. The result
-    reads through to previous's; commit() it once the kernel holds it."""
+    reads through to previous's; commit() it once the kernel holds it. The ports of
+    Services previous refused are tried again; capacity as for plan()."""
+    changed = set(changed) | previous.refused_keys
+    held: dict[tuple[str, str], str] = {}
+    while True:
+        p, planned = _plan_changes(desired, previous, changed, maglev_m, held)
+        if not capacity or _fits(previous.usage, p.usage, capacity):
+            return p
+        more = _refusals(_costs(p, previous.result, previous.owners.__contains__, maglev_m,
+                                {p.ids[k]: _service(k) for k in planned if k in p.ids}),
+                         previous.usage, capacity)
+        if more.keys() <= held.keys():
+            return p
+        held.update((k, v) for k, v in more.items() if k not in held)
+
+
+def _plan_changes(desired: Mapping, previous: Plan, changed: set, maglev_m: int,
+                  held: dict[tuple[str, str], str]) -> tuple[Plan, list]:
+    """plan_changes() with the Services in `held` left as previous has them (their
+    removed ports excepted: a removal only frees room), and the keys it planned."""
     result, ids, owners = Overlay(previous.result), Overlay(previous.ids), \
         Overlay(previous.owners)
-    changed = sorted(set(changed), key=_name_order)
+    refused_keys = {k for k in changed if k in desired and _service(k) in held}
+    changed = sorted(set(changed) - refused_keys, key=_name_order)
     released: set[FrontendKey] = set()
     touched: set[int] = set()
     for key in changed:                            # removals free their frontends first
@@ -283,7 +362,8 @@ def plan_changes(desired: Mapping, previous: Plan,
     # A released frontend goes to a port that lost it earlier: re-plan those ports too.
     losers = {f: set(keys) for f, keys in previous.losers.items()}
     again = {k for f in released for k in losers.pop(f, ()) if k in desired}
-    changed = sorted(set(changed) | again, key=_name_order)
+    refused_keys.update(k for k in again if _service(k) in held)
+    changed = sorted((set(changed) | again) - refused_keys, key=_name_order)
     for f in list(losers):
         losers[f].difference_update(changed)
         if not losers[f]:
@@ -314,8 +394,91 @@ def plan_changes(desired: Mapping, previous: Plan,
     slot_total = previous.slot_total + sum(
         len(result[i].backends) if i in result else 0 for i in touched) - sum(
         len(previous.result[i].backends) if i in previous.result else 0 for i in touched)
+    usage = Counter(previous.usage)
+    usage.update(map_usage((result[i] for i in touched if i in result), maglev_m))
+    usage.subtract(map_usage((previous.result[i] for i in touched if i in previous.result),
+                          maglev_m))
     return Plan(ops, result, ids, tuple(conflicts), owners,
-                {f: frozenset(k) for f, k in losers.items()}, slot_total, next_id, removed)
+                {f: frozenset(k) for f, k in losers.items()}, slot_total, next_id, removed,
+                dict(usage), dict(held), frozenset(refused_keys)), changed
+
+
+# --- capacity: what a plan adds to each map, and which Services do not fit ------------
+
+def _service(key: tuple) -> tuple[str, str]:
+    return key[0].namespace, key[0].name
+
+
+def _maglev_rows(maglev_m: int) -> int:
+    return -(-(maglev_m or maglev.M_MAX) // MAGLEV_ROW)
+
+
+def map_usage(services: Iterable[KernelService], maglev_m: int) -> dict[str, int]:
+    """Entries the service ports take in each budgeted map."""
+    used: Counter = Counter()
+    for s in services:
+        used.update(f"bpfp_svc{f.address.version}" for f in s.frontends)
+        used[f"bpfp_slot{s.family}"] += len(s.backends) + len(s.stray_slots)
+        used["bpfp_srcrange"] += len(s.source_ranges)
+        if s.flags & SVC_F_MAGLEV:
+            used["bpfp_maglev"] += _maglev_rows(maglev_m)
+    return dict(used)
+
+
+def _fits(baseline: Mapping[str, int], usage: Mapping[str, int], capacity: Capacity) -> bool:
+    """Cheap and sure: every entry of the result written anew on top of what the kernel
+    holds (deletions come last, so a map peaks before them) still fits."""
+    return all(baseline.get(m, 0) + usage.get(m, 0) <= n for m, n in capacity.items())
+
+
+def _costs(p: Plan, applied: Mapping[int, KernelService], in_kernel, maglev_m: int,
+           service_of: Mapping[int, tuple[str, str]]) -> dict[tuple[str, str], Counter]:
+    """Entries each Service's writes add to each map: keys the kernel does not hold yet
+    (an update of a key it holds needs no room). Slots of kept entries add nothing."""
+    costs: dict[tuple[str, str], Counter] = {}
+    for op in p.ops:
+        svc_id = getattr(op, "svc_id", None)
+        if svc_id not in service_of:
+            continue
+        old = applied.get(svc_id)
+        if isinstance(op, PutSlot):
+            new = old is None or (op.slot >= len(old.backends)
+                                  and op.slot not in old.stray_slots)
+            entry = f"bpfp_slot{op.family}"
+        elif isinstance(op, PutFrontend):
+            new, entry = not in_kernel(op.frontend), f"bpfp_svc{op.frontend.address.version}"
+        elif isinstance(op, PutRange):
+            new, entry = old is None or op.network not in old.source_ranges, "bpfp_srcrange"
+        elif isinstance(op, PutMaglev):
+            new = old is None or not old.flags & SVC_F_MAGLEV
+            entry = "bpfp_maglev"
+        else:
+            continue
+        if new:
+            cost = costs.setdefault(service_of[svc_id], Counter())
+            cost[entry] += _maglev_rows(maglev_m) if entry == "bpfp_maglev" else 1
+    return costs
+
+
+def _refusals(costs: Mapping[tuple[str, str], Counter], baseline: Mapping[str, int],
+              capacity: Capacity) -> dict[tuple[str, str], str]:
+    """Services whose new entries do not fit beside the others', and why. By name: the
+    same Services stay refused sync after sync, and the first by name goes in when room
+    returns. Removals free room only once the kernel has them (they are written last)."""
+    room = {m: n - baseline.get(m, 0) for m, n in capacity.items()}
+    refused = {}
+    for service in sorted(costs):
+        cost = costs[service]
+        short = sorted(m for m, n in cost.items() if m in room and n > room[m])
+        if short:
+            refused[service] = "; ".join(
+                f"{m} full: {max(room[m], 0)} of {capacity[m]} entries free, the change "
+                f"needs {cost[m]}" for m in short)
+            continue
+        for m, n in cost.items():
+            if m in room:
+                room[m] -= n
+    return refused
 
 
 def _claim(key, state: ServicePortState, svc_id: int, owners, losers: dict,

@@ -12,6 +12,7 @@ apt_packages=(
     linux-headers-amd64              # headers BCC compiles against (see ensure_kernel_headers)
     python3-venv python3-dev gcc make
     iproute2 iptables nftables util-linux procps
+    bpftool                          # tests check with it that cleanup leaves nothing
 )
 
 log() { printf 'install: %s\n' "$*" >&2; }

@@ -4,10 +4,11 @@ It checks after every single operation what the kernel programs rely on: a front
 points at a missing backend slot."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from agent.model.types import Protocol
 from agent.planner import (
+    MAGLEV_ROW,
     SVC_F_MAGLEV,
     SVC_F_SOURCE_RANGES,
     AppliedState,
@@ -17,6 +18,7 @@ from agent.planner import (
     DeleteRange,
     DeleteSlot,
     FrontendKey,
+    MapFullError,
     MapOp,
     PutFrontend,
     PutMaglev,
@@ -31,8 +33,13 @@ class InvariantBroken(AssertionError):
 
 
 class FakeServiceMaps:
-    def __init__(self, families: frozenset[int] = frozenset({4, 6})) -> None:
+    def __init__(self, families: frozenset[int] = frozenset({4, 6}),
+                 sizes: Mapping[str, int] | None = None) -> None:
         self.families = families
+        # max entries by map name (planner.Capacity): an insert past it raises
+        # MapFullError, as the kernel's E2BIG does; updates of a held key always fit
+        self.sizes = dict(sizes or {})
+        self.peak: dict[str, int] = {}              # the most entries each map held
         # frontend -> (svc_id, count, name hash, affinity seconds, flags)
         self.frontends: dict[FrontendKey, tuple[int, int, int, int, int]] = {}
         self.ranges: set[tuple[int, object]] = set()        # (svc_id, network)
@@ -43,8 +50,45 @@ class FakeServiceMaps:
     def supports(self, family: int, protocol: Protocol) -> bool:
         return family in self.families
 
+    def capacity(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+    def entries(self) -> dict[str, int]:
+        """Entries in each map, named as planner.Capacity names them."""
+        used: dict[str, int] = {}
+        for f in self.frontends:
+            used[f"bpfp_svc{f.address.version}"] = used.get(f"bpfp_svc{f.address.version}",
+                                                            0) + 1
+        for family, _ in self.slots.values():
+            used[f"bpfp_slot{family}"] = used.get(f"bpfp_slot{family}", 0) + 1
+        used["bpfp_srcrange"] = len(self.ranges)
+        used["bpfp_maglev"] = sum(-(-len(t) // MAGLEV_ROW) for t in self.maglev.values())
+        return used
+
+    def _room_for(self, op: MapOp) -> None:
+        """MapFullError when op would add a key to a map already at its size."""
+        match op:
+            case PutSlot():
+                name, new = f"bpfp_slot{op.family}", (op.svc_id, op.slot) not in self.slots
+            case PutFrontend():
+                name = f"bpfp_svc{op.frontend.address.version}"
+                new = op.frontend not in self.frontends
+            case PutRange():
+                name, new = "bpfp_srcrange", (op.svc_id, op.network) not in self.ranges
+            case PutMaglev():
+                name, new = "bpfp_maglev", op.svc_id not in self.maglev
+            case _:
+                return
+        if not new or name not in self.sizes:
+            return
+        grows = -(-len(op.table) // MAGLEV_ROW) if isinstance(op, PutMaglev) else 1
+        if self.entries().get(name, 0) + grows > self.sizes[name]:
+            raise MapFullError(name, f"map {name} is full ({self.sizes[name]} entries)")
+
     def apply(self, ops: Sequence[MapOp]) -> None:
         for op in ops:
+            if self.sizes:
+                self._room_for(op)
             match op:
                 case PutSlot():
                     self.slots[(op.svc_id, op.slot)] = (op.family, op.backend)
@@ -65,6 +109,9 @@ class FakeServiceMaps:
                     self.frontends.pop(op.frontend, None)
             self.ops_applied += 1
             self.check(after=op)
+            if self.sizes:
+                for name, n in self.entries().items():
+                    self.peak[name] = max(self.peak.get(name, 0), n)
 
     def check(self, after: MapOp | None = None) -> None:
         for fkey, (svc_id, count, _, _, flags) in self.frontends.items():

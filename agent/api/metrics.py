@@ -58,6 +58,14 @@ class StateCollector(Collector):
                                 "in the kernel.", value=frontends)
         yield GaugeMetricFamily(f"{PREFIX}_backend_slots", "Backend slots in the kernel (a "
                                 "pod serving two service ports counts twice).", value=backends)
+        yield GaugeMetricFamily(f"{PREFIX}_services_refused", "Services whose change did "
+                                "not fit the maps, now.", value=len(s.refused))
+        refused = GaugeMetricFamily(f"{PREFIX}_service_refused", "1 for each Service whose "
+                                    "change did not fit the maps (the kernel keeps what it "
+                                    "had of it).", labels=["namespace", "service"])
+        for service in sorted(s.refused):
+            refused.add_metric(service.split("/", 1), 1)
+        yield refused
         errors = CounterMetricFamily(f"{PREFIX}_errors", "Errors since start, by kind.",
                                      labels=["kind"])
         for kind, count in sorted(o.errors().items()):

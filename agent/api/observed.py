@@ -45,7 +45,8 @@ class Observed:
                "invalid_request": self.invalid_requests,
                "events_dropped": self.hub.dropped,
                "kernel_read": self.inventory.read_errors if self.inventory else 0,
-               "frontend_conflict": self.hub.errors.get("conflict", 0)}
+               "frontend_conflict": self.hub.errors.get("conflict", 0),
+               "capacity": self.status.services_refused}
         for name in SOURCE_COUNTERS:
             value = getattr(self.source, name, None)
             if isinstance(value, int):

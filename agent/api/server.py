@@ -73,7 +73,8 @@ def event_message(event: Event) -> agent_pb2.Event:
         duration_seconds=f.get("duration_seconds", 0.0), operations=f.get("operations", 0),
         full=bool(f.get("full", False)),
         event_to_kernel_seconds=f.get("event_to_kernel_seconds", 0.0),
-        service_ports=f.get("service_ports", 0), dropped_before=event.dropped_before)
+        service_ports=f.get("service_ports", 0), dropped_before=event.dropped_before,
+        namespace=str(f.get("namespace", "")), name=str(f.get("name", "")))
 
 
 def _filter(request) -> Filter:
@@ -110,7 +111,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             source_state=agent_pb2.SourceState(kind=o.source_kind, location=o.source_location,
                                                complete=o.source_complete),
             programs=programs, maps=maps, errors=o.errors(),
-            pin_dir=str(o.inventory.pin_dir) if o.inventory else "")
+            pin_dir=str(o.inventory.pin_dir) if o.inventory else "",
+            refused_services=[agent_pb2.RefusedService(
+                namespace=service.split("/", 1)[0], name=service.split("/", 1)[1],
+                reason=reason) for service, reason in sorted(s.refused.items())])
 
     def _kernel_inventory(self):
         """Programs and maps; a failed read leaves its list empty (counted as kernel_read
@@ -254,7 +258,8 @@ async def start(address: str, observed: Observed | AgentStatus,
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     path = _unix_path(address)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # group-only, like the socket (a directory given to us, e.g. a hostPath, is kept)
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         if path.exists():
             path.unlink()    # left by an agent that was killed; we own this path
     elif tls is None:

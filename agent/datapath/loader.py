@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.datapath import bpfsys, layout
+from agent.datapath import bpfsys, layout, migrate
 from agent.datapath.bpfsys import AttachType
 from agent.datapath.config import DatapathConfig
 
@@ -73,11 +73,22 @@ def ensure_bpffs(pin_dir: Path) -> None:
     """bpffs is not mounted at boot on every machine; pins need it."""
     mounts = Path("/proc/mounts").read_text().split("\n")
     mounted = any(m.split(" ")[1:3] == ["/sys/fs/bpf", "bpf"] for m in mounts if m)
-    if not mounted and os.system("mount -t bpf bpf /sys/fs/bpf") != 0:
+    if not mounted and subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"],
+                                      check=False).returncode != 0:
         raise DatapathError("bpffs is not mounted at /sys/fs/bpf and mounting it failed; "
                             "run: mount -t bpf bpf /sys/fs/bpf")
-    pin_dir.mkdir(parents=True, exist_ok=True)
-    (pin_dir / "links").mkdir(exist_ok=True)
+    pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (pin_dir / "links").mkdir(mode=0o700, exist_ok=True)
+
+
+def restrict_pins(pin_dir: Path) -> None:
+    """Pins hand out the maps and links to whoever can open them: the agent's user only
+    (the kernel's 0600 default for pins depends on the umask; directories do not have it)."""
+    for directory in (pin_dir, pin_dir / "links"):
+        os.chmod(directory, 0o700)
+        for pin in directory.iterdir():
+            if not pin.is_dir():
+                os.chmod(pin, 0o600)
 
 
 def check_kernel_headers() -> None:
@@ -110,6 +121,17 @@ def compile_programs(config: DatapathConfig) -> LoadedDatapath:
         raise DatapathError(f"compiling {', '.join(PROGRAM_FILES)} failed: {exc}") from exc
     _check_pinned_layouts(bpf, config)
     return LoadedDatapath(bpf, config)
+
+
+def compile_carrying_maps(config: DatapathConfig) -> LoadedDatapath:
+    """compile_programs after a layout version change too: old maps whose layout this build
+    keeps are adopted as they are; the others are made anew, for migrate.fill."""
+    shared = migrate.share_unchanged(config.pin_dir)
+    loaded = compile_programs(config)
+    types = {table: loaded.bpf[table.encode()].ttype for table in shared}
+    if migrate.unshare_retyped(config.pin_dir, shared, types):
+        loaded = compile_programs(config)       # those maps are now made anew
+    return loaded
 
 
 def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
@@ -295,10 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     config = DatapathConfig.from_json(args.config)
     try:
-        loaded = compile_programs(config)
+        loaded = compile_carrying_maps(config)
+        carried = migrate.fill(config.pin_dir)      # before any new program runs
         attach_socket_programs(loaded, args.cgroup)
         attach_tc_programs(loaded, config.interfaces)
-    except (DatapathError, OSError) as exc:
+        migrate.finish(config.pin_dir, carried)     # every hook runs the new programs
+        restrict_pins(config.pin_dir)
+    except (DatapathError, migrate.MigrationError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -24,6 +24,7 @@ from agent.planner import (
     DeleteRange,
     DeleteSlot,
     FrontendKey,
+    MapFullError,
     MapOp,
     PutFrontend,
     PutMaglev,
@@ -38,8 +39,8 @@ _PROTOCOLS = {p.number: p for p in Protocol}
 _CHUNK = 4096
 
 
-class MapFullError(RuntimeError):
-    """A map has no room left: raise its size or shrink the cluster."""
+__all__ = ["BpfServiceMaps", "LayoutError", "MapFullError", "PinnedMap"]
+_FULL = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)     # what a full map answers an insert
 
 
 class LayoutError(RuntimeError):
@@ -92,9 +93,9 @@ class PinnedMap:
             k, v = keys[start:start + _CHUNK], values[start:start + _CHUNK]
             done, err = bpfsys.map_update_batch(self.fd, (self.spec.key * len(k))(*k),
                                                 (self.spec.value * len(v))(*v), len(k))
-            if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                raise MapFullError(f"map {self.spec.table} is full ({self.max_entries} "
-                                   f"entries): {os.strerror(err)}")
+            if err in _FULL:
+                raise MapFullError(self.spec.table, f"map {self.spec.table} is full "
+                                   f"({self.max_entries} entries): {os.strerror(err)}")
             if err:
                 raise OSError(err, f"updating {self.spec.table}: {os.strerror(err)}")
 
@@ -189,6 +190,13 @@ class BpfServiceMaps:
         """IPv4 and IPv6; TCP, UDP and SCTP."""
         return family in (4, 6)
 
+    def capacity(self) -> dict[str, int]:
+        """max_entries of the maps the planner budgets (planner.Capacity), as the kernel
+        reports them: a map pinned by an earlier agent keeps the size it was made with,
+        whatever the flags say now."""
+        pinned = (self.svc4, self.slots4, self.svc6, self.slots6, self.ranges, self.maglev)
+        return {m.spec.table: m.max_entries for m in pinned}
+
     def apply(self, ops: Sequence[MapOp]) -> None:
         """Ops are applied in their order; consecutive ops of one kind go in one batch per
         family (the two families' maps are independent of each other)."""
@@ -241,7 +249,14 @@ class BpfServiceMaps:
 
     def _put_ranges(self, ops: list[PutRange]) -> None:
         for o in ops:       # LPM tries take no batches
-            bpfsys.map_update(self.ranges.fd, _range_key(o.svc_id, o.network), ctypes.c_uint8(1))
+            try:
+                bpfsys.map_update(self.ranges.fd, _range_key(o.svc_id, o.network),
+                                  ctypes.c_uint8(1))
+            except OSError as exc:
+                if exc.errno not in _FULL:
+                    raise
+                raise MapFullError(self.ranges.spec.table, f"map {self.ranges.spec.table} "
+                                   f"is full ({self.ranges.max_entries} entries)") from exc
 
     def _delete_ranges(self, ops: list[DeleteRange]) -> None:
         for o in ops:       # already gone (an interrupted write) is fine

@@ -15,6 +15,7 @@ import pytest
 from lab import manifests, netns
 from lab import packets as pk
 from lab.processes import REPO_ROOT as REPO
+from tests import reliability_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -113,11 +114,19 @@ def test_malformed_and_foreign_packets_make_no_flow_and_no_kernel_noise(node):
     before = len(kernel_log_lines())
     _, _, bad = frames_for(cluster)
     send(cluster, list(bad.values()) * 3)
-    assert spoofed_flows(cluster) == []
+    flows = spoofed_flows(cluster)
     # and the service still answers
-    assert cluster.external.tcp(cluster.node_ip(1, 4), 30080, count=3).errors == {}
+    after = cluster.external.tcp(cluster.node_ip(1, 4), 30080, count=3)
     noise = [line for line in kernel_log_lines()[before:]
              if any(word in line for word in ("WARNING", "BUG", "bpf", "Oops"))]
+    reliability_report.record(
+        "6", "tc-malformed-packets",
+        f"{len(bad)} kinds of malformed or foreign frames ({', '.join(bad)}), 3 of each, "
+        "from a raw socket outside the node at its NodePorts; then real connections",
+        connections=after.total, failures=after.failed, frames=3 * len(bad),
+        flows_created=len(flows), kernel_warnings=len(noise))
+    assert flows == []
+    assert after.errors == {}
     assert noise == []
 
 
@@ -136,9 +145,16 @@ def test_random_bytes_after_an_ip_ethertype(node):
         frames.append(pk.ether(node_mac, ext_mac, ethertype, bytes(body)))
     before = len(kernel_log_lines())
     send(cluster, frames)
-    assert cluster.external.udp(cluster.node_ip(1, 4), 30053, count=3).errors == {}
+    after = cluster.external.udp(cluster.node_ip(1, 4), 30053, count=3)
     noise = [line for line in kernel_log_lines()[before:]
              if any(word in line for word in ("WARNING", "BUG", "Oops"))]
+    reliability_report.record(
+        "6", "tc-random-packets",
+        "400 frames of random bytes (0-120) behind an IPv4 or IPv6 ethertype, most with a "
+        "plausible version nibble, at the node's interface; then real datagrams",
+        connections=after.total, failures=after.failed, frames=len(frames),
+        kernel_warnings=len(noise))
+    assert after.errors == {}
     assert noise == []
 
 

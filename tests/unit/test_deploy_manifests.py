@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from agent import config
+from agent import capabilities, config
 from agent.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,14 @@ def test_the_daemonset_runs_on_every_node_and_never_leaves_one_without_a_proxy()
     assert {"operator": "Exists"} in pod["tolerations"]
     assert spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {
         "maxUnavailable": 1, "maxSurge": 0}}
-    assert container()["securityContext"] == {"privileged": True}
+    # privileged only the init container that mounts bpffs; the agent: capabilities
+    assert container()["securityContext"] == {"privileged": False, "capabilities": {
+        "drop": ["ALL"], "add": sorted(capabilities.name(c).removeprefix("CAP_")
+                                       for c in capabilities.CONTAINER_CAPABILITIES)}}
+    (mount_bpffs,) = pod["initContainers"]
+    assert mount_bpffs["securityContext"] == {"privileged": True}
+    assert mount_bpffs["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf",
+                                            "mountPropagation": "Bidirectional"}]
     assert pod["dnsPolicy"] == "Default"     # cluster DNS is a Service we have to serve first
 
 
@@ -120,7 +127,8 @@ def test_mounts_give_the_agent_what_its_config_names():
         return volumes[mounts[mount_path]["name"]]["hostPath"]["path"]
 
     assert host_path("/sys/fs/bpf") == "/sys/fs/bpf"
-    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+    # the init container mounted bpffs there (Bidirectional); the agent sees it
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
     assert Path(settings["bpffs"]).is_relative_to("/sys/fs/bpf")
     assert host_path(settings["cgroup"]) == "/sys/fs/cgroup"
     api_socket = Path(settings["api"].removeprefix("unix://"))

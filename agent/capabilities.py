@@ -1,0 +1,162 @@
+"""Linux capabilities of the agent: once the loader child has compiled, pinned and attached,
+the agent keeps only AGENT_CAPABILITIES (README "Security") and can never regain the others.
+
+capset(2) and the bounding set are per thread: drop_to() changes the calling thread and
+every thread it starts afterwards, so the agent calls it before any other thread exists
+and other_threads_with_more() checks that none escaped."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# <linux/capability.h>: the capabilities this module names
+CAP_DAC_OVERRIDE = 1
+CAP_SETPCAP = 8
+CAP_NET_BIND_SERVICE = 10
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_PERFMON = 38
+CAP_BPF = 39
+NAMES = {CAP_DAC_OVERRIDE: "CAP_DAC_OVERRIDE", CAP_SETPCAP: "CAP_SETPCAP",
+         CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE", CAP_NET_ADMIN: "CAP_NET_ADMIN",
+         CAP_NET_RAW: "CAP_NET_RAW", CAP_SYS_PTRACE: "CAP_SYS_PTRACE",
+         CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_SYS_RESOURCE: "CAP_SYS_RESOURCE",
+         CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
+
+# What the running agent needs, found by running it without each (tests/integration/
+# test_security.py); program loading and attaching happen before, in the loader child.
+AGENT_CAPABILITIES = frozenset({
+    CAP_SYS_ADMIN,    # setns() into pods' network namespaces; and bpf(2) on the pinned maps
+                      # and program/link lookups by id (bpf_capable(): CAP_BPF adds nothing)
+    CAP_NET_ADMIN,    # SOCK_DESTROY of stale UDP sockets (sock_diag checks it, not SYS_ADMIN)
+    CAP_SYS_PTRACE,   # /proc/<pid>/ns/net of pod processes (other users, or more caps)
+})
+# What the container needs at start (manifests/daemonset.yaml): the loader child compiles,
+# loads and attaches with CAP_SYS_ADMIN (which also covers CAP_BPF, CAP_NET_ADMIN's attach
+# checks and CAP_PERFMON's verifier checks on Linux 5.8+); CAP_SETPCAP lets the agent empty
+# its bounding set when it drops.
+CONTAINER_CAPABILITIES = AGENT_CAPABILITIES | {CAP_SETPCAP}
+
+_PR_CAPBSET_READ = 23
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+def name(cap: int) -> str:
+    return NAMES.get(cap, f"cap{cap}")
+
+
+def names(caps) -> str:
+    return ",".join(name(c) for c in sorted(caps)) or "none"
+
+
+def last_cap() -> int:
+    return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+
+
+def from_mask(mask: int) -> frozenset[int]:
+    return frozenset(bit for bit in range(64) if mask >> bit & 1)
+
+
+def of_task(status_path: str | Path = "/proc/thread-self/status",
+            field: str = "CapEff") -> frozenset[int]:
+    """One set (CapEff, CapPrm, CapInh, CapBnd, CapAmb) of a task, from its status file."""
+    for line in Path(status_path).read_text().splitlines():
+        if line.startswith(field + ":"):
+            return from_mask(int(line.split()[1], 16))
+    raise ValueError(f"{status_path}: no {field} line")
+
+
+def _prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
+    ret = _libc.prctl(option, arg, arg3, 0, 0)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}, {arg}): {os.strerror(err)}")
+    return ret
+
+
+def _mask_words(caps) -> tuple[int, int]:
+    mask = sum(1 << c for c in caps)
+    return mask & 0xFFFFFFFF, mask >> 32
+
+
+def drop_to(keep) -> frozenset[int]:
+    """Keep at most `keep` in this thread (and the threads it starts later): the others
+    leave the effective, permitted, inheritable, ambient and bounding sets, and no exec can
+    bring them back. Never adds one. Returns the effective set now."""
+    keep = frozenset(keep)
+    permitted = of_task(field="CapPrm")
+    bounding = of_task(field="CapBnd")
+    if CAP_SETPCAP in of_task(field="CapEff"):
+        for cap in sorted(bounding - keep):
+            _prctl(_PR_CAPBSET_DROP, cap)
+    elif bounding - keep:
+        # a root child's exec would regain the bounding set; no_new_privs below still caps
+        # it at what we keep
+        log.warning("event=capabilities_bounding_kept reason=no_CAP_SETPCAP caps=%s",
+                    names(bounding - keep))
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    low, high = _mask_words(permitted & keep)
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)(_Data(low, low, 0), _Data(high, high, 0))
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    return of_task()
+
+
+def other_threads_with_more(allowed) -> dict[int, frozenset[int]]:
+    """Threads of this process whose effective set exceeds `allowed` (tid -> the extra)."""
+    extra = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            caps = of_task(task / "status")
+        except (OSError, ValueError):
+            continue       # the thread ended meanwhile
+        if caps - frozenset(allowed):
+            extra[int(task.name)] = caps - frozenset(allowed)
+    return extra
+
+
+def drop_after_loading() -> None:
+    """The agent's drop: log what it keeps; a thread that kept more is logged, not fatal."""
+    try:
+        before = of_task()
+        now = drop_to(AGENT_CAPABILITIES)
+    except OSError as exc:
+        log.error("event=capabilities_drop_failed error=%r action=keeping_all", str(exc))
+        return
+    missing = AGENT_CAPABILITIES - now
+    log.info("event=capabilities_dropped kept=%s dropped=%d", names(now), len(before - now))
+    if missing:
+        log.warning("event=capabilities_missing caps=%s hint=%r", names(missing),
+                    "the agent was started without them: stale UDP socket cleanup or map "
+                    "writes may fail")
+    leaked = other_threads_with_more(now)
+    if leaked:
+        log.warning("event=capabilities_thread_kept threads=%s", sorted(leaked))

@@ -1,0 +1,308 @@
+"""Restart and upgrade without loss (issue 9, point 1): while pods open hundreds of TCP and
+UDP connections a second to several services, the agent is SIGKILLed and started again,
+and replaced by a build whose map layout changed (version 2: struct svc_value grew a
+field). No connection fails, none reaches another service's backends, and no answer shows
+an address other than the service's.
+
+The version-2 build is a copy of agent/ and bpf/ with maps.h and layout.py changed, as a
+real upgrade ships both; it runs from its own directory (`python -m` puts that first on
+sys.path)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.datapath import btf, layout, loader, migrate
+from agent.datapath.config import DatapathConfig
+from lab import manifests
+from lab.agent_runner import BPFPROXY, AgentRunner
+from tests import reliability_report
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICES = ("alpha", "beta", "gamma")
+VIPS = {name: f"10.96.9.{10 + i}" for i, name in enumerate(SERVICES)}
+PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+         {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]
+SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"},
+               {"name": "dns", "port": 5353, "protocol": "UDP"}]
+GROWN_FIELD = "generation"
+
+
+def build_v2(into: Path, grow: tuple[tuple[str, str], ...] = (("svc_value", "SvcValue"),)
+             ) -> Path:
+    """A copy of this build with layout version 2: pins named _v2, and each struct in grow
+    (C name, layout.py name) one field longer, in C and in Python. By default svc_value: the
+    map every connection to a service reads."""
+    shutil.copytree(REPO / "agent", into / "agent",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "bpf", into / "bpf")
+    _rewrite(into / "bpf" / "maps.h", [
+        (r"#define BPFP_MAPS_VERSION 1\b", "#define BPFP_MAPS_VERSION 2", 1),
+        (r'_v1"\)', '_v2")', None),
+        *((rf"(struct {c_name} \{{.*?)\n\}};",
+           rf"\1\n        __u64 {GROWN_FIELD};       /* version 2 */\n}};", 1)
+          for c_name, _ in grow)])
+    _rewrite(into / "agent" / "datapath" / "layout.py", [
+        (r'_v1"', '_v2"', None),
+        *((rf"(class {py_name}\(ctypes.Structure\):\n    _fields_ = \[.*?\))\]\n",
+           rf'\1, ("{GROWN_FIELD}", ctypes.c_uint64)]\n', 1) for _, py_name in grow)])
+    return into
+
+
+def _rewrite(path: Path, edits: list[tuple[str, str, int | None]]) -> None:
+    text = path.read_text()
+    for pattern, replacement, expected in edits:
+        text, count = re.subn(pattern, replacement, text, flags=re.S)
+        assert count and (expected is None or count == expected), \
+            f"{path.name}: {pattern!r} matched {count} times; update build_v2"
+    path.write_text(text)
+
+
+class BuildRunner(AgentRunner):
+    """The agent of another build, run from that build's directory."""
+
+    def __init__(self, *args, build: Path, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.build = build
+
+    def start(self, wait: float = 60.0) -> None:
+        with open(self.log_path, "a") as log:
+            self.process = self.lab.processes.start(
+                [*BPFPROXY, "agent", "--manifests", str(self.manifests), "--cgroup",
+                 str(self.lab.cgroup), "--bpffs", str(self.bpffs), "--api", self.api,
+                 "--node-name", self.node_name, *self.extra_args],
+                self.lab.node_netns, owner="", cwd=self.build, stdout=log,
+                stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_synced(wait)
+
+    def cleanup(self) -> subprocess.CompletedProcess:
+        return subprocess.run([*BPFPROXY, "cleanup", "--bpffs", str(self.bpffs), "--cgroup",
+                               str(self.lab.cgroup)], capture_output=True, text=True,
+                              timeout=30, cwd=self.build)
+
+
+# --- the lab: three services, two backends each, TCP and UDP -------------------------------
+
+def serve_services(lab, directory: Path) -> dict[str, list]:
+    backends = {}
+    for name in SERVICES:
+        backends[name] = [lab.add_pod(f"{name}-{i}") for i in range(2)]
+        for pod in backends[name]:
+            pod.start_server([8080, 5353], udp=True)
+        manifests.write(directory, f"{name}.yaml", manifests.service(name, VIPS[name], PORTS),
+                        manifests.endpoint_slice(name, [p.ip for p in backends[name]],
+                                                 SLICE_PORTS))
+    return backends
+
+
+# (service, mode): new TCP connections to each service, new UDP sockets to one, and one UDP
+# socket held across everything (its replies must keep coming from the service address)
+LOAD = (("alpha", "tcp"), ("beta", "tcp"), ("gamma", "tcp"), ("gamma", "udp"),
+        ("alpha", "udp-one-socket"))
+
+
+def start_load(lab, duration: float) -> dict:
+    """Each client at most 500 requests a second: hundreds per service, and CPU left for
+    the agent on a small machine."""
+    client = lab.add_pod("client")
+    return {(name, mode): client.start_client(mode, VIPS[name], 80 if mode == "tcp" else 53,
+                                              duration=duration, interval=0.002,
+                                              timeline=True)
+            for name, mode in LOAD}
+
+
+def check_load(running: dict, backends: dict, last_ready: float) -> dict:
+    """Every request answered, by the right service's backends, with the service's address;
+    and the clients still sending after the last agent took over. Returns the figures."""
+    results = {key: run.result() for key, run in running.items()}
+    total = failed = misrouted = 0
+    for (name, mode), result in results.items():
+        port = 8080 if mode == "tcp" else 5353
+        allowed = {f"{pod.name}:{port}" for pod in backends[name]}
+        wrong = {a: n for a, n in result.answers.items() if a not in allowed}
+        total += result.total
+        failed += result.failed
+        misrouted += sum(wrong.values()) + result.wrong_peer + result.wrong_source
+        assert result.errors == {}, f"{name} {mode}: failed requests {result.errors}"
+        assert not wrong, f"{name} {mode}: answers from other services' backends {wrong}"
+        assert result.wrong_peer == 0 and result.wrong_source == 0, \
+            f"{name} {mode}: an address other than the service's was seen"
+        assert result.started + result.timeline[-1][0] > last_ready + 0.5, \
+            f"{name} {mode}: the client must still be sending after the last agent took over"
+        if mode == "udp-one-socket":
+            assert len(result.backends()) == 1, f"the held UDP socket moved: {result.answers}"
+    first = min(r.started for r in results.values())
+    last = max(r.started + r.timeline[-1][0] for r in results.values())
+    return {"results": results, "total": total, "failed": failed, "misrouted": misrouted,
+            "rate": total / (last - first)}
+
+
+def requests_between(results: dict, start: float, end: float) -> int:
+    return sum(start <= r.started + t <= end for r in results.values() for t, _ in r.timeline)
+
+
+def pins(runner: AgentRunner) -> set[str]:
+    return {p.name for p in runner.bpffs.iterdir()} if runner.bpffs.exists() else set()
+
+
+def map_shape(pin: Path) -> btf.MapShape:
+    fd = loader.bpfsys.obj_get(str(pin))
+    try:
+        return btf.map_shape(fd)
+    finally:
+        os.close(fd)
+
+
+def one_program_per_hook(lab) -> bool:
+    return all(len(loader.bpfsys.cgroup_program_ids(str(lab.cgroup), hook)) == 1
+               for _, hook in loader.SOCKET_PROGRAMS)
+
+
+# --- the tests ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_agent_sigkilled_and_restarted_under_load(make_lab, tmp_path):
+    lab = make_lab(name="u9kill")
+    directory = tmp_path / "manifests"
+    backends = serve_services(lab, directory)
+    agent = AgentRunner(lab, directory)
+    try:
+        agent.start()
+        running = start_load(lab, duration=10.0)
+        time.sleep(1.5)
+        killed_at = time.monotonic()
+        assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+        time.sleep(1.0)                   # no agent at all: the kernel keeps serving
+        agent.start()                     # adopts the pinned maps, swaps its programs in
+        ready_at = time.monotonic()
+        figures = check_load(running, backends, ready_at)
+        log = agent.log()
+        assert "event=adopted service_ports=6" in log
+        assert one_program_per_hook(lab)
+    finally:
+        agent.close()
+    reliability_report.record(
+        "1", "restart-sigkill-under-load",
+        "3 services x 2 backends; new TCP connections to each, new UDP sockets to one, one "
+        "UDP socket held; agent SIGKILLed, 1 s without agent, started again",
+        connections=figures["total"], failures=figures["failed"] + figures["misrouted"],
+        connections_per_second=round(figures["rate"]), misrouted=figures["misrouted"],
+        requests_without_agent_or_restarting=requests_between(
+            figures["results"], killed_at, ready_at))
+    assert not agent.bpffs.exists()
+
+
+
+@pytest.mark.timeout(180)
+def test_upgrade_to_a_new_map_layout_and_back_under_load(make_lab, tmp_path):
+    lab = make_lab(name="u9upg")
+    directory = tmp_path / "manifests"
+    backends = serve_services(lab, directory)
+    v2_build = build_v2(tmp_path / "build-v2")
+    v1 = AgentRunner(lab, directory)
+    v2 = BuildRunner(lab, directory, build=v2_build)
+    v1_pins = {spec.pin for spec in layout.MAPS.values()} | {"links"}
+    v2_pins = {pin.replace("_v1", "_v2") for pin in v1_pins}
+    try:
+        v1.start()
+        running = start_load(lab, duration=16.0)
+        time.sleep(1.5)
+        # a rolling update: the old agent stops, the new build starts on what it left
+        upgrade_at = time.monotonic()
+        assert v1.stop(signal.SIGTERM) == 0
+        v2.start()
+        upgraded_at = time.monotonic()
+        after_upgrade = pins(v2)
+        svc4 = map_shape(v2.bpffs / "bpfp_svc4_v2")
+        log = v2.log()
+        time.sleep(1.5)
+        # and back: the older build converts the newer build's maps just the same
+        assert v2.stop(signal.SIGTERM) == 0
+        v1.start()
+        rolled_back_at = time.monotonic()
+        after_rollback = pins(v1)
+        figures = check_load(running, backends, rolled_back_at)
+        assert one_program_per_hook(lab)
+    finally:
+        v2.close()
+        v1.close()
+        cleaned = v1.cleanup()
+    assert after_upgrade == v2_pins, "old pins must be gone after the upgrade"
+    assert (svc4.value_size, svc4.value[-1][0]) == (32, GROWN_FIELD)
+    assert re.search(r"map=bpfp_svc4 from=bpfp_svc4_v1 to=bpfp_svc4_v2 how=converted "
+                     r"entries=6 ", log), "the frontends were converted before the swap"
+    assert re.search(r"how=shared to_version=2 maps=\S*bpfp_revnat4", log)
+    assert after_rollback == v1_pins
+    assert cleaned.returncode == 0 and not v1.bpffs.exists()
+    assert loader.wait_detached(lab.cgroup, 5) == []
+    results = figures["results"]
+    reliability_report.record(
+        "1", "upgrade-map-layout-under-load",
+        "load as in restart-sigkill-under-load; agent replaced by a build with map layout "
+        "version 2 (svc_value grew a field: frontends converted, other maps shared), then "
+        "back to version 1",
+        connections=figures["total"], failures=figures["failed"] + figures["misrouted"],
+        connections_per_second=round(figures["rate"]), misrouted=figures["misrouted"],
+        requests_during_upgrade=requests_between(results, upgrade_at, upgraded_at),
+        requests_during_rollback=requests_between(results, upgraded_at + 1.5, rolled_back_at),
+        seconds_to_upgrade=round(upgraded_at - upgrade_at, 1))
+
+
+@pytest.mark.timeout(120)
+def test_live_udp_sockets_keep_their_replies_when_reverse_nat_changes_layout(make_lab, tmp_path):
+    """revnat4 is written by the programs themselves (one entry per balanced socket): when
+    its layout changes it is converted, and a socket opened long before the upgrade still
+    gets its replies from the service address, from the same backend."""
+    lab = make_lab(name="u9udp")
+    directory = tmp_path / "manifests"
+    backends = serve_services(lab, directory)
+    build = build_v2(tmp_path / "build-v2", grow=(("revnat4_value", "Revnat4Value"),))
+    v1 = AgentRunner(lab, directory)
+    v2 = BuildRunner(lab, directory, build=build)
+    try:
+        v1.start()
+        client = lab.add_pod("client")
+        held = {name: client.start_client("udp-one-socket", VIPS[name], 53, duration=8.0,
+                                          interval=0.01, timeline=True) for name in SERVICES}
+        time.sleep(1.5)
+        assert v1.stop(signal.SIGTERM) == 0
+        v2.start()
+        upgraded_at = time.monotonic()
+        results = {name: run.result() for name, run in held.items()}
+        log = v2.log()
+    finally:
+        v2.close()
+        v1.close()
+    converted = re.search(r"map=bpfp_revnat4 from=bpfp_revnat4_v1 to=bpfp_revnat4_v2 "
+                          r"how=converted entries=(\d+)", log)
+    assert converted and int(converted.group(1)) >= len(SERVICES), log
+    for name, result in results.items():
+        assert result.errors == {} and result.wrong_source == 0, (name, result)
+        assert len(result.backends()) == 1 and result.backends() <= {
+            pod.name for pod in backends[name]}, (name, result.answers)
+        assert result.started + result.timeline[-1][0] > upgraded_at + 0.5
+
+
+def test_every_maps_btf_is_what_layout_py_mirrors():
+    """An upgrade shares a map when the old map's BTF equals this build's layout.py: were
+    they to disagree in form (names, padding), every upgrade would copy every map."""
+    config = DatapathConfig(pin_dir=Path(f"/sys/fs/bpf/bpfp-u9btf{os.getpid()}"))
+    try:
+        loader.compile_programs(config)
+        for spec in layout.MAPS.values():
+            shape = map_shape(config.pin_dir / spec.pin)
+            key, value = migrate.mirrored(spec)
+            assert (shape.key, shape.key_size) == (key.fields, key.size), spec.table
+            assert (shape.value, shape.value_size) == (value.fields, value.size), spec.table
+    finally:
+        loader.cleanup(config.pin_dir)
