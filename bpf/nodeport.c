@@ -495,13 +495,161 @@ static __always_inline void keep_alive(struct pkt *p, struct ct_value *v, __u64 
                 o->expires = now + lifetime(p, o->flags);
 }
 
+/* --- ICMP errors about translated flows ------------------------------------------------
+ * A "fragmentation needed" / "packet too big" (path MTU), "unreachable" or "time exceeded"
+ * quotes the packet it is about, as that packet looked where the error was raised: after
+ * our translation on one side, before it on the other. The quoted packet's reverse tuple is
+ * a conntrack key; its entry's rewrite tells what the packet was on the other side, so the
+ * quote is rewritten to that and the error sent to whoever sent it there (kube-proxy gets
+ * the same from conntrack's RELATED NAT). */
+
+#define ICMP_DEST_UNREACH   3
+#define ICMP_TIME_EXCEEDED  11
+#define ICMP6_DEST_UNREACH  1
+#define ICMP6_PKT_TOOBIG    2
+#define ICMP6_TIME_EXCEED   3
+#define ICMP_HDR            8
+
+/* Rewrite `words` 32-bit words at off to new (old read from the packet), keeping the
+ * ICMP checksum at csum right; pseudo: the words are in ICMPv6's pseudo-header. */
+static __always_inline int icmp_store(struct __sk_buff *skb, __u32 off, const __be32 *new,
+                                      int words, __u32 csum, int pseudo)
+{
+        __be32 old[4] = {};
+        if (bpf_skb_load_bytes(skb, off, old, words * 4))
+                return -1;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+                if (i < words && old[i] != new[i] &&
+                    bpf_l4_csum_replace(skb, csum, old[i], new[i],
+                                        4 | (pseudo ? BPF_F_PSEUDO_HDR : 0)))
+                        return -1;
+        }
+        return bpf_skb_store_bytes(skb, off, (void *)new, words * 4, 0);
+}
+
+static __always_inline int icmp_store_port(struct __sk_buff *skb, __u32 off, __be16 new,
+                                           __u32 csum)
+{
+        __be16 old;
+        if (bpf_skb_load_bytes(skb, off, &old, 2))
+                return -1;
+        if (old == new)
+                return 0;
+        if (bpf_l4_csum_replace(skb, csum, old, new, 2))
+                return -1;
+        return bpf_skb_store_bytes(skb, off, &new, 2, 0);
+}
+
+/* The quoted IPv4 header's checksum changes with its addresses, and is itself quoted. */
+static __always_inline int icmp_store_inner4(struct __sk_buff *skb, __u32 inner, __u32 field,
+                                             __be32 new, __u32 csum)
+{
+        __be32 old;
+        __be16 check_old, check_new;
+        if (bpf_skb_load_bytes(skb, inner + field, &old, 4) || old == new)
+                return 0;
+        if (bpf_skb_load_bytes(skb, inner + 10, &check_old, 2) ||
+            bpf_l3_csum_replace(skb, inner + 10, old, new, 4) ||
+            bpf_skb_load_bytes(skb, inner + 10, &check_new, 2) ||
+            bpf_l4_csum_replace(skb, csum, check_old, check_new, 2))
+                return -1;
+        return icmp_store(skb, inner + field, &new, 1, csum, 0);
+}
+
+static __always_inline int icmp_error(struct __sk_buff *skb)
+{
+        __u8 head[2];
+        __u16 proto;
+        if (bpf_skb_load_bytes(skb, 12, &proto, 2))
+                return PASS;
+        struct ct_key key = {};
+        __u32 l3 = 14, icmp, inner, inner_l4;
+        if (proto == bpf_htons(ETH_P_IP)) {
+                struct iphdr ip;
+                if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)) || ip.ihl < 5 ||
+                    ip.protocol != IPPROTO_ICMP || ip.frag_off & bpf_htons(IP_MF | IP_OFFSET))
+                        return PASS;
+                icmp = l3 + ip.ihl * 4;
+                if (bpf_skb_load_bytes(skb, icmp, head, 2) ||
+                    (head[0] != ICMP_DEST_UNREACH && head[0] != ICMP_TIME_EXCEEDED))
+                        return PASS;
+                inner = icmp + ICMP_HDR;
+                struct iphdr in;
+                if (bpf_skb_load_bytes(skb, inner, &in, sizeof(in)) || in.ihl < 5)
+                        return PASS;
+                inner_l4 = inner + in.ihl * 4;
+                key.family = 4;
+                key.proto = in.protocol;
+                key.saddr[0] = in.daddr;         /* the quote, reversed: a conntrack key */
+                key.daddr[0] = in.saddr;
+        } else if (proto == bpf_htons(ETH_P_IPV6)) {
+                struct ipv6hdr ip6;
+                if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)) || ip6.nexthdr != 58)
+                        return PASS;
+                icmp = l3 + sizeof(ip6);
+                if (bpf_skb_load_bytes(skb, icmp, head, 2) ||
+                    (head[0] != ICMP6_DEST_UNREACH && head[0] != ICMP6_PKT_TOOBIG &&
+                     head[0] != ICMP6_TIME_EXCEED))
+                        return PASS;
+                inner = icmp + ICMP_HDR;
+                struct ipv6hdr in;
+                if (bpf_skb_load_bytes(skb, inner, &in, sizeof(in)))
+                        return PASS;
+                inner_l4 = inner + sizeof(in);
+                key.family = 6;
+                key.proto = in.nexthdr;
+                __builtin_memcpy(key.saddr, &in.daddr, 16);
+                __builtin_memcpy(key.daddr, &in.saddr, 16);
+        } else {
+                return PASS;
+        }
+        if (key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP)
+                return PASS;
+        __be16 ports[2];
+        if (bpf_skb_load_bytes(skb, inner_l4, ports, 4))
+                return PASS;
+        key.sport = ports[1];
+        key.dport = ports[0];
+        struct ct_value *v = bpfp_ct.lookup(&key);
+        if (!v)
+                return PASS;                    /* not about a flow of ours */
+        struct ct_value r = *v;
+        __u32 csum = icmp + 2;
+        /* the quote becomes the packet as the other side sent it: source r.daddr, dest
+         * r.saddr; the error goes to that sender */
+        if (key.family == 4) {
+                if (icmp_store_inner4(skb, inner, 12, r.daddr[0], csum) ||
+                    icmp_store_inner4(skb, inner, 16, r.saddr[0], csum))
+                        return TC_ACT_SHOT;
+        } else if (icmp_store(skb, inner + 8, r.daddr, 4, csum, 0) ||
+                   icmp_store(skb, inner + 24, r.saddr, 4, csum, 0)) {
+                return TC_ACT_SHOT;
+        }
+        if (icmp_store_port(skb, inner_l4, r.dport, csum) ||
+            icmp_store_port(skb, inner_l4 + 2, r.sport, csum))
+                return TC_ACT_SHOT;
+        if (key.family == 4) {
+                __be32 old;
+                if (bpf_skb_load_bytes(skb, l3 + 16, &old, 4))
+                        return TC_ACT_SHOT;
+                if (old != r.daddr[0] &&
+                    (bpf_l3_csum_replace(skb, l3 + 10, old, r.daddr[0], 4) ||
+                     bpf_skb_store_bytes(skb, l3 + 16, &r.daddr[0], 4, 0)))
+                        return TC_ACT_SHOT;
+        } else if (icmp_store(skb, l3 + 24, r.daddr, 4, csum, 1)) {
+                return TC_ACT_SHOT;
+        }
+        return TC_ACT_OK;
+}
+
 /* --- entry points --------------------------------------------------------------------- */
 
 static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
         struct pkt p = {};
         if (!parse(skb, &p))
-                return PASS;
+                return icmp_error(skb);
         struct ct_value *v = bpfp_ct.lookup(&p.t);
         __u64 now = bpf_ktime_get_ns();
         if (v && v->expires < now) {

@@ -374,3 +374,44 @@ def test_health_check_node_port_tells_the_load_balancer_which_nodes_serve(world,
         status, _, body = done.stdout.partition(" ")
         answers[node] = (int(status), json.loads(body)["localEndpoints"])
     assert answers == {1: (200, 1), 2: (503, 0)}
+
+
+# A connected UDP socket with path MTU discovery on: sends one datagram of SIZE bytes
+# (don't fragment), waits for the network to answer, prints the path MTU the kernel learnt.
+PMTU = """
+import socket, sys, time
+addr, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+v6 = ":" in addr
+sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+if v6:
+    sock.setsockopt(socket.IPPROTO_IPV6, 23, 2)        # IPV6_MTU_DISCOVER = IPV6_PMTUDISC_DO
+else:
+    sock.setsockopt(socket.IPPROTO_IP, 10, 2)          # IP_MTU_DISCOVER = IP_PMTUDISC_DO
+sock.connect((addr, port))
+try:
+    sock.send(b"x" * size)
+except OSError:
+    pass
+time.sleep(0.5)
+print(sock.getsockopt(socket.IPPROTO_IPV6, 24) if v6 else           # IPV6_MTU
+      sock.getsockopt(socket.IPPROTO_IP, 14))              # IP_MTU
+"""
+
+
+@FAMILIES
+def test_path_mtu_errors_reach_the_client_in_its_own_terms(world, family):
+    """Node 1 forwards to its pod a over a link with a smaller MTU: its "fragmentation
+    needed" / "packet too big" quotes the DNATed datagram; the TC program rewrites the
+    quote to what the client sent (to the NodePort), so the client's socket learns."""
+    cluster, a, _, _ = world
+    ns = cluster.nodes[1].node_netns
+    pod = a.ip if family == 4 else a.ip6
+    v6 = ["-6"] if family == 6 else []
+    netns.ip(*v6, "route", "add", pod, "dev", "bpfp-br0", "mtu", "1280", netns=ns)
+    try:
+        done = cluster.external.run([sys.executable, "-c", PMTU, cluster.node_ip(1, family),
+                                     "30054", "1400"])
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) == 1280, done.stdout     # learnt from the rewritten error
+    finally:
+        netns.ip(*v6, "route", "del", pod, "dev", "bpfp-br0", netns=ns)
