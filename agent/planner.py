@@ -219,8 +219,8 @@ def _plan_all(desired: DesiredState, applied: Mapping[int, KernelService],
             old = applied.get(svc_id)
             if old is None:           # new: not served, and its id is not taken
                 del ids[key]
-            else:                     # as the kernel has it, an interrupted write repaired
-                result[svc_id] = replace(old, stray_slots=(), stale_frontends=frozenset())
+            else:                     # as the kernel has it, less the backends that left
+                result[svc_id] = _shrunk(old, desired[key])
             continue
         frontends = _claim(key, desired[key], svc_id, owners, losers, conflicts)
         if frontends:     # else nothing can reach it: write no slots for it
@@ -339,6 +339,12 @@ def _plan_changes(desired: Mapping, previous: Plan, changed: set, maglev_m: int,
     changed = sorted(set(changed) - refused_keys, key=_name_order)
     released: set[FrontendKey] = set()
     touched: set[int] = set()
+    for key in refused_keys:           # refused growth, but removals still go: no room needed
+        svc_id = ids.get(key)
+        old = result.get(svc_id) if svc_id is not None else None
+        if old is not None and (new := _shrunk(old, desired[key])) != old:
+            result[svc_id] = new
+            touched.add(svc_id)
     for key in changed:                            # removals free their frontends first
         if key in desired:
             continue
@@ -494,6 +500,16 @@ def _claim(key, state: ServicePortState, svc_id: int, owners, losers: dict,
             continue
         frontends.add(fkey)
     return frozenset(frontends)
+
+
+def _shrunk(old: KernelService, state: ServicePortState) -> KernelService:
+    """A refused service port as the kernel holds it, without the backends it no longer
+    has (a terminated pod must not keep getting traffic while the maps are full): slots
+    only move and go, so this never needs room."""
+    wanted = {BackendAddr(b.address, b.port) for b in state.backends}
+    kept = [b for b in old.backends if b in wanted]
+    return replace(old, backends=_stable_slots(old.backends, kept), stray_slots=(),
+                   stale_frontends=frozenset())
 
 
 def frontend_key(f, key: tuple) -> FrontendKey:

@@ -557,6 +557,19 @@ static __always_inline int icmp_store_inner4(struct __sk_buff *skb, __u32 inner,
         return icmp_store(skb, inner + field, &new, 1, csum, 0);
 }
 
+/* An outer IPv4 address (ICMP's checksum does not cover it; the IP header's does). */
+static __always_inline int outer4(struct __sk_buff *skb, __u32 off, __be32 new)
+{
+        __be32 old;
+        if (bpf_skb_load_bytes(skb, off, &old, 4))
+                return -1;
+        if (old == new)
+                return 0;
+        if (bpf_l3_csum_replace(skb, 14 + 10, old, new, 4))
+                return -1;
+        return bpf_skb_store_bytes(skb, off, &new, 4, 0);
+}
+
 static __always_inline int icmp_error(struct __sk_buff *skb)
 {
         __u8 head[2];
@@ -576,7 +589,8 @@ static __always_inline int icmp_error(struct __sk_buff *skb)
                         return PASS;
                 inner = icmp + ICMP_HDR;
                 struct iphdr in;
-                if (bpf_skb_load_bytes(skb, inner, &in, sizeof(in)) || in.ihl < 5)
+                if (bpf_skb_load_bytes(skb, inner, &in, sizeof(in)) || in.ihl < 5 ||
+                    in.frag_off & bpf_htons(IP_OFFSET))   /* a later fragment: no ports */
                         return PASS;
                 inner_l4 = inner + in.ihl * 4;
                 key.family = 4;
@@ -629,15 +643,26 @@ static __always_inline int icmp_error(struct __sk_buff *skb)
         if (icmp_store_port(skb, inner_l4, r.dport, csum) ||
             icmp_store_port(skb, inner_l4 + 2, r.sport, csum))
                 return TC_ACT_SHOT;
+        /* an error raised by the quoted packet's destination itself (a backend's "port
+         * unreachable") comes from the address the sender dialled: the service's */
+        __be32 src[4] = {};
+        int from_target;
         if (key.family == 4) {
-                __be32 old;
-                if (bpf_skb_load_bytes(skb, l3 + 16, &old, 4))
+                if (bpf_skb_load_bytes(skb, l3 + 12, src, 4))
                         return TC_ACT_SHOT;
-                if (old != r.daddr[0] &&
-                    (bpf_l3_csum_replace(skb, l3 + 10, old, r.daddr[0], 4) ||
-                     bpf_skb_store_bytes(skb, l3 + 16, &r.daddr[0], 4, 0)))
+                from_target = src[0] == key.saddr[0];
+        } else {
+                if (bpf_skb_load_bytes(skb, l3 + 8, src, 16))
                         return TC_ACT_SHOT;
-        } else if (icmp_store(skb, l3 + 24, r.daddr, 4, csum, 1)) {
+                from_target = src[0] == key.saddr[0] && src[1] == key.saddr[1] &&
+                              src[2] == key.saddr[2] && src[3] == key.saddr[3];
+        }
+        if (key.family == 4) {
+                if (outer4(skb, l3 + 16, r.daddr[0]) ||
+                    (from_target && outer4(skb, l3 + 12, r.saddr[0])))
+                        return TC_ACT_SHOT;
+        } else if (icmp_store(skb, l3 + 24, r.daddr, 4, csum, 1) ||
+                   (from_target && icmp_store(skb, l3 + 8, r.saddr, 4, csum, 1))) {
                 return TC_ACT_SHOT;
         }
         return TC_ACT_OK;

@@ -415,3 +415,57 @@ def test_path_mtu_errors_reach_the_client_in_its_own_terms(world, family):
         assert int(done.stdout) == 1280, done.stdout     # learnt from the rewritten error
     finally:
         netns.ip(*v6, "route", "del", pod, "dev", "bpfp-br0", netns=ns)
+
+
+# A connected UDP socket to ADDR PORT where nothing listens behind the service: prints how
+# the send ended, and the source of the ICMP error that came back (a raw ICMP socket).
+REFUSED = """
+import socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+v6 = ":" in addr
+family = socket.AF_INET6 if v6 else socket.AF_INET
+raw = socket.socket(family, socket.SOCK_RAW, 58 if v6 else socket.IPPROTO_ICMP)
+raw.settimeout(2)
+sock = socket.socket(family, socket.SOCK_DGRAM)
+sock.settimeout(2)
+sock.connect((addr, port))
+sock.send(b"anyone?")
+try:
+    sock.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("timeout")
+while True:
+    data, source = raw.recvfrom(2048)
+    kind = data[0] if v6 else data[(data[0] & 15) * 4]
+    if kind == (1 if v6 else 3):
+        print(source[0])
+        break
+"""
+
+
+@FAMILIES
+def test_a_backends_port_unreachable_reaches_the_client_from_the_service_address(
+        world, family):
+    """The pod answers "port unreachable": the client's socket is refused (the quote is
+    rewritten to what it sent), and the error comes from the address it dialled, not from
+    the pod (kube-proxy's conntrack rewrites the outer source too)."""
+    cluster, a, _, directory = world
+    port = [{"name": "closed", "port": 7, "targetPort": 9999, "nodePort": 30058,
+             "protocol": "UDP"}]
+    eps = [{"name": "closed", "port": 9999, "protocol": "UDP"}]
+    manifests.write(directory, "closed.yaml", manifests.service(
+        "closed", ("10.96.0.16", "fd00:10:96::16"), port, service_type="NodePort",
+        external_traffic_policy="Local"),
+        manifests.endpoint_slice("closed", [a.ip], eps, name="closed-v4", node_name="node1"),
+        manifests.endpoint_slice("closed", [a.ip6], eps, name="closed-v6", node_name="node1"))
+    try:
+        node = cluster.node_ip(1, family)
+        done = eventually(lambda: (d := cluster.external.run(
+            [sys.executable, "-c", REFUSED, node, "30058"])).stdout.startswith("refused") and d)
+        assert done, "the client's socket never saw the refusal"
+        assert done.stdout.split() == ["refused", node], done.stdout
+    finally:
+        (directory / "closed.yaml").unlink()

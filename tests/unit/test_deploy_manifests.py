@@ -97,8 +97,10 @@ def test_the_daemonset_runs_on_every_node_and_never_leaves_one_without_a_proxy()
     assert spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {
         "maxUnavailable": 1, "maxSurge": 0}}
     # privileged only the init container that mounts bpffs; the agent: capabilities
-    assert container()["securityContext"] == {"privileged": False, "capabilities": {
-        "drop": ["ALL"], "add": sorted(capabilities.name(c).removeprefix("CAP_")
+    assert container()["securityContext"] == {
+        "privileged": False, "appArmorProfile": {"type": "Unconfined"},
+        "capabilities": {"drop": ["ALL"],
+                         "add": sorted(capabilities.name(c).removeprefix("CAP_")
                                        for c in capabilities.CONTAINER_CAPABILITIES)}}
     (mount_bpffs,) = pod["initContainers"]
     assert mount_bpffs["securityContext"] == {"privileged": True}

@@ -226,7 +226,14 @@ def test_budgeted_plans_never_overflow_nor_half_write_a_service_and_recover(
         for key in want:
             name_hash = port_hash(key)
             if (key[0].namespace, key[0].name) in p.refused:
-                assert after.get(name_hash) == before.get(name_hash), key   # untouched
+                # no growth: same frontends, and of its old backends those still wanted
+                # (a removed pod gets no traffic even while the maps are full)
+                old_frontends, old_backends = before.get(name_hash, (frozenset(), ()))
+                new_frontends, new_backends = after.get(name_hash, (frozenset(), ()))
+                wanted = backends_of(want, key)
+                assert new_frontends == old_frontends, key
+                assert set(new_backends) == {b for b in old_backends
+                                             if str(b.address) in wanted}, key
             elif want[key].frontends and key[1] == 4:
                 assert served(kernel, key) == backends_of(want, key), key
         assert all(kernel.peak.get(m, 0) <= n for m, n in kernel.capacity().items())
@@ -374,3 +381,18 @@ def test_map_sizes_come_from_flags_or_the_config_file(tmp_path):
     with pytest.raises(config.ConfigError, match=r"maps\.slots: unknown field"):
         config.parse({"apiVersion": config.API_VERSION, "kind": config.KIND,
                       "maps": {"slots": 1}})
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "changes"])
+def test_a_refused_rollout_still_stops_sending_to_the_pods_that_left(incremental):
+    """a moves from pods 1-4 to pods 3-7 in a full map: the growth is refused, but pods 1
+    and 2 (terminated) leave the kernel at once (kube-proxy never keeps a removed one)."""
+    kernel = FakeServiceMaps(sizes=sizes(slots=4))
+    before = desired(service("a", 4))
+    previous = sync(kernel, before)
+    rollout = desired(service("a", 5, first_backend=3))
+    p = sync(kernel, rollout, previous if incremental else None, set(rollout))
+    assert set(p.refused) == {("default", "a")}
+    key = next(iter(rollout))
+    number = sum(map(ord, "a")) % 200 + 1
+    assert served(kernel, key) == {f"10.{number}.0.3", f"10.{number}.0.4"}
