@@ -204,6 +204,24 @@ def attach_socket_programs(loaded: LoadedDatapath, cgroup_dir: Path) -> None:
         os.close(cgroup_fd)
 
 
+def load_all_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> None:
+    """Load (verify) every program and check the interfaces; BCC keeps the loaded
+    functions, so the attach steps below only swap."""
+    from bcc import BPF
+
+    for ifname in interfaces:
+        try:
+            socket.if_nametoindex(ifname)
+        except OSError as exc:
+            raise DatapathError(f"--interfaces {ifname}: no such interface here") from exc
+    for func_name, attach_type in SOCKET_PROGRAMS:
+        loaded.bpf.load_func(func_name.encode(), BPF.CGROUP_SOCK_ADDR,
+                             attach_type=int(attach_type))
+    if interfaces:
+        for func_name, _ in TC_PROGRAMS:
+            loaded.bpf.load_func(func_name.encode(), BPF.SCHED_CLS)
+
+
 def attach_tc_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> None:
     """Attach (or atomically replace) the NodePort programs on each interface with tcx
     links pinned as links/tc-<ifname>-<hook>; links of interfaces no longer listed go."""
@@ -318,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     config = DatapathConfig.from_json(args.config)
     try:
         loaded = compile_carrying_maps(config)
+        # Every program verified and every interface found before the first hook is
+        # swapped: the swaps then follow each other at once, and a missing interface
+        # stops us with every hook still on the old programs.
+        load_all_programs(loaded, config.interfaces)
         carried = migrate.fill(config.pin_dir)      # before any new program runs
         attach_socket_programs(loaded, args.cgroup)
         attach_tc_programs(loaded, config.interfaces)
