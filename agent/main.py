@@ -17,7 +17,7 @@ from agent.datapath import loader
 from agent.datapath.config import DatapathConfig
 from agent.datapath.maps import BpfServiceMaps, LayoutError
 from agent.datapath.stale_sockets import udp_cleanup_for
-from agent.datapath.tc import interface_addresses
+from agent.datapath.tc import check_snat_ports, interface_addresses
 from agent.model.types import NodeContext
 from agent.sources.manifests import ManifestSource
 
@@ -62,7 +62,7 @@ async def serve(args) -> int:
         log.error("event=datapath_failed error=%r", str(exc))
         return 1
     if config.interfaces:
-        _check_snat_ports()
+        check_snat_ports(config.snat_port_min, config.snat_port_max)
     # Loading and attaching are done (in the loader child): keep only what serving needs.
     capabilities.drop_after_loading()
     if args.manifests is None:
@@ -118,21 +118,3 @@ async def _refresh_interface_addresses(maps: BpfServiceMaps, interfaces: tuple[s
             await loop.run_in_executor(None, maps.set_interface_addresses, addresses)
         except Exception as exc:  # noqa: BLE001 -- the next period tries again
             log.warning("event=interface_addresses_failed error=%r", str(exc))
-
-
-SNAT_PORTS = (61000, 65535)      # bpf/nodeport.c SNAT_PORT_MIN .. + SNAT_PORT_SPAN - 1
-
-
-def _check_snat_ports() -> None:
-    """Flows SNATed to the node take source ports 61000-65535, above Linux's default
-    ephemeral range; a node whose range reaches them could see a reply of its own
-    connection taken for a SNATed flow's. Say so (the range is the node's to choose)."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        return
-    if high >= SNAT_PORTS[0] and low <= SNAT_PORTS[1]:
-        log.warning("event=snat_ports_overlap ephemeral=%d-%d snat=%d-%d advice=%r", low, high,
-                    *SNAT_PORTS, "lower net.ipv4.ip_local_port_range's upper end below 61000, "
-                    "or reserve 61000-65535 in net.ipv4.ip_local_reserved_ports")
-

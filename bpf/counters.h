@@ -38,4 +38,23 @@ static __always_inline void bpfp_count(__u32 svc_id, __u8 family, const __be32 *
         v->dropped += d->dropped;
 }
 
+/* A connection (or flow) balanced to a backend: on the service port's entry and the
+ * backend's; packets and bytes (TC path) on the backend's. */
+static __always_inline void bpfp_count_connection(__u32 svc_id, __u8 family,
+                                                  const __be32 *addr, __be16 port,
+                                                  __u64 packets, __u64 bytes)
+{
+        struct bpfp_delta service = { .connections = 1 };
+        struct bpfp_delta backend = { .connections = 1, .packets = packets, .bytes = bytes };
+        bpfp_count(svc_id, family, NULL, 0, &service);
+        bpfp_count(svc_id, family, addr, port, &backend);
+}
+
+/* A connection the service port refused: no usable backend. */
+static __always_inline void bpfp_count_refused(__u32 svc_id, __u8 family)
+{
+        struct bpfp_delta refused = { .refused = 1 };
+        bpfp_count(svc_id, family, NULL, 0, &refused);
+}
+
 #endif /* BPFP_COUNTERS_H */

@@ -40,6 +40,14 @@
 #ifndef BPFP_CT_UDP_TIMEOUT
 #define BPFP_CT_UDP_TIMEOUT 60
 #endif
+/* SNAT source ports: above Linux's default ephemeral range (32768-60999), so the node's
+ * own connections never collide with a translated flow */
+#ifndef BPFP_SNAT_PORT_MIN
+#define BPFP_SNAT_PORT_MIN 61000
+#endif
+#ifndef BPFP_SNAT_PORT_MAX
+#define BPFP_SNAT_PORT_MAX 65535
+#endif
 #ifndef BPFP_MAX_SOURCE_RANGES
 #define BPFP_MAX_SOURCE_RANGES 65536
 #endif

@@ -17,10 +17,7 @@
 #define BPFP_CT_SYN_TIMEOUT 60     /* a flow whose reply never came: like Cilium's */
 #define NSEC 1000000000ULL
 
-/* SNAT source ports: above Linux's default ephemeral range (32768-60999), so the node's
- * own connections never collide with a translated flow. */
-#define SNAT_PORT_MIN 61000
-#define SNAT_PORT_SPAN 4536
+#define SNAT_PORT_SPAN (BPFP_SNAT_PORT_MAX - BPFP_SNAT_PORT_MIN + 1)
 #define SNAT_TRIES 8
 #define AFFINITY_SCAN 32
 
@@ -376,7 +373,7 @@ static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
 {
         __u32 start = bpf_get_prandom_u32();
         for (int i = 0; i < SNAT_TRIES; i++) {
-                fwd->sport = bpf_htons(SNAT_PORT_MIN + (start + i * 7919) % SNAT_PORT_SPAN);
+                fwd->sport = bpf_htons(BPFP_SNAT_PORT_MIN + (start + i * 7919) % SNAT_PORT_SPAN);
                 reply_key(&p->t, fwd, rkey);
                 if (bpfp_ct.insert(rkey, rev) == 0)
                         return 1;
@@ -437,10 +434,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         }
         bpfp_ct.update(&p->t, &fwd);
 
-        struct bpfp_delta d = { .connections = 1, .packets = 1, .bytes = p->len };
-        bpfp_count(svc->svc_id, p->t.family, be.addr, be.port, &d);
-        struct bpfp_delta c = { .connections = 1 };
-        bpfp_count(svc->svc_id, p->t.family, NULL, 0, &c);
+        bpfp_count_connection(svc->svc_id, p->t.family, be.addr, be.port, 1, p->len);
         if (rewrite(skb, p, &fwd))
                 return TC_ACT_SHOT;
         /* the new source is the node's own address: the input path would drop it as a

@@ -148,13 +148,10 @@ static __always_inline enum xlate forward4(struct bpf_sock_addr *ctx, __be32 add
         if (!backend) {
                 /* count 0; or a slot missing, which only a map corrupted from outside
                  * does: a slot is written before the count that covers it */
-                struct bpfp_delta refused = { .refused = 1 };
-                bpfp_count(svc->svc_id, 4, NULL, 0, &refused);
+                bpfp_count_refused(svc->svc_id, 4);
                 return NO_BACKEND;
         }
-        struct bpfp_delta one = { .connections = 1 };
-        bpfp_count(svc->svc_id, 4, NULL, 0, &one);
-        bpfp_count(svc->svc_id, 4, &backend->addr, backend->port, &one);
+        bpfp_count_connection(svc->svc_id, 4, &backend->addr, backend->port, 0, 0);
         struct revnat4_key rkey = {
                 .cookie = bpf_get_socket_cookie(ctx),
                 .addr   = backend->addr,
@@ -286,13 +283,10 @@ static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be
                 return NOT_A_SERVICE;
         struct backend6 *backend = svc->count ? select6(ctx, svc) : NULL;
         if (!backend) {
-                struct bpfp_delta refused = { .refused = 1 };
-                bpfp_count(svc->svc_id, 6, NULL, 0, &refused);
+                bpfp_count_refused(svc->svc_id, 6);
                 return NO_BACKEND;
         }
-        struct bpfp_delta one = { .connections = 1 };
-        bpfp_count(svc->svc_id, 6, NULL, 0, &one);
-        bpfp_count(svc->svc_id, 6, backend->addr, backend->port, &one);
+        bpfp_count_connection(svc->svc_id, 6, backend->addr, backend->port, 0, 0);
         struct revnat6_key rkey = {
                 .cookie = bpf_get_socket_cookie(ctx),
                 .addr   = { backend->addr[0], backend->addr[1], backend->addr[2],

@@ -27,7 +27,6 @@ from agent.datapath.inventory import Counters
 
 log = logging.getLogger(__name__)
 
-DEFAULT_API = "unix:///run/bpfproxy/api.sock"
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 MAX_CONCURRENT_RPCS = 128      # beyond: RESOURCE_EXHAUSTED, not an unbounded backlog
 

@@ -23,6 +23,8 @@ class DatapathConfig:
     ct_tcp_timeout: int = 21600       # seconds an idle established TCP flow is kept
     ct_tcp_close_timeout: int = 10    # ... once it saw an RST or a FIN each way
     ct_udp_timeout: int = 60          # ... an idle UDP flow
+    snat_port_min: int = 61000        # source ports of flows SNATed to the node: above
+    snat_port_max: int = 65535        # Linux's default ephemeral range (32768-60999)
     max_source_ranges: int = 65536    # loadBalancerSourceRanges entries
     maglev_m: int = 1021              # Maglev table size per service port: a prime
     max_maglev_rows: int = 1048576    # rows of 32 table entries over all service ports
@@ -41,6 +43,8 @@ class DatapathConfig:
             "BPFP_CT_TCP_TIMEOUT": str(self.ct_tcp_timeout),
             "BPFP_CT_TCP_CLOSE_TIMEOUT": str(self.ct_tcp_close_timeout),
             "BPFP_CT_UDP_TIMEOUT": str(self.ct_udp_timeout),
+            "BPFP_SNAT_PORT_MIN": str(self.snat_port_min),
+            "BPFP_SNAT_PORT_MAX": str(self.snat_port_max),
             "BPFP_MAX_SOURCE_RANGES": str(self.max_source_ranges),
             "BPFP_MAGLEV_M": str(self.maglev_m),
             "BPFP_MAX_MAGLEV_ROWS": str(self.max_maglev_rows),

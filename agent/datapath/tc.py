@@ -3,10 +3,14 @@ address there per family, the source of SNATed flows (written to bpfp_ifaddr).""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 from agent.model.types import IPAddress
+
+log = logging.getLogger(__name__)
 
 
 def interface_addresses(interfaces: Sequence[str], preferred: Sequence[IPAddress] = ()
@@ -30,3 +34,21 @@ def interface_addresses(interfaces: Sequence[str], preferred: Sequence[IPAddress
                 if chosen:
                     out[index, family] = chosen[0]
     return out
+
+
+def check_snat_ports(low: int, high: int,
+                     sysctl: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> bool:
+    """Whether the node's ephemeral range stays clear of the SNAT ports: where it reaches
+    them, a reply to the node's own connection could be taken for a SNATed flow's. Says
+    so in the log (the range is the node's to choose); True when clear."""
+    try:
+        first, last = map(int, sysctl.read_text().split())
+    except (OSError, ValueError):
+        return True
+    if last < low or first > high:
+        return True
+    log.warning("event=snat_ports_overlap ephemeral=%d-%d snat=%d-%d advice=%r", first, last,
+                low, high, "lower net.ipv4.ip_local_port_range's upper end below the SNAT "
+                "ports, or reserve them in net.ipv4.ip_local_reserved_ports")
+    return False
+
