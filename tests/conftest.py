@@ -17,6 +17,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+# Every skip listed by id at the end; under CI a skip not allowed there is a failure.
+from tests.skip_policy import (  # noqa: E402, F401 - hooks, registered by their names
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+    pytest_terminal_summary,
+)
+
+
 def _why_no_integration() -> str | None:
     if os.geteuid() != 0:
         return "integration tests need root (network namespaces, cgroups, BPF)"

@@ -5,14 +5,18 @@ loses events without slowing the publisher or other watchers."""
 from __future__ import annotations
 
 import asyncio
-import shutil
+import datetime
+import ipaddress
 import socket
 import stat
-import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.api import server
@@ -121,34 +125,47 @@ def test_a_watcher_that_never_reads_loses_events_and_slows_no_one(status, tmp_pa
 
 # ---- TLS -------------------------------------------------------------------------------
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+def _write_key(d: Path, name: str) -> ec.EllipticCurvePrivateKey:
+    key = ec.generate_private_key(ec.SECP256R1())
+    (d / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return key
 
 
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-             f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=d)
-
-
-def _signed(d: Path, ca: str, name: str, san: str) -> None:
-    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
-             f"{name}.key", "-out", f"{name}.csr", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
-             cwd=d)
+def _certificate(d: Path, name: str, issuer: str | None = None, san=()) -> None:
+    """{name}.key and {name}.crt, valid for a day: a CA when issuer is None, else a leaf
+    signed by the CA in {issuer}.key/.crt with the subject alternative names in san."""
+    key = _write_key(d, name)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    if issuer is None:
+        issuer_name, signer = subject, key
+    else:
+        issuer_name = x509.load_pem_x509_certificate((d / f"{issuer}.crt").read_bytes()).subject
+        signer = serialization.load_pem_private_key((d / f"{issuer}.key").read_bytes(), None)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None),
+                              critical=True))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
+    (d / f"{name}.crt").write_bytes(
+        builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make test certificates")
+    """Two CAs and three leaves, made in-process (no openssl command needed)."""
     d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "otherca")
-    _signed(d, "ca", "server", "IP:127.0.0.1,DNS:localhost")
-    _signed(d, "ca", "client", "DNS:client")
-    _signed(d, "otherca", "stranger", "DNS:stranger")
+    _certificate(d, "ca")
+    _certificate(d, "otherca")
+    _certificate(d, "server", "ca", [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                     x509.DNSName("localhost")])
+    _certificate(d, "client", "ca", [x509.DNSName("client")])
+    _certificate(d, "stranger", "otherca", [x509.DNSName("stranger")])
     return d
 
 
