@@ -1,9 +1,13 @@
 """Test doubles for the one kernel door: FakeServiceMaps stores dicts like the BPF maps do.
 
 It checks after every single operation what the kernel programs rely on: a frontend never
-points at a missing backend slot."""
+points at a missing backend slot. A broken invariant is also recorded, so a caller that
+catches every error (the agent's sync does) cannot hide it: tests/unit/conftest.py fails
+any test whose fake recorded one. tests/integration/test_maps_conformance.py checks that
+it answers the same operations as the real pinned maps do."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 from agent.model.types import Protocol
@@ -33,19 +37,33 @@ class InvariantBroken(AssertionError):
 
 
 class FakeServiceMaps:
+    # every invariant any fake saw broken, caught or not (a fixture empties and checks it)
+    broken_anywhere: list[InvariantBroken] = []
+
     def __init__(self, families: frozenset[int] = frozenset({4, 6}),
                  sizes: Mapping[str, int] | None = None) -> None:
         self.families = families
         # max entries by map name (planner.Capacity): an insert past it raises
-        # MapFullError, as the kernel's E2BIG does; updates of a held key always fit
+        # MapFullError, as the kernel's E2BIG (hash) or ENOSPC (LPM trie) does; updates
+        # of a held key always fit
         self.sizes = dict(sizes or {})
         self.peak: dict[str, int] = {}              # the most entries each map held
         # frontend -> (svc_id, count, name hash, affinity seconds, flags)
         self.frontends: dict[FrontendKey, tuple[int, int, int, int, int]] = {}
         self.ranges: set[tuple[int, object]] = set()        # (svc_id, network)
-        self.maglev: dict[int, tuple[int, ...]] = {}        # svc_id -> table
+        # (svc_id, row) -> MAGLEV_ROW slot numbers, the last row zero-padded (bpfp_maglev)
+        self.maglev_rows: dict[tuple[int, int], tuple[int, ...]] = {}
         self.slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {}  # -> (family, b)
         self.ops_applied = 0
+        self.broken: list[InvariantBroken] = []     # raised by check(), caught or not
+
+    @property
+    def maglev(self) -> dict[int, tuple[int, ...]]:
+        """svc_id -> its table as the rows hold it (padded to whole rows)."""
+        tables: dict[int, list[int]] = {}
+        for (svc_id, _), row in sorted(self.maglev_rows.items()):
+            tables.setdefault(svc_id, []).extend(row)
+        return {svc_id: tuple(t) for svc_id, t in tables.items()}
 
     def supports(self, family: int, protocol: Protocol) -> bool:
         return family in self.families
@@ -62,10 +80,10 @@ class FakeServiceMaps:
         for family, _ in self.slots.values():
             used[f"bpfp_slot{family}"] = used.get(f"bpfp_slot{family}", 0) + 1
         used["bpfp_srcrange"] = len(self.ranges)
-        used["bpfp_maglev"] = sum(-(-len(t) // MAGLEV_ROW) for t in self.maglev.values())
+        used["bpfp_maglev"] = len(self.maglev_rows)
         return used
 
-    def _room_for(self, op: MapOp) -> None:
+    def _room_for(self, op) -> None:
         """MapFullError when op would add a key to a map already at its size."""
         match op:
             case PutSlot():
@@ -75,45 +93,69 @@ class FakeServiceMaps:
                 new = op.frontend not in self.frontends
             case PutRange():
                 name, new = "bpfp_srcrange", (op.svc_id, op.network) not in self.ranges
-            case PutMaglev():
-                name, new = "bpfp_maglev", op.svc_id not in self.maglev
+            case _MaglevRow():
+                name, new = "bpfp_maglev", (op.svc_id, op.row) not in self.maglev_rows
             case _:
                 return
-        if not new or name not in self.sizes:
-            return
-        grows = -(-len(op.table) // MAGLEV_ROW) if isinstance(op, PutMaglev) else 1
-        if self.entries().get(name, 0) + grows > self.sizes[name]:
+        if new and name in self.sizes and self.entries().get(name, 0) >= self.sizes[name]:
             raise MapFullError(name, f"map {name} is full ({self.sizes[name]} entries)")
 
     def apply(self, ops: Sequence[MapOp]) -> None:
-        for op in ops:
-            if self.sizes:
-                self._room_for(op)
-            match op:
-                case PutSlot():
-                    self.slots[(op.svc_id, op.slot)] = (op.family, op.backend)
-                case DeleteSlot():
-                    self.slots.pop((op.svc_id, op.slot), None)
-                case PutFrontend():
-                    self.frontends[op.frontend] = (op.svc_id, op.count, op.name_hash,
-                                                   op.affinity, op.flags)
-                case PutRange():
-                    self.ranges.add((op.svc_id, op.network))
-                case DeleteRange():
-                    self.ranges.discard((op.svc_id, op.network))
-                case PutMaglev():
-                    self.maglev[op.svc_id] = op.table
-                case DeleteMaglev():
-                    self.maglev.pop(op.svc_id, None)
-                case DeleteFrontend():
-                    self.frontends.pop(op.frontend, None)
-            self.ops_applied += 1
-            self.check(after=op)
-            if self.sizes:
-                for name, n in self.entries().items():
-                    self.peak[name] = max(self.peak.get(name, 0), n)
+        """In the order the real door (agent/datapath/maps.py) writes them: consecutive ops
+        of one kind form a batch, split by family, each family's batch in turn; a Maglev
+        table goes row by row. The kernel's batch update stops at the first entry it
+        refuses and keeps those before it: so does this, whatever the map."""
+        for kind, group in itertools.groupby(ops, key=type):
+            group = list(group)
+            if kind in (PutSlot, DeleteSlot):
+                batches = _by_family(group, lambda o: o.family)
+            elif kind in (PutFrontend, DeleteFrontend):
+                batches = _by_family(group, lambda o: o.frontend.address.version)
+            else:
+                batches = [group]
+            for batch in batches:
+                for op in batch:
+                    for step in _steps(op):
+                        self._apply_one(step)
+                    self.ops_applied += 1
+                    self.check(after=op)
+
+    def _apply_one(self, op) -> None:
+        if self.sizes:
+            self._room_for(op)
+        match op:
+            case PutSlot():
+                self.slots[(op.svc_id, op.slot)] = (op.family, op.backend)
+            case DeleteSlot():
+                self.slots.pop((op.svc_id, op.slot), None)
+            case PutFrontend():
+                self.frontends[op.frontend] = (op.svc_id, op.count, op.name_hash,
+                                               op.affinity, op.flags)
+            case PutRange():
+                self.ranges.add((op.svc_id, op.network))
+            case DeleteRange():
+                self.ranges.discard((op.svc_id, op.network))
+            case _MaglevRow():
+                if op.slots is None:
+                    self.maglev_rows.pop((op.svc_id, op.row), None)
+                else:
+                    self.maglev_rows[(op.svc_id, op.row)] = op.slots
+            case DeleteFrontend():
+                self.frontends.pop(op.frontend, None)
+        if self.sizes:
+            for name, n in self.entries().items():
+                self.peak[name] = max(self.peak.get(name, 0), n)
 
     def check(self, after: MapOp | None = None) -> None:
+        try:
+            self._check(after)
+        except InvariantBroken as broken:
+            self.broken.append(broken)
+            FakeServiceMaps.broken_anywhere.append(broken)
+            raise
+
+    def _check(self, after: MapOp | None = None) -> None:
+        tables = self.maglev if self.maglev_rows else {}
         for fkey, (svc_id, count, _, _, flags) in self.frontends.items():
             for slot in range(count):
                 if (svc_id, slot) not in self.slots:
@@ -125,7 +167,7 @@ class FakeServiceMaps:
             # a Maglev table names only slots that exist (the TC program also ignores
             # entries at or past the frontend's count: a table and a count written in
             # either order are safe)
-            table = self.maglev.get(svc_id)
+            table = tables.get(svc_id)
             if flags & SVC_F_MAGLEV and table and any((svc_id, slot) not in self.slots
                                                       for slot in set(table)):
                 raise InvariantBroken(f"after {after}: {fkey} Maglev table names a slot "
@@ -138,3 +180,32 @@ class FakeServiceMaps:
         return kernel_state(((f, *entry) for f, entry in self.frontends.items()),
                             ((svc_id, slot, family, b)
                              for (svc_id, slot), (family, b) in self.slots.items()), ranges)
+
+
+class _MaglevRow:
+    """One bpfp_maglev row written (slots) or deleted (None): the unit the kernel takes."""
+    __slots__ = ("svc_id", "row", "slots")
+    __match_args__ = ("svc_id", "row", "slots")
+
+    def __init__(self, svc_id: int, row: int, slots: tuple[int, ...] | None) -> None:
+        self.svc_id, self.row, self.slots = svc_id, row, slots
+
+
+def _steps(op: MapOp) -> list:
+    """The kernel entries one op writes: a Maglev table is several rows, the rest one."""
+    if isinstance(op, PutMaglev):
+        return [_MaglevRow(op.svc_id, r // MAGLEV_ROW,
+                           tuple(op.table[r:r + MAGLEV_ROW]) + (0,) * max(
+                               0, r + MAGLEV_ROW - len(op.table)))
+                for r in range(0, len(op.table), MAGLEV_ROW)]
+    if isinstance(op, DeleteMaglev):
+        return [_MaglevRow(op.svc_id, r, None) for r in range(-(-op.size // MAGLEV_ROW))]
+    return [op]
+
+
+def _by_family(ops: list, family_of) -> list[list]:
+    """ops split by family, the families in the order they first appear (as maps._split)."""
+    by_family: dict[int, list] = {}
+    for op in ops:
+        by_family.setdefault(family_of(op), []).append(op)
+    return list(by_family.values())

@@ -1,15 +1,22 @@
 """The agent loop with the fake kernel door: never a half-listed world, never raising into
-the loop, retrying failures, repairing drift, serving only what the datapath can."""
+the loop, retrying failures, repairing drift, serving only what the datapath can.
+
+Every test waits for what it checks (the agent's events), never for a fixed time, and
+fails when a sync failed unexpectedly or the fake saw a broken invariant (conftest.py)."""
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
+from collections.abc import Callable
 
 from agent.agent import Agent
 from agent.model.objects import parse_endpoint_slice, parse_service
-from agent.planner import BackendAddr, plan
+from agent.planner import BackendAddr, PutFrontend, plan
 from agent.sources.events import ObjectChange
-from tests.fakes import FakeServiceMaps
+from tests.fakes import FakeServiceMaps, InvariantBroken
+
+TIMEOUT = 20.0       # only a hung agent ever reaches it
 
 
 def service(name: str, ips: list[str], port: int = 80, protocol: str = "TCP"):
@@ -34,26 +41,89 @@ def upserts(*objects):
     return [ObjectChange(o.key, o) for o in objects]
 
 
+class Watch:
+    """The agent's events (its on_event hook), and waiting until a condition holds: the
+    condition is checked again at each event, or when poke() is called from a thread."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.events: list[tuple[str, dict]] = []
+        self._woken = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        agent.on_event = self._on_event
+
+    def _on_event(self, kind: str, fields: dict) -> None:
+        self.events.append((kind, fields))
+        self._woken.set()
+
+    def poke(self) -> None:
+        """Thread-safe: re-check the condition (something outside the agent changed)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._woken.set)
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while not condition():
+                    self._woken.clear()
+                    await self._woken.wait()
+        except TimeoutError:
+            raise AssertionError(f"the agent never got to: {what} (events: "
+                                 f"{[k for k, _ in self.events]})") from None
+
+
 class ScriptedSource:
-    """Yields the given batches (a pause between them), then waits forever or raises."""
+    """Yields the given batches, each once the agent synced the one before (never two
+    batches in one sync by chance), then waits forever or raises."""
 
     def __init__(self, batches, fail: Exception | None = None, complete: bool = True):
         self.batches, self.fail, self.complete = batches, fail, complete
+        self.watch: Watch | None = None          # set by run(): paces the batches
+        self.delivered = False                   # every batch yielded and synced
 
     async def changes(self):
         for batch in self.batches:
+            synced = self.watch.agent.status.change_syncs if self.watch else 0
             yield batch
-            await asyncio.sleep(0.05)
+            if self.watch:
+                await self.watch.until(
+                    lambda n=synced: self.watch.agent.status.change_syncs > n,
+                    "a sync carrying the batch")
+        self.delivered = True
+        if self.watch:
+            self.watch.poke()
         if self.fail:
             raise self.fail
         await asyncio.Event().wait()
 
 
-async def run_for(agent: Agent, seconds: float) -> int:
-    task = asyncio.create_task(agent.run())
-    await asyncio.sleep(seconds)
-    agent.stop()
-    return await asyncio.wait_for(task, 5)
+def run(agent: Agent, until: Callable[[], bool] | None = None, what: str = "",
+        sync_errors: int = 0, watch: Watch | None = None) -> int:
+    """Run the agent until `until` holds (by default: its source delivered every batch
+    and the kernel holds them), stop it, and return its exit code. A sync failure other
+    than the `sync_errors` expected fails the test."""
+    watch = watch or Watch(agent)
+    if isinstance(agent.source, ScriptedSource):
+        agent.source.watch = watch
+    if until is None:
+        until, what = (lambda: agent.source.delivered and agent.status.synced), \
+            "every batch synced"
+
+    async def scenario() -> int:
+        task = asyncio.create_task(agent.run())
+        task.add_done_callback(lambda _: watch.poke())
+        try:
+            await watch.until(lambda: until() or task.done(), what)
+        finally:
+            agent.stop()
+        return await asyncio.wait_for(task, 5)
+
+    code = asyncio.run(scenario())
+    assert until(), f"the agent stopped (exit code {code}) before: {what}"
+    assert agent.status.sync_errors == sync_errors, \
+        [f for kind, f in watch.events if kind == "sync_failed"]
+    return code
 
 
 def frontends(maps: FakeServiceMaps) -> set[str]:
@@ -66,18 +136,21 @@ def test_dual_stack_service_writes_only_the_family_the_datapath_serves(caplog):
         service("web", ["10.96.0.1", "fd00::1"]),
         endpoint_slice("web", ["10.0.0.1"]), endpoint_slice("web", ["fd00:10::1"], "IPv6"))])
     agent = Agent(source, maps, min_sync_period=0.01)
-    assert asyncio.run(run_for(agent, 0.3)) == 0
+    started = time.monotonic()
+    assert run(agent) == 0
+    ran = time.monotonic() - started
     assert frontends(maps) == {"10.96.0.1:80/TCP"}
     assert "event=service_port_unsupported" in caplog.text and "IPv6" in caplog.text
     assert agent.status.synced and len(agent.status.services) == 1
-    assert 0 < agent.status.last_event_to_kernel_seconds < 1
+    # measured from the change's arrival: within the run, never zero
+    assert 0 < agent.status.last_event_to_kernel_seconds <= ran
 
 
 def test_sctp_services_are_written_like_tcp_and_udp():
     maps = FakeServiceMaps()
     source = ScriptedSource([upserts(service("s", ["10.96.0.2"], protocol="SCTP"),
                                      endpoint_slice("s", ["10.0.0.1"], protocol="SCTP"))])
-    asyncio.run(run_for(Agent(source, maps, min_sync_period=0.01), 0.3))
+    run(Agent(source, maps, min_sync_period=0.01))
     assert frontends(maps) == {"10.96.0.2:80/SCTP"}
 
 
@@ -106,9 +179,9 @@ def test_a_failed_write_is_counted_and_retried_without_a_new_event():
     source = ScriptedSource([upserts(service("web", ["10.96.0.1"]),
                                      endpoint_slice("web", ["10.0.0.1"]))])
     agent = Agent(source, maps, min_sync_period=0.01, sync_period=60)
-    asyncio.run(run_for(agent, 2.5))             # retries after 0.5 s, then 1 s
-    assert agent.status.sync_errors == 2
+    run(agent, sync_errors=2)                    # retries after 0.5 s, then 1 s
     assert agent.status.synced and frontends(maps) == {"10.96.0.1:80/TCP"}
+    assert agent.status.syncs == 1               # no event came: the retries did it
 
 
 def test_an_incomplete_listing_keeps_what_the_kernel_already_serves():
@@ -117,11 +190,11 @@ def test_an_incomplete_listing_keeps_what_the_kernel_already_serves():
     maps.apply(adopted.ops)
     source = ScriptedSource([upserts(service("a", ["10.96.0.1"]))], complete=False)
     agent = Agent(source, maps, min_sync_period=0.01)
-    asyncio.run(run_for(agent, 0.3))
+    run(agent)
     assert frontends(maps) == {"10.96.0.1:80/TCP", "10.96.0.2:80/TCP"}
 
     source = ScriptedSource([upserts(service("a", ["10.96.0.1"]))], complete=True)
-    asyncio.run(run_for(Agent(source, maps, min_sync_period=0.01), 0.3))
+    run(Agent(source, maps, min_sync_period=0.01))
     assert frontends(maps) == {"10.96.0.1:80/TCP"}
 
 
@@ -130,17 +203,19 @@ def test_the_periodic_sync_repairs_an_entry_deleted_behind_its_back():
     source = ScriptedSource([upserts(service("web", ["10.96.0.1"]),
                                      endpoint_slice("web", ["10.0.0.1", "10.0.0.2"]))])
     agent = Agent(source, maps, min_sync_period=0.01, sync_period=0.2)
+    syncs_at_deletion = []
 
-    async def scenario():
-        task = asyncio.create_task(agent.run())
-        await asyncio.sleep(0.2)
-        maps.frontends.clear()               # someone deletes the frontend from outside
-        await asyncio.sleep(0.6)
-        agent.stop()
-        return await asyncio.wait_for(task, 5)
+    def repaired() -> bool:
+        if not syncs_at_deletion:
+            if not (source.delivered and agent.status.synced):
+                return False
+            maps.frontends.clear()           # someone deletes the frontend from outside
+            syncs_at_deletion.append(agent.status.syncs)
+        return agent.status.syncs > syncs_at_deletion[0] and bool(maps.frontends)
 
-    asyncio.run(scenario())
+    run(agent, repaired, "the frontend written again")
     assert frontends(maps) == {"10.96.0.1:80/TCP"}
+    assert agent.status.change_syncs == 1    # no event: the periodic sync repaired it
 
 
 def test_nothing_is_written_before_the_first_listing():
@@ -149,15 +224,22 @@ def test_nothing_is_written_before_the_first_listing():
 
     class Silent:
         complete = True
+        asked = False
 
         async def changes(self):
+            self.asked = True
+            watch.poke()
             await asyncio.Event().wait()
             yield []
 
-    agent = Agent(Silent(), maps, min_sync_period=0.01)
-    asyncio.run(run_for(agent, 0.3))
+    source = Silent()
+    agent = Agent(source, maps, min_sync_period=0.01)
+    watch = Watch(agent)
+    # asked for changes: the agent has adopted the kernel and waits for the listing (its
+    # sync loop reached that wait before the source task first ran)
+    run(agent, lambda: source.asked, "the source asked for changes", watch=watch)
     assert frontends(maps) == {"10.96.0.9:80/TCP"}
-    assert not agent.status.synced
+    assert not agent.status.synced and agent.status.syncs == 0
 
 
 def _desired(name: str, vip: str):
@@ -165,6 +247,26 @@ def _desired(name: str, vip: str):
     return desired_state([service(name, [vip])], [endpoint_slice(name, ["10.0.0.1"])])
 
 
+class FrontendFirstMaps(FakeServiceMaps):
+    """A door that writes frontends before the slots they point at (the order the planner
+    forbids): the fake's invariant breaks inside the agent's sync, which catches it."""
+
+    def apply(self, ops):
+        super().apply(sorted(ops, key=lambda op: not isinstance(op, PutFrontend)))
+
+
+def test_a_broken_invariant_is_recorded_though_the_agent_catches_it():
+    maps = FrontendFirstMaps()
+    source = ScriptedSource([upserts(service("web", ["10.96.0.1"]),
+                                     endpoint_slice("web", ["10.0.0.1"]))])
+    agent = Agent(source, maps, min_sync_period=0.01)
+    run(agent, lambda: agent.status.sync_errors > 0, "a failed sync", sync_errors=1)
+    assert not agent.status.synced              # the agent swallowed it: only counted
+    [broken] = maps.broken
+    assert isinstance(broken, InvariantBroken) and "slot 0 is missing" in str(broken)
+    # conftest.py fails every test that leaves this non-empty; this one provoked it
+    assert FakeServiceMaps.broken_anywhere == [broken]
+    FakeServiceMaps.broken_anywhere.clear()
 
 
 def test_changes_are_synced_incrementally_and_match_a_full_sync():
@@ -176,7 +278,7 @@ def test_changes_are_synced_incrementally_and_match_a_full_sync():
                upserts(service("s07", ["10.96.0.8"], port=81))]        # a port changes
     maps = FakeServiceMaps()
     agent = Agent(ScriptedSource(batches), maps, min_sync_period=0.01)
-    asyncio.run(run_for(agent, 0.6))
+    run(agent)
     assert agent.status.full_syncs == 1 and agent.status.syncs == 4
     from agent.model import desired_state
     final_services = [s for s in services if s.name not in ("s05", "s07")] + \
@@ -208,7 +310,7 @@ def test_external_frontends_get_their_own_backends_under_a_local_policy():
     maps = FakeServiceMaps()
     node = NodeContext("this", (ipaddress.ip_address("192.0.2.5"),))
     agent = Agent(ScriptedSource([upserts(svc, remote)]), maps, min_sync_period=0.01, node=node)
-    asyncio.run(run_for(agent, 0.3))
+    run(agent)
     counts = {str(f): count for f, (_, count, *_) in maps.frontends.items()}
     assert counts == {"10.96.0.1:80/TCP": 0, "192.0.2.5:30080/TCP": 1}
     [port] = agent.status.services
@@ -219,16 +321,18 @@ def test_external_frontends_get_their_own_backends_under_a_local_policy():
 def test_removed_udp_backends_are_handed_to_the_socket_cleanup():
     calls = []
 
-    def cleanup(removed, still_served):
+    def cleanup(removed, still_served):          # runs in a thread of the agent's
         calls.append(({str(b.address) for b in removed}, still_served))
+        watch.poke()
         return 0
 
     dns = service("dns", ["10.96.0.53"], port=53, protocol="UDP")
     batches = [upserts(dns, endpoint_slice("dns", ["10.0.0.1", "10.0.0.2"], protocol="UDP")),
                upserts(endpoint_slice("dns", ["10.0.0.2"], protocol="UDP"))]
-    agent = Agent(ScriptedSource(batches), FakeServiceMaps(), min_sync_period=0.01,
-                  udp_cleanup=cleanup)
-    asyncio.run(run_for(agent, 0.4))
+    source = ScriptedSource(batches)
+    agent = Agent(source, FakeServiceMaps(), min_sync_period=0.01, udp_cleanup=cleanup)
+    watch = Watch(agent)
+    run(agent, lambda: source.delivered and calls, "the UDP cleanup called", watch=watch)
     assert [removed for removed, _ in calls] == [{"10.0.0.1"}]
     still_served = calls[0][1]
     frontend = next(iter(agent._plan.owners))
