@@ -1,7 +1,8 @@
 """The command line as a user runs it: the installed `bpfproxy` console script, its flags,
-its exit codes, and `services -o json` in the shape DESIGN.md promises."""
+its exit codes, and `services -o json` in the shape README.md's "Command line" promises."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -28,14 +29,53 @@ def test_console_script_is_installed():
         assert command in done.stdout
 
 
+# A value for each placeholder the README's command line uses; a new placeholder needs one.
+SAMPLE_VALUES = {
+    "DIR": "/tmp/bpfp-dir", "CGROUP2_DIR": "/sys/fs/cgroup/bpfp", "FILE": "/tmp/bpfp-file",
+    "NAME": "bpfp-node", "IP[,IP]": "10.0.0.1,fd00::1", "IF[,IF]": "eth0,eth1",
+    "CIDR[,CIDR]": "10.0.0.0/8,fd00::/64", "ADDR": "127.0.0.1:9999", "SECONDS": "7.5",
+    "N": "4099", "PRIME": "4099",
+}
+
+
+def documented_agent_flags() -> list[tuple[str, str]]:
+    """(flag, placeholder) for every flag of `bpfproxy agent` in README.md's command line."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Command line\n", 1)[1].split("```\n", 2)[1]
+    lines = block.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("bpfproxy agent "))
+    end = next(i for i in range(first + 1, len(lines)) if lines[i].startswith("bpfproxy "))
+    tokens = []
+    for token in " ".join(lines[first:end]).split():
+        token = token.removeprefix("[") if token.startswith("[--") else token
+        tokens.append(token.removesuffix("]") if "[" not in token else token)
+    return [(token, tokens[i + 1] if i + 1 < len(tokens) else "")
+            for i, token in enumerate(tokens) if token.startswith("--")]
+
+
+def agent_options() -> dict[str, argparse.Action]:
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction))
+    return {flag: action for action in commands.choices["agent"]._actions
+            for flag in action.option_strings if flag.startswith("--") and flag != "--help"}
+
+
 def test_every_documented_agent_flag_is_accepted():
-    args = build_parser().parse_args([
-        "agent", "--manifests", "/tmp", "--node-name", "n1", "--node-ip", "10.0.0.1,fd00::1",
-        "--interfaces", "eth0,eth1", "--cgroup", "/sys/fs/cgroup", "--bpffs", "/sys/fs/bpf/x",
-        "--api", "unix:///run/x.sock", "--metrics", "127.0.0.1:9100",
-        "--healthz", "127.0.0.1:10256"])
-    assert args.node_ip == "10.0.0.1,fd00::1" and args.interfaces == "eth0,eth1"
-    assert build_parser().parse_args(["agent", "--kubeconfig", "/k"]).kubeconfig == Path("/k")
+    documented = documented_agent_flags()
+    options = agent_options()
+    assert len(documented) >= 20, documented        # the block was found and read
+    for flag, placeholder in documented:
+        action = options.get(flag)
+        assert action is not None, f"README documents {flag}, which the agent does not take"
+        values = placeholder.split("|") if "|" in placeholder else [SAMPLE_VALUES[placeholder]]
+        for value in values:
+            args = build_parser().parse_args(["agent", flag, value])
+            assert getattr(args, action.dest) == (action.type or str)(value), (flag, value)
+    # and the other way: the README's command line lists every flag the agent takes
+    assert set(options) - {flag for flag, _ in documented} == set()
+
+
+def test_the_other_commands_take_their_flags():
     assert build_parser().parse_args(["services", "-o", "json"]).output == "json"
     assert build_parser().parse_args(["cleanup", "--cgroup", "/c", "--bpffs", "/b"]).bpffs == \
         Path("/b")

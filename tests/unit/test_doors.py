@@ -1,4 +1,4 @@
-"""The doors between rooms (STYLE.md section 1): the model and the planner are pure, so they
+"""The doors between the agent's rooms: the model and the planner are pure, so they
 import nothing from the datapath or the sources, no kernel or cluster client, and no I/O."""
 from __future__ import annotations
 
