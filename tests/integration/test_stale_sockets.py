@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import select
 import socket
 import subprocess
@@ -238,10 +239,10 @@ def test_a_namespace_that_vanishes_midway_is_skipped(backends, monkeypatch, capl
     def find_then_lose_some(*args, **kw):
         found = find(*args, **kw)
         sleeper_path = f"/proc/{sleeper.pid}/ns/net"
-        for paths in found.values():
-            if sleeper_path in paths:          # try the process that will be gone first
-                paths.remove(sleeper_path)
-                paths.insert(0, sleeper_path)
+        for netns in found:
+            if sleeper_path in netns.paths:    # try the process that will be gone first
+                netns.paths.remove(sleeper_path)
+                netns.paths.insert(0, sleeper_path)
         lab.remove_pod(doomed)                 # its processes and namespace go away
         lab.processes.stop(sleeper)
         return found
@@ -349,3 +350,91 @@ def test_the_agent_moves_udp_clients_of_a_cluster_ip_off_a_removed_backend(make_
         assert direct.do("ask") == "answer backend-a:5353", \
             "a socket the LB did not balance is not the agent's to close"
         lab.remove_pod(gone)
+
+
+# -- fairness and trust (issue 13, A6) ------------------------------------------------------
+
+# Forks N children that each enter a new network namespace and wait; one line per child.
+MANY_NAMESPACES = textwrap.dedent("""
+    import ctypes, os, sys, time
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(int(sys.argv[1])):
+        if os.fork() == 0:
+            if libc.unshare(0x40000000) != 0:        # CLONE_NEWNET
+                os._exit(1)
+            os.write(1, ("in %s\\n" % os.readlink("/proc/self/ns/net")).encode())
+            time.sleep(600)
+            os._exit(0)
+    time.sleep(600)
+""")
+
+
+@integration
+def test_a_pod_with_many_namespaces_does_not_hold_back_another_pods_stale_socket(backends):
+    lab, a, _b = backends
+    hog, late = lab.add_pod("hog"), lab.add_pod("late")
+    walked = [os.path.basename(d) for d, _, _ in os.walk(lab.cgroup)]
+    # without fair order the sweep would reach late's namespace after every one of hog's
+    assert walked.index("hog") < walked.index("late"), walked
+    many = hog.popen([sys.executable, "-c", MANY_NAMESPACES, "200"], stdout=subprocess.PIPE,
+                     text=True)
+    try:
+        created = {many.stdout.readline().split()[1] for _ in range(200)}
+        assert len(created) == 200
+        stale = UdpClient(late, a.ip, 5353)
+
+        results = stale_sockets.sweep_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)}, workers=1)
+    finally:
+        lab.processes.stop(many)
+        wait_for(lambda: "populated 0" in (hog.cgroup / "cgroup.events").read_text(),
+                 what="hog's 200 processes gone (its cgroup can be removed then)")
+
+    by_owner: dict[str, list] = {}
+    for result in results:
+        by_owner.setdefault(result.owner, []).append(result)
+    assert len(by_owner["hog"]) == 201           # its pod namespace and the 200 it made
+    (swept_late,) = by_owner["late"]
+    assert swept_late.destroyed == 1
+    # one namespace of each cgroup before the second of any: late's came in the first round
+    assert swept_late.order < sorted(r.order for r in by_owner["hog"])[1]
+    assert aborted(stale.do("recv"))
+
+
+@integration
+def test_only_sockets_to_removed_backends_come_back_from_the_kernel(backends):
+    lab, a, b = backends
+    c = lab.add_pod("c")
+    stale = UdpClient(c, a.ip, 5353)
+    others = [UdpClient(c, a.ip, 5354), UdpClient(c, b.ip, 5353), UdpClient(c, b.ip, 5354)]
+    results = stale_sockets.sweep_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)})
+    (in_c,) = [r for r in results if r.owner == "c"]
+    # the bytecode filter ran in the kernel: the three other connected sockets never came
+    assert (in_c.checked, in_c.destroyed) == (1, 1)
+    assert aborted(stale.do("recv"))
+    assert all(other.do("recv") == "timeout" for other in others)
+
+
+@integration
+def test_a_forged_answer_from_a_process_in_the_namespace_is_ignored(backends):
+    """A process with CAP_NET_ADMIN in the namespace can send our sock_diag socket a
+    netlink message; an NLMSG_DONE with our next sequence number would end the dump before
+    the kernel's answer, hiding the stale socket."""
+    lab, a, _b = backends
+    c = lab.add_pod("c")
+    stale = UdpClient(c, a.ip, 5353)
+    (netns,) = [n for n in stale_sockets.find_namespaces(lab.cgroup, False)
+                if f"/proc/{stale.process.pid}/ns/net" in n.paths]
+    diag, _via = stale_sockets.open_diag_socket(netns)
+    forger, _ = stale_sockets.open_diag_socket(netns)
+    with diag, forger:
+        next_seq = (stale_sockets._Seq._next + 1) & 0xFFFFFFFF
+        diag.bind((0, 0))                      # its port id now, not at its first send
+        portid = diag.getsockname()[0]
+        for fake_type in (stale_sockets.NLMSG_DONE, stale_sockets.NLMSG_DONE):
+            forger.sendto(stale_sockets._NLMSGHDR.pack(20, fake_type, 2, next_seq, 0)
+                          + b"\0" * 4, (portid, 0))
+        result = stale_sockets.SweepResult(netns=netns.key[1])
+        found = list(stale_sockets.dump_udp(diag, socket.AF_INET, time.monotonic() + 5,
+                                            result=result))
+    assert [udp.peer for udp in found] == [(ip(a.ip), 5353)]
+    assert result.foreign == 2
