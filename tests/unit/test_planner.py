@@ -291,3 +291,30 @@ def test_switching_affinity_on_and_off_rewrites_only_the_frontends():
     assert plan(sticky, fake.read_back()).ops == ()
     off = plan(base, fake.read_back())
     assert kinds(off.ops) == ["PutFrontend"] and off.ops[0].affinity == 0
+
+
+# --- the ids a restarted or upgraded agent finds its service ports by ---------------------
+
+PORT_HASHES = [    # computed once (blake2b-64 of the name); never to be recomputed here
+    (("default", "kubernetes", "https", Protocol.TCP, 4, None), 12512255576150685809),
+    (("default", "kubernetes", "https", Protocol.TCP, 4, 1), 9613084247562958338),
+    (("default", "kubernetes", "https", Protocol.TCP, 4, 2), 12225825239393691514),
+    (("default", "kubernetes", "https", Protocol.TCP, 4, 3), 11701823677505754229),
+    (("kube-system", "kube-dns", "dns", Protocol.UDP, 4, None), 7814929417520532835),
+    (("kube-system", "kube-dns", "dns-tcp", Protocol.TCP, 6, None), 2124453382256254090),
+    (("kube-system", "kube-dns", "dns-tcp", Protocol.TCP, 6, 1), 11899523804861442117),
+    (("ns", "web", "", Protocol.SCTP, 4, None), 15090398379104020365),
+    (("ns", "web", "", Protocol.SCTP, 4, 3), 53023172177809642),
+]
+
+
+@pytest.mark.parametrize(("name", "want"), PORT_HASHES, ids=lambda v: str(v))
+def test_port_hash_is_what_the_pinned_maps_of_earlier_agents_hold(name, want):
+    """svc_value.name_hash is how an agent adopts the slot tables it finds: a changed hash
+    would make an upgraded agent take every service port for new (all slots rewritten,
+    ids reshuffled under live traffic)."""
+    namespace, service, port_name, protocol, family, scope = name
+    key = (ServicePortName(namespace, service, port_name, protocol), family)
+    assert port_hash(key if scope is None else (*key, scope)) == want
+    if scope is None:            # the internal scope (0) is the name without a scope
+        assert port_hash((*key, 0)) == want
