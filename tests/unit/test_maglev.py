@@ -62,9 +62,9 @@ def test_the_table_depends_on_the_backends_not_their_order():
 
 
 def test_tables_are_what_earlier_agents_wrote():
-    """Literal tables (computed once, never recomputed here): nodes running different agent versions
-    during an upgrade must pick the same backend for a flow, so the hashes and the fill
-    may never change without a new map layout."""
+    """Literal tables (computed once, never recomputed here): nodes running different
+    agent versions during an upgrade must pick the same backend for a flow, so the hashes
+    and the fill may never change without a new map layout."""
     assert maglev.table(["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"], 13) == \
         [1, 2, 0, 1, 0, 1, 2, 0, 0, 1, 2, 2, 0]
     assert maglev.table(["[fd00::1]:53", "10.1.2.3:53"], 7) == [1, 1, 0, 1, 0, 0, 1]
