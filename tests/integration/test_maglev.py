@@ -1,6 +1,7 @@
 """--lb-algorithm maglev: a flow from outside lands on the same backend whichever node it
 enters through (no state shared between the nodes' agents), and removing one of N backends
-moves about 1/N of the flows."""
+moves about 1/N of the flows. The tables the agents wrote are read back from bpfp_maglev and
+compared with agent/maglev.py's, by backend, and across the nodes."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,8 @@ import time
 
 import pytest
 
+from agent import maglev
+from agent.planner import SVC_F_MAGLEV
 from lab import manifests
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -34,6 +37,7 @@ for sport in range(first, last):
 """
 
 EP_PORTS = [{"name": "dns", "port": 8080, "protocol": "UDP"}]
+TABLE_SIZE = 1021                     # --maglev-table-size
 
 
 def write(directory, pods, family):
@@ -61,6 +65,42 @@ def flows(cluster, node: int, family: int) -> dict[int, str]:
     return out
 
 
+def kernel_tables(pin_dir) -> list[tuple[list[str], list[str]]]:
+    """For each Maglev service port in the maps: (its table as the kernel holds it, entry
+    -> backend "address:port" through its slot, and the table agent/maglev.py computes
+    for the backends of its slots)."""
+    from agent.datapath.maps import BpfServiceMaps
+    maps = BpfServiceMaps(pin_dir)
+    try:
+        applied = maps.read_back()
+        rows: dict[int, dict[int, tuple[int, ...]]] = {}
+        for key, row in maps.maglev.items():
+            rows.setdefault(key.svc_id, {})[key.row] = tuple(row.slot)
+    finally:
+        maps.close()
+    out = []
+    for svc_id, service in sorted(applied.items()):
+        if not service.flags & SVC_F_MAGLEV:
+            continue
+        names = [f"{b.address}:{b.port}" for b in service.backends]
+        held = rows.get(svc_id, {})
+        entries = [slot for r in sorted(held) for slot in held[r]][:TABLE_SIZE]
+        out.append(([names[slot] if slot < len(names) else f"slot {slot}?" for slot in entries],
+                    [names[i] for i in maglev.table(names, TABLE_SIZE)]))
+    return out
+
+
+def assert_kernel_tables(cluster, backends: int) -> None:
+    """Both nodes hold, for each family, the table agent/maglev.py computes, whole."""
+    by_node = [kernel_tables(cluster.agents[n].bpffs) for n in (1, 2)]
+    for tables in by_node:
+        assert len(tables) == 2                        # the NodePort port, each family
+        for held, computed in tables:
+            assert len(held) == TABLE_SIZE and held == computed
+            assert len(set(held)) == backends
+    assert by_node[0] == by_node[1]
+
+
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_maglev_is_consistent_across_nodes_and_moves_few_flows(tmp_path, family):
     from lab.cluster import Cluster
@@ -72,8 +112,10 @@ def test_maglev_is_consistent_across_nodes_and_moves_few_flows(tmp_path, family)
         write(tmp_path, pods, family)
         # flows expire after 1 s idle, so a second round is balanced afresh
         cluster.start_agents(tmp_path, extra_args=("--lb-algorithm", "maglev",
+                                                   "--maglev-table-size", str(TABLE_SIZE),
                                                    "--conntrack-udp-timeout", "1",
                                                    "--conntrack-max", "4096"))
+        assert_kernel_tables(cluster, backends=4)
         from agent.datapath.maps import BpfServiceMaps
         maps = BpfServiceMaps(cluster.agents[1].bpffs)
         assert maps.ct.max_entries == 4096      # the flow table is bounded (LRU)
@@ -84,7 +126,16 @@ def test_maglev_is_consistent_across_nodes_and_moves_few_flows(tmp_path, family)
         assert set(via1.values()) == {"a", "b", "c", "d"}
 
         write(tmp_path, pods[:3], family)        # d leaves
-        time.sleep(2.0)                          # synced, and every flow idle past 1 s
+        deadline = time.monotonic() + 30
+        while True:                              # the agents are other processes: poll
+            try:
+                assert_kernel_tables(cluster, backends=3)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        time.sleep(1.5)        # the conntrack UDP timeout (1 s): every flow balanced anew
         after = flows(cluster, 2, family)
         assert "timeout" not in after.values() and "d" not in after.values()
         stayed = [p for p in PORTS if via1[p] != "d"]
