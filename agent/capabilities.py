@@ -33,16 +33,21 @@ NAMES = {CAP_DAC_OVERRIDE: "CAP_DAC_OVERRIDE", CAP_SETPCAP: "CAP_SETPCAP",
 # What the running agent needs, found by running it without each (tests/integration/
 # test_security.py); program loading and attaching happen before, in the loader child.
 AGENT_CAPABILITIES = frozenset({
-    CAP_SYS_ADMIN,    # setns() into pods' network namespaces; and bpf(2) on the pinned maps
-                      # and program/link lookups by id (bpf_capable(): CAP_BPF adds nothing)
-    CAP_NET_ADMIN,    # SOCK_DESTROY of stale UDP sockets (sock_diag checks it, not SYS_ADMIN)
+    CAP_BPF,          # bpf(2) on the pinned maps and links (unprivileged_bpf_disabled)
+    CAP_NET_ADMIN,    # SOCK_DESTROY of stale UDP sockets (sock_diag checks it), and
+                      # BPF_PROG_QUERY of the hooks for the API and health
+})
+# What the netns opener child keeps (agent/datapath/netns_opener.py), and nothing else:
+# the agent itself parses input and serves the API without them.
+NETNS_OPENER_CAPABILITIES = frozenset({
+    CAP_SYS_ADMIN,    # setns() into pods' network namespaces
     CAP_SYS_PTRACE,   # /proc/<pid>/ns/net of pod processes (other users, or more caps)
 })
 # What the container needs at start (manifests/daemonset.yaml): the loader child compiles,
 # loads and attaches with CAP_SYS_ADMIN (which also covers CAP_BPF, CAP_NET_ADMIN's attach
-# checks and CAP_PERFMON's verifier checks on Linux 5.8+); CAP_SETPCAP lets the agent empty
-# its bounding set when it drops.
-CONTAINER_CAPABILITIES = AGENT_CAPABILITIES | {CAP_SETPCAP}
+# checks and CAP_PERFMON's verifier checks on Linux 5.8+); CAP_SETPCAP lets the agent and
+# the opener empty their bounding sets when they drop.
+CONTAINER_CAPABILITIES = AGENT_CAPABILITIES | NETNS_OPENER_CAPABILITIES | {CAP_SETPCAP}
 
 _PR_CAPBSET_READ = 23
 _PR_CAPBSET_DROP = 24
@@ -143,20 +148,30 @@ def other_threads_with_more(allowed) -> dict[int, frozenset[int]]:
     return extra
 
 
-def drop_after_loading() -> None:
-    """The agent's drop: log what it keeps; a thread that kept more is logged, not fatal."""
+class DropFailed(RuntimeError):
+    """The capabilities could not be dropped: the process must not go on with them."""
+
+
+def drop_after_loading(keep=None, who: str = "agent") -> frozenset[int]:
+    """The agent's drop (keep: AGENT_CAPABILITIES): log what it keeps. A failed drop, or a
+    thread that kept more, raises DropFailed: running on with every capability the
+    container gave (CAP_SYS_ADMIN among them) is worse than not running."""
+    keep = AGENT_CAPABILITIES if keep is None else frozenset(keep)
+    before = of_task()
     try:
-        before = of_task()
-        now = drop_to(AGENT_CAPABILITIES)
+        now = drop_to(keep)
     except OSError as exc:
-        log.error("event=capabilities_drop_failed error=%r action=keeping_all", str(exc))
-        return
-    missing = AGENT_CAPABILITIES - now
-    log.info("event=capabilities_dropped kept=%s dropped=%d", names(now), len(before - now))
-    if missing:
-        log.warning("event=capabilities_missing caps=%s hint=%r", names(missing),
-                    "the agent was started without them: stale UDP socket cleanup or map "
-                    "writes may fail")
+        raise DropFailed(f"{who}: dropping capabilities to {names(keep)} failed: {exc}; "
+                         f"it still has {names(before)} and stops") from exc
     leaked = other_threads_with_more(now)
     if leaked:
-        log.warning("event=capabilities_thread_kept threads=%s", sorted(leaked))
+        raise DropFailed(f"{who}: threads {sorted(leaked)} kept capabilities "
+                         f"{names(frozenset().union(*leaked.values()))} after the drop "
+                         f"(started before it); it stops")
+    missing = keep - now
+    log.info("event=capabilities_dropped who=%s kept=%s dropped=%d", who, names(now),
+             len(before - now))
+    if missing:
+        log.warning("event=capabilities_missing who=%s caps=%s hint=%r", who, names(missing),
+                    "started without them: stale UDP socket cleanup or map writes may fail")
+    return now

@@ -16,6 +16,7 @@ from agent.api.service_health import ServiceHealthServer
 from agent.datapath import loader
 from agent.datapath.config import DatapathConfig
 from agent.datapath.maps import BpfServiceMaps, LayoutError
+from agent.datapath.netns_opener import NetnsDoorClosed, NetnsOpener
 from agent.datapath.stale_sockets import udp_cleanup_for
 from agent.datapath.tc import check_snat_ports, interface_addresses
 from agent.model.types import NodeContext
@@ -64,7 +65,19 @@ async def serve(args) -> int:
     if config.interfaces:
         check_snat_ports(config.snat_port_min, config.snat_port_max)
     # Loading and attaching are done (in the loader child): keep only what serving needs.
-    capabilities.drop_after_loading()
+    # Entering pods' network namespaces is left to a child started before the drop, the
+    # only part that keeps CAP_SYS_ADMIN and CAP_SYS_PTRACE (agent/datapath/netns_opener.py).
+    try:
+        opener = NetnsOpener.start(cgroup)
+    except NetnsDoorClosed as exc:
+        log.error("event=netns_opener_failed error=%r action=exiting", str(exc))
+        return 1
+    try:
+        capabilities.drop_after_loading()
+    except capabilities.DropFailed as exc:
+        opener.close()
+        log.error("event=capabilities_drop_failed error=%r action=exiting", str(exc))
+        return 1
     if args.manifests is None:
         from agent.sources.kube import KubeSource
         source = KubeSource(args.api_client, args.node_name)
@@ -77,7 +90,7 @@ async def serve(args) -> int:
     agent = Agent(source=source, maps=maps,
                   min_sync_period=args.min_sync_period, sync_period=args.sync_period,
                   node=NodeContext(args.node_name, args.node_ips, args.nodeport_cidrs),
-                  udp_cleanup=udp_cleanup_for(cgroup, maps),
+                  udp_cleanup=udp_cleanup_for(cgroup, maps, door=opener),
                   maglev_m=args.maglev_table_size if args.lb_algorithm == "maglev" else 0,
                   flow_cleanup=maps.forget_flows if config.interfaces else None,
                   service_health=health_checks.update)
@@ -99,6 +112,7 @@ async def serve(args) -> int:
         refresher.cancel()
         await observers.stop()
         await health_checks.close()
+        opener.close()
         log.info(
             "event=agent_stopped programs=left_attached maps=left_pinned")
     return code

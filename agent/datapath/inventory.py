@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from agent.datapath import bpfsys, layout
-from agent.datapath.loader import SOCKET_PROGRAMS
+from agent.datapath.loader import SOCKET_PROGRAMS, TC_PROGRAMS
 from agent.planner import BackendAddr
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 _CHUNK = 4096
 # our own handle, so these prototypes never clash with bpfsys's
 _libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+_libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p,
+                                            ctypes.POINTER(ctypes.c_uint32)]
 _libbpf.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
                                    ctypes.POINTER(ctypes.c_uint32),
@@ -191,18 +194,50 @@ class Attachment:
     program_id: int = 0
 
 
-def socket_programs(cgroup_dir: Path) -> list[Attachment]:
+def pinned_link_programs(pin_dir: Path) -> dict[int, str]:
+    """Program id -> function of each link the loader pinned (links/<function> for the socket
+    hooks, links/tc-<ifname>-<hook> for tcx). Naming a program from its id needs
+    CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID), which the running agent has given up; a pinned
+    link's info gives its program's id with CAP_BPF."""
+    tc_functions = {"ingress" if hook == _TCX_INGRESS else "egress": func
+                    for func, hook in TC_PROGRAMS}
+    found = {}
+    links = Path(pin_dir) / "links"
+    for link in sorted(links.iterdir()) if links.is_dir() else ():
+        func = (tc_functions.get(link.name.rsplit("-", 1)[-1], "")
+                if link.name.startswith("tc-") else link.name)
+        try:
+            fd = bpfsys.obj_get(str(link))
+        except OSError:
+            continue                                   # unpinned meanwhile
+        try:
+            info = ctypes.create_string_buffer(64)
+            length = ctypes.c_uint32(64)
+            if func and _libbpf.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(length)) == 0:
+                found[struct.unpack_from("=I", info.raw, 8)[0]] = func   # bpf_link_info.prog_id
+        finally:
+            os.close(fd)
+    return found
+
+
+def _program_name(prog_id: int, pinned: dict[int, str]) -> str:
+    """The kernel's 15 characters of the program's name."""
+    return pinned[prog_id][:15] if prog_id in pinned else bpfsys.program_name(prog_id)
+
+
+def socket_programs(cgroup_dir: Path, pinned: dict[int, str] | None = None
+                    ) -> list[Attachment]:
     """Each socket LB hook on the cgroup: attached (with its program id) or missing."""
     out = []
     for func, hook in SOCKET_PROGRAMS:
         found = [pid for pid in bpfsys.cgroup_program_ids(str(cgroup_dir), hook)
-                 if bpfsys.program_name(pid) == func[:15]]   # the kernel keeps 15 chars
+                 if _program_name(pid, pinned or {}) == func[:15]]   # the kernel keeps 15
         out.append(Attachment(func, hook.name, str(cgroup_dir), bool(found),
                               found[0] if found else 0))
     return out
 
 
-def _tcx_programs(ifname: str, ifindex: int) -> list[Attachment]:
+def _tcx_programs(ifname: str, ifindex: int, pinned: dict[int, str]) -> list[Attachment]:
     out = []
     for attach_type, direction in ((_TCX_INGRESS, "ingress"), (_TCX_EGRESS, "egress")):
         ids = (ctypes.c_uint32 * 64)()
@@ -212,7 +247,7 @@ def _tcx_programs(ifname: str, ifindex: int) -> list[Attachment]:
                                   ctypes.byref(count)) < 0:
             continue                                   # no tcx on this kernel/interface
         for pid in ids[:count.value]:
-            name = bpfsys.program_name(pid)
+            name = _program_name(pid, pinned)
             if name.startswith("bpfp_"):
                 out.append(Attachment(name, f"tcx {direction}", ifname, True, pid))
     return out
@@ -239,7 +274,8 @@ def _clsact_programs(ifname: str, ifindex: int) -> list[Attachment]:
     return out
 
 
-def tc_programs(interfaces: Sequence[str]) -> list[Attachment]:
+def tc_programs(interfaces: Sequence[str], pinned: dict[int, str] | None = None
+                ) -> list[Attachment]:
     """Our TC programs (tcx links or clsact filters named bpfp_*) on each interface; an
     interface with none of ours gives one Attachment(attached=False). The TC datapath
     plugs in here: any attach style it picks is found by program name."""
@@ -250,7 +286,8 @@ def tc_programs(interfaces: Sequence[str]) -> list[Attachment]:
         except OSError:
             out.append(Attachment("", "tc", ifname, False))
             continue
-        found = _tcx_programs(ifname, ifindex) + _clsact_programs(ifname, ifindex)
+        found = _tcx_programs(ifname, ifindex, pinned or {}) + _clsact_programs(ifname,
+                                                                              ifindex)
         out.extend(found or [Attachment("", "tc", ifname, False)])
     return out
 
@@ -290,8 +327,11 @@ class Inventory:
             return value
 
     def programs(self) -> list[Attachment]:
-        return self._cached("programs", lambda: socket_programs(self.cgroup_dir)
-                            + (tc_programs(self.interfaces) if self.expect_tc else []))
+        def read() -> list[Attachment]:
+            pinned = pinned_link_programs(self.pin_dir)
+            return socket_programs(self.cgroup_dir, pinned) + (
+                tc_programs(self.interfaces, pinned) if self.expect_tc else [])
+        return self._cached("programs", read)
 
     def maps(self) -> list[MapUsage]:
         return self._cached("maps", lambda: map_usage(self.pin_dir))

@@ -123,6 +123,10 @@ def test_agent_keeps_only_its_capabilities_and_still_works(make_lab, tmp_path):
                 stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
         agent.wait_synced()
         tasks = task_sets(agent.process.pid)
+        (opener,) = [int(pid) for pid in Path(f"/proc/{agent.process.pid}/task/"
+                                              f"{agent.process.pid}/children").read_text().split()]
+        opener_tasks = task_sets(opener)
+        privs_locked = no_new_privs(agent.process.pid) and no_new_privs(opener)
         status = json.loads(agent.cli("status", "--api", agent.api, "-o", "json").stdout)
         methods = reflected_methods(agent.api)
         tcp = client.tcp(VIP, 80, count=20)
@@ -163,10 +167,17 @@ def test_agent_keeps_only_its_capabilities_and_still_works(make_lab, tmp_path):
         stale_udp_sockets_destroyed=after.count("ECONNABORTED"),
         api_methods=len(methods.get("bpfproxy.v1.Agent", [])))
 
-    # every thread: only the documented set, in every set, for good
+    # every thread: only the documented set, in every set, for good; setns() and other
+    # processes' namespaces only in the opener child, which keeps nothing else
     assert all(sets == {"CapEff": kept, "CapPrm": kept, "CapInh": frozenset(),
                         "CapBnd": kept, "CapAmb": frozenset()}
                for sets in tasks.values()), tasks
+    assert not kept & {capabilities.CAP_SYS_ADMIN, capabilities.CAP_SYS_PTRACE}
+    opener_kept = capabilities.NETNS_OPENER_CAPABILITIES
+    assert list(opener_tasks.values()) == [{
+        "CapEff": opener_kept, "CapPrm": opener_kept, "CapInh": frozenset(),
+        "CapBnd": opener_kept, "CapAmb": frozenset()}], opener_tasks
+    assert privs_locked
     assert "event=capabilities_dropped" in agent.log()
     # and it works with them: sync, the kernel read through the pins, traffic
     assert status["synced"] and status["maps"] and all(p["attached"]
@@ -211,3 +222,21 @@ def test_dropped_capabilities_do_not_come_back_through_exec():
     for field in ("CapEff", "CapPrm", "CapBnd"):
         assert capabilities.from_mask(int(fields[field], 16)) == keep, (field, fields[field])
     assert fields["NoNewPrivs"] == "1"
+
+
+def test_a_drop_that_leaves_a_thread_with_more_stops_the_process():
+    """Issue 13, A5: a failed drop is fatal, with a message that says why."""
+    script = textwrap.dedent("""
+        import threading
+        from agent import capabilities
+        started = threading.Event()
+        threading.Thread(target=lambda: (started.set(), threading.Event().wait()),
+                         daemon=True).start()
+        started.wait()
+        capabilities.drop_after_loading()
+        print("still running with", capabilities.names(capabilities.of_task()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, cwd=Path(__file__).parents[2])
+    assert done.returncode != 0 and "still running" not in done.stdout
+    assert "DropFailed" in done.stderr and "kept capabilities" in done.stderr, done.stderr

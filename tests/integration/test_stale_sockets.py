@@ -17,6 +17,7 @@ import time
 import pytest
 
 from agent.datapath import stale_sockets
+from agent.datapath.netns_opener import NetnsDoorClosed, NetnsOpener
 from agent.datapath.stale_sockets import destroy_udp_sockets
 from lab import manifests
 from lab.agent_runner import AgentRunner
@@ -438,3 +439,32 @@ def test_a_forged_answer_from_a_process_in_the_namespace_is_ignored(backends):
                                             result=result))
     assert [udp.peer for udp in found] == [(ip(a.ip), 5353)]
     assert result.foreign == 2
+
+
+@integration
+def test_the_sweep_through_the_netns_opener_and_when_the_opener_dies(backends, caplog):
+    """Issue 13, A5: the agent enters pods' namespaces only through its opener child; when
+    the child dies, the next sweep fails at once with the reason (no hang)."""
+    lab, a, _b = backends
+    first, second = UdpClient(lab.add_pod("c"), a.ip, 5353), UdpClient(lab.add_pod("d"),
+                                                                          a.ip, 5353)
+    opener = NetnsOpener.start(lab.cgroup)
+    try:
+        assert destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)}, door=opener) == 2
+        assert aborted(first.do("recv")) and aborted(second.do("recv"))
+        # it opens namespace links of processes only, nothing else a request names
+        with pytest.raises(OSError, match="not /proc/PID/ns/net"):
+            opener.diag_socket(stale_sockets.Netns((0, 0), "", ["/etc/passwd"]),
+                               time.monotonic() + 5)
+
+        opener.process.kill()
+        opener.process.wait()
+        with caplog.at_level(logging.ERROR, logger="agent.datapath.netns_opener"):
+            with pytest.raises(NetnsDoorClosed, match="until the agent restarts"):
+                destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)}, door=opener)
+            with pytest.raises(NetnsDoorClosed):
+                destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)}, door=opener)
+        assert opener.failures == 2
+        assert caplog.text.count("event=netns_opener_gone") == 1
+    finally:
+        opener.close()

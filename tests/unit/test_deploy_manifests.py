@@ -99,6 +99,7 @@ def test_the_daemonset_runs_on_every_node_and_never_leaves_one_without_a_proxy()
     # privileged only the init container that mounts bpffs; the agent: capabilities
     assert container()["securityContext"] == {
         "privileged": False, "appArmorProfile": {"type": "Unconfined"},
+        "seccompProfile": {"type": "RuntimeDefault"},
         "capabilities": {"drop": ["ALL"],
                          "add": sorted(capabilities.name(c).removeprefix("CAP_")
                                        for c in capabilities.CONTAINER_CAPABILITIES)}}
@@ -241,3 +242,41 @@ def test_make_has_the_kind_targets_wired_to_the_script():
     for step in ("up", "deploy", "test", "down"):
         recipe = re.search(rf"^kind-{step}:.*\n\t(.+)$", makefile, re.MULTILINE)
         assert recipe and shlex.split(recipe.group(1)) == ["bash", "scripts/kind.sh", step]
+
+
+# ---- least privilege (issue 13, A5) -------------------------------------------------------
+
+# what the agent writes: pins on bpffs, its API socket; every other mount is read only
+WRITTEN_MOUNTS = {"/sys/fs/bpf", "/run/bpfproxy"}
+
+
+def test_the_agent_runs_under_the_runtimes_seccomp_filter():
+    context = container()["securityContext"]
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_what_the_agent_only_reads_is_mounted_read_only():
+    mounts = container()["volumeMounts"]
+    writable = {m["mountPath"] for m in mounts if not m.get("readOnly")}
+    assert writable == WRITTEN_MOUNTS
+    assert {m["mountPath"] for m in mounts} > WRITTEN_MOUNTS | {"/host/sys/fs/cgroup"}
+
+
+def test_host_namespaces_are_the_two_the_agent_needs_each_with_its_reason():
+    pod = daemonset()["spec"]["template"]["spec"]
+    shared = {key for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)}
+    assert shared == {"hostNetwork", "hostPID"}
+    text = (MANIFESTS / "daemonset.yaml").read_text()
+    # hostPID only for the stale-UDP sweep through /proc/<pid>/ns/net, said where it is set
+    reason = text[:text.index("hostPID: true")].rsplit("hostNetwork", 1)[1]
+    assert "/proc/<pid>/ns/net" in reason and "pid namespace" in reason
+
+
+def test_the_container_gets_only_what_the_agent_and_its_opener_keep():
+    added = set(container()["securityContext"]["capabilities"]["add"])
+    kept = {capabilities.name(c).removeprefix("CAP_")
+            for c in capabilities.AGENT_CAPABILITIES | capabilities.NETNS_OPENER_CAPABILITIES}
+    assert added == kept | {"SETPCAP"}
+    # the process that parses input and serves the API cannot enter namespaces or trace
+    assert not capabilities.AGENT_CAPABILITIES & {capabilities.CAP_SYS_ADMIN,
+                                                  capabilities.CAP_SYS_PTRACE}

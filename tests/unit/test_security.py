@@ -172,8 +172,9 @@ def test_pins_and_their_directories_are_for_the_agent_only(tmp_path):
 
 def test_capability_sets_are_consistent():
     assert capabilities.AGENT_CAPABILITIES <= capabilities.CONTAINER_CAPABILITIES
-    assert capabilities.names(capabilities.AGENT_CAPABILITIES) == \
-        "CAP_NET_ADMIN,CAP_SYS_PTRACE,CAP_SYS_ADMIN"
+    assert capabilities.names(capabilities.AGENT_CAPABILITIES) == "CAP_NET_ADMIN,CAP_BPF"
+    assert capabilities.names(capabilities.NETNS_OPENER_CAPABILITIES) == \
+        "CAP_SYS_PTRACE,CAP_SYS_ADMIN"
     assert capabilities.from_mask(0x1 << 21 | 0x1 << 12) == {21, 12}
     assert capabilities.names([]) == "none" and capabilities.name(40) == "cap40"
 
@@ -191,5 +192,24 @@ def test_capabilities_are_read_from_a_status_file(tmp_path):
 def test_the_readme_documents_the_set_the_agent_keeps():
     readme = (AGENT.parent / "README.md").read_text()
     section = readme[readme.index("## Security"):]
-    for cap in capabilities.AGENT_CAPABILITIES:
+    for cap in capabilities.AGENT_CAPABILITIES | capabilities.NETNS_OPENER_CAPABILITIES:
         assert capabilities.name(cap) in section.split("\n## ")[0]
+
+
+# ---- a failed drop stops the agent (issue 13, A5) --------------------------------------
+
+def test_a_failed_capset_is_fatal(monkeypatch):
+    def refused(keep):
+        raise OSError(1, "capset: Operation not permitted")
+
+    monkeypatch.setattr(capabilities, "drop_to", refused)
+    with pytest.raises(capabilities.DropFailed, match="capset: Operation not permitted"):
+        capabilities.drop_after_loading()
+
+
+def test_a_thread_that_kept_more_is_fatal(monkeypatch):
+    monkeypatch.setattr(capabilities, "drop_to", lambda keep: frozenset(keep))
+    monkeypatch.setattr(capabilities, "other_threads_with_more",
+                        lambda allowed: {4242: frozenset({capabilities.CAP_SYS_ADMIN})})
+    with pytest.raises(capabilities.DropFailed, match=r"threads \[4242\] kept .*CAP_SYS_ADMIN"):
+        capabilities.drop_after_loading()
