@@ -264,27 +264,33 @@ def agent_slice(name: str, backends: int, net: int):
 
 
 class Script:
-    """Batches of object changes, each once the agent synced the one before."""
+    """Batches of object changes, each once the agent synced the one before; then, once
+    the syncs a refusal or a failure brings on are done, stops the agent. Waits on the
+    agent's events (woken), never for a fixed time."""
 
     def __init__(self, batches, agent_of) -> None:
         self.batches, self.agent_of, self.complete = batches, agent_of, True
         self.synced_after: list[AgentStatus] = []
+        self.woken = asyncio.Event()           # set at each of the agent's events
+
+    async def _until(self, condition) -> None:
+        while not condition():
+            self.woken.clear()
+            await self.woken.wait()
 
     async def changes(self):
+        agent = self.agent_of()
         for batch in self.batches:
-            syncs = self.agent_of().status.syncs
+            syncs = agent.status.syncs
             yield batch
-            while self.agent_of().status.syncs <= syncs:
-                await asyncio.sleep(0.01)
-            status = self.agent_of().status
+            await self._until(lambda n=syncs: agent.status.syncs > n)
+            status = agent.status
             self.synced_after.append(replace(status, refused=dict(status.refused)))
-        for _ in range(100):            # the syncs a refusal or a failure brings on
-            if not self.agent_of()._dirty.is_set() and self.agent_of().status.syncs > 0 \
-                    and not self.agent_of()._kernel_stale:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
-        self.agent_of().stop()
+        # checked at each event: a sync sets _dirty (a refusal retried) or _kernel_stale
+        # (a failure) before it tells its event, so no further sync is due once both clear
+        await self._until(lambda: agent.status.syncs > 0 and not agent._dirty.is_set()
+                          and not agent._kernel_stale)
+        agent.stop()
         await asyncio.Event().wait()
 
 
@@ -300,8 +306,12 @@ def run_script(maps, batches, **agent_args):
     holder = {}
     script = Script(batches, lambda: holder["agent"])
     events = []
-    agent = holder["agent"] = Agent(script, maps, min_sync_period=0.01,
-                                    on_event=lambda kind, fields: events.append((kind, fields)),
+
+    def on_event(kind, fields):
+        events.append((kind, fields))
+        script.woken.set()
+
+    agent = holder["agent"] = Agent(script, maps, min_sync_period=0.01, on_event=on_event,
                                     **agent_args)
     assert asyncio.run(asyncio.wait_for(agent.run(), 20)) == 0
     return agent, script.synced_after, events
