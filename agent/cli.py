@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="loadBalancerSourceRanges entries over all services")
     agent.add_argument("--max-maglev-rows", type=int, default=1048576, metavar="N",
                        help="Maglev table rows (32 entries each) over all service ports")
+    agent.add_argument("--max-reverse-nat", type=int, default=524288, metavar="N",
+                       help="(socket, backend) pairs of balanced sockets, per address family, "
+                            "that the agent's stale UDP socket sweep looks up (LRU; a "
+                            "socket's pairs leave with it, and replies read its own copy)")
     agent.add_argument("--cgroup", type=Path, metavar="CGROUP2_DIR",
                        help="cgroup v2 directory the socket programs attach to "
                             "(default: the cgroup2 mount, i.e. every process)")
@@ -181,7 +185,8 @@ def _check_tc_flags(args) -> str:
                 f"{maglev.M_MIN} and {maglev.M_MAX}")
     if args.conntrack_max < 1024:
         return f"--conntrack-max {args.conntrack_max}: at least 1024"
-    for flag in ("max_frontends", "max_backend_slots", "max_source_ranges", "max_maglev_rows"):
+    for flag in ("max_frontends", "max_backend_slots", "max_source_ranges", "max_maglev_rows",
+                 "max_reverse_nat"):
         value = getattr(args, flag)
         if not 1 <= value <= MAX_MAP_ENTRIES:     # the kernel refuses larger hash maps
             return f"--{flag.replace('_', '-')} {value}: must be 1 to {MAX_MAP_ENTRIES}"

@@ -165,6 +165,7 @@ MAPS_FIELDS: dict[str, tuple[str, Converter]] = {
     "backendSlots": ("max_backend_slots", _positive_int),
     "sourceRanges": ("max_source_ranges", _positive_int),
     "maglevRows": ("max_maglev_rows", _positive_int),
+    "reverseNat": ("max_reverse_nat", _positive_int),
 }
 CONNTRACK_FIELDS: dict[str, tuple[str, Converter]] = {
     "maxEntries": ("conntrack_max", _positive_int),

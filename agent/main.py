@@ -49,7 +49,8 @@ async def serve(args) -> int:
         ct_tcp_close_timeout=round(args.conntrack_tcp_close_timeout),
         ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size,
         max_frontends=args.max_frontends, max_slots=args.max_backend_slots,
-        max_source_ranges=args.max_source_ranges, max_maglev_rows=args.max_maglev_rows)
+        max_source_ranges=args.max_source_ranges, max_maglev_rows=args.max_maglev_rows,
+        max_revnat=args.max_reverse_nat)
     try:
         # A thread that ends before the capability drop below: threads keep their own.
         with ThreadPoolExecutor(1, thread_name_prefix="load") as loading:

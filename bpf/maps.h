@@ -137,6 +137,36 @@ struct revnat6_value {
         __u16  pad;
 };
 
+/* A socket's own copy of the reverse NAT entries it made, in socket-local storage: what
+ * recvmsg() and getpeername() read first, so no other socket can push it out, and the list
+ * of bpfp_revnat4/6 entries the sock_release hook deletes when the socket goes (the shared
+ * maps stay: the agent reads them by cookie, and storage is read only through a socket).
+ * A connected socket uses one slot; an unconnected UDP socket one per backend it sent to. */
+#define BPFP_SOCK_REVNATS 8     /* a power of two; a ninth backend replaces the oldest */
+struct sock_revnat {
+        __be32 backend[4];      /* IPv4 (also reached through ::ffff:a.b.c.d) in [0] */
+        __be32 service[4];
+        __be16 backend_port;
+        __be16 service_port;
+        __u8   family;          /* 4 or 6: the bpfp_revnat map of the entry; 0: slot unused */
+        __u8   pad[3];
+};
+
+struct sock_revnats {
+        struct sock_revnat entry[BPFP_SOCK_REVNATS];
+        __u32 next;             /* the slot the next new backend takes once all are used */
+        __u32 pad;
+};
+
+/* What the socket LB could not keep, per CPU, indexed by BPFP_SOCKEV_*. */
+#define BPFP_SOCKEV_REVNAT_FAILED   0   /* bpfp_revnat4/6 refused an entry: the agent's
+                                         * stale UDP socket sweep cannot see that socket */
+#define BPFP_SOCKEV_NO_STORAGE      1   /* no socket-local storage (net.core.optmem_max):
+                                         * replies read the shared map only */
+#define BPFP_SOCKEV_REVNAT_REPLACED 2   /* a socket sent to more backends than it keeps: the
+                                         * oldest one's replies show the backend again */
+#define BPFP_SOCKEV_SLOTS           8
+
 /* ClientIP session affinity. The client is its network namespace (a pod, or the node
  * itself), as in Cilium's socket LB: at connect() a socket has no source address yet, and
  * a pod's namespace stands for the pod's IP. The backend is kept whole (an IPv4 one in
@@ -262,6 +292,12 @@ BPF_TABLE_PINNED("hash", struct slot_key, struct backend6, bpfp_slot6,
                  BPFP_MAX_SLOTS, BPFP_PIN("bpfp_slot6_v1"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct revnat6_key, struct revnat6_value, bpfp_revnat6,
                  BPFP_MAX_REVNAT, BPFP_PIN("bpfp_revnat6_v1"));
+/* freed with each socket; pinned so that a restarted agent's programs find what the
+ * sockets of the old ones kept */
+BPF_TABLE_PINNED("sk_storage", int, struct sock_revnats, bpfp_sock_revnat, 0,
+                 BPFP_PIN("bpfp_sock_revnat_v1"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, bpfp_sock_events, BPFP_SOCKEV_SLOTS,
+                 BPFP_PIN("bpfp_sock_events_v1"));
 BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, bpfp_affinity,
                  BPFP_MAX_AFFINITY, BPFP_PIN("bpfp_affinity_v1"));
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, bpfp_ct,

@@ -9,6 +9,7 @@
 #define SOCK_ALLOW  1
 #define SOCK_REJECT 0
 #define BPFP_ECONNREFUSED 111
+#define BPFP_AF_INET 2
 
 /* Word 2 of an IPv4-mapped IPv6 address (::ffff:a.b.c.d) as user_ip6[2] reads it. */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -92,6 +93,138 @@ static __always_inline int verdict(enum xlate found)
         return SOCK_REJECT;
 }
 
+/* --- reverse NAT kept with the socket ------------------------------------------------
+ * bpfp_revnat4/6 are shared by every socket on the node; the socket's own list (socket-local
+ * storage) is what replies are translated with, and what sock_release deletes from them. */
+
+static __always_inline void count_sock_event(__u32 event)
+{
+        __u64 *count = bpfp_sock_events.lookup(&event);
+        if (count)
+                *count += 1;
+}
+
+static __always_inline int same_backend(const struct sock_revnat *e, __u8 family,
+                                        const __be32 *addr, __be16 port)
+{
+        if (e->family != family || e->backend_port != port || e->backend[0] != addr[0])
+                return 0;
+        return family == 4 || (e->backend[1] == addr[1] && e->backend[2] == addr[2] &&
+                               e->backend[3] == addr[3]);
+}
+
+/* This socket's entry for replies from addr:port, or NULL. */
+static __always_inline struct sock_revnat *own_revnat(struct bpf_sock_addr *ctx, __u8 family,
+                                                      const __be32 *addr, __be16 port)
+{
+        struct sock_revnats *own = bpfp_sock_revnat.sk_storage_get(ctx->sk, 0, 0);
+        if (!own)
+                return NULL;
+        for (int i = 0; i < BPFP_SOCK_REVNATS; i++) {
+                if (same_backend(&own->entry[i], family, addr, port))
+                        return &own->entry[i];
+        }
+        return NULL;
+}
+
+enum remembered { REMEMBERED_NEW, REMEMBERED_ALREADY, REMEMBERED_NOWHERE };
+
+/* Adds want to the socket's list. A full list gives up its oldest slot, whose old entry is
+ * copied to *replaced (family 0: none) for the caller to delete from the shared map. */
+static __always_inline enum remembered remember_revnat(struct bpf_sock_addr *ctx,
+                                                       const struct sock_revnat *want,
+                                                       struct sock_revnat *replaced)
+{
+        struct sock_revnats *own = bpfp_sock_revnat.sk_storage_get(
+                ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        if (!own) {
+                count_sock_event(BPFP_SOCKEV_NO_STORAGE);
+                return REMEMBERED_NOWHERE;
+        }
+        __u32 free = BPFP_SOCK_REVNATS;
+        for (__u32 i = 0; i < BPFP_SOCK_REVNATS; i++) {
+                struct sock_revnat *e = &own->entry[i];
+                if (!e->family) {
+                        if (free == BPFP_SOCK_REVNATS)
+                                free = i;
+                        continue;
+                }
+                if (!same_backend(e, want->family, want->backend, want->backend_port))
+                        continue;
+                if (e->service[0] == want->service[0] && e->service[1] == want->service[1] &&
+                    e->service[2] == want->service[2] && e->service[3] == want->service[3] &&
+                    e->service_port == want->service_port)
+                        return REMEMBERED_ALREADY;
+                __builtin_memcpy(e, want, sizeof(*e));  /* same backend, another service */
+                return REMEMBERED_NEW;
+        }
+        if (free == BPFP_SOCK_REVNATS) {
+                free = own->next & (BPFP_SOCK_REVNATS - 1);
+                own->next = free + 1;
+                __builtin_memcpy(replaced, &own->entry[free], sizeof(*replaced));
+                count_sock_event(BPFP_SOCKEV_REVNAT_REPLACED);
+        }
+        __builtin_memcpy(&own->entry[free & (BPFP_SOCK_REVNATS - 1)], want, sizeof(*want));
+        return REMEMBERED_NEW;
+}
+
+/* Deletes one entry of the shared maps: family 4 or 6; 0 does nothing. */
+static __always_inline void forget_shared(__u64 cookie, __u8 family, const __be32 *addr,
+                                          __be16 port)
+{
+        if (family == 4) {
+                struct revnat4_key key = { .cookie = cookie, .addr = addr[0], .port = port };
+                bpfp_revnat4.delete(&key);
+        } else if (family == 6) {
+                struct revnat6_key key = {
+                        .cookie = cookie,
+                        .addr   = { addr[0], addr[1], addr[2], addr[3] },
+                        .port   = port,
+                };
+                bpfp_revnat6.delete(&key);
+        }
+}
+
+/* Remembers, with the socket and in the shared map, that replies from the backend stand for
+ * the service. The shared map is written only when the socket's list changed (an unconnected
+ * sender runs this for every datagram) or when it has lost the entry. */
+static __always_inline void remember(struct bpf_sock_addr *ctx, const struct sock_revnat *want)
+{
+        struct sock_revnat replaced = {};
+        enum remembered done = remember_revnat(ctx, want, &replaced);
+        __u64 cookie = bpf_get_socket_cookie(ctx);
+        forget_shared(cookie, replaced.family, replaced.backend, replaced.backend_port);
+        int err;
+        if (want->family == 4) {
+                struct revnat4_key key = {
+                        .cookie = cookie, .addr = want->backend[0], .port = want->backend_port,
+                };
+                if (done == REMEMBERED_ALREADY && bpfp_revnat4.lookup(&key))
+                        return;
+                struct revnat4_value value = {
+                        .addr = want->service[0], .port = want->service_port,
+                };
+                err = bpfp_revnat4.update(&key, &value);
+        } else {
+                struct revnat6_key key = {
+                        .cookie = cookie,
+                        .addr   = { want->backend[0], want->backend[1], want->backend[2],
+                                    want->backend[3] },
+                        .port   = want->backend_port,
+                };
+                if (done == REMEMBERED_ALREADY && bpfp_revnat6.lookup(&key))
+                        return;
+                struct revnat6_value value = {
+                        .addr = { want->service[0], want->service[1], want->service[2],
+                                  want->service[3] },
+                        .port = want->service_port,
+                };
+                err = bpfp_revnat6.update(&key, &value);
+        }
+        if (err)
+                count_sock_event(BPFP_SOCKEV_REVNAT_FAILED);
+}
+
 /* --- IPv4 --------------------------------------------------------------------------- */
 
 /* The backend this connection goes to: the client's affinity backend while it lasts and
@@ -152,28 +285,41 @@ static __always_inline enum xlate forward4(struct bpf_sock_addr *ctx, __be32 add
                 return NO_BACKEND;
         }
         bpfp_count_connection(svc->svc_id, 4, &backend->addr, backend->port, 0, 0);
-        struct revnat4_key rkey = {
-                .cookie = bpf_get_socket_cookie(ctx),
-                .addr   = backend->addr,
-                .port   = backend->port,
+        struct sock_revnat want = {
+                .backend      = { backend->addr },
+                .service      = { addr },
+                .backend_port = backend->port,
+                .service_port = port,
+                .family       = 4,
         };
-        struct revnat4_value rval = { .addr = addr, .port = port };
-        bpfp_revnat4.update(&rkey, &rval);
+        remember(ctx, &want);
         to->addr = backend->addr;
         to->port = backend->port;
         return TO_BACKEND;
 }
 
-/* The service address a socket's peer addr:port stands for, or NULL. */
-static __always_inline struct revnat4_value *reverse4(struct bpf_sock_addr *ctx,
-                                                      __be32 addr, __be16 port)
+/* The service address a socket's peer addr:port stands for: the socket's own entry, else
+ * the shared map's (a socket the programs of an older build balanced). 0: none. */
+static __always_inline int reverse4(struct bpf_sock_addr *ctx, __be32 addr, __be16 port,
+                                    struct revnat4_value *out)
 {
+        struct sock_revnat *own = own_revnat(ctx, 4, &addr, port);
+        if (own) {
+                out->addr = own->service[0];
+                out->port = own->service_port;
+                return 1;
+        }
         struct revnat4_key rkey = {
                 .cookie = bpf_get_socket_cookie(ctx),
                 .addr   = addr,
                 .port   = port,
         };
-        return bpfp_revnat4.lookup(&rkey);
+        struct revnat4_value *shared = bpfp_revnat4.lookup(&rkey);
+        if (!shared)
+                return 0;
+        out->addr = shared->addr;
+        out->port = shared->port;
+        return 1;
 }
 
 static __always_inline int balance4(struct bpf_sock_addr *ctx)
@@ -192,11 +338,11 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx)
 /* Replies and peer names show the service address the application connected to. */
 static __always_inline void reverse_translate4(struct bpf_sock_addr *ctx)
 {
-        struct revnat4_value *rval = reverse4(ctx, ctx->user_ip4, (__be16)ctx->user_port);
-        if (!rval)
+        struct revnat4_value rval;
+        if (!reverse4(ctx, ctx->user_ip4, (__be16)ctx->user_port, &rval))
                 return;
-        ctx->user_ip4  = rval->addr;
-        ctx->user_port = (__u32)rval->port;
+        ctx->user_ip4  = rval.addr;
+        ctx->user_port = (__u32)rval.port;
 }
 
 /* --- IPv6 --------------------------------------------------------------------------- */
@@ -287,17 +433,15 @@ static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be
                 return NO_BACKEND;
         }
         bpfp_count_connection(svc->svc_id, 6, backend->addr, backend->port, 0, 0);
-        struct revnat6_key rkey = {
-                .cookie = bpf_get_socket_cookie(ctx),
-                .addr   = { backend->addr[0], backend->addr[1], backend->addr[2],
-                            backend->addr[3] },
-                .port   = backend->port,
+        struct sock_revnat want = {
+                .backend      = { backend->addr[0], backend->addr[1], backend->addr[2],
+                                  backend->addr[3] },
+                .service      = { addr[0], addr[1], addr[2], addr[3] },
+                .backend_port = backend->port,
+                .service_port = port,
+                .family       = 6,
         };
-        struct revnat6_value rval = {
-                .addr = { addr[0], addr[1], addr[2], addr[3] },
-                .port = port,
-        };
-        bpfp_revnat6.update(&rkey, &rval);
+        remember(ctx, &want);
         __builtin_memcpy(to, backend, sizeof(*to));
         return TO_BACKEND;
 }
@@ -336,11 +480,17 @@ static __always_inline void reverse_translate6(struct bpf_sock_addr *ctx)
         get_user_ip6(ctx, addr);
         __be16 port = (__be16)ctx->user_port;
         if (is_v4_mapped(addr)) {
-                struct revnat4_value *rval4 = reverse4(ctx, addr[3], port);
-                if (rval4) {
-                        ctx->user_ip6[3] = rval4->addr;
-                        ctx->user_port   = (__u32)rval4->port;
+                struct revnat4_value rval4;
+                if (reverse4(ctx, addr[3], port, &rval4)) {
+                        ctx->user_ip6[3] = rval4.addr;
+                        ctx->user_port   = (__u32)rval4.port;
                 }
+                return;
+        }
+        struct sock_revnat *own = own_revnat(ctx, 6, addr, port);
+        if (own) {
+                set_user_ip6(ctx, own->service);
+                ctx->user_port = (__u32)own->service_port;
                 return;
         }
         struct revnat6_key rkey = {
@@ -402,5 +552,45 @@ int bpfp_recvmsg6(struct bpf_sock_addr *ctx)
 int bpfp_getpeername6(struct bpf_sock_addr *ctx)
 {
         reverse_translate6(ctx);
+        return SOCK_ALLOW;
+}
+
+/* cgroup sock_release: the socket's entries leave the shared maps with it, so a pod that
+ * opens and closes sockets in a loop never fills them (and never pushes out other pods'). */
+int bpfp_sock_release(struct bpf_sock *ctx)
+{
+        if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP &&
+            ctx->protocol != IPPROTO_SCTP)
+                return SOCK_ALLOW;
+        __u64 cookie = bpf_get_socket_cookie(ctx);
+        struct sock_revnats *own = bpfp_sock_revnat.sk_storage_get(ctx, 0, 0);
+        if (own) {
+                /* the list, not the peer: SOCK_DESTROY (the agent's stale socket sweep) clears
+                 * a connected UDP socket's peer before this runs, and an unconnected one has
+                 * several entries */
+                for (int i = 0; i < BPFP_SOCK_REVNATS; i++) {
+                        struct sock_revnat *e = &own->entry[i];
+                        forget_shared(cookie, e->family, e->backend, e->backend_port);
+                }
+                return SOCK_ALLOW;
+        }
+        /* balanced by an older build's programs, which kept no list: its peer's entry */
+        __be32 peer[4] = {};
+        __be16 port = (__be16)ctx->dst_port;
+        if (ctx->family == BPFP_AF_INET) {
+                peer[0] = ctx->dst_ip4;
+                forget_shared(cookie, 4, peer, port);
+                return SOCK_ALLOW;
+        }
+        peer[0] = ctx->dst_ip6[0];
+        peer[1] = ctx->dst_ip6[1];
+        peer[2] = ctx->dst_ip6[2];
+        peer[3] = ctx->dst_ip6[3];
+        if (is_v4_mapped(peer)) {
+                peer[0] = peer[3];
+                forget_shared(cookie, 4, peer, port);
+        } else {
+                forget_shared(cookie, 6, peer, port);
+        }
         return SOCK_ALLOW;
 }

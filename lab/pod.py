@@ -4,6 +4,7 @@ traffic."""
 
 from __future__ import annotations
 
+import itertools
 import select
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from lab.podclient import ClientResult
 
 if TYPE_CHECKING:
     from lab.node import Lab
+
+_client_numbers = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -73,21 +76,31 @@ class Pod:
         interval: float = 0.0,
         duration: float | None = None,
         timeline: bool = False,
+        until_stopped: bool = False,
     ) -> RunningClient:
-        """Start lab.podclient in the background (traffic flowing while a test changes things)."""
+        """Start lab.podclient in the background (traffic flowing while a test changes things).
+        until_stopped: it runs until RunningClient.stop() (duration, then, only bounds it), and
+        RunningClient.wait_started() returns once its first request is done."""
         argv = [sys.executable, "-m", "lab.podclient", mode, addr, str(port)]
         argv += ["--count", str(count), "--timeout", str(timeout), "--interval", str(interval)]
         if duration is not None:
             argv += ["--duration", str(duration)]
         if timeline:
             argv.append("--timeline")
+        stop_file = started_file = None
+        if until_stopped:
+            if duration is None:
+                raise ValueError("until_stopped needs a duration to bound the run")
+            base = self.lab.workdir / f"client-{self.name}-{next(_client_numbers)}"
+            stop_file, started_file = base.with_suffix(".stop"), base.with_suffix(".started")
+            argv += ["--stop-file", str(stop_file), "--started-file", str(started_file)]
         # Bound the wait for the result by what the run can take at most, plus start-up.
         if duration is not None:
             expected = duration + timeout + interval
         else:
             expected = count * (timeout + interval)
         process = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        return RunningClient(self.lab, process, argv, expected + 15.0)
+        return RunningClient(self.lab, process, argv, expected + 15.0, stop_file, started_file)
 
     def tcp(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:
         """count TCP connections to addr:port: connect, read the answer, close."""
@@ -114,6 +127,24 @@ class RunningClient:
     process: subprocess.Popen
     argv: list[str]
     timeout: float
+    stop_file: Path | None = None
+    started_file: Path | None = None
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Return once the first request is done (start_client(until_stopped=True))."""
+        assert self.started_file is not None, "start the client with until_stopped=True"
+        deadline = time.monotonic() + timeout
+        while not self.started_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"client {self.argv} made no request (exit "
+                                   f"{self.process.poll()}) within {timeout}s")
+            time.sleep(0.02)
+
+    def stop(self) -> ClientResult:
+        """Let the client finish the request under way and return what it saw."""
+        assert self.stop_file is not None, "start the client with until_stopped=True"
+        self.stop_file.touch()
+        return self.result()
 
     def result(self, timeout: float | None = None) -> ClientResult:
         """Wait for the client (bounded by how long it can run) and parse its summary."""

@@ -1,6 +1,7 @@
 """A pod's client: N requests (or requests for S seconds) to ADDR:PORT, one JSON summary on stdout.
 `python -m lab.podclient tcp|udp|udp-connected ADDR PORT [--count N | --duration S]
-[--timeline]`. An IPv6 ADDR (also ::ffff:a.b.c.d) is reached from an AF_INET6 socket."""
+[--timeline] [--stop-file F] [--started-file F]`. An IPv6 ADDR (also ::ffff:a.b.c.d) is
+reached from an AF_INET6 socket."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import errno
 import ipaddress
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -169,19 +171,25 @@ def run(
     timeout: float = 1.0,
     interval: float = 0.0,
     duration: float | None = None,
+    stop_file: str | None = None,
+    started_file: str | None = None,
 ) -> ClientResult:
-    """count requests, or as many as fit in duration seconds, interval seconds apart."""
+    """count requests, or as many as fit in duration seconds, interval seconds apart; and
+    no more once stop_file exists. started_file is created when the first request is done."""
     result = ClientResult()
     start = result.started = time.monotonic()
     sent = 0
     kept = socket.socket(family(addr), socket.SOCK_DGRAM) if mode == "udp-one-socket" else None
-    while (time.monotonic() - start < duration) if duration is not None else sent < count:
+    while ((time.monotonic() - start < duration) if duration is not None else sent < count) \
+            and not (stop_file and os.path.exists(stop_file)):
         if kept is not None:
             outcome = request_on(kept, addr, port, timeout)
         else:
             outcome = request(mode, addr, port, timeout)
         result.add(time.monotonic() - start, outcome)
         sent += 1
+        if sent == 1 and started_file:
+            open(started_file, "w").close()
         if interval:
             time.sleep(interval)
     if kept is not None:
@@ -199,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between requests")
     parser.add_argument("--duration", type=float, help="keep going this long instead of --count")
     parser.add_argument("--timeline", action="store_true", help="add [t, answer-or-error] pairs")
+    parser.add_argument("--stop-file", help="stop once this file exists")
+    parser.add_argument("--started-file", help="create this file when the first request is done")
     args = parser.parse_args(argv)
     result = run(
-        args.mode, args.addr, args.port, args.count, args.timeout, args.interval, args.duration
+        args.mode, args.addr, args.port, args.count, args.timeout, args.interval, args.duration,
+        args.stop_file, args.started_file,
     )
     print(result.to_json(timeline=args.timeline), flush=True)
 

@@ -39,7 +39,9 @@ _libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
 # enum bpf_map_type (uapi/linux/bpf.h), the ones a reader may meet
 MAP_TYPES = {1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
              6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie",
-             12: "array_of_maps", 13: "hash_of_maps", 27: "ringbuf"}
+             12: "array_of_maps", 13: "hash_of_maps", 24: "sk_storage", 27: "ringbuf"}
+_SK_STORAGE = 24
+_ENOTSUPP = 524                 # the kernel's internal "not supported" (no batch ops)
 _PER_CPU = {5, 6, 10}
 # enum bpf_attach_type: tcx links (kernel 6.6+)
 _TCX_INGRESS, _TCX_EGRESS = 46, 47
@@ -96,10 +98,12 @@ def iterate(fd: int, info: dict[str, int], cpus: int):
 def count_entries(fd: int, info: dict[str, int], cpus: int) -> int:
     if info["type"] in (2, 6):                 # arrays: every index exists
         return info["max_entries"]
+    if info["type"] == _SK_STORAGE:            # lives in each socket: nothing to walk here
+        return 0
     try:
         return sum(count for _, _, count in iterate(fd, info, cpus))
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP):
+        if exc.errno not in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
             raise
     # no batch ops for this map type: walk the keys one by one
     key = ctypes.create_string_buffer(info["key_size"])

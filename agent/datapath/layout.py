@@ -60,6 +60,28 @@ class Revnat6Value(ctypes.Structure):
     _fields_ = [("addr", Addr6), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+# bpfp_sock_revnat: each socket's own reverse NAT entries (socket-local storage, key an int).
+# Only the programs read it (userspace needs the socket's fd): mirrored for the loader's
+# layout check, not in MAPS (BCC has no table class for it, and nothing copies it).
+SOCK_REVNATS = 8
+
+
+class SockRevnat(ctypes.Structure):
+    _fields_ = [("backend", Addr6), ("service", Addr6), ("backend_port", ctypes.c_uint16),
+                ("service_port", ctypes.c_uint16), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
+class SockRevnats(ctypes.Structure):
+    _fields_ = [("entry", SockRevnat * SOCK_REVNATS), ("next", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+# bpfp_sock_events slots (BPFP_SOCKEV_* in bpf/maps.h): what the socket LB could not keep
+SOCK_EVENTS = ("revnat_failed", "no_socket_storage", "revnat_replaced")
+SOCK_EVENT_SLOTS = 8
+
+
 class AffinityKey(ctypes.Structure):
     _fields_ = [("client", ctypes.c_uint64), ("svc_id", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32)]
@@ -144,6 +166,8 @@ MAPS = {
     "bpfp_svc6": MapLayout("bpfp_svc6", "bpfp_svc6_v1", SvcKey6, SvcValue),
     "bpfp_slot6": MapLayout("bpfp_slot6", "bpfp_slot6_v1", SlotKey, Backend6),
     "bpfp_revnat6": MapLayout("bpfp_revnat6", "bpfp_revnat6_v1", Revnat6Key, Revnat6Value),
+    "bpfp_sock_events": MapLayout("bpfp_sock_events", "bpfp_sock_events_v1", ctypes.c_uint32,
+                                  ctypes.c_uint64),
     "bpfp_affinity": MapLayout("bpfp_affinity", "bpfp_affinity_v1", AffinityKey,
                                AffinityValue),
     "bpfp_stats": MapLayout("bpfp_stats", "bpfp_stats_v1", StatsKey, StatsValue),
@@ -155,3 +179,6 @@ MAPS = {
                                ctypes.c_uint8),
     "bpfp_maglev": MapLayout("bpfp_maglev", "bpfp_maglev_v1", MaglevKey, MaglevRow),
 }
+
+SOCKET_STORAGE = MapLayout("bpfp_sock_revnat", "bpfp_sock_revnat_v1", ctypes.c_int32,
+                           SockRevnats)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.datapath import bpfsys, layout, migrate
+from agent.datapath import bpfsys, btf, layout, migrate
 from agent.datapath.bpfsys import AttachType
 from agent.datapath.config import DatapathConfig
 
@@ -34,6 +34,7 @@ SOCKET_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
     ("bpfp_sendmsg6", AttachType.CGROUP_UDP6_SENDMSG),
     ("bpfp_recvmsg6", AttachType.CGROUP_UDP6_RECVMSG),
     ("bpfp_getpeername6", AttachType.CGROUP_INET6_GETPEERNAME),
+    ("bpfp_sock_release", AttachType.CGROUP_INET_SOCK_RELEASE),
 )
 
 # (function in bpf/nodeport.c, hook) on each --interfaces device
@@ -120,6 +121,7 @@ def compile_programs(config: DatapathConfig) -> LoadedDatapath:
     except Exception as exc:
         raise DatapathError(f"compiling {', '.join(PROGRAM_FILES)} failed: {exc}") from exc
     _check_pinned_layouts(bpf, config)
+    _check_socket_storage(config)
     return LoadedDatapath(bpf, config)
 
 
@@ -153,7 +155,8 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
                                     f"{_fields(mirrored)} differs from bpf/maps.h "
                                     f"{_fields(compiled)}")
         kind = table_name.removeprefix("bpfp_").rstrip("46")     # one size for both families
-        expected_max = {"svc": config.max_frontends, "slot": config.max_slots,
+        expected_max = {"sock_events": layout.SOCK_EVENT_SLOTS,
+                        "svc": config.max_frontends, "slot": config.max_slots,
                         "revnat": config.max_revnat, "affinity": config.max_affinity,
                         "affinity_ext": config.max_affinity, "stats": config.max_stats,
                         "ct": config.ct_max, "ifaddr": 1024,
@@ -164,6 +167,22 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
                         "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)
 
 
+def _check_socket_storage(config: DatapathConfig) -> None:
+    """bpfp_sock_revnat as _check_pinned_layouts checks the others, from the kernel's view
+    of the pinned map (BCC has no table class for socket-local storage)."""
+    spec = layout.SOCKET_STORAGE
+    fd = bpfsys.obj_get(str(config.pin_dir / spec.pin))
+    try:
+        shape = btf.map_shape(fd)
+    finally:
+        os.close(fd)
+    if shape.value_size != ctypes.sizeof(spec.value) or \
+            (shape.value is not None and list(shape.value) != _fields(spec.value)):
+        raise DatapathError(f"pinned map {config.pin_dir / spec.pin} has another layout "
+                            f"(value {shape.value_size} B, {shape.value}); run `bpfproxy "
+                            f"cleanup` and start again")
+
+
 def _fields(struct: type) -> list[tuple[str, int, int]]:
     """(name, offset, size) of each field: what must agree between C and Python."""
     if not hasattr(struct, "_fields_"):                 # a scalar value (ctypes.c_uint8)
@@ -172,16 +191,23 @@ def _fields(struct: type) -> list[tuple[str, int, int]]:
             for name, *_ in struct._fields_]
 
 
-def attach_socket_programs(loaded: LoadedDatapath, cgroup_dir: Path) -> None:
-    """Attach (or atomically replace) each socket hook through a pinned bpf_link."""
+def _load_socket_program(loaded: LoadedDatapath, func_name: str, attach_type: AttachType):
+    """sock_release is a cgroup sock program (its context is the socket); the other hooks
+    are sock_addr programs."""
     from bcc import BPF
 
+    prog_type = BPF.CGROUP_SOCK if attach_type is AttachType.CGROUP_INET_SOCK_RELEASE \
+        else BPF.CGROUP_SOCK_ADDR
+    return loaded.bpf.load_func(func_name.encode(), prog_type, attach_type=int(attach_type))
+
+
+def attach_socket_programs(loaded: LoadedDatapath, cgroup_dir: Path) -> None:
+    """Attach (or atomically replace) each socket hook through a pinned bpf_link."""
     cgroup_id = bpfsys.cgroup_id(str(cgroup_dir))
     cgroup_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for func_name, attach_type in SOCKET_PROGRAMS:
-            fn = loaded.bpf.load_func(func_name.encode(), BPF.CGROUP_SOCK_ADDR,
-                                      attach_type=int(attach_type))
+            fn = _load_socket_program(loaded, func_name, attach_type)
             link_path = str(loaded.config.pin_dir / "links" / func_name)
             if os.path.exists(link_path):
                 link_fd = bpfsys.obj_get(link_path)
@@ -215,8 +241,7 @@ def load_all_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> No
         except OSError as exc:
             raise DatapathError(f"--interfaces {ifname}: no such interface here") from exc
     for func_name, attach_type in SOCKET_PROGRAMS:
-        loaded.bpf.load_func(func_name.encode(), BPF.CGROUP_SOCK_ADDR,
-                             attach_type=int(attach_type))
+        _load_socket_program(loaded, func_name, attach_type)
     if interfaces:
         for func_name, _ in TC_PROGRAMS:
             loaded.bpf.load_func(func_name.encode(), BPF.SCHED_CLS)

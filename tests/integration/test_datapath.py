@@ -146,6 +146,7 @@ def test_the_agents_ctypes_layouts_are_what_bcc_compiles(pin_dir):
     bpf = loader.compile_programs(DatapathConfig(pin_dir=pin_dir)).bpf
     assert set(layout.MAPS) == {f"bpfp_{kind}{family}" for kind in ("svc", "slot", "revnat")
                                 for family in (4, 6)} | {
+        "bpfp_sock_events",
         "bpfp_affinity", "bpfp_stats", "bpfp_ct", "bpfp_ifaddr", "bpfp_affinity_ext",
         "bpfp_srcrange", "bpfp_maglev"}
     for name, spec in layout.MAPS.items():
