@@ -3,6 +3,7 @@ Service / EndpointSlice / Node out; anything unservable raises InvalidObject nam
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, NoReturn
 
 from agent.model.types import (
@@ -42,6 +43,23 @@ NODE_IP_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 # sessionAffinityConfig.clientIP.timeoutSeconds: API default and maximum (one day).
 DEFAULT_AFFINITY_TIMEOUT = 10800
 MAX_AFFINITY_TIMEOUT = 86400
+
+# The API server's name rules (apimachinery/pkg/util/validation): a manifest name with a "/",
+# an upper-case letter or a control character would be refused there, and here it would
+# misattribute keys, metrics and log lines.
+_DNS1123_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_NAME_RULES = {
+    "namespace": (re.compile(_DNS1123_LABEL), 63, "a DNS-1123 label (lower-case letters, "
+                  "digits and '-', starting and ending with a letter or digit)"),
+    "Service": (re.compile(r"[a-z](?:[-a-z0-9]*[a-z0-9])?"), 63, "a DNS-1035 label "
+                "(lower-case letters, digits and '-', starting with a letter, ending with a "
+                "letter or digit)"),
+    "subdomain": (re.compile(rf"{_DNS1123_LABEL}(?:\.{_DNS1123_LABEL})*"), 253, "a DNS-1123 "
+                  "subdomain (lower-case labels of letters, digits and '-', joined by '.')"),
+    "label value": (re.compile(r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"), 63,
+                    "a label value (letters, digits, '-', '_' and '.', starting and ending "
+                    "with a letter or digit)"),
+}
 
 _HANDLED = (("v1", "Service"), ("discovery.k8s.io/v1", "EndpointSlice"), ("v1", "Node"))
 
@@ -218,6 +236,34 @@ def _cluster_scoped_name(d: dict, kind: str, consequence: str) -> str:
     if not where.string(name, "metadata.name"):
         where.fail("metadata.name", "required")
     return name
+
+
+def check_names(obj: Service | EndpointSlice | Node) -> None:
+    """Raises InvalidObject unless the object's names pass the API server's rules. For
+    objects that never went through an API server (manifest files); kube-proxy's test
+    tables, mirrored in ours, use names it would refuse, so parsing alone does not ask."""
+    if isinstance(obj, Node):
+        where = _Where(f"Node {obj.name}", "node skipped")
+        _check_name(where, obj.name, "metadata.name", "subdomain")
+        return
+    if isinstance(obj, Service):
+        where, rule = _Where(f"Service {obj.namespace}/{obj.name}", "service skipped"), "Service"
+    else:
+        where, rule = _Where(f"EndpointSlice {obj.namespace}/{obj.name}",
+                             "endpoint slice skipped"), "subdomain"
+    _check_name(where, obj.namespace, "metadata.namespace", "namespace")
+    _check_name(where, obj.name, "metadata.name", rule)
+    if isinstance(obj, EndpointSlice):
+        _check_name(where, obj.service_name, f"metadata.labels[{SERVICE_NAME_LABEL}]",
+                    "label value")
+
+
+def _check_name(where: _Where, value: str, field: str, rule: str) -> None:
+    pattern, limit, description = _NAME_RULES[rule]
+    if len(value) > limit:
+        where.fail(field, f"{_show(value)} is longer than {limit} characters")
+    if not pattern.fullmatch(value):
+        where.fail(field, f"{_show(value)} is not {description}")
 
 
 # --- Service ---------------------------------------------------------------------------

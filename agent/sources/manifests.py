@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,26 @@ from typing import Any
 import watchfiles
 import yaml
 from yaml.events import CollectionEndEvent, CollectionStartEvent
+from yaml.nodes import MappingNode, Node, SequenceNode
 
-from agent.model.objects import object_key, parse_object
+from agent.logfmt import kv
+from agent.model.objects import check_names, object_key, parse_object
 from agent.model.types import EndpointSlice, InvalidObject, ObjectKey, Service
 from agent.sources.events import ObjectChange
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
-DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+# PyYAML's C loader reads about 1 MB/s of `kind: List` (a 2 MiB file: 2-5 s on a busy node);
+# json.loads is ~50x faster, and what remains (the objects) costs the same split or not.
+DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_JSON_BYTES = 32 * 1024 * 1024
 DEFAULT_RESYNC_SECONDS = 30.0
+# One file read, or the listing, taking longer than this is a stall: /healthz and status say so.
+DEFAULT_STALL_SECONDS = 60.0
+# A file rewritten in place (same inode) that lost objects may be half-written (`kubectl get
+# ... > file` truncates first): its deletions wait for a read this much later that agrees.
+DEFAULT_SHRINK_CONFIRM_SECONDS = 2.0
 WAIT_FOR_DIRECTORY = 0.5          # seconds between looks for a directory not there yet
 # Kubernetes objects nest about ten deep. libyaml's composer recurses in C and kills the
 # process on deep input (~40k levels on an 8 MiB stack, fewer on a thread's), so deeper
@@ -39,25 +50,36 @@ Signature = tuple[int, int, int]   # (mtime_ns, size, inode): a changed file cha
 
 @dataclass(slots=True)
 class _FileRecord:
-    signature: Signature
+    signature: Signature | None        # None: not readable at the last listing
     objects: dict[ObjectKey, Object]   # the valid objects this file contributes
     readable: bool = True              # False: its last read failed, objects are older
+    problem: str = ""                  # why it is unreadable, as last logged
+    # keys its last read dropped, still served until a later read agrees (_withhold)
+    withheld: frozenset[ObjectKey] = frozenset()
+    withheld_since: float = 0.0
 
 
 class _Refused(Exception):
-    """A file not parsed at all (too large): its previous objects stay."""
+    """A file not parsed at all (too large, not a regular file, a symlink out of the
+    directory, excessive aliasing): its previous objects stay."""
 
 
 class ManifestSource:
-    """Watches one directory (not recursive; symlinks followed, so a ConfigMap volume's
-    ..data swap is seen). Counters: invalid_objects, parse_errors, refused_files."""
+    """Watches one directory (not recursive; symlinks followed while their target stays
+    inside it, so a ConfigMap volume's ..data swap is seen). Counters: invalid_objects,
+    parse_errors, refused_files. `stalled` says why the source is stuck, if it is."""
 
     def __init__(self, directory: Path, *, resync_seconds: float = DEFAULT_RESYNC_SECONDS,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, watch_step_ms: int = 10,
-                 watch_debounce_ms: int = 400) -> None:
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 max_json_bytes: int = DEFAULT_MAX_JSON_BYTES, watch_step_ms: int = 10,
+                 watch_debounce_ms: int = 400, stall_seconds: float = DEFAULT_STALL_SECONDS,
+                 shrink_confirm_seconds: float = DEFAULT_SHRINK_CONFIRM_SECONDS) -> None:
         self.directory = Path(directory)
         self.resync_seconds = resync_seconds
-        self.max_file_bytes = max_file_bytes
+        self.max_file_bytes = max_file_bytes     # YAML, and any file not .json
+        self.max_json_bytes = max_json_bytes
+        self.stall_seconds = stall_seconds
+        self.shrink_confirm_seconds = shrink_confirm_seconds
         # a change reaches us one quiet step after it happens: 10 ms, not watchfiles' 50
         self.watch_step_ms = watch_step_ms
         self.watch_debounce_ms = watch_debounce_ms
@@ -68,6 +90,10 @@ class ManifestSource:
         self._listed: dict[ObjectKey, Object] = {}   # what the consumer has been given
         self._key_files: dict[ObjectKey, set[str]] = {}   # which files define a key
         self._touched: set[str] = set()              # names the watcher reported
+        # Progress, read by the health server's thread: the file being read (or "" for the
+        # listing) and since when, while a pass runs; when the last pass ended, once watching.
+        self._busy: tuple[str, float] | None = None
+        self._last_pass: float | None = None
 
     async def changes(self) -> AsyncIterator[list[ObjectChange]]:
         # Not there yet (a ConfigMap volume not mounted, a directory being provisioned):
@@ -76,36 +102,39 @@ class ManifestSource:
         waited = 0.0
         while not self.directory.is_dir():
             if waited == 0.0:
-                log.warning(_kv(event="source_unavailable", directory=self.directory,
-                                action="waiting"))
+                log.warning(kv(event="source_unavailable", directory=self.directory,
+                               action="waiting"))
             await asyncio.sleep(WAIT_FOR_DIRECTORY)
             waited += WAIT_FOR_DIRECTORY
         if waited:
-            log.info(_kv(event="source_available", directory=self.directory,
-                         waited_seconds=round(waited, 1)))
+            log.info(kv(event="source_available", directory=self.directory,
+                        waited_seconds=round(waited, 1)))
         wake, stop = asyncio.Event(), asyncio.Event()
         watcher = asyncio.create_task(self._watch(wake, stop))
         # awatch arms inotify before its first await: one turn of the loop, and no edit can
         # fall between the listing below and the watch.
         await asyncio.sleep(0)
+        self._last_pass = time.monotonic()
         try:
             yield await asyncio.to_thread(self.rescan)
             while True:
-                # on time-out: the periodic resync, the safety net for what inotify misses
+                # on time-out: the periodic resync, the safety net for what inotify misses,
+                # or sooner a second read of a file that lost objects (_withhold)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.resync_seconds)
+                    await asyncio.wait_for(wake.wait(), self._next_read_in())
                 wake.clear()
                 touched, self._touched = self._touched, set()
                 try:
                     batch = await asyncio.to_thread(self.rescan, touched)
                 except Exception as e:
                     # Directory unreadable (or our bug): keep serving what was listed.
-                    log.error(_kv(event="rescan_failed", directory=self.directory, error=e),
+                    log.error(kv(event="rescan_failed", directory=self.directory, error=e),
                               exc_info=not isinstance(e, OSError))
                     continue
                 if batch:
                     yield batch
         finally:
+            self._last_pass = None
             stop.set()   # awatch's thread checks it every step; cancelling alone waits 5 s
             _, pending = await asyncio.wait({watcher}, timeout=2)
             for task in pending:
@@ -119,8 +148,31 @@ class ManifestSource:
                 self._touched.update(Path(path).name for _, path in batch)
                 wake.set()
         except Exception as e:  # noqa: BLE001 -- the periodic resync still runs
-            log.warning(_kv(event="watch_failed", directory=self.directory, error=e,
-                            fallback=f"rescan every {self.resync_seconds}s"))
+            log.warning(kv(event="watch_failed", directory=self.directory, error=e,
+                           fallback=f"rescan every {self.resync_seconds}s"))
+
+    def _next_read_in(self) -> float:
+        """Seconds until the periodic resync, or until a withheld shrink is due a read."""
+        due = [record.withheld_since + self.shrink_confirm_seconds
+               for record in self._files.values() if record.withheld]
+        if not due:
+            return self.resync_seconds
+        return min(self.resync_seconds, max(0.0, min(due) - time.monotonic()))
+
+    @property
+    def stalled(self) -> str:
+        """Why the source is stuck, or "": one file (or the listing) taking longer than
+        stall_seconds, or, while watching, no pass ended for a resync period and that long.
+        Read from the health server's thread: parsing runs in a thread of its own."""
+        now, busy, last_pass = time.monotonic(), self._busy, self._last_pass
+        if busy is not None and now - busy[1] > self.stall_seconds:
+            what = f"reading {busy[0]}" if busy[0] else f"listing {self.directory}"
+            return f"manifest source stalled: {what} for {now - busy[1]:.0f}s"
+        if busy is None and last_pass is not None and \
+                now - last_pass > self.resync_seconds + self.stall_seconds:
+            return (f"manifest source stalled: no pass over {self.directory} for "
+                    f"{now - last_pass:.0f}s")
+        return ""
 
     # --- synchronous part, run in a thread ---------------------------------------------
 
@@ -131,27 +183,80 @@ class ManifestSource:
         return all(record.readable for record in self._files.values())
 
     def rescan(self, touched: set[str] | frozenset[str] = frozenset()) -> list[ObjectChange]:
-        """Re-reads new files, files whose signature changed and files the watcher named
-        (a same-size rewrite within one timestamp tick keeps the signature); returns the diff."""
-        entries = self._list_directory()
+        """Re-reads new files, files whose signature changed, files the watcher named (a
+        same-size rewrite within one timestamp tick keeps the signature) and files whose
+        withheld deletions are due a second read; returns the diff."""
+        self._busy = ("", time.monotonic())
+        try:
+            return self._rescan(touched)
+        finally:
+            self._busy = None
+            if self._last_pass is not None:
+                self._last_pass = time.monotonic()
+
+    def _rescan(self, touched: set[str] | frozenset[str]) -> list[ObjectChange]:
+        entries, problems = self._list_directory()
         affected: set[ObjectKey] = set()      # keys whose winning definition may change
-        for name in self._files.keys() - entries.keys():
+        for name in self._files.keys() - entries.keys() - problems.keys():
             gone = self._files.pop(name)
             self._index(name, gone.objects, None)
             affected.update(gone.objects)
-            log.info(_kv(event="file_removed", file=name, objects=len(gone.objects)))
+            log.info(kv(event="file_removed", file=name, objects=len(gone.objects)))
+        for name, (counter, problem) in sorted(problems.items()):
+            self._unreadable(name, counter, problem)   # keep what it gave before
         for name, signature in sorted(entries.items()):
             record = self._files.get(name)
-            if signature is None:
-                continue   # unreadable now: keep what it gave before
-            if record is None or record.signature != signature or name in touched:
-                fresh = self._read(name, signature, record)
+            now = time.monotonic()
+            confirm = record is not None and record.withheld and \
+                now - record.withheld_since >= self.shrink_confirm_seconds
+            if record is None or record.signature != signature or name in touched or confirm:
+                self._busy = (name, now)
+                fresh = self._withhold(name, record, self._read(name, signature, record))
+                self._busy = ("", time.monotonic())
                 self._index(name, record.objects if record else {}, fresh.objects)
                 if record is not None:
                     affected.update(record.objects)
                 affected.update(fresh.objects)
                 self._files[name] = fresh
         return self._diff(affected)
+
+    def _unreadable(self, name: str, counter: str, problem: str) -> None:
+        """A file the listing cannot read: its objects stay and the listing is incomplete
+        (a restarted agent then keeps what it adopted). Logged and counted once per problem."""
+        record = self._files.setdefault(name, _FileRecord(None, {}))
+        if record.readable or record.problem != problem:
+            setattr(self, counter, getattr(self, counter) + 1)
+            log.warning(kv(event="file_unreadable", file=name, error=problem,
+                           kept_objects=len(record.objects)))
+        record.signature, record.readable, record.problem = None, False, problem
+        record.withheld = frozenset()   # its objects stay anyway, until it reads again
+
+    def _withhold(self, name: str, record: _FileRecord | None,
+                  fresh: _FileRecord) -> _FileRecord:
+        """Deletions from a file rewritten in place wait for a second read, at least
+        shrink_confirm_seconds later, that drops the same objects: the first may have caught
+        a writer between truncating and writing. A file replaced by rename (a new inode) is
+        whole, as is one read for the first time; additions and edits apply at once."""
+        if record is None or record.signature is None or fresh.signature is None or \
+                not fresh.readable or record.signature[2] != fresh.signature[2]:
+            return fresh
+        dropped = frozenset(key for key in record.objects.keys() - fresh.objects.keys()
+                            if not self._key_files.get(key, set()) - {name})
+        if not dropped:
+            return fresh
+        now = time.monotonic()
+        agrees = dropped == record.withheld
+        if agrees and now - record.withheld_since >= self.shrink_confirm_seconds:
+            log.info(kv(event="file_shrink_confirmed", file=name, deleted=len(dropped)))
+            return fresh
+        if not agrees:
+            log.warning(kv(event="file_shrank", file=name, objects_held=len(dropped),
+                           action=f"deleted when a read in {self.shrink_confirm_seconds:g}s "
+                                  "agrees (write files by rename to avoid the wait)"))
+        fresh.objects.update((key, record.objects[key]) for key in dropped)
+        fresh.withheld = dropped
+        fresh.withheld_since = record.withheld_since if agrees else now
+        return fresh
 
     def _index(self, name: str, old: dict, new: dict | None) -> None:
         """Which files define each key, so a key's winner is found without a scan."""
@@ -164,8 +269,10 @@ class ManifestSource:
         for key in new or ():
             self._key_files.setdefault(key, set()).add(name)
 
-    def _list_directory(self) -> dict[str, Signature | None]:
-        entries: dict[str, Signature | None] = {}
+    def _list_directory(self) -> tuple[dict[str, Signature], dict[str, tuple[str, str]]]:
+        """(signature by file, (counter, problem) by file that cannot be read now)."""
+        entries: dict[str, Signature] = {}
+        problems: dict[str, tuple[str, str]] = {}
         with os.scandir(self.directory) as scan:
             for entry in scan:
                 # Dot files are editors' locks and backups (.#web.yaml), and a ConfigMap
@@ -176,39 +283,44 @@ class ManifestSource:
                     st = os.stat(entry.path)   # follows symlinks: a ConfigMap key is one
                 except FileNotFoundError:
                     continue                   # dangling: the key is being removed
-                except OSError as e:
-                    log.warning(_kv(event="stat_failed", file=entry.name, error=e))
-                    entries[entry.name] = None
+                except OSError as e:           # ELOOP, EACCES: what it holds is unknown
+                    problems[entry.name] = ("parse_errors", f"stat failed: {e.strerror}")
                     continue
                 if stat.S_ISREG(st.st_mode):
                     entries[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
-        return entries
+                elif not stat.S_ISDIR(st.st_mode):   # directories: not recursive
+                    problems[entry.name] = ("refused_files", _NOT_REGULAR)
+        return entries, problems
 
     def _read(self, name: str, signature: Signature, previous: _FileRecord | None) -> _FileRecord:
         kept = previous.objects if previous else {}
+        path = self.directory / name
+        limit = self.max_json_bytes if path.suffix == ".json" else self.max_file_bytes
         try:
-            signature, documents = _load_documents(self.directory / name, self.max_file_bytes)
+            signature, documents = _load_documents(path, limit, self.directory)
         except FileNotFoundError:
             return _FileRecord(signature, kept)   # deleted since listed: the next scan drops it
         except _Refused as e:
             self.refused_files += 1
-            log.warning(_kv(event="file_refused", file=name, error=e, kept_objects=len(kept)))
-            return _FileRecord(signature, kept, readable=False)
+            log.warning(kv(event="file_refused", file=name, error=e, kept_objects=len(kept)))
+            return _FileRecord(signature, kept, readable=False, problem=str(e))
         except Exception as e:  # noqa: BLE001 -- half-written, not YAML, unreadable, ...
             self.parse_errors += 1
-            log.warning(_kv(event="parse_error", file=name, error=_one_line(e),
-                            kept_objects=len(kept)))
-            return _FileRecord(signature, kept, readable=False)
+            log.warning(kv(event="parse_error", file=name, error=_one_line(e),
+                           kept_objects=len(kept)))
+            return _FileRecord(signature, kept, readable=False, problem=_one_line(e))
         objects: dict[ObjectKey, Object] = {}
         for where, raw in _raw_objects(documents):
             try:
                 obj = parse_object(raw)
+                if obj is not None:
+                    check_names(obj)   # nothing else checked them: no API server here
             except Exception as e:  # noqa: BLE001 -- InvalidObject, or our bug: same handling
                 self._invalid(name, where, raw, e, kept, objects)
                 continue
             if obj is None:
-                log.debug(_kv(event="object_ignored", file=name, object=where,
-                              kind=_field(raw, "kind"), apiVersion=_field(raw, "apiVersion")))
+                log.debug(kv(event="object_ignored", file=name, object=where,
+                             kind=_field(raw, "kind"), apiVersion=_field(raw, "apiVersion")))
                 continue
             objects[obj.key] = obj   # later documents override earlier ones, as kubectl
         return _FileRecord(signature, objects)
@@ -223,8 +335,8 @@ class ManifestSource:
             objects[key] = previous
         level = logging.WARNING if isinstance(error, InvalidObject) else logging.ERROR
         action = "kept_previous" if previous else "skipped"
-        log.log(level, _kv(event="invalid_object", file=name, object=key or where,
-                           error=_one_line(error), action=action),
+        log.log(level, kv(event="invalid_object", file=name, object=key or where,
+                          error=_one_line(error), action=action),
                 exc_info=not isinstance(error, InvalidObject))
 
     def _diff(self, affected: set[ObjectKey]) -> list[ObjectChange]:
@@ -246,20 +358,132 @@ class ManifestSource:
         return sorted(changes, key=lambda c: (c.key.kind, c.key.namespace, c.key.name))
 
 
-def _load_documents(path: Path, max_bytes: int) -> tuple[Signature, list[Any]]:
-    with open(path, "rb") as f:
+_NOT_REGULAR = "not a regular file (a FIFO, socket or device is never read)"
+
+
+def _load_documents(path: Path, max_bytes: int, directory: Path) -> tuple[Signature, list[Any]]:
+    with _open_inside(path, directory) as f:
         st = os.fstat(f.fileno())   # the signature of what is read, not of an earlier stat
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused(_NOT_REGULAR)
         if st.st_size > max_bytes:
-            raise _Refused(f"{st.st_size} bytes, over the limit of {max_bytes}")
+            raise _Refused(_too_large(path, f"{st.st_size} bytes", max_bytes))
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise _Refused(f"more than {max_bytes} bytes")
+        raise _Refused(_too_large(path, f"more than {max_bytes} bytes", max_bytes))
     signature = (st.st_mtime_ns, st.st_size, st.st_ino)
     if path.suffix == ".json":
         return signature, [json.loads(data)]   # ~50x faster than YAML for the same objects
     text = data.decode("utf-8-sig")
     _check_nesting(text)
-    return signature, list(yaml.load_all(text, Loader=yaml.CSafeLoader))
+    return signature, _load_yaml(text)
+
+
+def _too_large(path: Path, size: str, limit: int) -> str:
+    advice = "split it into smaller files" + ("" if path.suffix == ".json" else
+                                              " or write it as .json (read ~50x faster)")
+    return f"{size}, over the limit of {limit} bytes for this kind of file: {advice}"
+
+
+def _open_inside(path: Path, directory: Path):
+    """The file at path, opened for reading only when what it resolves to lies inside the
+    directory (a ConfigMap volume's key -> ..data/key -> ..<timestamp>/key does). Opened
+    non-blocking (a FIFO swapped in after the listing would block the read forever) and
+    without following a last symlink swapped in after the path was resolved."""
+    inside = os.path.realpath(directory)
+    target = os.path.realpath(path)
+    if os.path.commonpath([target, inside]) != inside:
+        raise _Refused(f"a symlink to {target}, outside the directory: only links to files "
+                       "inside it are followed")
+    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        # A directory on the way swapped for a symlink between realpath and open: what was
+        # opened is what /proc names (when there is a /proc to ask).
+        with contextlib.suppress(OSError):
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+            if os.path.commonpath([opened, inside]) != inside:
+                raise _Refused(f"resolved to {opened}, outside the directory, while opened")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# go-yaml's bound on alias expansion (decode.go, allowedAliasRatio), which the API server and
+# kubectl apply: of the nodes a document decodes to, up to 99% may come from aliases while
+# it decodes to at most 400k, sliding down to 10% at 4M; beyond, "excessive aliasing".
+_ALIAS_RATIO_LOW, _ALIAS_RATIO_HIGH = 400_000, 4_000_000
+# A scalar expanded through an alias costs its length, not one node, wherever it is read:
+# counted as one node per this many characters.
+_SCALAR_CHARS_PER_NODE = 64
+
+
+def _load_yaml(text: str) -> list[Any]:
+    """All documents, refusing excessive aliasing before any of it is expanded."""
+    if "&" not in text or "*" not in text:   # no anchor or no alias: nothing to expand
+        return list(yaml.load_all(text, Loader=yaml.CSafeLoader))
+    loader = yaml.CSafeLoader(text)
+    try:
+        nodes = []
+        while loader.check_node():
+            nodes.append(loader.get_node())
+        _check_aliases(nodes)
+        return [loader.construct_document(node) for node in nodes]
+    finally:
+        loader.dispose()
+
+
+def _check_aliases(documents: list[Node]) -> None:
+    """Raises _Refused when aliases would multiply the work, as go-yaml does, or when an
+    anchor's value holds an alias of itself. Costs one visit per node, however many times
+    aliases repeat it: an alias is the same node object as its anchor."""
+    sizes: dict[int, int] = {}   # id(node) -> nodes it expands to, once known
+    open_nodes: set[int] = set()   # the path from the document root to the node visited
+    unique = 0
+    for root in documents:
+        stack: list[tuple[Node, bool]] = [(root, False)]
+        while stack:
+            node, children_done = stack.pop()
+            if children_done:
+                open_nodes.discard(id(node))
+                sizes[id(node)] = _own_size(node) + sum(sizes[id(c)] for c in _children(node))
+                unique += _own_size(node)
+                continue
+            if id(node) in sizes:
+                continue
+            if id(node) in open_nodes:
+                raise _Refused("an anchor's value contains an alias of itself")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    expanded = sum(sizes[id(root)] for root in documents)
+    aliased = expanded - unique
+    if aliased > 100 and expanded > 1000 and aliased / expanded > _allowed_alias_ratio(expanded):
+        raise _Refused(f"excessive aliasing: {unique} nodes expand to {expanded} through "
+                       "aliases (the API server's YAML decoder refuses the same)")
+
+
+def _allowed_alias_ratio(decoded: int) -> float:
+    if decoded <= _ALIAS_RATIO_LOW:
+        return 0.99
+    if decoded >= _ALIAS_RATIO_HIGH:
+        return 0.10
+    return 0.99 - 0.89 * (decoded - _ALIAS_RATIO_LOW) / (_ALIAS_RATIO_HIGH - _ALIAS_RATIO_LOW)
+
+
+def _children(node: Node) -> Iterator[Node]:
+    if isinstance(node, SequenceNode):
+        yield from node.value
+    elif isinstance(node, MappingNode):
+        for key, value in node.value:
+            yield key
+            yield value
+
+
+def _own_size(node: Node) -> int:
+    if isinstance(node, (SequenceNode, MappingNode)):
+        return 1
+    return 1 + len(node.value) // _SCALAR_CHARS_PER_NODE
 
 
 # Only a real marker ends a flow collection: "---x" is a plain scalar that may continue one.
@@ -312,14 +536,3 @@ def _field(raw: Any, name: str) -> str:
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
-
-
-def _kv(**fields: Any) -> str:
-    """key=value pairs, one event per line; values with spaces or quotes are quoted."""
-    parts = []
-    for key, value in fields.items():
-        text = str(value)
-        if not text or any(c in text for c in ' "=\n\t'):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)

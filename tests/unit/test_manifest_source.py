@@ -3,6 +3,7 @@ objects, broken YAML, huge or deeply nested files) never deletes what was served
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -212,12 +213,11 @@ def test_watched_changes(tmp_path, case):
 
 
 def test_periodic_resync_catches_what_the_watcher_cannot_see(tmp_path):
-    # A file reached through a symlink to another directory: inotify on the manifest
-    # directory does not see edits of the target.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    # A file reached through a symlink into a subdirectory: inotify on the manifest
+    # directory (not recursive) does not see edits of the target.
     watched = tmp_path / "watched"
-    watched.mkdir()
+    elsewhere = watched / "elsewhere"
+    elsewhere.mkdir(parents=True)
     write(elsewhere, "web.yaml", svc("web"))
     (watched / "web.yaml").symlink_to(elsewhere / "web.yaml")
 
@@ -404,9 +404,9 @@ def test_only_changed_or_touched_files_are_reread(tmp_path, monkeypatch):
     reads = []
     real = manifests._load_documents
 
-    def counting(path, max_bytes):
+    def counting(path, *args):
         reads.append(path.name)
-        return real(path, max_bytes)
+        return real(path, *args)
 
     monkeypatch.setattr(manifests, "_load_documents", counting)
     write(tmp_path, "a.yaml", svc("web"))
@@ -441,3 +441,249 @@ def test_listing_is_incomplete_while_a_file_cannot_be_parsed(tmp_path):
     write(tmp_path, "b.yaml", svc("b", ip="10.96.0.11"))
     source.rescan({"b.yaml"})
     assert source.complete is True
+
+
+# --- YAML aliases (issue 13 A2) -----------------------------------------------------------
+
+def alias_heavy_list(items: int) -> str:
+    """~5 KB: a `kind: List` whose items alias one EndpointSlice of 1000 endpoints x 100
+    addresses, all aliases too. Read unchecked, each item cost ~0.6 s."""
+    addresses = ", ".join(f"10.1.0.{i + 1}" for i in range(100))
+    return (f"a: &a [{addresses}]\n"
+            "e: &e {addresses: *a, conditions: {ready: true}}\n"
+            "s: &s\n"
+            "  apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n"
+            "  metadata: {name: x, labels: {kubernetes.io/service-name: web}}\n"
+            "  addressType: IPv4\n  ports: [{name: '', port: 80}]\n"
+            f"  endpoints: [{', '.join(['*e'] * 1000)}]\n"
+            f"apiVersion: v1\nkind: List\nitems: [{', '.join(['*s'] * items)}]\n")
+
+
+def test_excessive_aliasing_is_refused_and_the_file_keeps_its_objects(tmp_path, caplog):
+    source = ManifestSource(tmp_path)
+    write(tmp_path, "a.yaml", svc("web"))
+    assert ports(source.rescan()) == {"Service default/web": 80}
+    write(tmp_path, "a.yaml", alias_heavy_list(3))
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        assert source.rescan() == []
+    assert (source.refused_files, source.parse_errors, source.complete) == (1, 0, False)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith('event=file_refused file=a.yaml error="excessive aliasing'), line
+    assert line.endswith("kept_objects=1"), line
+
+
+def test_an_anchor_that_contains_itself_is_refused(tmp_path):
+    write(tmp_path, "a.yaml", "apiVersion: v1\nkind: Service\n"
+                              "metadata: &m {name: web, labels: {loop: *m}}\n")
+    source = ManifestSource(tmp_path)
+    assert source.rescan() == []
+    assert source.refused_files == 1
+
+
+def test_ordinary_aliases_are_read(tmp_path):
+    """Anchors for what manifests share (labels, ports), as go-yaml allows them."""
+    shared = "x-ports: &ports [{name: http, port: 80}, {name: https, port: 443}]\n"
+    services = "".join(
+        f"- {{apiVersion: v1, kind: Service, metadata: {{name: web{i}}}, "
+        f"spec: {{clusterIP: 10.96.0.{i + 1}, ports: *ports}}}}\n" for i in range(50))
+    write(tmp_path, "a.yaml", shared + "apiVersion: v1\nkind: List\nitems:\n" + services)
+    source = ManifestSource(tmp_path)
+    assert len(source.rescan()) == 50 and source.refused_files == 0
+
+
+# --- what the directory holds (issue 13 A3) -------------------------------------------------
+
+def test_a_symlink_out_of_the_directory_is_refused(tmp_path, caplog):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write(outside, "web.yaml", svc("web"))
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    (watched / "web.yaml").symlink_to(outside / "web.yaml")
+    (watched / "up.yaml").symlink_to("../outside/web.yaml")
+    source = ManifestSource(watched)
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        assert source.rescan() == []
+    assert source.refused_files == 2 and not source.complete
+    assert all("outside the directory" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fifo_swapped_in_after_the_listing_does_not_block_the_source(tmp_path):
+    write(tmp_path, "a.yaml", svc("web"))
+    source = ManifestSource(tmp_path)
+    st = (tmp_path / "a.yaml").stat()
+    listed = (st.st_mtime_ns, st.st_size, st.st_ino)
+    (tmp_path / "a.yaml").unlink()
+    os.mkfifo(tmp_path / "a.yaml")
+    reader = concurrent.futures.ThreadPoolExecutor(1)
+    read = reader.submit(source._read, "a.yaml", listed, None)
+    try:
+        record = read.result(WAIT)
+    finally:
+        if not read.done():   # unblock the reader before failing: open the other end
+            os.close(os.open(tmp_path / "a.yaml", os.O_WRONLY | os.O_NONBLOCK))
+        reader.shutdown()
+    assert not record.readable and source.refused_files == 1
+
+
+def test_a_fifo_at_listing_is_refused_and_keeps_what_the_file_gave(tmp_path):
+    write(tmp_path, "a.yaml", svc("web"))
+    source = ManifestSource(tmp_path)
+    assert ports(source.rescan()) == {"Service default/web": 80}
+    (tmp_path / "a.yaml").unlink()
+    os.mkfifo(tmp_path / "a.yaml")
+    assert source.rescan() == [] and source.refused_files == 1 and not source.complete
+
+
+def test_a_file_that_cannot_be_stat_ed_makes_the_listing_incomplete(tmp_path, caplog):
+    """ELOOP (here), EACCES: what the file holds is unknown, so a restarted agent must keep
+    what it adopted; its objects stay, and it is logged once, not on every resync."""
+    write(tmp_path, "a.yaml", svc("web"))
+    source = ManifestSource(tmp_path)
+    assert ports(source.rescan()) == {"Service default/web": 80}
+    (tmp_path / "a.yaml").unlink()
+    (tmp_path / "a.yaml").symlink_to("a.yaml")   # a loop
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        assert source.rescan() == [] and source.rescan() == []
+    assert not source.complete and source.parse_errors == 1
+    assert [r.getMessage().split()[:2] for r in caplog.records] == [
+        ["event=file_unreadable", "file=a.yaml"]]
+    (tmp_path / "a.yaml").unlink()
+    write(tmp_path, "a.yaml", svc("web", 81))
+    assert ports(source.rescan()) == {"Service default/web": 81} and source.complete
+
+
+def test_yaml_over_the_default_limit_is_refused_saying_what_to_do(tmp_path, caplog):
+    padding = "#" * (3 * 1024 * 1024) + "\n"
+    write(tmp_path, "a.yaml", svc("web") + padding)
+    write(tmp_path, "b.json", svc_json("db") + " " * (3 * 1024 * 1024))
+    source = ManifestSource(tmp_path)
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        assert ports(source.rescan()) == {"Service default/db": 80}
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("event=file_refused file=a.yaml") and "split it" in line \
+        and "write it as .json" in line, line
+
+
+# --- a file rewritten in place (issue 13 A3) ------------------------------------------------
+
+def rewrite_in_place(directory: Path, name: str, text: str) -> None:
+    """As `kubectl get ... > file` does: same inode, truncated, then written."""
+    ino = (directory / name).stat().st_ino
+    write(directory, name, text)
+    assert (directory / name).stat().st_ino == ino
+
+
+def test_deletions_from_a_file_rewritten_in_place_wait_for_a_second_read(tmp_path):
+    source = ManifestSource(tmp_path, shrink_confirm_seconds=3600)
+    write(tmp_path, "a.yaml", svc("web") + "---\n" + svc("api", ip="10.96.0.11"))
+    source.rescan()
+    rewrite_in_place(tmp_path, "a.yaml", "")                        # caught truncated
+    assert source.rescan() == [] and source.rescan({"a.yaml"}) == []
+    rewrite_in_place(tmp_path, "a.yaml", svc("web", 81))            # edits apply at once
+    assert ports(source.rescan()) == {"Service default/web": 81}
+    rewrite_in_place(tmp_path, "a.yaml", svc("web", 81) + "---\n" + svc("api", ip="10.96.0.11"))
+    assert source.rescan() == []                                    # written whole: nothing lost
+    source.shrink_confirm_seconds = 0
+    rewrite_in_place(tmp_path, "a.yaml", svc("web", 81))
+    assert source.rescan() == []                                    # the first read
+    assert ports(source.rescan()) == {"Service default/api": None}  # the second agrees
+
+
+def test_a_file_replaced_by_rename_deletes_at_once(tmp_path):
+    source = ManifestSource(tmp_path, shrink_confirm_seconds=3600)
+    write(tmp_path, "a.yaml", svc("web") + "---\n" + svc("api", ip="10.96.0.11"))
+    source.rescan()
+    write(tmp_path, ".a.yaml.tmp", svc("web"))
+    os.replace(tmp_path / ".a.yaml.tmp", tmp_path / "a.yaml")
+    assert ports(source.rescan()) == {"Service default/api": None}
+
+
+def test_a_withheld_deletion_arrives_without_another_change(tmp_path):
+    write(tmp_path, "a.yaml", svc("web") + "---\n" + svc("api", ip="10.96.0.11"))
+
+    async def scenario():
+        source = ManifestSource(tmp_path, resync_seconds=3600, shrink_confirm_seconds=0.2)
+        changes = source.changes()
+        try:
+            await next_batch(changes)
+            rewrite_in_place(tmp_path, "a.yaml", svc("web"))
+            return await next_batch(changes)
+        finally:
+            await changes.aclose()
+
+    assert ports(run(scenario())) == {"Service default/api": None}
+
+
+# --- names (issue 13 A9) --------------------------------------------------------------------
+
+SLICE_NAMED = textwrap.dedent("""\
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata:
+      name: "{name}"
+      namespace: "{namespace}"
+      labels: {{kubernetes.io/service-name: "{service}"}}
+    addressType: IPv4
+    endpoints: [{{addresses: [10.1.0.1]}}]
+    """)
+NODE_NAMED = 'apiVersion: v1\nkind: Node\nmetadata: {{name: "{name}"}}\n'
+SERVICE_NAMED = ('apiVersion: v1\nkind: Service\nmetadata: {{name: "{name}", namespace: '
+                 '"{namespace}"}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}\n')
+
+
+@dataclass
+class NameCase:
+    name: str
+    text: str
+    valid: bool
+
+
+def named(template: str, name: str = "web", namespace: str = "default",
+          service: str = "web") -> str:
+    return template.format(name=name, namespace=namespace, service=service)
+
+
+NAME_CASES = [
+    NameCase("service: DNS-1035 label", named(SERVICE_NAMED, "web-1"), True),
+    NameCase("service: a slash", named(SERVICE_NAMED, "a/b"), False),
+    NameCase("service: upper case", named(SERVICE_NAMED, "Web"), False),
+    NameCase("service: a dot (a subdomain, not a label)", named(SERVICE_NAMED, "web.x"), False),
+    NameCase("service: starts with a digit", named(SERVICE_NAMED, "1web"), False),
+    NameCase("service: 63 characters", named(SERVICE_NAMED, "w" * 63), True),
+    NameCase("service: 64 characters", named(SERVICE_NAMED, "w" * 64), False),
+    NameCase("service: control characters", named(SERVICE_NAMED, r"web\r\e[2J"), False),
+    NameCase("namespace: a slash", named(SERVICE_NAMED, namespace="a/b"), False),
+    NameCase("namespace: starts with a digit", named(SERVICE_NAMED, namespace="1ns"), True),
+    NameCase("namespace: underscore", named(SERVICE_NAMED, namespace="kube_system"), False),
+    NameCase("slice: a subdomain", named(SLICE_NAMED, "web-abc.v1"), True),
+    NameCase("slice: starts with a digit", named(SLICE_NAMED, "1-web"), True),
+    NameCase("slice: a slash", named(SLICE_NAMED, "web/1"), False),
+    NameCase("slice: 254 characters", named(SLICE_NAMED, "a." * 126 + "bc"), False),
+    NameCase("slice: service label with a slash", named(SLICE_NAMED, service="a/b"), False),
+    NameCase("slice: service label upper case (a valid label value)",
+             named(SLICE_NAMED, service="Web_1.x"), True),
+    NameCase("node: a subdomain", named(NODE_NAMED, "node-1.example.com"), True),
+    NameCase("node: upper case", named(NODE_NAMED, "Node1"), False),
+]
+
+
+@pytest.mark.parametrize("case", NAME_CASES, ids=lambda c: c.name)
+def test_names_follow_the_api_server_rules(tmp_path, case):
+    write(tmp_path, "a.yaml", case.text)
+    source = ManifestSource(tmp_path)
+    changes = source.rescan()
+    assert (len(changes), source.invalid_objects) == ((1, 0) if case.valid else (0, 1))
+
+
+def test_log_lines_escape_what_files_hold(tmp_path, caplog):
+    write(tmp_path, "a.yaml", named(SERVICE_NAMED, r"web\r\e[2J\u202e"))
+    write(tmp_path, "b\x1b[31m.yaml", BROKEN_YAML)
+    with caplog.at_level(logging.WARNING, logger=manifests.__name__):
+        ManifestSource(tmp_path).rescan()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    for line in lines:
+        assert line.isprintable(), repr(line)
+    assert 'object="Service default/web\\r\\x1b[2J\\u202e"' in lines[0], lines[0]
+    assert 'file="b\\x1b[31m.yaml"' in lines[1], lines[1]
