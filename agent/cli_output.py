@@ -63,7 +63,8 @@ def status_text(s: dict) -> str:
     lines = [head, "",
              f"version      {s['version']}",
              f"source       {src['kind']} {src['location']}"
-             f"{'' if src['complete'] else '  (INCOMPLETE: some input unreadable)'}",
+             f"{'' if src['complete'] else '  (INCOMPLETE: some input unreadable)'}"
+             f"{'  (STALLED: ' + src['stalled'] + ')' if src.get('stalled') else ''}",
              f"last sync    {_when(s['last_sync_unix'])}, took {s['last_sync_seconds']:.3f}s; "
              f"change to kernel {s['last_event_to_kernel_seconds']:.3f}s",
              f"syncs        {s['syncs']} ({s['full_syncs']} full, {s['change_syncs']} "

@@ -49,6 +49,8 @@ class Health:
                            f"periods of {self.observed.sync_period:g}s)")
         if self.observed.status.failure:
             reasons.append(self.observed.status.failure)
+        if self.observed.source_stalled:   # its changes are not reaching the kernel
+            reasons.append(self.observed.source_stalled)
         attached = True
         if self.observed.inventory is not None:
             attached, missing = self.observed.inventory.programs_attached()

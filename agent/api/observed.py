@@ -38,6 +38,11 @@ class Observed:
     def source_complete(self) -> bool:
         return bool(getattr(self.source, "complete", True))
 
+    @property
+    def source_stalled(self) -> str:
+        """Why the source is stuck (the manifest source's `stalled`); "" when it is not."""
+        return str(getattr(self.source, "stalled", "") or "")
+
     def errors(self) -> dict[str, int]:
         """Errors since start, by kind (GetStatus.errors, bpfproxy_errors_total)."""
         out = {"sync": self.status.sync_errors,

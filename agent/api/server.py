@@ -108,7 +108,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             last_sync_seconds=s.last_sync_seconds, change_syncs=s.change_syncs,
             version=o.version, full_syncs=s.full_syncs, started_unix=o.started_unix,
             source_state=agent_pb2.SourceState(kind=o.source_kind, location=o.source_location,
-                                               complete=o.source_complete),
+                                               complete=o.source_complete,
+                                               stalled=o.source_stalled),
             programs=programs, maps=maps, errors=o.errors(),
             pin_dir=str(o.inventory.pin_dir) if o.inventory else "",
             refused_services=[agent_pb2.RefusedService(
