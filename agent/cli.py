@@ -374,22 +374,23 @@ def watch_events(args) -> int:
     from agent import cli_output
     from agent.api import client
     from agent.api.generated import agent_pb2
-    channel, stub = _client(args)
     seen = 0
-    with channel:
-        try:
-            for event in stub.WatchEvents(agent_pb2.WatchEventsRequest()):
-                print(cli_output.event_record(client.to_plain(event), args.output),
-                      flush=True)
-                seen += 1
-                if args.count and seen >= args.count:
-                    return client.EXIT_OK
-        except grpc.RpcError as exc:
-            return _failed(exc, args)
-        except KeyboardInterrupt:
-            return client.EXIT_OK
-    print("bpfproxy: the agent closed the event stream", file=sys.stderr)
-    return client.EXIT_UNAVAILABLE
+    while True:
+        # a stream that ends without an error has reached its lifetime (the agent's
+        # WatchLimits): watch again, on a fresh connection as the agent ages them out
+        channel, stub = _client(args)
+        with channel:
+            try:
+                for event in stub.WatchEvents(agent_pb2.WatchEventsRequest()):
+                    print(cli_output.event_record(client.to_plain(event), args.output),
+                          flush=True)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        return client.EXIT_OK
+            except grpc.RpcError as exc:
+                return _failed(exc, args)
+            except KeyboardInterrupt:
+                return client.EXIT_OK
 
 
 # --- cleanup --------------------------------------------------------------------------

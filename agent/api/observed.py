@@ -33,6 +33,7 @@ class Observed:
     version: str = field(default_factory=agent_version)
     started_unix: float = field(default_factory=time.time)
     invalid_requests: int = 0               # API requests refused as malformed
+    watches_stalled: int = 0                # WatchEvents streams ended: client not reading
 
     @property
     def source_complete(self) -> bool:
@@ -49,6 +50,7 @@ class Observed:
                "source": self.hub.errors.get("source_failed", 0),
                "invalid_request": self.invalid_requests,
                "events_dropped": self.hub.dropped,
+               "watch_stalled": self.watches_stalled,
                "kernel_read": self.inventory.read_errors if self.inventory else 0,
                "frontend_conflict": self.hub.errors.get("conflict", 0),
                "capacity": self.status.services_refused}

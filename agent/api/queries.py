@@ -1,5 +1,6 @@
 """The API's questions answered from an AppliedView, pure: filters validated at the border,
-key-based pages (stable while the view changes underneath), counters rolled up per port.
+key-based pages (stable while the view changes underneath) over the view sorted once per
+applied state, counters rolled up per port.
 
 No gRPC here: server.py turns these rows into messages, unit tests call them directly."""
 from __future__ import annotations
@@ -7,10 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import functools
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Sequence
+import threading
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.agent import AppliedServicePort, AppliedView
@@ -76,12 +80,25 @@ def service_key(sp: AppliedServicePort) -> tuple:
 
 
 def backend_key(sp: AppliedServicePort, backend: BackendAddr) -> tuple:
+    return (*service_key(sp), *_backend_part(backend))
+
+
+def _backend_part(backend: BackendAddr) -> tuple:
     # zero-padded: sorts numerically, and survives JSON in a page token as it is
-    return (*service_key(sp), backend.address.version, f"{int(backend.address):039d}",
-            backend.port)
+    return backend.address.version, f"{int(backend.address):039d}", backend.port
+
+
+def _backend_order(backend: BackendAddr) -> tuple:
+    """The order of _backend_part, without formatting a string per backend."""
+    return backend.address.version, int(backend.address), backend.port
 
 
 # ---- pages -----------------------------------------------------------------------------
+
+SERVICE_KEY = (str, str, str, str, int)           # service_key's types, in order
+BACKEND_KEY = (*SERVICE_KEY, int, str, int)       # backend_key's
+MAX_TOKEN = 1024        # characters; ours are under 300, and json.loads must never recurse
+
 
 def page_size(requested: int) -> int:
     if requested < 0:
@@ -94,56 +111,147 @@ def _token(key: tuple) -> str:
     return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
 
 
-def _after(token: str, sample: tuple | None) -> tuple | None:
+def _after(token: str, shape: tuple[type, ...]) -> tuple | None:
+    """The key a page token names, checked against the key shape of the list asked for
+    (a token from another list, or made up, is refused rather than compared)."""
     if not token:
         return None
-    try:
-        key = tuple(json.loads(base64.urlsafe_b64decode(token.encode())))
-    except (ValueError, binascii.Error, TypeError):
-        key = None
-    if key is None or (sample is not None and [type(v) for v in key] !=
-                       [type(v) for v in sample]):
-        raise InvalidRequest("page_token: not one this server handed out; start again "
-                             "without a token")
-    return key
+    key = None
+    if len(token) <= MAX_TOKEN:
+        try:
+            key = json.loads(base64.urlsafe_b64decode(token.encode()))
+        except (ValueError, binascii.Error, RecursionError):
+            key = None
+    if not isinstance(key, list) or len(key) != len(shape) or \
+            any(type(v) is not t for v, t in zip(key, shape, strict=True)):
+        raise InvalidRequest("page_token: not one this list handed out (the next_page_token "
+                             "of the same RPC); start again without a token")
+    return tuple(key)
 
 
-def paged(rows: Sequence, key_of: Callable[[object], tuple], size: int,
-          token: str) -> tuple[list, str]:
-    """rows sorted by key_of; the page after the token's key and the next token ("" at
-    the end). A key, not an offset: rows added or removed meanwhile shift nothing."""
-    keys = [key_of(r) for r in rows]
-    after = _after(token, keys[0] if keys else None)
-    start = 0 if after is None else bisect.bisect_right(keys, after)
-    page = list(rows[start:start + size])
-    more = start + size < len(rows)
-    return page, (_token(keys[start + size - 1]) if more else "")
+class SortedView:
+    """One applied state's service ports in key order, sorted once, and each port's
+    backends sorted on first use: a page is then a bisect and a slice, not a sort of the
+    whole view. Each sync makes a new AppliedView, so a SortedView never goes stale."""
+
+    def __init__(self, view: AppliedView) -> None:
+        # not the view itself: SortedViewCache must not keep an old applied state alive
+        self._ids = view.ids
+        self.ports = sorted(view.service_ports, key=service_key)
+        self.port_keys = [service_key(sp) for sp in self.ports]
+        self._backends: list[tuple | None] = [None] * len(self.ports)
+
+    def backends_of(self, index: int) -> tuple[tuple[BackendAddr, str], ...]:
+        found = self._backends[index]
+        if found is None:       # two API threads may both sort it: same result, no harm
+            found = tuple(sorted(self.ports[index].backends,
+                                 key=lambda pair: _backend_order(pair[0])))
+            self._backends[index] = found
+        return found
+
+    @functools.cached_property
+    def svc_ids(self) -> dict[tuple, list[int]]:
+        return _svc_ids(self._ids)
+
+    def port_range(self, flt: Filter) -> tuple[int, int]:
+        """Indexes of the ports a namespace (and name) filter can match: keys start with
+        them, so the range is found by bisection."""
+        prefix = (flt.namespace, flt.name) if flt.name and flt.namespace else \
+            (flt.namespace,) if flt.namespace else ()
+        if not prefix:
+            return 0, len(self.ports)
+
+        def head(key: tuple) -> tuple:
+            return key[:len(prefix)]
+
+        return (bisect.bisect_left(self.port_keys, prefix, key=head),
+                bisect.bisect_right(self.port_keys, prefix, key=head))
+
+
+class SortedViewCache:
+    """The SortedView of the view last asked about, rebuilt when a sync has replaced it
+    (the view's identity is the applied state's generation). Weakly held: an old applied
+    state is never kept alive for the API's sake."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._view: weakref.ref | None = None
+        self._sorted: SortedView | None = None
+
+    def of(self, view: AppliedView) -> SortedView:
+        with self._lock:
+            found = self._sorted
+            if found is None or self._view is None or self._view() is not view:
+                self._sorted = None         # the old one goes before the new is built
+                found = SortedView(view)
+                self._sorted, self._view = found, weakref.ref(view, self._forget)
+            return found
+
+    def _forget(self, ref: weakref.ref) -> None:
+        # runs wherever the view was let go, maybe under our lock: so no lock here
+        if self._view is ref:
+            self._sorted = None
 
 
 # ---- rows ------------------------------------------------------------------------------
 
-def sorted_ports(view: AppliedView) -> list[AppliedServicePort]:
-    return sorted(view.service_ports, key=service_key)
-
-
-def select_services(view: AppliedView, flt: Filter, size: int, token: str
+def select_services(pages: SortedView, flt: Filter, size: int, token: str
                     ) -> tuple[list[AppliedServicePort], str]:
-    return paged([sp for sp in sorted_ports(view) if flt.service_port(sp)], service_key,
-                 size, token)
+    """The page after the token's key and the next token ("" at the end). A key, not an
+    offset: rows added or removed meanwhile shift nothing."""
+    after = _after(token, SERVICE_KEY)
+    low, high = pages.port_range(flt)
+    if after is not None:
+        low = max(low, bisect.bisect_right(pages.port_keys, after))
+    rows: list[AppliedServicePort] = []
+    for index in range(low, high):
+        sp = pages.ports[index]
+        if flt.service_port(sp):
+            if len(rows) == size:
+                return rows, _token(service_key(rows[-1]))
+            rows.append(sp)
+    return rows, ""
 
 
-def select_backends(view: AppliedView, flt: Filter, size: int, token: str
+def select_backends(pages: SortedView, flt: Filter, size: int, token: str
                     ) -> tuple[list[tuple[AppliedServicePort, BackendAddr, str]], str]:
-    rows = sorted(((sp, b, state) for sp in view.service_ports for b, state in sp.backends
-                   if flt.backend(sp, b)), key=lambda r: backend_key(r[0], r[1]))
-    return paged(rows, lambda r: backend_key(r[0], r[1]), size, token)
+    """As select_services, one row per (service port, backend)."""
+    after = _after(token, BACKEND_KEY)
+    low, high = pages.port_range(flt)
+    resume_in = -1                 # the port whose backends the token's key falls among
+    if after is not None:
+        port_key, backend_part = after[:len(SERVICE_KEY)], after[len(SERVICE_KEY):]
+        low = max(low, bisect.bisect_left(pages.port_keys, port_key))
+        if low < len(pages.port_keys) and pages.port_keys[low] == port_key:
+            resume_in = low
+    rows: list[tuple[AppliedServicePort, BackendAddr, str]] = []
+    for index in range(low, high):
+        sp = pages.ports[index]
+        if not flt.service(sp) or flt.address is not None and not any(
+                flt.backend(sp, b) for b, _ in sp.backends):
+            continue           # (a search for one address sorts only the ports it is in)
+        backends = pages.backends_of(index)
+        first = 0 if index != resume_in else bisect.bisect_right(
+            backends, backend_part, key=lambda pair: _backend_part(pair[0]))
+        for at in range(first, len(backends)):
+            backend, state = backends[at]
+            if flt.backend(sp, backend):
+                if len(rows) == size:
+                    last_sp, last_backend, _ = rows[-1]
+                    return rows, _token(backend_key(last_sp, last_backend))
+                rows.append((sp, backend, state))
+    return rows, ""
 
 
 def svc_ids(view: AppliedView) -> dict[tuple, list[int]]:
     """(ServicePortName, family) -> every svc_id serving it: one per scope (internal,
     external, ...), each with its own counters."""
+    return _svc_ids(view.ids)
+
+
+def _svc_ids(ids: dict) -> dict[tuple, list[int]]:
     out: dict[tuple, list[int]] = {}
-    for key, svc_id in view.ids.items():
+    for key, svc_id in ids.items():
         out.setdefault(tuple(key[:2]), []).append(svc_id)
     return out
 
@@ -155,9 +263,10 @@ class PortStats:
     backends: tuple[tuple[BackendAddr, str, Counters], ...]
 
 
-def port_stats(view: AppliedView, stats: StatsTable, ports: Sequence[AppliedServicePort]
-               ) -> list[PortStats]:
-    ids = svc_ids(view)
+def port_stats(view: AppliedView, stats: StatsTable, ports: Sequence[AppliedServicePort],
+               ids: dict[tuple, list[int]] | None = None) -> list[PortStats]:
+    """ids: svc_ids(view) when the caller has it already (SortedView.svc_ids)."""
+    ids = svc_ids(view) if ids is None else ids
     out = []
     for sp in ports:
         own = ids.get((sp.name, sp.family), [])

@@ -7,8 +7,13 @@ own two threads, so no client can take the threads the sync loop writes the kern
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,26 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 MAX_CONCURRENT_RPCS = 128      # beyond: RESOURCE_EXHAUSTED, not an unbounded backlog
+
+
+@dataclass(frozen=True)
+class WatchLimits:
+    """How long a WatchEvents stream may hold its place (one of EventHub.max_subscribers
+    and of the concurrent RPCs); its queue is bounded by the hub (events.QUEUE_SIZE)."""
+    # an event the client's connection has not taken for this long (it stopped reading,
+    # and gRPC's buffers are full) ends the stream: its hub place is freed at once
+    stall_seconds: float = 60.0
+    # then the stream ends (OK) and the client watches again; drawn at random in this
+    # range, as kube-apiserver does for watches (--min-request-timeout, 1800 s, to twice
+    # that), so that clients do not all come back at once
+    lifetime_seconds: tuple[float, float] = (1800.0, 3600.0)
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """The backstop for a call its handler cannot end: with a write pending, gRPC
+        Python can neither send a status nor cancel the call, so the connection goes
+        (GOAWAY past any stream's lifetime, then closed after stall_seconds)."""
+        return [("grpc.max_connection_age_ms", int(self.lifetime_seconds[1] * 1250)),
+                ("grpc.max_connection_age_grace_ms", int(self.stall_seconds * 1000))]
 
 
 @dataclass(frozen=True)
@@ -84,9 +109,16 @@ def _filter(request) -> Filter:
 # ---- the service -----------------------------------------------------------------------
 
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, observed: Observed, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, observed: Observed, executor: ThreadPoolExecutor,
+                 watch_limits: WatchLimits = WatchLimits()) -> None:
         self.observed = observed
         self.executor = executor
+        self.watch_limits = watch_limits
+        self.sorted_views = queries.SortedViewCache()
+
+    def _sorted(self) -> queries.SortedView:
+        """The applied state in key order, sorted once per sync (in an API thread)."""
+        return self.sorted_views.of(self.observed.status.view)
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -143,8 +175,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await self._refuse(context, exc, "ListServices")
 
     def _services_page(self, flt: Filter, size: int, token: str):
-        ports, next_token = queries.select_services(self.observed.status.view, flt, size,
-                                                    token)
+        ports, next_token = queries.select_services(self._sorted(), flt, size, token)
         return agent_pb2.ListServicesResponse(
             services=[service_port_message(sp) for sp in ports], next_page_token=next_token)
 
@@ -172,8 +203,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await self._refuse(context, exc, "ListBackends")
 
     def _backends_page(self, flt: Filter, size: int, token: str):
-        rows, next_token = queries.select_backends(self.observed.status.view, flt, size,
-                                                   token)
+        rows, next_token = queries.select_backends(self._sorted(), flt, size, token)
         return agent_pb2.ListBackendsResponse(backends=[agent_pb2.BackendEntry(
             namespace=sp.name.namespace, name=sp.name.name, port_name=sp.name.port_name,
             protocol=sp.name.protocol.value, family=sp.family, address=str(b.address),
@@ -193,8 +223,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _stats_page(self, flt: Filter, size: int, token: str):
         view = self.observed.status.view
-        ports, next_token = queries.select_services(view, flt, size, token)
-        rows = queries.port_stats(view, self.observed.inventory.stats(), ports)
+        pages = self.sorted_views.of(view)
+        ports, next_token = queries.select_services(pages, flt, size, token)
+        rows = queries.port_stats(view, self.observed.inventory.stats(), ports, pages.svc_ids)
         return agent_pb2.GetStatsResponse(services=[agent_pb2.ServiceStats(
             namespace=r.port.name.namespace, name=r.port.name.name,
             port_name=r.port.name.port_name, protocol=r.port.name.protocol.value,
@@ -209,11 +240,29 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             subscription = self.observed.hub.subscribe()
         except TooManySubscribers as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        limits, loop = self.watch_limits, asyncio.get_running_loop()
+        ends = loop.time() + random.uniform(*limits.lifetime_seconds)
+        peer = context.peer()
         try:
             while True:
-                yield event_message(await subscription.next())
+                try:
+                    event = await asyncio.wait_for(subscription.next(), ends - loop.time())
+                except TimeoutError:
+                    log.debug("event=api_watch_ended reason=lifetime peer=%s", peer)
+                    return          # OK: the client watches again
+                try:
+                    await asyncio.wait_for(context.write(event_message(event)),
+                                           limits.stall_seconds)
+                except TimeoutError:
+                    break
         finally:
             subscription.close()
+        self.observed.watches_stalled += 1
+        log.info("event=api_watch_ended reason=stalled peer=%s seconds=%.0f", peer,
+                 limits.stall_seconds)
+        # Its place is free now. A write is still pending in gRPC, so no status can
+        # follow it: end the handler as cancelled; the connection's age ends the call.
+        raise asyncio.CancelledError(f"not read for {limits.stall_seconds:.0f} s")
 
 
 # ---- health ----------------------------------------------------------------------------
@@ -242,13 +291,65 @@ def _unix_path(address: str) -> Path | None:
     return Path(address.removeprefix("unix://")) if address.startswith("unix://") else None
 
 
+def _warn_if_open(address: str, tls: TlsFiles | None) -> None:
+    """A TCP listener without client certificates answers anyone who reaches it."""
+    if tls is None:
+        log.warning("event=api_insecure address=%s hint=%r", address,
+                    "TCP without --api-tls-cert/--api-tls-key: anyone who reaches it reads "
+                    "the node's services")
+    elif tls.ca is None:
+        log.warning("event=api_insecure address=%s hint=%r", address,
+                    "TLS without --api-tls-ca: the certificate proves the server, not the "
+                    "client; anyone who reaches it reads the node's services")
+
+
+def _listen_unix(path: Path, add_port: Callable[[str], int]) -> int:
+    """Bind in a fresh 0700 directory of our own, give the socket its mode there, then
+    rename it into place: it is 0660 from the moment anyone can reach it, and no chmod
+    ever follows a path that someone could have swapped for a symlink (rename replaces
+    whatever is at the path, a stale socket or a link, and never follows it)."""
+    # group-only, like the socket (a directory given to us, e.g. a hostPath, is kept)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".bpfp-", dir=path.parent))    # 0700
+    try:
+        staged = staging / "s"          # short: a socket path has 107 bytes at most
+        bound = add_port(f"unix://{staged}")
+        if bound:
+            os.chmod(staged, 0o660)
+            os.replace(staged, path)
+        return bound
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_on_stop(server: grpc.aio.Server, path: Path) -> None:
+    """gRPC removes the socket it bound when it stops, but it bound the staging name:
+    remove ours, unless another agent has put its own there since."""
+    ours = os.lstat(path)
+    stop = server.stop
+
+    async def stop_and_remove(grace: float | None) -> None:
+        try:
+            await stop(grace)
+        finally:
+            with contextlib.suppress(OSError):
+                now = os.lstat(path)
+                if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.unlink(path)
+
+    server.stop = stop_and_remove
+
+
 async def start(address: str, observed: Observed | AgentStatus,
-                tls: TlsFiles | None = None) -> grpc.aio.Server:
+                tls: TlsFiles | None = None,
+                watch_limits: WatchLimits = WatchLimits()) -> grpc.aio.Server:
     if isinstance(observed, AgentStatus):
         observed = Observed(observed)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api")
-    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(observed, executor), server)
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+                             options=watch_limits.server_options())
+    agent_pb2_grpc.add_AgentServicer_to_server(
+        AgentService(observed, executor, watch_limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     initial, on_event = _health_tracker(observed, health_servicer)
@@ -256,26 +357,24 @@ async def start(address: str, observed: Observed | AgentStatus,
     observed.hub.listen(on_event)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    def add_port(where: str) -> int:
+        return server.add_secure_port(where, tls.credentials()) if tls else \
+            server.add_insecure_port(where)
+
     path = _unix_path(address)
-    if path is not None:
-        # group-only, like the socket (a directory given to us, e.g. a hostPath, is kept)
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        if path.exists():
-            path.unlink()    # left by an agent that was killed; we own this path
-    elif tls is None:
-        log.warning("event=api_insecure address=%s hint=%r", address,
-                    "TCP without --api-tls-cert/--api-tls-key: anyone who reaches it reads "
-                    "the node's services")
+    if path is None:
+        _warn_if_open(address, tls)
     try:
-        bound = server.add_secure_port(address, tls.credentials()) if tls else \
-            server.add_insecure_port(address)
-    except RuntimeError as exc:
+        bound = _listen_unix(path, add_port) if path is not None else add_port(address)
+    except (RuntimeError, OSError) as exc:
         raise OSError(f"cannot listen on --api {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on --api {address}")
-    await server.start()
     if path is not None:
-        os.chmod(path, 0o660)
+        _remove_on_stop(server, path)
+    await server.start()
     log.info("event=api_listening address=%s tls=%s client_certs=%s", address,
              tls is not None, bool(tls and tls.ca))
     return server
+

@@ -1,12 +1,15 @@
 """The gRPC server in-process on a real socket: answers from a real synced AgentStatus,
 refuses malformed requests, serves health and reflection, TLS and mutual TLS refuse
-clients without the right certificate, and a client that never reads its event stream
-loses events without slowing the publisher or other watchers."""
+clients without the right certificate (TLS without them is warned about), a client that
+never reads its event stream loses events without slowing the publisher or other watchers
+and cannot hold its place for ever, and the unix socket is never reached before its mode
+is right, nor chmod-ed through a link."""
 from __future__ import annotations
 
 import asyncio
 import datetime
 import ipaddress
+import logging
 import socket
 import stat
 from pathlib import Path
@@ -19,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent import cli
 from agent.api import server
 from agent.api.events import EventHub
 from agent.api.generated import agent_pb2, agent_pb2_grpc
@@ -32,10 +36,11 @@ def status():
     return synced_status(objects, node_ips)[0]
 
 
-def serve(observed: Observed, address: str, tls=None):
+def serve(observed: Observed, address: str, tls=None,
+          watch_limits: server.WatchLimits | None = None):
     """Run coroutine body(stub, channel) against a server started on address."""
     async def run(body, channel_factory=None):
-        srv = await server.start(address, observed, tls)
+        srv = await server.start(address, observed, tls, watch_limits or server.WatchLimits())
         try:
             channel = (channel_factory or grpc.aio.insecure_channel)(address)
             async with channel:
@@ -209,3 +214,184 @@ def test_tls_and_mutual_tls_refuse_clients_without_the_right_certificate(
     factory = _client(pki, **client) if client else grpc.aio.insecure_channel
     got = asyncio.run(serve(Observed(status), address, tls)(_status_code, factory))
     assert got == want
+
+
+# ---- watchers cannot hold their place forever -------------------------------------------
+
+async def _until(condition, what: str, tick=None, timeout: float = 30.0) -> None:
+    """Poll condition (calling tick each round); fail with `what` past the bound."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not in time: {what}"
+        if tick is not None:
+            tick()
+        await asyncio.sleep(0.01)
+
+
+def test_a_watcher_that_stops_reading_is_ended_and_its_place_freed(status, tmp_path):
+    """Its events pile up in gRPC's buffers; once one has waited stall_seconds its hub
+    place is freed (counted, logged), and the call itself ends with the connection's age
+    (a client cannot hold a place, or a call, by not reading)."""
+    address = f"unix://{tmp_path}/api.sock"
+    hub = EventHub(queue_size=4, max_subscribers=1)
+    observed = Observed(status, hub=hub)
+    limits = server.WatchLimits(stall_seconds=0.5, lifetime_seconds=(2.0, 2.0))
+
+    async def body(stub, channel):
+        idle_channel = grpc.aio.insecure_channel(address, options=[
+            ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)])
+        idle = agent_pb2_grpc.AgentStub(idle_channel).WatchEvents(
+            agent_pb2.WatchEventsRequest())
+        await _until(lambda: hub.subscribers == 1, "the watch is registered")
+        sent = iter(range(10**6))
+        await _until(lambda: hub.subscribers == 0, "the stalled watch is ended",
+                     tick=lambda: hub.publish("sync_failed",
+                                              {"message": f"{next(sent)} " + "x" * 32768}))
+        errors = (await stub.GetStatus(agent_pb2.GetStatusRequest())).errors
+        assert errors["watch_stalled"] == 1
+        # its place is free again: a new watcher (on a connection of its own) gets events
+        async with grpc.aio.insecure_channel(address) as fresh:
+            reader = agent_pb2_grpc.AgentStub(fresh).WatchEvents(
+                agent_pb2.WatchEventsRequest())
+            await _until(lambda: hub.subscribers == 1, "a new watch is registered")
+            hub.publish("sync_failed", {"message": "after"})
+            assert (await asyncio.wait_for(reader.read(), 30)).message == "after"
+            reader.cancel()
+        # the stalled call ends too: what was buffered, then an error, not a hang
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await asyncio.wait_for(idle.read(), 30)
+        assert ended.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        await idle_channel.close()
+
+    asyncio.run(serve(observed, address, watch_limits=limits)(body))
+
+
+async def _messages(call) -> list[str]:
+    return [event.message async for event in call]
+
+
+def test_a_watch_ends_at_its_lifetime_and_the_client_watches_again(status, tmp_path):
+    address = f"unix://{tmp_path}/api.sock"
+    hub = EventHub()
+    observed = Observed(status, hub=hub)
+    limits = server.WatchLimits(lifetime_seconds=(0.3, 0.3))
+
+    async def body(stub, channel):
+        for _ in range(2):
+            call = stub.WatchEvents(agent_pb2.WatchEventsRequest())
+            await _until(lambda: hub.subscribers == 1, "the watch is registered")
+            hub.publish("sync_failed", {"message": "one"})
+            got = await asyncio.wait_for(_messages(call), 30)    # until the server ends it
+            assert got == ["one"]
+            assert await call.code() == grpc.StatusCode.OK
+            await _until(lambda: hub.subscribers == 0, "the subscription is closed")
+
+    asyncio.run(serve(observed, address, watch_limits=limits)(body))
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_tls_without_client_certificates_is_warned_about_as_plain_tcp_is(
+        status, pki, mutual, caplog):
+    """Without --api-tls-ca any client that reaches the port reads the node's services."""
+    tls = server.TlsFiles(pki / "server.crt", pki / "server.key",
+                          pki / "ca.crt" if mutual else None)
+    address = f"127.0.0.1:{_free_port()}"
+    client = _client(pki, "ca", "client" if mutual else None)
+    with caplog.at_level(logging.WARNING, logger="agent.api.server"):
+        got = asyncio.run(serve(Observed(status), address, tls)(_status_code, client))
+    assert got == grpc.StatusCode.OK
+    warned = [r.getMessage() for r in caplog.records if "event=api_insecure" in r.getMessage()]
+    if mutual:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "--api-tls-ca" in warned[0] and address in warned[0]
+
+
+# ---- the unix socket -------------------------------------------------------------------
+
+def test_the_socket_is_0660_when_it_appears_and_no_link_is_followed(
+        status, tmp_path, monkeypatch):
+    """Someone swaps the socket's path for a symlink to another file just after gRPC
+    binds: the socket must still end up at the path with its mode, and the other file
+    keep its own (a chmod after bind would follow the link)."""
+    run_dir = tmp_path / "run"
+    path = run_dir / "api.sock"
+    victim = tmp_path / "bpfp-victim"
+    victim.write_text("not the agent's\n")
+    victim.chmod(0o600)
+    path_at_bind = []
+    real_server = grpc.aio.server
+
+    def server_with_a_swap_after_bind(*args, **kwargs):
+        srv = real_server(*args, **kwargs)
+        bind = srv.add_insecure_port
+
+        def bind_then_swap(address: str) -> int:
+            bound = bind(address)
+            path_at_bind.append(path.exists())
+            if path.exists():
+                path.unlink()
+            path.symlink_to(victim)
+            return bound
+
+        srv.add_insecure_port = bind_then_swap
+        return srv
+
+    monkeypatch.setattr(grpc.aio, "server", server_with_a_swap_after_bind)
+
+    async def body(stub, channel):
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o600, "a chmod followed the link"
+        mode = path.lstat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+        assert sorted(p.name for p in run_dir.iterdir()) == ["api.sock"]   # no staging left
+        assert (await stub.GetStatus(agent_pb2.GetStatusRequest())).synced
+
+    asyncio.run(serve(Observed(status), f"unix://{path}")(body))
+    assert path_at_bind == [False]           # nothing listened at the path before it was ready
+    assert victim.read_text() == "not the agent's\n"
+    assert not path.exists() and not path.is_symlink()      # removed when the server stopped
+
+
+def test_a_stale_socket_is_replaced_and_another_agents_is_not_removed(status, tmp_path):
+    path = tmp_path / "api.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))                   # left by an agent that was killed
+    stale.close()
+
+    async def run():
+        srv = await server.start(f"unix://{path}", Observed(status))
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
+                assert (await agent_pb2_grpc.AgentStub(channel).GetStatus(
+                    agent_pb2.GetStatusRequest())).synced
+            # a newer agent took the path over meanwhile: stopping must leave its socket
+            path.unlink()
+            newer = socket.socket(socket.AF_UNIX)
+            newer.bind(str(path))
+            newer.close()
+        finally:
+            await srv.stop(grace=None)
+
+    asyncio.run(run())
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+
+
+def test_the_cli_watches_on_past_a_stream_s_lifetime(status, tmp_path, capsys):
+    """`bpfproxy watch` is not ended by a stream reaching its lifetime: it watches again."""
+    address = f"unix://{tmp_path}/api.sock"
+    hub = EventHub()
+    limits = server.WatchLimits(lifetime_seconds=(0.3, 0.3))
+    wanted = 12
+
+    async def body(stub, channel):
+        watcher = asyncio.ensure_future(asyncio.to_thread(
+            cli.main, ["watch", "--api", address, "--count", str(wanted), "-o", "json"]))
+        while not watcher.done():           # one event per 50 ms: several lifetimes
+            hub.publish("sync_failed", {"message": "tick"})
+            await asyncio.sleep(0.05)
+        return await watcher
+
+    code = asyncio.run(serve(Observed(status, hub=hub), address, watch_limits=limits)(body))
+    assert code == 0
+    assert capsys.readouterr().out.count('"tick"') == wanted
