@@ -5,6 +5,8 @@ entries leave the shared map when it is closed (also after the agent's stale soc
 destroyed it, and for an unconnected socket that sent to several services)."""
 from __future__ import annotations
 
+import ctypes
+import os
 import select
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from agent.datapath import inventory
+from agent.datapath import bpfsys, inventory, layout
 from agent.datapath.stale_sockets import destroy_udp_sockets
 from lab import manifests
 from lab.agent_runner import AgentRunner
@@ -117,6 +119,22 @@ def revnat_entries(agent: AgentRunner, family: int) -> int:
     return usage[f"bpfp_revnat{family}_v1"].entries
 
 
+def sock_events(agent: AgentRunner) -> dict[str, int]:
+    """bpfp_sock_events summed over the possible CPUs."""
+    spec = layout.MAPS["bpfp_sock_events"]
+    fd = bpfsys.obj_get(str(agent.bpffs / spec.pin))
+    try:
+        cpus = inventory.possible_cpus()
+        out = {}
+        for slot, name in enumerate(layout.SOCK_EVENTS):
+            values = (ctypes.c_uint64 * cpus)()
+            out[name] = sum(values) if bpfsys.map_lookup(fd, ctypes.c_uint32(slot), values) \
+                else 0
+        return out
+    finally:
+        os.close(fd)
+
+
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -174,3 +192,37 @@ def test_socket_churn_in_one_pod_leaves_other_pods_replies_and_the_map_alone(
         assert steady.do("ask").startswith("error")
         assert steady.do("close") == "ok"
         assert revnat_entries(agent, family) == 0
+
+
+def test_a_socket_that_sends_to_more_backends_than_it_keeps_stays_bounded(make_lab, tmp_path):
+    """An unconnected socket keeps layout.SOCK_REVNATS backends: the next one replaces the
+    oldest (counted), whose shared entry goes too, so one socket cannot fill the map."""
+    lab = make_lab()
+    kept = layout.SOCK_REVNATS
+    ports = [6000 + i for i in range(kept + 1)]
+    backend = lab.add_pod("backend")
+    backend.start_server(ports, udp=True)
+    client_pod = lab.add_pod("client")
+    directory = tmp_path / "manifests"
+    vips = [f"10.96.1.{10 + i}" for i in range(len(ports))]
+    for i, (vip, port) in enumerate(zip(vips, ports)):
+        manifests.write(
+            directory, f"dns{i}.yaml",
+            manifests.service(f"dns{i}", vip, [{"name": "dns", "port": 53,
+                                                "targetPort": port, "protocol": "UDP"}]),
+            manifests.endpoint_slice(f"dns{i}", [backend.ip],
+                                     [{"name": "dns", "port": port, "protocol": "UDP"}]))
+    with AgentRunner(lab, directory, extra_args=("--max-reverse-nat", str(MAP_SIZE))) as agent:
+        agent.start()
+        sender = DrivenSocket(client_pod, 4)
+        for vip in vips:
+            assert sender.do("sendto", vip, 53) == "ok"
+            assert sender.do("recv") == f"from {vip} 53"
+        assert revnat_entries(agent, 4) == kept
+        assert sock_events(agent)["revnat_replaced"] == 1
+        # the replaced backend is remembered again when the socket sends to it again
+        assert sender.do("sendto", vips[0], 53) == "ok"
+        assert sender.do("recv") == f"from {vips[0]} 53"
+        assert sender.do("close") == "ok"
+        assert revnat_entries(agent, 4) == 0
+        assert sock_events(agent)["revnat_failed"] == sock_events(agent)["no_socket_storage"] == 0
