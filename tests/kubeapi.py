@@ -4,8 +4,8 @@ list/watch protocol (JSON lists with resourceVersion and continue, chunked watch
 It is the only stand-in the tests use (no API server can run here). Besides the protocol it
 misbehaves on request: 410 Gone (in the stream, or as an HTTP answer), slow answers, dropped
 connections mid-stream or mid-list, 401/403, going away and coming back on the same port.
-Test helpers (put, delete, compact, expire_watches, drop_connections, ...) change it while a
-client watches. Listen sockets come from a factory, so one can live in a lab's network
+Test helpers (put, delete, compact, expire_watches, drop_connections, send_raw, ...) change
+it while a client watches. Listen sockets come from a factory, so one can live in a lab's network
 namespace (listen_in_netns) while the server's threads and the test stay in ours."""
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ class _Watch:
     kind: str
     command: str = ""            # "", "expire" (ERROR 410 then end) or "drop" (cut the stream)
     bookmarks_sent: int = 0
+    raw: list[bytes] = field(default_factory=list)     # lines to write as they are (send_raw)
 
 
 @dataclass
@@ -268,6 +269,15 @@ class FakeKubeApi:
             self._bookmarks += 1
             self._lock.notify_all()
 
+    def send_raw(self, kind: str, *lines: bytes) -> None:
+        """Write these lines as they are, each as one line of every open watch of `kind`:
+        what a broken server or a proxy in between might put in a stream."""
+        with self._lock:
+            for watch in self._watches:
+                if watch.kind == kind:
+                    watch.raw.extend(lines)
+            self._lock.notify_all()
+
     def open_watches(self, kind: str | None = None) -> int:
         with self._lock:
             return sum(1 for w in self._watches if kind in (None, w.kind))
@@ -400,11 +410,14 @@ class FakeKubeApi:
                     events = [e for e in events if e.kind == kind.kind]
                     wants_bookmark = bookmarks and watch.bookmarks_sent < self._bookmarks
                     left = deadline - time.monotonic()
-                    if events or wants_bookmark or watch.command or left <= 0:
+                    if events or wants_bookmark or watch.command or watch.raw or left <= 0:
                         break
                     self._lock.wait(min(left, 1.0))
                 watch.bookmarks_sent = self._bookmarks
                 rv = self._rv
+                raw, watch.raw = watch.raw, []
+            for line in raw:
+                write(line)
             for event in events:
                 old, new = (self._matching(event.old, params), self._matching(event.new, params))
                 # a change that moves an object out of (into) the selection is a delete (add)
@@ -534,10 +547,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
 
-    def _chunk(self, event: dict) -> None:
-        data = json.dumps(event).encode() + b"\n"
+    def _chunk(self, event: dict | bytes) -> None:
+        """One watch event as one line (bytes: a raw line from send_raw, as it is)."""
+        data = (event if isinstance(event, bytes) else json.dumps(event).encode()) + b"\n"
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
+        if isinstance(event, bytes):
+            return
         api = self.server.api
         obj = event.get("object") or {}
         with api._lock:

@@ -10,8 +10,10 @@ from agent.agent import AgentStatus
 from agent.api.events import EventHub
 from agent.datapath.inventory import Inventory
 
-# error counters a source may keep (manifests: parse_errors, refused_files; kube: api_errors)
-SOURCE_COUNTERS = ("invalid_objects", "parse_errors", "refused_files", "api_errors")
+# error counters a source may keep (manifests: parse_errors, refused_files; kube:
+# api_errors, malformed_events)
+SOURCE_COUNTERS = ("invalid_objects", "parse_errors", "refused_files", "api_errors",
+                   "malformed_events")
 
 
 def agent_version() -> str:

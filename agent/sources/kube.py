@@ -54,6 +54,10 @@ LIST_READ_SECONDS = 60.0
 # half-open connection): give up on it and resume from the last version seen.
 WATCH_READ_SLACK = 30.0
 SHORT_WATCH_SECONDS = 1.0          # an empty watch that ends sooner counts as a failure
+# One watch event is one JSON line holding one object; etcd stores objects up to 1.5 MiB
+# (--max-request-bytes), and their JSON is at most a few times that. A longer line is
+# not read into memory: the watch is listed again (the list has no line to outgrow).
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,22 @@ class WatchError(Exception):
     """An ERROR event other than 410 in a watch stream."""
 
 
+class EventTooLong(Exception):
+    """A watch line past Timing.max_event_bytes: the stream is dropped, the list read."""
+
+
 @dataclass(frozen=True, slots=True)
 class Timing:
     backoff_first: float = BACKOFF_FIRST
     backoff_max: float = BACKOFF_MAX
     watch_seconds: tuple[int, int] = WATCH_SECONDS
     page_size: int = PAGE_SIZE
+    max_event_bytes: int = MAX_EVENT_BYTES
 
 
 class KubeSource:
-    """Counters: invalid_objects, relists, watch_restarts, api_errors."""
+    """Counters: invalid_objects, relists, watch_restarts, api_errors, malformed_events
+    (watch lines that are not an event object, or too long to read)."""
 
     def __init__(self, api_client: k8s.ApiClient, node_name: str,
                  timing: Timing = Timing()) -> None:
@@ -108,6 +118,7 @@ class KubeSource:
         self.relists = 0
         self.watch_restarts = 0
         self.api_errors = 0
+        self.malformed_events = 0
         self._complete = False
 
     @property
@@ -201,6 +212,14 @@ class _Reflector:
                     backoff.reset()      # it carried events or ended on time: resume at once
                     continue
                 delay = backoff.next()   # broke with nothing delivered
+            except EventTooLong as error:
+                self.source.malformed_events += 1
+                self.source.relists += 1
+                log.warning("event=kube_watch_event_too_long resource=%s error=%r "
+                            "resume_from=%s action=relist", self.resource.kind, str(error),
+                            self.resource_version)
+                must_list = True      # the list moves past it; resuming would meet it again
+                continue
             except Gone:
                 # client-go relists at once: the version is gone, the server is fine
                 self.source.relists += 1
@@ -240,8 +259,10 @@ class _Reflector:
     # -- list ------------------------------------------------------------------------
 
     def _list(self) -> None:
-        """A consistent list in pages; hands on its difference to what was given."""
-        items: list[dict] = []
+        """A consistent list in pages, each made typed objects as it arrives (the raw
+        page is dropped before the next is asked for); hands on its difference to what
+        was given."""
+        fresh: dict[ObjectKey, Object] = {}
         token = ""
         while True:
             try:
@@ -251,19 +272,18 @@ class _Reflector:
                     # the continue token expired between pages: the snapshot is gone
                     log.info("event=kube_list_restart resource=%s reason=continue_expired",
                              self.resource.kind)
-                    items, token = [], ""
+                    fresh, token = {}, ""
                     continue
                 raise
-            items.extend(page.get("items") or [])
+            for raw in page.get("items") or []:
+                key, obj = self._parse(raw)
+                if obj is not None:
+                    fresh[key] = obj
             metadata = page.get("metadata") or {}
+            del page
             token = metadata.get("continue") or ""
             if not token:
                 break
-        fresh: dict[ObjectKey, Object] = {}
-        for raw in items:
-            key, obj = self._parse(raw)
-            if obj is not None:
-                fresh[key] = obj
         changes = [ObjectChange(key, None) for key in self.given.keys() - fresh.keys()]
         changes += [ObjectChange(key, obj) for key, obj in fresh.items()
                     if self.given.get(key) != obj]
@@ -311,8 +331,17 @@ class _Reflector:
         try:
             if self.stop.is_set():
                 return True
-            for line in _lines(response):
-                self._event(json.loads(line))
+            for line in _lines(response, self.source.timing.max_event_bytes):
+                event = json.loads(line)
+                if not isinstance(event, dict):
+                    # not an event at all: skip it, keep the stream (no relist for a line)
+                    self.source.malformed_events += 1
+                    log.warning("event=kube_watch_event_malformed resource=%s line=%r "
+                                "action=skipped resume_from=%s", self.resource.kind,
+                                _one_line(line[:200].decode(errors="replace")),
+                                self.resource_version)
+                    continue
+                self._event(event)
                 delivered = True
             if delivered or time.monotonic() - started >= SHORT_WATCH_SECONDS:
                 return True
@@ -391,17 +420,30 @@ def _discard(response: urllib3.BaseHTTPResponse) -> None:
         response.release_conn()
 
 
-def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """The JSON lines of a watch stream, as they arrive."""
-    buffer = b""
+def _lines(response: urllib3.BaseHTTPResponse, limit: int) -> Iterator[bytes]:
+    """The JSON lines of a watch stream, as they arrive; EventTooLong past `limit` bytes
+    (never more than that, plus one chunk, is held)."""
+    buffer = bytearray()
     for chunk in response.stream(64 * 1024):
+        start = len(buffer)
         buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
+        end = buffer.find(b"\n", start)
+        begin = 0
+        while end != -1:                       # only the new bytes are searched
+            line = bytes(buffer[begin:end])
+            if len(line) > limit:
+                raise EventTooLong(f"a watch line of {len(line)} bytes (limit {limit})")
             if line.strip():
                 yield line
+            begin = end + 1
+            end = buffer.find(b"\n", begin)
+        del buffer[:begin]
+        if len(buffer) > limit:
+            raise EventTooLong(f"a watch line over {limit} bytes")
     if buffer.strip():
-        yield buffer
+        if len(buffer) > limit:
+            raise EventTooLong(f"a watch line of {len(buffer)} bytes (limit {limit})")
+        yield bytes(buffer)
 
 
 class _Backoff:

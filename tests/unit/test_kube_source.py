@@ -438,6 +438,103 @@ def test_an_invalid_object_is_skipped_counted_and_logged(api, tmp_path, caplog):
     assert "action=kept_previous" in caplog.text
 
 
+def test_each_list_page_is_parsed_as_it_arrives(api, tmp_path):
+    """Pages become typed objects one at a time (no raw page is kept for the end of the
+    list): the first page's bad objects are counted while the second page is held."""
+    bad = []
+    for i in range(2):
+        obj = svc(f"a-bad{i}", f"10.96.0.{60 + i}")
+        obj["spec"]["ports"][0]["port"] = 70000
+        bad.append(obj)
+    api.put(*bad, svc("web0", "10.96.0.10"), svc("web1", "10.96.0.11"))
+    gate = api.gate(SERVICES, when=lambda r: "continue" in r.params and not r.watch)
+
+    async def test(w: Watcher):
+        first = asyncio.ensure_future(w.next())
+        await in_thread(api.wait_for_request, lambda r: "continue" in r.params)
+        await until(lambda: w.source.invalid_objects == 2)      # page one, already parsed
+        assert not first.done()
+        gate.set()
+        return await first
+
+    first = run(test, api, tmp_path)
+    assert {k.name for k in first if k.kind == "Service"} == {"web0", "web1"}
+
+
+def test_a_watch_line_that_is_not_an_object_is_skipped_and_the_stream_kept(
+        api, tmp_path, caplog):
+    """`[]` and `42` are JSON but no event: logged, counted, skipped; the same stream goes
+    on (no list, no new watch), and what follows arrives."""
+    api.put(svc("web", "10.96.0.10"))
+
+    async def test(w: Watcher):
+        await w.next()
+        await watching(api)()
+        before = len(api.requests)
+        api.send_raw("Service", b"[]", b"42", b'"event"')
+        api.put(svc("api", "10.96.0.20"))
+        batch = await w.next()
+        return batch, w.source, api.requests_since(before)
+
+    with caplog.at_level(logging.WARNING, logger="agent.sources.kube"):
+        batch, source, requests = run(test, api, tmp_path)
+    assert set(batch) == {key("Service", "api")}
+    assert source.malformed_events == 3 and source.relists == 0
+    assert requests == []              # neither a list nor a new watch: the stream went on
+    assert caplog.text.count("event=kube_watch_event_malformed resource=Service") == 3
+    assert "action=skipped" in caplog.text
+
+
+def test_a_watch_line_past_the_limit_is_not_read_and_the_list_moves_past_it(
+        api, tmp_path, caplog):
+    """A line longer than max_event_bytes is never held whole: the stream is dropped
+    (counted, logged), the list reads the object instead, and the watch goes on after."""
+    api.put(svc("web", "10.96.0.10"))
+    timing = Timing(backoff_first=0.02, backoff_max=0.2, page_size=2,
+                    max_event_bytes=64 * 1024)
+
+    async def test(w: Watcher):
+        await w.next()
+        await watching(api)()
+        big = svc("big", "10.96.0.30")
+        big["metadata"]["annotations"] = {"bulk": "x" * 200_000}
+        before = len(api.requests)
+        api.put(big)
+        listed = await w.next()
+        lists = [r for r in api.requests_since(before) if not r.watch]
+        await watching(api)()
+        api.put(svc("api", "10.96.0.20"))
+        later = await w.next()
+        return listed, lists, later, w.source
+
+    with caplog.at_level(logging.WARNING, logger="agent.sources.kube"):
+        listed, lists, later, source = run(test, api, tmp_path, timing=timing)
+    assert set(listed) == {key("Service", "big")}
+    assert [r.path for r in lists] == [SERVICES]
+    assert set(later) == {key("Service", "api")}
+    assert source.malformed_events == 1 and source.relists == 1
+    assert "event=kube_watch_event_too_long resource=Service" in caplog.text
+    assert "action=relist" in caplog.text
+
+
+def test_lines_are_split_across_chunks_and_bounded():
+    class Stream:
+        def __init__(self, *chunks: bytes) -> None:
+            self.chunks = chunks
+
+        def stream(self, _size):
+            return iter(self.chunks)
+
+    lines = list(kube._lines(Stream(b'{"a"', b': 1}\n{"b": 2}\n\n{"c"', b": 3}"), 16))
+    assert lines == [b'{"a": 1}', b'{"b": 2}', b'{"c": 3}']
+    with pytest.raises(kube.EventTooLong):
+        list(kube._lines(Stream(b"x" * 10, b"x" * 10, b"\n"), 16))     # no newline in 16
+    with pytest.raises(kube.EventTooLong):
+        list(kube._lines(Stream(b"y\n" + b"x" * 17 + b"\n"), 16))      # one chunk, two lines
+    with pytest.raises(kube.EventTooLong):
+        list(kube._lines(Stream(b"x" * 12, b"x" * 12), 16))              # never ended
+
+
 def test_closing_the_source_stops_its_threads(api, tmp_path):
     before = set(threading.enumerate())
 
