@@ -131,6 +131,9 @@ class AgentStatus:
     # keeps what it had of them. services_refused counts each time one was refused.
     refused: dict[str, str] = field(default_factory=dict)
     services_refused: int = 0
+    # the TC path's flow table at its last sweep (datapath.conntrack.FlowTableStats);
+    # None: no TC path, or not swept yet
+    flows: object | None = None
 
     @property
     def services(self) -> tuple[AppliedServicePort, ...]:

@@ -72,6 +72,14 @@ def status_text(s: dict) -> str:
     errors = {k: v for k, v in s["errors"].items() if v}
     lines.append("errors       " + (", ".join(f"{k}={v}" for k, v in errors.items())
                                     or "none"))
+    flows = s.get("flows") or {}
+    if flows.get("snat_port_range"):        # swept at least once: a TC path is attached
+        events = {k: v for k, v in flows["events"].items() if v}
+        lines.append(f"flows        {flows['flows']} from outside ({flows['entries']} entries); "
+                     f"SNAT ports {flows['snat_ports_in_use']} in use, busiest backend "
+                     f"{flows['snat_ports_busiest']} of {flows['snat_port_range']}"
+                     + ("; " + ", ".join(f"{k}={v}" for k, v in sorted(events.items()))
+                        if events else ""))
     if s["programs"]:
         lines += ["", table(["PROGRAM", "HOOK", "ATTACHED TO", "STATE"], [
             (p["name"] or "-", p["hook"], p["target"],

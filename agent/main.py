@@ -13,9 +13,10 @@ from agent import capabilities
 from agent.agent import Agent
 from agent.api import observe
 from agent.api.service_health import ServiceHealthServer
-from agent.datapath import loader
+from agent.datapath import layout, loader
 from agent.datapath.config import DatapathConfig
-from agent.datapath.maps import BpfServiceMaps, LayoutError
+from agent.datapath.conntrack import FlowTable
+from agent.datapath.maps import BpfServiceMaps, LayoutError, PinnedMap
 from agent.datapath.netns_opener import NetnsDoorClosed, NetnsOpener
 from agent.datapath.stale_sockets import udp_cleanup_for
 from agent.datapath.tc import check_snat_ports, interface_addresses
@@ -23,6 +24,8 @@ from agent.model.types import NodeContext
 from agent.sources.manifests import ManifestSource
 
 log = logging.getLogger("agent")
+
+FLOW_SWEEP_PERIOD = 10.0     # seconds between sweeps of the TC path's flow table
 
 
 def find_cgroup2_mount() -> Path:
@@ -106,17 +109,50 @@ async def serve(args) -> int:
     stopper.add_done_callback(lambda _: agent.stop())
     refresher = asyncio.create_task(_refresh_interface_addresses(
         maps, config.interfaces, args.node_ips, args.sync_period))
+    sweeper = None
+    if config.interfaces:
+        table = FlowTable(maps.ct, PinnedMap(config.pin_dir, layout.MAPS["bpfp_tc_events"]),
+                          config.snat_port_max - config.snat_port_min + 1)
+        sweeper = asyncio.create_task(_sweep_flows(table, agent.status,
+                                                   min(FLOW_SWEEP_PERIOD, args.sync_period)))
     try:
         code = await agent.run()
     finally:
         stopper.cancel()
         refresher.cancel()
+        if sweeper:
+            sweeper.cancel()
         await observers.stop()
         await health_checks.close()
         opener.close()
         log.info(
             "event=agent_stopped programs=left_attached maps=left_pinned")
     return code
+
+
+async def _sweep_flows(table: FlowTable, status, period: float) -> None:
+    """Finished flows out of the conntrack map, and the figures status and metrics show.
+    A big table is swept less often: a sweep takes at most a twentieth of the time."""
+    loop = asyncio.get_running_loop()
+    dropped = 0
+    while True:
+        took = 0.0
+        try:
+            stats = await loop.run_in_executor(None, table.sweep)
+        except OSError as exc:
+            log.warning("event=flow_sweep_failed error=%r", str(exc))
+        else:
+            status.flows, took = stats, stats.seconds
+            if stats.removed:
+                log.debug("event=flows_swept removed=%d entries=%d", stats.removed,
+                          stats.entries)
+            if stats.events.get("no_snat_port", 0) > dropped:
+                log.warning("event=snat_ports_exhausted new_flows_dropped=%d "
+                            "busiest_backend_ports=%d of=%d",
+                            stats.events["no_snat_port"] - dropped, stats.snat_ports_busiest,
+                            stats.snat_port_range)
+                dropped = stats.events["no_snat_port"]
+        await asyncio.sleep(max(period, 20 * took))
 
 
 async def _refresh_interface_addresses(maps: BpfServiceMaps, interfaces: tuple[str, ...],

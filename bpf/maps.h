@@ -228,6 +228,12 @@ struct ct_key {
 #define BPFP_CT_CLOSING     4   /* RST, or FIN each way: expires after the close timeout */
 #define BPFP_CT_ESTABLISHED 8   /* TCP: the reply direction was seen */
 #define BPFP_CT_FIN         16  /* TCP: this direction sent FIN */
+#define BPFP_CT_TIME_WAIT   32  /* TCP: the backend closed first, so it holds TIME_WAIT */
+
+/* How long a SNATed flow the backend closed first keeps its port: the backend's
+ * TIME_WAIT (Linux's TCP_TIMEWAIT_LEN). A new flow on that port before then meets the
+ * old connection there, and its SYN is refused (PAWS) until the client retransmits. */
+#define BPFP_CT_TIME_WAIT_HOLD 60
 
 struct ct_value {
         __be32 saddr[4];        /* rewrite to */
@@ -312,5 +318,14 @@ BPF_TABLE_PINNED("hash", struct maglev_key, struct maglev_row, bpfp_maglev,
                  BPFP_MAX_MAGLEV_ROWS, BPFP_PIN("bpfp_maglev_v1"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_percpu_hash", struct stats_key, struct stats_value, bpfp_stats,
                  BPFP_MAX_STATS, BPFP_PIN("bpfp_stats_v1"));
+
+/* What the TC path did that no service counter shows, per CPU, indexed by BPFP_TCEV_*. */
+#define BPFP_TCEV_NO_SNAT_PORT 0    /* a new flow found no free SNAT port: dropped */
+#define BPFP_TCEV_NOT_SYN      1    /* TCP to a service address, no flow, not a SYN: dropped */
+#define BPFP_TCEV_SNAT_REUSED  2    /* a new flow took the SNAT port of a finished one */
+#define BPFP_TCEV_FLOW_EXPIRED 3    /* a packet found its flow past its time: both entries gone */
+#define BPFP_TCEV_SLOTS        8
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, bpfp_tc_events, BPFP_TCEV_SLOTS,
+                 BPFP_PIN("bpfp_tc_events_v1"));
 
 #endif /* BPFP_MAPS_H */

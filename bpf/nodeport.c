@@ -18,7 +18,9 @@
 #define NSEC 1000000000ULL
 
 #define SNAT_PORT_SPAN (BPFP_SNAT_PORT_MAX - BPFP_SNAT_PORT_MIN + 1)
-#define SNAT_TRIES 8
+/* Ports tried for a new SNATed flow, each at random: with 75 % of the ports in use, all
+ * 64 taken has odds of 1e-8; with 90 %, 1e-3 (then the range is what is too small) */
+#define SNAT_TRIES 64
 #define AFFINITY_SCAN 32
 
 #define IP_MF     0x2000
@@ -169,6 +171,10 @@ static __always_inline __u64 lifetime(struct pkt *p, __u32 flags)
 {
         if (p->t.proto != IPPROTO_TCP)
                 return BPFP_CT_UDP_TIMEOUT * NSEC;
+        if ((flags & (BPFP_CT_CLOSING | BPFP_CT_SNAT | BPFP_CT_TIME_WAIT)) ==
+            (BPFP_CT_CLOSING | BPFP_CT_SNAT | BPFP_CT_TIME_WAIT) &&
+            BPFP_CT_TIME_WAIT_HOLD > BPFP_CT_TCP_CLOSE_TIMEOUT)
+                return BPFP_CT_TIME_WAIT_HOLD * NSEC;
         if (flags & BPFP_CT_CLOSING)
                 return BPFP_CT_TCP_CLOSE_TIMEOUT * NSEC;
         if (flags & BPFP_CT_ESTABLISHED)
@@ -187,6 +193,55 @@ static __always_inline void reply_key(struct ct_key *fwd, struct ct_value *v,
         out->proto = fwd->proto;
         out->family = fwd->family;
         out->pad = 0;
+}
+
+static __always_inline void tc_event(__u32 what)
+{
+        __u64 *n = bpfp_tc_events.lookup(&what);
+        if (n)
+                *n += 1;
+}
+
+static __always_inline int same_key(const struct ct_key *a, const struct ct_key *b)
+{
+        const __u32 *x = (const void *)a, *y = (const void *)b;
+#pragma unroll
+        for (int i = 0; i < sizeof(*a) / 4; i++) {
+                if (x[i] != y[i])
+                        return 0;
+        }
+        return 1;
+}
+
+/* The other entry of key's flow, when it is still that flow's: a client tuple reused for
+ * a new flow points its entry elsewhere, and the old reply entry is then alone. */
+static __always_inline struct ct_value *partner_of(struct ct_key *key, struct ct_value *v,
+                                                   struct ct_key *other)
+{
+        reply_key(key, v, other);
+        struct ct_value *o = bpfp_ct.lookup(other);
+        if (!o)
+                return NULL;
+        struct ct_key back = {};
+        reply_key(other, o, &back);
+        return same_key(&back, key) ? o : NULL;
+}
+
+/* A flow is over when neither of its entries is alive (a one-way stream refreshes its
+ * partner only now and then, so one entry alone may lag). Its entries are removed and
+ * 0 returned; a live flow's lagging entry takes its partner's time and 1 is returned. */
+static __always_inline int expire_flow(struct ct_key *key, struct ct_value *v, __u64 now)
+{
+        struct ct_key other = {};
+        struct ct_value *o = partner_of(key, v, &other);
+        if (o && o->expires >= now) {
+                v->expires = o->expires;
+                return 1;
+        }
+        if (o)
+                bpfp_ct.delete(&other);
+        bpfp_ct.delete(key);
+        return 0;
 }
 
 /* Backend of a flow, for counters: the forward entry rewrites to it, the reply comes
@@ -367,17 +422,31 @@ static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const
 }
 
 /* Claim a node port for a SNATed flow: the reply entry is inserted only if no other flow
- * holds that (backend, node address, port). */
+ * holds that (backend, node address, port). A port whose flow is over (closed and past
+ * the close timeout, or idle past its lifetime) is taken back here, at once: waiting for
+ * a packet of that flow, or for the LRU to evict it, would leave the port lost. */
 static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
-                                      struct ct_value *rev, struct ct_key *rkey)
+                                      struct ct_value *rev, struct ct_key *rkey, __u64 now)
 {
-        __u32 start = bpf_get_prandom_u32();
         for (int i = 0; i < SNAT_TRIES; i++) {
-                fwd->sport = bpf_htons(BPFP_SNAT_PORT_MIN + (start + i * 7919) % SNAT_PORT_SPAN);
+                /* each try at random: probing in a fixed order from one random start
+                 * piles taken ports into runs (linear probing's clustering), and a run of
+                 * 32 is then far likelier than 32 independent misses */
+                fwd->sport = bpf_htons(BPFP_SNAT_PORT_MIN +
+                                       bpf_get_prandom_u32() % SNAT_PORT_SPAN);
                 reply_key(&p->t, fwd, rkey);
                 if (bpfp_ct.insert(rkey, rev) == 0)
                         return 1;
+                struct ct_value *old = bpfp_ct.lookup(rkey);
+                if (!old || old->expires >= now || expire_flow(rkey, old, now))
+                        continue;
+                /* another CPU may take it first: then its insert wins and we go on */
+                if (bpfp_ct.insert(rkey, rev) == 0) {
+                        tc_event(BPFP_TCEV_SNAT_REUSED);
+                        return 1;
+                }
         }
+        tc_event(BPFP_TCEV_NO_SNAT_PORT);
         return 0;
 }
 
@@ -391,6 +460,12 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         struct svc_value *svc = find_service(p);
         if (!svc)
                 return PASS;                    /* not a service address: not ours */
+        /* a TCP flow starts with a SYN; anything else without a flow (a stray ACK or RST,
+         * a flow the LRU forgot) would take a port and a backend for nothing */
+        if (p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TH_SYN | TH_ACK | TH_RST)) != TH_SYN) {
+                tc_event(BPFP_TCEV_NOT_SYN);
+                return TC_ACT_SHOT;
+        }
         if (!source_allowed(p, svc))
                 return DROP(p, svc, dropped);
         struct target be = {};
@@ -426,7 +501,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
                 __builtin_memcpy(fwd.saddr, node->addr, 16);
                 fwd.flags = rev.flags = BPFP_CT_SNAT;
                 rev.flags |= BPFP_CT_REPLY;
-                if (!claim_snat(p, &fwd, &rev, &rkey))
+                if (!claim_snat(p, &fwd, &rev, &rkey, now))
                         return DROP(p, svc, refused);
         } else {
                 reply_key(&p->t, &fwd, &rkey);
@@ -443,7 +518,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 }
 
 /* TCP's progress on both entries of a flow: established once a reply passed, closing
- * after an RST or a FIN each way (then the short close timeout applies). */
+ * after an RST or a FIN each way (then the short close timeout applies, or the backend's
+ * TIME_WAIT when it closed first and the flow is SNATed). */
+#define CT_SHARED (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING | BPFP_CT_TIME_WAIT)
 static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 now)
 {
         __u32 add = 0;
@@ -457,17 +534,18 @@ static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 n
         }
         if (!add)
                 return;
-        v->flags |= add & (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING);
         struct ct_key other = {};
-        reply_key(&p->t, v, &other);
-        struct ct_value *o = bpfp_ct.lookup(&other);
+        struct ct_value *o = partner_of(&p->t, v, &other);
+        if (o && (add & BPFP_CT_FIN)) {
+                if (o->flags & BPFP_CT_FIN)
+                        add |= BPFP_CT_CLOSING;
+                else if (v->flags & BPFP_CT_REPLY)
+                        add |= BPFP_CT_TIME_WAIT;       /* the backend's FIN came first */
+        }
+        v->flags |= add & CT_SHARED;
         if (!o)
                 return;
-        if ((add & BPFP_CT_FIN) && (o->flags & BPFP_CT_FIN)) {
-                add |= BPFP_CT_CLOSING;
-                v->flags |= BPFP_CT_CLOSING;
-        }
-        o->flags |= add & (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING);
+        o->flags |= add & CT_SHARED;
         o->expires = now + lifetime(p, o->flags);
 }
 
@@ -671,16 +749,16 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
                 return icmp_error(skb);
         struct ct_value *v = bpfp_ct.lookup(&p.t);
         __u64 now = bpf_ktime_get_ns();
-        if (v && v->expires < now) {
-                bpfp_ct.delete(&p.t);
+        if (v && v->expires < now && !expire_flow(&p.t, v, now)) {
+                tc_event(BPFP_TCEV_FLOW_EXPIRED);
                 v = NULL;
         }
         /* a new connection on a tuple whose last one closed: balanced afresh */
         if (v && ingress && (p.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN &&
             (v->flags & (BPFP_CT_CLOSING | BPFP_CT_REPLY)) == BPFP_CT_CLOSING) {
                 struct ct_key other = {};
-                reply_key(&p.t, v, &other);
-                bpfp_ct.delete(&other);
+                if (partner_of(&p.t, v, &other))
+                        bpfp_ct.delete(&other);
                 bpfp_ct.delete(&p.t);
                 v = NULL;
         }

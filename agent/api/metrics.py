@@ -73,6 +73,7 @@ class StateCollector(Collector):
         yield errors
         yield GaugeMetricFamily(f"{PREFIX}_event_watchers", "WatchEvents streams open.",
                                 value=o.hub.subscribers)
+        yield from self._flows(s.flows)
         if o.inventory is not None:
             yield from self._kernel(o, s)
 
@@ -105,6 +106,30 @@ class StateCollector(Collector):
             attached.add_metric([p.name, p.hook, p.target], int(p.attached))
         yield attached
         yield from self._services(o, s)
+
+    @staticmethod
+    def _flows(flows) -> Iterator[Metric]:
+        """The TC path's flow table at its last sweep (datapath.conntrack)."""
+        if flows is None:
+            return
+        yield GaugeMetricFamily(f"{PREFIX}_flows", "Live flows from outside the node "
+                                "(TC path), at the last sweep.", value=flows.flows)
+        yield GaugeMetricFamily(f"{PREFIX}_snat_ports_in_use", "Node ports held by live "
+                                "SNATed flows, at the last sweep.",
+                                value=flows.snat_ports_in_use)
+        yield GaugeMetricFamily(f"{PREFIX}_snat_ports_busiest_backend", "The most node "
+                                "ports held towards one backend; new flows to it are "
+                                "dropped when this reaches bpfproxy_snat_port_range.",
+                                value=flows.snat_ports_busiest)
+        yield GaugeMetricFamily(f"{PREFIX}_snat_port_range", "SNAT ports per backend.",
+                                value=flows.snat_port_range)
+        events = CounterMetricFamily(f"{PREFIX}_tc_events", "What the TC path did that no "
+                                     "service counter shows: no_snat_port, tcp_not_syn "
+                                     "(both dropped), snat_port_reused, flow_expired.",
+                                     labels=["event"])
+        for name, value in sorted(flows.events.items()):
+            events.add_metric([name], value)
+        yield events
 
     def _services(self, o: Observed, s) -> Iterator[Metric]:
         try:

@@ -146,7 +146,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             pin_dir=str(o.inventory.pin_dir) if o.inventory else "",
             refused_services=[agent_pb2.RefusedService(
                 namespace=service.split("/", 1)[0], name=service.split("/", 1)[1],
-                reason=reason) for service, reason in sorted(s.refused.items())])
+                reason=reason) for service, reason in sorted(s.refused.items())],
+            flows=_flow_table(s.flows))
 
     def _kernel_inventory(self):
         """Programs and maps; a failed read leaves its list empty (counted as kernel_read
@@ -378,3 +379,12 @@ async def start(address: str, observed: Observed | AgentStatus,
              tls is not None, bool(tls and tls.ca))
     return server
 
+
+def _flow_table(stats) -> agent_pb2.FlowTable | None:
+    """datapath.conntrack.FlowTableStats as the API says it; None before a first sweep."""
+    if stats is None:
+        return None
+    return agent_pb2.FlowTable(
+        entries=stats.entries, flows=stats.flows, snat_ports_in_use=stats.snat_ports_in_use,
+        snat_ports_busiest=stats.snat_ports_busiest, snat_port_range=stats.snat_port_range,
+        removed=stats.removed, swept_unix=stats.finished_unix, events=stats.events)

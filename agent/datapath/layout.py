@@ -119,7 +119,11 @@ class CtValue(ctypes.Structure):
 
 
 # bpf/maps.h BPFP_CT_*
-CT_REPLY, CT_SNAT, CT_CLOSING, CT_ESTABLISHED, CT_FIN = 1, 2, 4, 8, 16
+CT_REPLY, CT_SNAT, CT_CLOSING, CT_ESTABLISHED, CT_FIN, CT_TIME_WAIT = 1, 2, 4, 8, 16, 32
+
+# bpfp_tc_events slots (BPFP_TCEV_* in bpf/maps.h): what the TC path did, per CPU
+TC_EVENTS = ("no_snat_port", "tcp_not_syn", "snat_port_reused", "flow_expired")
+TC_EVENT_SLOTS = 8
 
 
 class IfaddrKey(ctypes.Structure):
@@ -178,6 +182,8 @@ MAPS = {
     "bpfp_srcrange": MapLayout("bpfp_srcrange", "bpfp_srcrange_v1", SrcrangeKey,
                                ctypes.c_uint8),
     "bpfp_maglev": MapLayout("bpfp_maglev", "bpfp_maglev_v1", MaglevKey, MaglevRow),
+    "bpfp_tc_events": MapLayout("bpfp_tc_events", "bpfp_tc_events_v1", ctypes.c_uint32,
+                                ctypes.c_uint64),
 }
 
 SOCKET_STORAGE = MapLayout("bpfp_sock_revnat", "bpfp_sock_revnat_v1", ctypes.c_int32,

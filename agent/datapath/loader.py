@@ -161,7 +161,8 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
                         "affinity_ext": config.max_affinity, "stats": config.max_stats,
                         "ct": config.ct_max, "ifaddr": 1024,
                         "srcrange": config.max_source_ranges,
-                        "maglev": config.max_maglev_rows}[kind]
+                        "maglev": config.max_maglev_rows,
+                        "tc_events": layout.TC_EVENT_SLOTS}[kind]
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
                         "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)

@@ -3,6 +3,7 @@
  *
  *   loadgen server     --port P [--port P ...] [--bind ADDR] [--threads T]
  *   loadgen tcp_crr    --addr A --port P --duration S [--threads T] [--warmup S] [--timeout S]
+ *                      [--rate N]  at most N connections a second (all threads)
  *   loadgen tcp_rr     (same options)  one kept connection per thread, 1-byte request/response
  *   loadgen udp_rr     (same options) [--connected]  one socket per thread (netperf UDP_RR)
  *   loadgen udp_crr    (same options) [--connected]  a new socket per request (a DNS client)
@@ -50,7 +51,8 @@ static void usage(const char *why)
 		"loadgen: %s\n"
 		"usage: loadgen server --port P [--port P ...] [--bind ADDR] [--threads T]\n"
 		"       loadgen tcp_crr|tcp_rr|udp_rr|udp_crr|tcp_stream --addr A --port P\n"
-		"               --duration S [--threads T] [--warmup S] [--timeout S] [--connected]\n",
+		"               --duration S [--threads T] [--warmup S] [--timeout S] [--connected]\n"
+		"               [--rate N]   (tcp_crr: at most N connections a second in all)\n",
 		why);
 	exit(2);
 }
@@ -440,6 +442,7 @@ struct client_config {
 	uint64_t measure_from, stop_at; /* monotonic ns */
 	struct timeval timeout;
 	int timeout_ms;
+	uint64_t interval_ns; /* --rate: a thread starts a transaction at most this often */
 };
 
 struct client_worker {
@@ -523,10 +526,26 @@ static int exchange_byte(int fd)
 	return n == 0 ? ERR_EOF : timeout_errno(errno);
 }
 
+/* With --rate, wait for the thread's next slot (slots missed are not made up for). */
+static void pace(const struct client_config *cfg, uint64_t *next)
+{
+	if (!cfg->interval_ns)
+		return;
+	uint64_t now = now_ns();
+	if (*next > now) {
+		struct timespec ts = {.tv_sec = (time_t)((*next - now) / 1000000000u),
+				      .tv_nsec = (long)((*next - now) % 1000000000u)};
+		nanosleep(&ts, NULL);
+		now = *next;
+	}
+	*next = now + cfg->interval_ns;
+}
+
 static void run_tcp_crr(struct client_worker *w)
 {
 	const struct client_config *cfg = w->cfg;
-	for (uint64_t start; (start = now_ns()) < cfg->stop_at;) {
+	uint64_t next = 0;
+	for (uint64_t start; pace(cfg, &next), (start = now_ns()) < cfg->stop_at;) {
 		int fd = tcp_connect(cfg, true);
 		if (fd < 0) {
 			count_error(w, start, errno);
@@ -754,8 +773,12 @@ static void print_us(const char *key, double ns, bool any)
 }
 
 static int cmd_client(struct client_config *cfg, int nthreads, double duration, double warmup,
-		      double timeout)
+		      double timeout, double rate)
 {
+	if (rate < 0)
+		usage("--rate must be >= 0");
+	if (rate > 0)
+		cfg->interval_ns = (uint64_t)(1e9 * nthreads / rate);
 	if (duration <= 0)
 		usage("--duration must be > 0");
 	if (warmup < 0 || timeout <= 0)
@@ -856,7 +879,7 @@ int main(int argc, char **argv)
 		usage("give a subcommand");
 	const char *cmd = argv[1], *addr = NULL, *bind_text = "0.0.0.0";
 	int ports[MAX_PORTS], nports = 0, nthreads = 0;
-	double duration = 0, warmup = 0, timeout = 1.0;
+	double duration = 0, warmup = 0, timeout = 1.0, rate = 0;
 	bool connected = false;
 	for (int i = 2; i < argc; i++) {
 		const char *opt = argv[i];
@@ -886,6 +909,8 @@ int main(int argc, char **argv)
 			warmup = number(opt, val);
 		} else if (!strcmp(opt, "--timeout")) {
 			timeout = number(opt, val);
+		} else if (!strcmp(opt, "--rate")) {
+			rate = number(opt, val);
 		} else {
 			usage("unknown option");
 		}
@@ -909,5 +934,5 @@ int main(int argc, char **argv)
 		usage("a client takes --addr and one --port");
 	if (!parse_address(addr, ports[0], &cfg.target))
 		usage("--addr takes an IPv4 or IPv6 address");
-	return cmd_client(&cfg, nthreads ? nthreads : 1, duration, warmup, timeout);
+	return cmd_client(&cfg, nthreads ? nthreads : 1, duration, warmup, timeout, rate);
 }

@@ -148,7 +148,7 @@ def test_the_agents_ctypes_layouts_are_what_bcc_compiles(pin_dir):
                                 for family in (4, 6)} | {
         "bpfp_sock_events",
         "bpfp_affinity", "bpfp_stats", "bpfp_ct", "bpfp_ifaddr", "bpfp_affinity_ext",
-        "bpfp_srcrange", "bpfp_maglev"}
+        "bpfp_srcrange", "bpfp_maglev", "bpfp_tc_events"}
     for name, spec in layout.MAPS.items():
         table = bpf[name.encode()]
         assert loader._fields(table.Key) == loader._fields(spec.key), name

@@ -236,3 +236,35 @@ def test_cleanup_detaches_the_tc_programs(tmp_path):
                 break
             time.sleep(0.1)
         assert count.stdout.strip() == "0"
+
+
+def test_a_tcp_flow_starts_only_with_a_syn(node):
+    """An ACK, RST, FIN or SYN-ACK to a NodePort without a flow is dropped and counted: it
+    would otherwise take a backend (and, to a remote one, a SNAT port) for nothing. The SYN
+    after them opens a flow."""
+    cluster = node
+    node_mac, ext_mac, _ = frames_for(cluster)
+    n4 = cluster.node_ip(1, 4)
+    strays = {4460: 0x10, 4461: 0x04, 4462: 0x11, 4463: 0x12}     # ACK, RST, FIN+ACK, SYN+ACK
+    frames = [pk.ether(node_mac, ext_mac, pk.ETH_IP, pk.ipv4(
+        SPOOFED, n4, pk.TCP, pk.tcp(SPOOFED, n4, sport, 30080, flags=flags)))
+        for sport, flags in strays.items()]
+    before = tc_events(cluster)["tcp_not_syn"]
+    send(cluster, frames)
+    sports = {pk.socket.ntohs(k.sport) for k, _ in spoofed_flows(cluster)}
+    assert sports.isdisjoint(strays), sports
+    assert tc_events(cluster)["tcp_not_syn"] - before == len(strays)
+    send(cluster, [pk.ether(node_mac, ext_mac, pk.ETH_IP, pk.ipv4(
+        SPOOFED, n4, pk.TCP, pk.tcp(SPOOFED, n4, 4464, 30080)))])
+    assert 4464 in {pk.socket.ntohs(k.sport) for k, _ in spoofed_flows(cluster)}
+
+
+def tc_events(cluster) -> dict[str, int]:
+    from agent.datapath import layout
+    from agent.datapath.conntrack import FlowTable
+    from agent.datapath.maps import PinnedMap
+    events = PinnedMap(cluster.agents[1].bpffs, layout.MAPS["bpfp_tc_events"])
+    try:
+        return FlowTable(None, events, 0).read_events()
+    finally:
+        events.close()

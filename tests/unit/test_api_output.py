@@ -91,3 +91,33 @@ def test_livez_fails_when_the_loop_stops_turning():
     clock.now = LOOP_STALE + 1
     code, body = health.livez()
     assert code == 503 and "loop" in body["reason"]
+
+
+def test_snat_ports_and_tc_events_reach_status_and_metrics():
+    from prometheus_client import generate_latest
+
+    from agent.api.client import to_plain
+    from agent.api.metrics import Metrics
+    from agent.api.server import _flow_table
+    from agent.datapath.conntrack import FlowTableStats
+    status = AgentStatus()
+    status.flows = FlowTableStats(entries=10, flows=5, snat_ports_in_use=4,
+                                  snat_ports_busiest=3, snat_port_range=4536, removed=2,
+                                  finished_unix=1.0,
+                                  events={"no_snat_port": 7, "snat_port_reused": 9})
+    text = generate_latest(Metrics(Observed(status)).registry).decode()
+    assert "bpfproxy_snat_ports_in_use 4.0" in text
+    assert "bpfproxy_snat_ports_busiest_backend 3.0" in text
+    assert 'bpfproxy_tc_events_total{event="no_snat_port"} 7.0' in text
+    plain = {"flows": to_plain(_flow_table(status.flows)), "synced": False,
+             "node_name": "n", "source": "s", "version": "v", "last_sync_unix": 0,
+             "last_sync_seconds": 0, "last_event_to_kernel_seconds": 0, "syncs": 0,
+             "full_syncs": 0, "change_syncs": 0, "sync_errors": 0, "errors": {},
+             "programs": [], "maps": [],
+             "source_state": {"kind": "manifests", "location": "d", "complete": True}}
+    line = next(x for x in cli_output.status_text(plain).splitlines()
+                if x.startswith("flows"))
+    assert "5 from outside (10 entries)" in line and "4 in use" in line
+    assert "busiest backend 3 of 4536" in line and "no_snat_port=7" in line
+    # before a first sweep (or without --interfaces) neither shows anything
+    assert "snat" not in generate_latest(Metrics(Observed(AgentStatus())).registry).decode()
