@@ -45,7 +45,7 @@ TC_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
 PROGRAM_FILES = ("socklb.c", "nodeport.c")
 
 # Pinned maps (file names carry the layout version) by BCC table name.
-PINNED_MAPS = {name: spec.pin for name, spec in layout.MAPS.items()}
+PINNED_MAPS = {spec.table: spec.pin for spec in (*layout.MAPS.values(), layout.SOCKET_STORAGE)}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 

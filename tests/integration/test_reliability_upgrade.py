@@ -211,7 +211,7 @@ def test_upgrade_to_a_new_map_layout_and_back_under_load(make_lab, tmp_path):
     v2_build = build_v2(tmp_path / "build-v2")
     v1 = AgentRunner(lab, directory)
     v2 = BuildRunner(lab, directory, build=v2_build)
-    v1_pins = {spec.pin for spec in layout.MAPS.values()} | {"links"}
+    v1_pins = set(loader.PINNED_MAPS.values()) | {"links"}
     v2_pins = {pin.replace("_v1", "_v2") for pin in v1_pins}
     try:
         v1.start()
