@@ -141,7 +141,8 @@ class RunningClient:
             time.sleep(0.02)
 
     def stop(self) -> ClientResult:
-        """Let the client finish the request under way and return what it saw."""
+        """Stop the client and return what it saw. Its last request begins after this call,
+        so a timeline that runs past a moment taken before stop() is guaranteed."""
         assert self.stop_file is not None, "start the client with until_stopped=True"
         self.stop_file.touch()
         return self.result()

@@ -174,14 +174,17 @@ def run(
     stop_file: str | None = None,
     started_file: str | None = None,
 ) -> ClientResult:
-    """count requests, or as many as fit in duration seconds, interval seconds apart; and
-    no more once stop_file exists. started_file is created when the first request is done."""
+    """count requests, or as many as fit in duration seconds, interval seconds apart; once
+    stop_file exists, one more (begun after it appeared: the timeline ends after the stop) and
+    no others. started_file is created when the first request is done."""
     result = ClientResult()
     start = result.started = time.monotonic()
     sent = 0
+    stopping = False
     kept = socket.socket(family(addr), socket.SOCK_DGRAM) if mode == "udp-one-socket" else None
-    while ((time.monotonic() - start < duration) if duration is not None else sent < count) \
-            and not (stop_file and os.path.exists(stop_file)):
+    while not stopping and \
+            ((time.monotonic() - start < duration) if duration is not None else sent < count):
+        stopping = bool(stop_file) and os.path.exists(stop_file)
         if kept is not None:
             outcome = request_on(kept, addr, port, timeout)
         else:
@@ -190,7 +193,7 @@ def run(
         sent += 1
         if sent == 1 and started_file:
             open(started_file, "w").close()
-        if interval:
+        if interval and not stopping:
             time.sleep(interval)
     if kept is not None:
         kept.close()
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between requests")
     parser.add_argument("--duration", type=float, help="keep going this long instead of --count")
     parser.add_argument("--timeline", action="store_true", help="add [t, answer-or-error] pairs")
-    parser.add_argument("--stop-file", help="stop once this file exists")
+    parser.add_argument("--stop-file", help="make one last request once this file exists")
     parser.add_argument("--started-file", help="create this file when the first request is done")
     args = parser.parse_args(argv)
     result = run(

@@ -114,6 +114,20 @@ def test_timeline_shows_when_a_backend_goes_away(lab, pods):
     assert result.answered == first_error
 
 
+def test_a_stopped_client_makes_its_last_request_after_the_stop(pods):
+    """RunningClient.stop() orders: the client's last request begins after the stop, also
+    when the client was idle between two requests then (what tests that check that traffic
+    ran past an event rely on)."""
+    a, _b, client = pods
+    traffic = client.start_client("tcp", a.ip, 80, duration=60, interval=2.0, timeline=True,
+                                  until_stopped=True)
+    traffic.wait_started()
+    stopped_at = time.monotonic()       # within the 2 s pause after its first request
+    result = traffic.stop()
+    assert result.errors == {} and result.answered >= 2, result
+    assert result.started + result.timeline[-1][0] > stopped_at
+
+
 def test_remove_pod_deletes_its_namespace_and_cgroup_and_frees_its_ip(lab, pods):
     a, _b, _client = pods
     server = a.servers[0]

@@ -107,6 +107,15 @@ class UdpClient:
         self.send(command)
         return self._line(timeout)
 
+    def wait_blocked(self, timeout: float = 30.0) -> None:
+        """Return once the client sleeps in the kernel waiting for data (Python's recv()
+        with a timeout waits in poll()): a destroy from now on wakes a blocked call."""
+        wchan = f"/proc/{self.process.pid}/wchan"
+        deadline = time.monotonic() + timeout
+        while "poll" not in open(wchan).read():
+            assert time.monotonic() < deadline, f"client in {self.pod.name} never blocked"
+            time.sleep(0.01)
+
     def _line(self, timeout: float) -> str:
         readable, _, _ = select.select([self.process.stdout], [], [], timeout)
         if not readable:
@@ -181,14 +190,16 @@ def test_sockets_to_the_removed_backend_are_destroyed_and_no_others(backends, ca
     assert (c_to_a.first, c_to_a_other_port.first, d_to_b.first) == ("a:5353", "a:5354",
                                                                      "b:5353")
     c_waiting.send("wait")
-    time.sleep(0.2)                     # let it block in recv()
+    c_waiting.wait_blocked()
 
     with caplog.at_level(logging.DEBUG, logger=stale_sockets.__name__):
         destroyed = destroy_udp_sockets(lab.cgroup, {(ip(a.ip), 5353)})
 
     assert destroyed == 3
-    woke = c_waiting._line(5.0)
-    assert aborted(woke) and float(woke.split()[2]) < 5.0, woke   # woken, not timed out
+    # woken by the destroy: a recv() left alone ends after 10 s with "timeout", not an error
+    woke = c_waiting._line(30.0)
+    assert aborted(woke), woke
+    print(f"blocked recv() woken after {woke.split()[2]} s")
     assert aborted(c_to_a.do("recv"))
     assert aborted(d_to_a.do("recv"))
     for untouched in (c_to_a_other_port, d_to_b):
@@ -297,7 +308,7 @@ def write_dns(directory, addresses: list[str], vip: str) -> None:
                                                      "protocol": "UDP"}]))
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
