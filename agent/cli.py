@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from agent.datapath.config import DEFAULT_PIN_DIR
+from agent.datapath.sizing import DEFAULT_MEMORY_RATIO
 
 DEFAULT_API = "unix:///run/bpfproxy/api.sock"
 MAX_MAP_ENTRIES = 1 << 30
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--maglev-table-size", type=int, default=1021, metavar="PRIME",
                        help="Maglev lookup table entries per service (a prime, well above "
                             "the largest backend count)")
-    agent.add_argument("--conntrack-max", type=int, default=262144, metavar="N",
-                       help="flows tracked for traffic from outside the node (LRU)")
+    agent.add_argument("--conntrack-max", type=int, metavar="N",
+                       help="flows tracked for traffic from outside the node (LRU; "
+                            "default: from --map-memory-ratio)")
     agent.add_argument("--conntrack-tcp-timeout", type=float, default=21600.0,
                        metavar="SECONDS", help="idle established TCP flows expire after this")
     agent.add_argument("--conntrack-tcp-close-timeout", type=float, default=10.0,
@@ -60,20 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--conntrack-udp-timeout", type=float, default=60.0,
                        metavar="SECONDS", help="idle UDP flows expire after this")
     # map sizes: a Service whose change would not fit is refused whole and kept as the
-    # kernel had it (event=service_refused); a map pinned earlier keeps its size
-    agent.add_argument("--max-frontends", type=int, default=262144, metavar="N",
+    # kernel had it (event=service_refused); a map pinned earlier keeps its size. A size
+    # not given is derived from the node's memory (agent/datapath/sizing.py).
+    agent.add_argument("--map-memory-ratio", type=float, default=DEFAULT_MEMORY_RATIO,
+                       metavar="FRACTION",
+                       help="share of the node's memory that sizes every map whose size "
+                            "is not given (each between a floor and its largest default)")
+    agent.add_argument("--max-frontends", type=int, metavar="N",
                        help="service address:port/protocol entries, per address family")
-    agent.add_argument("--max-backend-slots", type=int, default=2097152, metavar="N",
+    agent.add_argument("--max-backend-slots", type=int, metavar="N",
                        help="backend slots over all service ports, per address family (a "
                             "pod behind two service ports takes two)")
     agent.add_argument("--max-source-ranges", type=int, default=65536, metavar="N",
                        help="loadBalancerSourceRanges entries over all services")
-    agent.add_argument("--max-maglev-rows", type=int, default=1048576, metavar="N",
+    agent.add_argument("--max-maglev-rows", type=int, metavar="N",
                        help="Maglev table rows (32 entries each) over all service ports")
-    agent.add_argument("--max-reverse-nat", type=int, default=524288, metavar="N",
+    agent.add_argument("--max-reverse-nat", type=int, metavar="N",
                        help="(socket, backend) pairs of balanced sockets, per address family, "
                             "that the agent's stale UDP socket sweep looks up (LRU; a "
                             "socket's pairs leave with it, and replies read its own copy)")
+    agent.add_argument("--max-affinity", type=int, metavar="N",
+                       help="(client, service port) pairs remembered for sessionAffinity "
+                            "ClientIP, from inside and from outside the node (LRU)")
+    agent.add_argument("--max-stats", type=int, metavar="N",
+                       help="service ports and backends counted (LRU: the coldest are "
+                            "forgotten when full)")
     agent.add_argument("--cgroup", type=Path, metavar="CGROUP2_DIR",
                        help="cgroup v2 directory the socket programs attach to "
                             "(default: the cgroup2 mount, i.e. every process)")
@@ -183,12 +196,14 @@ def _check_tc_flags(args) -> str:
             not maglev.M_MIN <= args.maglev_table_size <= maglev.M_MAX:
         return (f"--maglev-table-size {args.maglev_table_size}: must be a prime between "
                 f"{maglev.M_MIN} and {maglev.M_MAX}")
-    if args.conntrack_max < 1024:
+    if args.conntrack_max is not None and args.conntrack_max < 1024:
         return f"--conntrack-max {args.conntrack_max}: at least 1024"
+    if not 0 < args.map_memory_ratio <= 0.5:
+        return f"--map-memory-ratio {args.map_memory_ratio}: must be above 0 and at most 0.5"
     for flag in ("max_frontends", "max_backend_slots", "max_source_ranges", "max_maglev_rows",
-                 "max_reverse_nat"):
+                 "max_reverse_nat", "max_affinity", "max_stats"):
         value = getattr(args, flag)
-        if not 1 <= value <= MAX_MAP_ENTRIES:     # the kernel refuses larger hash maps
+        if value is not None and not 1 <= value <= MAX_MAP_ENTRIES:   # the kernel's limit
             return f"--{flag.replace('_', '-')} {value}: must be 1 to {MAX_MAP_ENTRIES}"
     for flag in ("tcp_timeout", "tcp_close_timeout", "udp_timeout"):
         value = getattr(args, f"conntrack_{flag}")

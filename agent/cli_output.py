@@ -86,10 +86,12 @@ def status_text(s: dict) -> str:
              f"attached (id {p['program_id']})" if p["attached"] else "MISSING")
             for p in s["programs"]])]
     if s["maps"]:
-        lines += ["", table(["MAP", "TYPE", "ENTRIES", "CAPACITY", "USED"], [
+        memory = sum(int(m.get("memory_bytes") or 0) for m in s["maps"])
+        lines += ["", table(["MAP", "TYPE", "ENTRIES", "CAPACITY", "USED", "MEMORY"], [
             (m["name"], m["type"], str(m["entries"]), str(m["max_entries"]),
-             f"{100 * m['entries'] / m['max_entries']:.1f}%" if m["max_entries"] else "-")
-            for m in s["maps"]])]
+             f"{100 * m['entries'] / m['max_entries']:.1f}%" if m["max_entries"] else "-",
+             human_bytes(int(m.get("memory_bytes") or 0))) for m in s["maps"]]),
+                  f"maps hold {human_bytes(memory)} of kernel memory"]
     return "\n".join(lines)
 
 

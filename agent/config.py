@@ -125,6 +125,13 @@ def _positive_int(field: str, value: Any) -> int:
     return value
 
 
+def _fraction(field: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+            not 0 < value <= 0.5:
+        raise _fail(field, "must be a fraction above 0 and at most 0.5", value)
+    return float(value)
+
+
 def _prime(field: str, value: Any) -> int:
     number = _positive_int(field, value)
     if not maglev.is_prime(number) or not maglev.M_MIN <= number <= maglev.M_MAX:
@@ -166,6 +173,9 @@ MAPS_FIELDS: dict[str, tuple[str, Converter]] = {
     "sourceRanges": ("max_source_ranges", _positive_int),
     "maglevRows": ("max_maglev_rows", _positive_int),
     "reverseNat": ("max_reverse_nat", _positive_int),
+    "affinity": ("max_affinity", _positive_int),
+    "stats": ("max_stats", _positive_int),
+    "memoryRatio": ("map_memory_ratio", _fraction),
 }
 CONNTRACK_FIELDS: dict[str, tuple[str, Converter]] = {
     "maxEntries": ("conntrack_max", _positive_int),

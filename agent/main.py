@@ -18,6 +18,7 @@ from agent.datapath.config import DatapathConfig
 from agent.datapath.conntrack import FlowTable
 from agent.datapath.maps import BpfServiceMaps, LayoutError, PinnedMap
 from agent.datapath.netns_opener import NetnsDoorClosed, NetnsOpener
+from agent.datapath.sizing import sizes_for
 from agent.datapath.stale_sockets import udp_cleanup_for
 from agent.datapath.tc import check_snat_ports, interface_addresses
 from agent.model.types import NodeContext
@@ -46,14 +47,14 @@ async def serve(args) -> int:
         # Leave programs and pinned maps in place: traffic keeps flowing without us.
         loop.add_signal_handler(sig, stopping.set)
     cgroup = args.cgroup or find_cgroup2_mount()
+    sizes = sizes_for(args)         # flags given, the rest from the node's memory
+    log.info("event=map_sizes %s", " ".join(f"{k}={v}" for k, v in sorted(sizes.items())))
     config = DatapathConfig(
         pin_dir=args.bpffs, interfaces=args.interface_names,
-        ct_max=args.conntrack_max, ct_tcp_timeout=round(args.conntrack_tcp_timeout),
+        ct_tcp_timeout=round(args.conntrack_tcp_timeout),
         ct_tcp_close_timeout=round(args.conntrack_tcp_close_timeout),
         ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size,
-        max_frontends=args.max_frontends, max_slots=args.max_backend_slots,
-        max_source_ranges=args.max_source_ranges, max_maglev_rows=args.max_maglev_rows,
-        max_revnat=args.max_reverse_nat)
+        max_source_ranges=args.max_source_ranges, **sizes)
     try:
         # A thread that ends before the capability drop below: threads keep their own.
         with ThreadPoolExecutor(1, thread_name_prefix="load") as loading:

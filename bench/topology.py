@@ -75,7 +75,10 @@ def build(kind: str, binary: Path, extra_backends: int = 0) -> Bed:
                 pod.start_server([NAME_PORT])
             bed.manifests = lab.workdir / "manifests"
             bed.manifests.mkdir()
-            bed.agent = AgentRunner(lab, bed.manifests, extra_args=("--sync-period", "3600"))
+            # sizes for the largest cluster measured, not those derived from this node
+            bed.agent = AgentRunner(lab, bed.manifests, extra_args=(
+                "--sync-period", "3600", "--max-frontends", "262144",
+                "--max-backend-slots", "2097152"))
             bed.agent.start()
         return bed
     except BaseException:

@@ -86,11 +86,15 @@ class StateCollector(Collector):
                                     labels=["map"])
         capacity = GaugeMetricFamily(f"{PREFIX}_bpf_map_max_entries", "A pinned map's "
                                      "capacity.", labels=["map"])
+        memory = GaugeMetricFamily(f"{PREFIX}_bpf_map_memory_bytes", "Kernel memory a "
+                                   "pinned map holds (fdinfo memlock).", labels=["map"])
         for m in maps:
             entries.add_metric([m.name], m.entries)
             capacity.add_metric([m.name], m.max_entries)
+            memory.add_metric([m.name], m.memory_bytes)
         yield entries
         yield capacity
+        yield memory
         yield GaugeMetricFamily(f"{PREFIX}_conntrack_entries", "Flows tracked by the TC "
                                 "datapath's conntrack maps.",
                                 value=sum(m.entries for m in maps

@@ -163,7 +163,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             programs = []
         try:
             maps = [agent_pb2.MapUsage(name=m.name, type=m.type, entries=m.entries,
-                                       max_entries=m.max_entries) for m in inv.maps()]
+                                       max_entries=m.max_entries, memory_bytes=m.memory_bytes)
+                    for m in inv.maps()]
         except OSError:
             maps = []
         return programs, maps

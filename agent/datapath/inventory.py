@@ -65,6 +65,7 @@ class MapUsage:
     type: str
     entries: int
     max_entries: int
+    memory_bytes: int    # kernel memory the map holds (fdinfo memlock), whatever is in it
 
 
 def _value_bytes(info: dict[str, int], cpus: int) -> int:
@@ -116,6 +117,16 @@ def count_entries(fd: int, info: dict[str, int], cpus: int) -> int:
     return count
 
 
+def map_memory(fd: int) -> int:
+    """The kernel's account of a map's memory (fdinfo memlock: since 6.4 what the map
+    really holds, preallocated elements included); 0 when the kernel does not say."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    return 0
+
+
 def map_usage(pin_dir: Path) -> list[MapUsage]:
     """Every map pinned under pin_dir (bpfp_*), with its entries counted now."""
     cpus = possible_cpus()
@@ -125,7 +136,8 @@ def map_usage(pin_dir: Path) -> list[MapUsage]:
         try:
             info = bpfsys.map_info(fd)
             usage.append(MapUsage(pin.name, MAP_TYPES.get(info["type"], str(info["type"])),
-                                  count_entries(fd, info, cpus), info["max_entries"]))
+                                  count_entries(fd, info, cpus), info["max_entries"],
+                                  map_memory(fd)))
         finally:
             os.close(fd)
     return usage

@@ -21,6 +21,13 @@ from agent.api.generated import agent_pb2, agent_pb2_grpc
 from lab import Lab, manifests
 from lab.agent_runner import AgentRunner
 
+
+def derived_size(field: str) -> int:
+    """What an agent given no size flag makes a map on this node."""
+    from agent.datapath import sizing
+    return sizing.derive(sizing.node_memory_bytes(), sizing.possible_cpus())[field]
+
+
 pytestmark = pytest.mark.integration
 
 VIP, EMPTY_VIP, NODEPORT_VIP = "10.96.0.10", "10.96.0.20", "10.96.0.30"
@@ -130,7 +137,9 @@ def test_status_names_the_programs_maps_and_source_the_kernel_holds(node):
     assert maps["bpfp_svc4_v1"].entries == status.frontends
     assert maps["bpfp_slot4_v1"].entries == status.backends
     assert maps["bpfp_stats_v1"].type == "lru_percpu_hash"
-    assert maps["bpfp_stats_v1"].max_entries == 131072
+    # sized from this node's memory (no --max-stats given); each map says what it holds
+    assert maps["bpfp_stats_v1"].max_entries == derived_size("max_stats")
+    assert maps["bpfp_ct_v1"].memory_bytes >= 160 * maps["bpfp_ct_v1"].max_entries
     assert set(status.errors) >= {"sync", "invalid_request", "events_dropped"}
 
     done = node.cli("status", "-o", "json")
@@ -302,7 +311,10 @@ def test_metrics_and_healthz_tell_what_the_api_tells(node):
     assert samples["bpfproxy_frontends"] == status.frontends
     assert samples["bpfproxy_backend_slots"] == status.backends
     assert samples['bpfproxy_bpf_map_entries{map="bpfp_svc4_v1"}'] == status.frontends
-    assert samples['bpfproxy_bpf_map_max_entries{map="bpfp_stats_v1"}'] == 131072
+    assert samples['bpfproxy_bpf_map_max_entries{map="bpfp_stats_v1"}'] == \
+        derived_size("max_stats")
+    assert samples['bpfproxy_bpf_map_memory_bytes{map="bpfp_ct_v1"}'] == \
+        {m.name: m for m in status.maps}["bpfp_ct_v1"].memory_bytes
     assert samples["bpfproxy_synced"] == 1
     assert 'bpfproxy_errors_total{kind="sync"}' in samples
     assert any(k.startswith("bpfproxy_program_attached{") and v == 1

@@ -269,7 +269,7 @@ class Script:
     agent's events (woken), never for a fixed time."""
 
     def __init__(self, batches, agent_of) -> None:
-        self.batches, self.agent_of, self.complete = batches, agent_of, True
+        self.batches, self.agent_of, self.held_back = batches, agent_of, ()
         self.synced_after: list[AgentStatus] = []
         self.woken = asyncio.Event()           # set at each of the agent's events
 
@@ -380,7 +380,7 @@ def test_map_sizes_come_from_flags_or_the_config_file(tmp_path):
     argv = ["agent", "--config", str(path), "--max-frontends", "1024"]
     args = config.apply(parser, argv, parser.parse_args(argv))
     assert (args.max_frontends, args.max_backend_slots) == (1024, 40)   # the flag wins
-    assert (args.max_source_ranges, args.max_maglev_rows) == (65536, 1048576)
+    assert (args.max_source_ranges, args.max_maglev_rows) == (65536, None)   # None: derived
     assert cli._check_tc_flags(args) == ""
     args.max_backend_slots = 0
     assert cli._check_tc_flags(args) == "--max-backend-slots 0: must be 1 to 1073741824"
