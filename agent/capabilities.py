@@ -9,6 +9,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -152,10 +155,12 @@ class DropFailed(RuntimeError):
     """The capabilities could not be dropped: the process must not go on with them."""
 
 
-def drop_after_loading(keep=None, who: str = "agent") -> frozenset[int]:
+def drop_after_loading(keep=None, who: str = "agent",
+                       binder: PortBinder | None = None) -> frozenset[int]:
     """The agent's drop (keep: AGENT_CAPABILITIES): log what it keeps. A failed drop, or a
     thread that kept more, raises DropFailed: running on with every capability the
-    container gave (CAP_SYS_ADMIN among them) is worse than not running."""
+    container gave (CAP_SYS_ADMIN among them) is worse than not running. The binder's
+    thread alone may keep CAP_NET_BIND_SERVICE besides, until it is closed."""
     keep = AGENT_CAPABILITIES if keep is None else frozenset(keep)
     before = of_task()
     try:
@@ -164,6 +169,8 @@ def drop_after_loading(keep=None, who: str = "agent") -> frozenset[int]:
         raise DropFailed(f"{who}: dropping capabilities to {names(keep)} failed: {exc}; "
                          f"it still has {names(before)} and stops") from exc
     leaked = other_threads_with_more(now)
+    if binder is not None and leaked.get(binder.tid, frozenset()) <= {CAP_NET_BIND_SERVICE}:
+        leaked.pop(binder.tid, None)
     if leaked:
         raise DropFailed(f"{who}: threads {sorted(leaked)} kept capabilities "
                          f"{names(frozenset().union(*leaked.values()))} after the drop "
@@ -175,3 +182,51 @@ def drop_after_loading(keep=None, who: str = "agent") -> frozenset[int]:
         log.warning("event=capabilities_missing who=%s caps=%s hint=%r", who, names(missing),
                     "started without them: stale UDP socket cleanup or map writes may fail")
     return now
+
+
+# --- listening below 1024 ------------------------------------------------------------------
+
+def needs_bind_service(ports: Iterable[int],
+                       sysctl: Path = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+                       ) -> bool:
+    """Whether binding one of these ports takes CAP_NET_BIND_SERVICE in this namespace."""
+    try:
+        first_free = int(sysctl.read_text())
+    except (OSError, ValueError):
+        first_free = 1024
+    return any(0 < port < first_free for port in ports)
+
+
+class PortBinder:
+    """The one thread that keeps CAP_NET_BIND_SERVICE past the agent's drop, to bind the
+    API, metrics and health ports below 1024 the flags ask for; close() ends it.
+
+    Capabilities are per thread and a thread starts with its creator's: started before the
+    drop, this thread drops to the agent's set plus CAP_NET_BIND_SERVICE, so the threads the
+    agent starts later (gRPC's, the HTTP servers') never hold it. Only binding runs here;
+    a server's threads are started from the caller's thread."""
+
+    def __init__(self, keep=None) -> None:
+        keep = AGENT_CAPABILITIES if keep is None else frozenset(keep)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="bind")
+        try:
+            self.tid, now = self._thread.submit(self._drop, keep).result()
+        except OSError as exc:
+            self._thread.shutdown()
+            raise DropFailed(f"port binder: dropping capabilities failed: {exc}") from exc
+        if CAP_NET_BIND_SERVICE not in now:
+            log.warning("event=capabilities_missing who=port_binder caps=%s hint=%r",
+                        name(CAP_NET_BIND_SERVICE), "started without it: ports below 1024 "
+                        "cannot be bound; give the container NET_BIND_SERVICE")
+
+    @staticmethod
+    def _drop(keep: frozenset[int]) -> tuple[int, frozenset[int]]:
+        return threading.get_native_id(), drop_to(keep | {CAP_NET_BIND_SERVICE})
+
+    def run(self, bind: Callable, *args):
+        """bind(*args) in the binder's thread; its result, or its exception."""
+        return self._thread.submit(bind, *args).result()
+
+    def close(self) -> None:
+        """The thread ends, and CAP_NET_BIND_SERVICE with it."""
+        self._thread.shutdown(wait=True)

@@ -77,9 +77,16 @@ async def serve(args) -> int:
     except NetnsDoorClosed as exc:
         log.error("event=netns_opener_failed error=%r action=exiting", str(exc))
         return 1
+    # Ports below 1024 are bound by a thread that alone keeps CAP_NET_BIND_SERVICE until
+    # the API, metrics and health listen; every other thread drops it now.
+    binder = None
     try:
-        capabilities.drop_after_loading()
+        if capabilities.needs_bind_service(observe.listen_ports(args)):
+            binder = capabilities.PortBinder()
+        capabilities.drop_after_loading(binder=binder)
     except capabilities.DropFailed as exc:
+        if binder is not None:
+            binder.close()
         opener.close()
         log.error("event=capabilities_drop_failed error=%r action=exiting", str(exc))
         return 1
@@ -102,10 +109,14 @@ async def serve(args) -> int:
     agent.status.source = source_name
     agent.status.node_name = args.node_name
     try:
-        observers = await observe.start(args, agent, cgroup, source_name)
+        observers = await observe.start(args, agent, cgroup, source_name,
+                                        binder.run if binder else None)
     except (OSError, ValueError) as exc:
         log.error("event=api_failed error=%r", str(exc))
         return 1
+    finally:
+        if binder is not None:
+            binder.close()
     stopper = asyncio.create_task(stopping.wait())
     stopper.add_done_callback(lambda _: agent.stop())
     refresher = asyncio.create_task(_refresh_interface_addresses(

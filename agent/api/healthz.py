@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -104,12 +105,16 @@ class _ThreadingHTTPServer6(ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
 
-def serve(address: str, observed: Observed) -> tuple[ThreadingHTTPServer, Health]:
-    """Start the server in a daemon thread; the caller runs health.beat() on its loop."""
+def serve(address: str, observed: Observed, bind: Callable | None = None
+          ) -> tuple[ThreadingHTTPServer, Health]:
+    """Start the server in a daemon thread; the caller runs health.beat() on its loop.
+    bind(fn, *args): where the port is bound (capabilities.PortBinder.run, for a port below
+    1024 after the capability drop); the serving thread starts here either way."""
     host, port = split_address(address, "--healthz")
     health = Health(observed)
     server_class = _ThreadingHTTPServer6 if ":" in host else ThreadingHTTPServer
-    server = server_class((host, port), _handler(health))
+    server = bind(server_class, (host, port), _handler(health)) if bind else \
+        server_class((host, port), _handler(health))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
     log.info("event=healthz_listening address=%s", address)

@@ -6,9 +6,12 @@ HTTP server's thread (kernel reads never run on the agent's loop)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -190,10 +193,27 @@ def split_address(address: str, flag: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def serve(address: str, observed: Observed):
-    """Start the HTTP server (its own thread); returns it (shutdown() to stop)."""
+def serve(address: str, observed: Observed, bind: Callable | None = None):
+    """Start the HTTP server (its own thread); returns it (shutdown() to stop).
+    bind(fn, *args): where the port is bound (capabilities.PortBinder.run, for a port below
+    1024 after the capability drop); the serving thread starts here either way."""
     host, port = split_address(address, "--metrics")
     metrics = Metrics(observed)
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    server = (bind or _here)(_http_server, host, port, metrics.registry)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("event=metrics_listening address=%s", address)
     return server
+
+
+def _http_server(host: str, port: int, registry: CollectorRegistry) -> ThreadingWSGIServer:
+    """prometheus_client's start_wsgi_server without its thread: bound, not serving."""
+    class Server(ThreadingWSGIServer):
+        pass
+
+    Server.address_family, host = _get_best_family(host, port)
+    return make_server(host, port, make_wsgi_app(registry), Server,
+                       handler_class=_SilentHandler)
+
+
+def _here(bind: Callable, *args):
+    return bind(*args)

@@ -52,8 +52,9 @@ class Observers:
         await self.api.stop(grace=0.5)
 
 
-async def start(args, agent, cgroup, source_name: str) -> Observers:
-    """Raises ValueError for bad flags, OSError when the API cannot listen."""
+async def start(args, agent, cgroup, source_name: str, bind=None) -> Observers:
+    """Raises ValueError for bad flags, OSError when the API cannot listen. bind(fn, *args)
+    binds the ports (capabilities.PortBinder.run: below 1024 after the capability drop)."""
     for flag in ("metrics", "healthz"):
         if _enabled(getattr(args, flag)):
             metrics.split_address(getattr(args, flag), f"--{flag}")    # ValueError early
@@ -64,22 +65,35 @@ async def start(args, agent, cgroup, source_name: str) -> Observers:
     observed = Observed(agent.status, inventory, source=agent.source, source_kind=kind,
                         source_location=location, sync_period=args.sync_period)
     agent.on_event = observed.hub.publish
-    observers = Observers(await server.start(args.api, observed, tls))
+    observers = Observers(await server.start(args.api, observed, tls, bind=bind))
     if _enabled(args.metrics):
         try:
-            observers.http.append(metrics.serve(args.metrics, observed))
+            observers.http.append(metrics.serve(args.metrics, observed, bind))
         except OSError as exc:
             log.error("event=metrics_failed address=%s error=%r action=serving_without",
                       args.metrics, str(exc))
     if _enabled(args.healthz):
         try:
-            http, health = healthz.serve(args.healthz, observed)
+            http, health = healthz.serve(args.healthz, observed, bind)
             observers.http.append(http)
             observers.tasks.append(asyncio.create_task(health.beat(), name="healthz-beat"))
         except OSError as exc:
             log.error("event=healthz_failed address=%s error=%r action=serving_without",
                       args.healthz, str(exc))
     return observers
+
+
+def listen_ports(args) -> list[int]:
+    """The TCP ports the API, metrics and health listen on (a unix --api has none)."""
+    ports = []
+    for flag in ("api", "metrics", "healthz"):
+        address = getattr(args, flag)
+        if not _enabled(address) or address.startswith("unix:"):
+            continue
+        _, _, port = address.rpartition(":")
+        if port.isdigit():
+            ports.append(int(port))
+    return ports
 
 
 def _interfaces(args) -> tuple[str, ...]:

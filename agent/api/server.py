@@ -344,7 +344,10 @@ def _remove_on_stop(server: grpc.aio.Server, path: Path) -> None:
 
 async def start(address: str, observed: Observed | AgentStatus,
                 tls: TlsFiles | None = None,
-                watch_limits: WatchLimits = WatchLimits()) -> grpc.aio.Server:
+                watch_limits: WatchLimits = WatchLimits(),
+                bind: Callable | None = None) -> grpc.aio.Server:
+    """bind(fn, *args): where the port is bound (capabilities.PortBinder.run, for a port
+    below 1024 after the agent's capability drop); default here."""
     if isinstance(observed, AgentStatus):
         observed = Observed(observed)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api")
@@ -361,8 +364,9 @@ async def start(address: str, observed: Observed | AgentStatus,
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     def add_port(where: str) -> int:
-        return server.add_secure_port(where, tls.credentials()) if tls else \
-            server.add_insecure_port(where)
+        if tls:
+            return (bind or _here)(server.add_secure_port, where, tls.credentials())
+        return (bind or _here)(server.add_insecure_port, where)
 
     path = _unix_path(address)
     if path is None:
@@ -379,6 +383,10 @@ async def start(address: str, observed: Observed | AgentStatus,
     log.info("event=api_listening address=%s tls=%s client_certs=%s", address,
              tls is not None, bool(tls and tls.ca))
     return server
+
+
+def _here(bind: Callable, *args):
+    return bind(*args)
 
 
 def _flow_table(stats) -> agent_pb2.FlowTable | None:

@@ -240,3 +240,44 @@ def test_a_drop_that_leaves_a_thread_with_more_stops_the_process():
                           timeout=30, cwd=Path(__file__).parents[2])
     assert done.returncode != 0 and "still running" not in done.stdout
     assert "DropFailed" in done.stderr and "kept capabilities" in done.stderr, done.stderr
+
+
+def test_api_metrics_and_health_listen_below_1024_after_the_drop(make_lab, tmp_path):
+    """Issue 14.4: --api, --metrics and --healthz on ports below 1024 listen although the
+    agent drops CAP_NET_BIND_SERVICE: one thread kept it to bind them and is gone after."""
+    lab = make_lab(name="s14bind")
+    pod = lab.add_pod("a")
+    pod.start_server([8080])
+    directory = tmp_path / "manifests"
+    write_service(directory, [pod])
+    agent = AgentRunner(lab, directory)
+    api, metrics, health = "127.0.0.1:97", "127.0.0.1:98", "[::1]:99"
+    container = ",".join(str(c) for c in sorted(
+        capabilities.CONTAINER_CAPABILITIES | {capabilities.CAP_NET_BIND_SERVICE}))
+    fetch = ("import sys, urllib.request; "
+             "print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())")
+    try:
+        with open(agent.log_path, "a") as log:
+            agent.process = lab.node_popen(
+                [sys.executable, "-c", AS_CONTAINER, container, *BPFPROXY, "agent",
+                 "--manifests", str(directory), "--cgroup", str(lab.cgroup),
+                 "--bpffs", str(agent.bpffs), "--api", api, "--metrics", metrics,
+                 "--healthz", health, "--node-name", "bpfp-node"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
+        status = lab.node_run([*BPFPROXY, "status", "--api", api, "--wait", "60", "-o",
+                               "json"], timeout=80)
+        scraped = lab.node_run([sys.executable, "-c", fetch, f"http://{metrics}/metrics"])
+        healthy = lab.node_run([sys.executable, "-c", fetch, f"http://{health}/healthz"])
+        tasks = task_sets(agent.process.pid)
+    finally:
+        agent.close()
+    assert status.returncode == 0, f"{status.stderr}\n{agent.log()}"
+    assert json.loads(status.stdout)["synced"]
+    assert "bpfproxy_bpf_map_max_entries" in scraped.stdout, (scraped.stderr, agent.log())
+    assert healthy.returncode == 0 and healthy.stdout.strip(), (healthy.stderr, agent.log())
+    assert "event=metrics_failed" not in agent.log()
+    assert "event=healthz_failed" not in agent.log()
+    # the binding thread is gone: every thread keeps only the agent's set
+    kept = capabilities.AGENT_CAPABILITIES
+    assert all(sets["CapEff"] == kept and sets["CapPrm"] == kept and sets["CapBnd"] == kept
+               for sets in tasks.values()), tasks
