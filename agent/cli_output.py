@@ -72,6 +72,9 @@ def status_text(s: dict) -> str:
     errors = {k: v for k, v in s["errors"].items() if v}
     lines.append("errors       " + (", ".join(f"{k}={v}" for k, v in errors.items())
                                     or "none"))
+    counted = {k: v for k, v in (s.get("datapath_events") or {}).items() if v}
+    if counted:
+        lines.append("datapath     " + ", ".join(f"{k}={v}" for k, v in sorted(counted.items())))
     flows = s.get("flows") or {}
     if flows.get("snat_port_range"):        # swept at least once: a TC path is attached
         events = {k: v for k, v in flows["events"].items() if v}

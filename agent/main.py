@@ -13,10 +13,10 @@ from agent import capabilities
 from agent.agent import Agent
 from agent.api import observe
 from agent.api.service_health import ServiceHealthServer
-from agent.datapath import layout, loader
+from agent.datapath import loader
 from agent.datapath.config import DatapathConfig
 from agent.datapath.conntrack import FlowTable
-from agent.datapath.maps import BpfServiceMaps, LayoutError, PinnedMap
+from agent.datapath.maps import BpfServiceMaps, LayoutError
 from agent.datapath.netns_opener import NetnsDoorClosed, NetnsOpener
 from agent.datapath.sizing import sizes_for
 from agent.datapath.stale_sockets import udp_cleanup_for
@@ -123,7 +123,7 @@ async def serve(args) -> int:
         maps, config.interfaces, args.node_ips, args.sync_period))
     sweeper = None
     if config.interfaces:
-        table = FlowTable(maps.ct, PinnedMap(config.pin_dir, layout.MAPS["bpfp_tc_events"]),
+        table = FlowTable(maps.ct, config.pin_dir,
                           config.snat_port_max - config.snat_port_min + 1)
         sweeper = asyncio.create_task(_sweep_flows(table, agent.status,
                                                    min(FLOW_SWEEP_PERIOD, args.sync_period)))

@@ -424,26 +424,41 @@ static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const
 /* Claim a node port for a SNATed flow: the reply entry is inserted only if no other flow
  * holds that (backend, node address, port). A port whose flow is over (closed and past
  * the close timeout, or idle past its lifetime) is taken back here, at once: waiting for
- * a packet of that flow, or for the LRU to evict it, would leave the port lost. */
+ * a packet of that flow, or for the LRU to evict it, would leave the port lost.
+ * Two plain loops and one take-over between them keep the verifier's work small. */
+static __always_inline int try_port(struct pkt *p, struct ct_value *fwd,
+                                    struct ct_value *rev, struct ct_key *rkey)
+{
+        /* each try at random: probing in a fixed order from one random start piles taken
+         * ports into runs (linear probing's clustering), and a run of SNAT_TRIES is then
+         * far likelier than as many independent misses */
+        fwd->sport = bpf_htons(BPFP_SNAT_PORT_MIN + bpf_get_prandom_u32() % SNAT_PORT_SPAN);
+        reply_key(&p->t, fwd, rkey);
+        return bpfp_ct.insert(rkey, rev) == 0;
+}
+
 static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
                                       struct ct_value *rev, struct ct_key *rkey, __u64 now)
 {
+        struct ct_value *old = NULL;
         for (int i = 0; i < SNAT_TRIES; i++) {
-                /* each try at random: probing in a fixed order from one random start
-                 * piles taken ports into runs (linear probing's clustering), and a run of
-                 * 32 is then far likelier than 32 independent misses */
-                fwd->sport = bpf_htons(BPFP_SNAT_PORT_MIN +
-                                       bpf_get_prandom_u32() % SNAT_PORT_SPAN);
-                reply_key(&p->t, fwd, rkey);
-                if (bpfp_ct.insert(rkey, rev) == 0)
+                if (try_port(p, fwd, rev, rkey))
                         return 1;
-                struct ct_value *old = bpfp_ct.lookup(rkey);
-                if (!old || old->expires >= now || expire_flow(rkey, old, now))
-                        continue;
-                /* another CPU may take it first: then its insert wins and we go on */
-                if (bpfp_ct.insert(rkey, rev) == 0) {
+                old = bpfp_ct.lookup(rkey);
+                if (old && old->expires < now)
+                        break;                  /* a finished flow's, perhaps: see below */
+                old = NULL;
+        }
+        if (old) {
+                /* taken when its partner is past its time too; another CPU may take it
+                 * first: then its insert wins and we go on */
+                if (!expire_flow(rkey, old, now) && bpfp_ct.insert(rkey, rev) == 0) {
                         tc_event(BPFP_TCEV_SNAT_REUSED);
                         return 1;
+                }
+                for (int i = 0; i < SNAT_TRIES; i++) {
+                        if (try_port(p, fwd, rev, rkey))
+                                return 1;
                 }
         }
         tc_event(BPFP_TCEV_NO_SNAT_PORT);

@@ -112,6 +112,18 @@ class StateCollector(Collector):
         for p in programs:
             attached.add_metric([p.name, p.hook, p.target], int(p.attached))
         yield attached
+        try:
+            counted = o.inventory.events()
+        except OSError:
+            counted = {}
+        events = CounterMetricFamily(
+            f"{PREFIX}_datapath_events", "What the programs did that no service counter "
+            "shows. socket: revnat_failed, no_socket_storage (replies may show the backend's "
+            "address), revnat_replaced; tc: no_snat_port, tcp_not_syn (both dropped), "
+            "snat_port_reused, flow_expired.", labels=["program", "event"])
+        for (program, name), value in sorted(counted.items()):
+            events.add_metric([program, name], value)
+        yield events
         yield from self._services(o, s)
 
     @staticmethod
@@ -130,13 +142,6 @@ class StateCollector(Collector):
                                 value=flows.snat_ports_busiest)
         yield GaugeMetricFamily(f"{PREFIX}_snat_port_range", "SNAT ports per backend.",
                                 value=flows.snat_port_range)
-        events = CounterMetricFamily(f"{PREFIX}_tc_events", "What the TC path did that no "
-                                     "service counter shows: no_snat_port, tcp_not_syn "
-                                     "(both dropped), snat_port_reused, flow_expired.",
-                                     labels=["event"])
-        for name, value in sorted(flows.events.items()):
-            events.add_metric([name], value)
-        yield events
 
     def _services(self, o: Observed, s) -> Iterator[Metric]:
         try:

@@ -130,7 +130,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def GetStatus(self, request, context):
         o, s = self.observed, self.observed.status
-        programs, maps = await self._in_thread(self._kernel_inventory)
+        programs, maps, events = await self._in_thread(self._kernel_inventory)
         service_ports, frontends, backends = s.view.counts
         return agent_pb2.Status(
             synced=s.synced, node_name=s.node_name, service_ports=service_ports,
@@ -147,14 +147,16 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             refused_services=[agent_pb2.RefusedService(
                 namespace=service.split("/", 1)[0], name=service.split("/", 1)[1],
                 reason=reason) for service, reason in sorted(s.refused.items())],
-            flows=_flow_table(s.flows))
+            flows=_flow_table(s.flows),
+            datapath_events={f"{program}.{name}": count
+                             for (program, name), count in events.items()})
 
     def _kernel_inventory(self):
-        """Programs and maps; a failed read leaves its list empty (counted as kernel_read
-        by the inventory) so that status still answers."""
+        """Programs, maps and the programs' counters; a failed read leaves its part empty
+        (counted as kernel_read by the inventory) so that status still answers."""
         inv = self.observed.inventory
         if inv is None:
-            return [], []
+            return [], [], {}
         try:
             programs = [agent_pb2.Program(name=a.name, hook=a.hook, target=a.target,
                                           attached=a.attached, program_id=a.program_id)
@@ -167,7 +169,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     for m in inv.maps()]
         except OSError:
             maps = []
-        return programs, maps
+        try:
+            events = inv.events()
+        except OSError:
+            events = {}
+        return programs, maps, events
 
     async def ListServices(self, request, context):
         try:

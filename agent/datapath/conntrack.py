@@ -13,14 +13,13 @@ after a fresh read shows it still past its time, so a port the kernel has just h
 a new flow is never taken from it."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from agent.datapath import bpfsys, layout
-from agent.datapath.inventory import possible_cpus
+from agent.datapath.inventory import read_events
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,11 @@ def _same(a: layout.CtKey, b: layout.CtKey) -> bool:
 
 
 class FlowTable:
-    """bpfp_ct and bpfp_tc_events of one pin directory (maps.PinnedMap objects)."""
+    """bpfp_ct (a maps.PinnedMap) and the TC path's counters of one pin directory."""
 
-    def __init__(self, ct, events, snat_port_range: int) -> None:
+    def __init__(self, ct, pin_dir, snat_port_range: int) -> None:
         self.ct = ct
-        self.events = events
+        self.pin_dir = pin_dir
         self.snat_port_range = snat_port_range
         self.last = FlowTableStats(snat_port_range=snat_port_range)
         self.removed_total = 0
@@ -114,10 +113,5 @@ class FlowTable:
 
     def read_events(self) -> dict[str, int]:
         """bpfp_tc_events summed over the possible CPUs."""
-        cpus = possible_cpus()
-        out = {}
-        for slot, name in enumerate(layout.TC_EVENTS):
-            values = (ctypes.c_uint64 * cpus)()
-            found = bpfsys.map_lookup(self.events.fd, ctypes.c_uint32(slot), values)
-            out[name] = sum(values) if found else 0
-        return out
+        return {name: count for (program, name), count in read_events(self.pin_dir).items()
+                if program == "tc"}

@@ -308,6 +308,34 @@ def tc_programs(interfaces: Sequence[str], pinned: dict[int, str] | None = None
     return out
 
 
+# ---- the programs' own counters ---------------------------------------------------------
+
+# per-CPU arrays of u64 counters: (program, map, slot names)
+EVENT_MAPS = (("socket", "bpfp_sock_events", layout.SOCK_EVENTS),
+              ("tc", "bpfp_tc_events", layout.TC_EVENTS))
+
+
+def read_events(pin_dir: Path) -> dict[tuple[str, str], int]:
+    """(program, event) -> count since the maps were made, summed over the CPUs: what the
+    programs did that no service counter shows (bpf/maps.h BPFP_SOCKEV_*, BPFP_TCEV_*). A
+    map not pinned (an older agent's pins) reads as nothing."""
+    cpus = possible_cpus()
+    out: dict[tuple[str, str], int] = {}
+    for program, table, names in EVENT_MAPS:
+        path = pin_dir / layout.MAPS[table].pin
+        if not path.exists():
+            continue
+        fd = bpfsys.obj_get(str(path))
+        try:
+            for slot, name in enumerate(names):
+                values = (ctypes.c_uint64 * cpus)()
+                found = bpfsys.map_lookup(fd, ctypes.c_uint32(slot), values)
+                out[program, name] = sum(values) if found else 0
+        finally:
+            os.close(fd)
+    return out
+
+
 # ---- the cached door -------------------------------------------------------------------
 
 class Inventory:
@@ -351,6 +379,15 @@ class Inventory:
 
     def maps(self) -> list[MapUsage]:
         return self._cached("maps", lambda: map_usage(self.pin_dir))
+
+    def events(self) -> dict[tuple[str, str], int]:
+        """The programs' own counters (read_events); never cached, a few syscalls."""
+        try:
+            return read_events(self.pin_dir)
+        except OSError as exc:
+            self.read_errors += 1
+            log.warning("event=kernel_read_failed what=events error=%r", str(exc))
+            raise
 
     def stats(self) -> StatsTable:
         """Never cached: whoever asks right after sending traffic must see it counted."""

@@ -319,6 +319,12 @@ def test_metrics_and_healthz_tell_what_the_api_tells(node):
     assert 'bpfproxy_errors_total{kind="sync"}' in samples
     assert any(k.startswith("bpfproxy_program_attached{") and v == 1
                for k, v in samples.items())
+    # the programs' own counters, both programs, as status says them
+    for event, count in status.datapath_events.items():
+        program, _, name = event.partition(".")
+        assert samples[f'bpfproxy_datapath_events_total{{event="{name}",program="{program}"}}'] \
+            == count
+    assert {"socket.revnat_failed", "tc.no_snat_port"} <= set(status.datapath_events)
 
     code, body = node.http_get("http://127.0.0.1:10256/healthz")
     verdict = json.loads(body)

@@ -260,11 +260,6 @@ def test_a_tcp_flow_starts_only_with_a_syn(node):
 
 
 def tc_events(cluster) -> dict[str, int]:
-    from agent.datapath import layout
-    from agent.datapath.conntrack import FlowTable
-    from agent.datapath.maps import PinnedMap
-    events = PinnedMap(cluster.agents[1].bpffs, layout.MAPS["bpfp_tc_events"])
-    try:
-        return FlowTable(None, events, 0).read_events()
-    finally:
-        events.close()
+    from agent.datapath.inventory import read_events
+    return {name: n for (program, name), n in read_events(cluster.agents[1].bpffs).items()
+            if program == "tc"}
