@@ -4,15 +4,20 @@ Maps and links are pinned under /sys/fs/bpf/bpfp-<lab>; close() stops the agent 
 `bpfproxy cleanup`, so nothing stays in the kernel after a test or the demo."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from lab.node import Lab
 
 BPFPROXY = [sys.executable, "-m", "agent.cli"]
+T = TypeVar("T")
 
 
 class AgentRunner:
@@ -64,6 +69,40 @@ class AgentRunner:
     def services(self) -> list[dict]:
         done = self.cli("services", "--api", self.api, "-o", "json")
         return json.loads(done.stdout)
+
+    def kernel_services(self) -> dict:
+        """The service ports the kernel holds (planner.AppliedState): the pinned maps read
+        back, as a restarted agent adopts them, with no agent or API in between."""
+        from agent.datapath.maps import BpfServiceMaps
+        maps = BpfServiceMaps(self.bpffs)
+        try:
+            return maps.read_back()
+        finally:
+            maps.close()
+
+    def kernel_backends(self, address: str, port: int, protocol: str = "TCP"
+                        ) -> set[str] | None:
+        """Addresses in the slot table of address:port/protocol as every path sees it
+        (scope 0): who new connections can reach. None: the kernel has no such frontend."""
+        from agent.model.types import Protocol
+        from agent.planner import FrontendKey
+        wanted = FrontendKey(ipaddress.ip_address(address), port, Protocol(protocol))
+        for service in self.kernel_services().values():
+            if wanted in service.frontends:
+                return {str(b.address) for b in service.backends}
+        return None
+
+    def wait_until(self, condition: Callable[[], T], what: str, timeout: float = 60.0) -> T:
+        """Poll condition() until it returns something true, and return that: how a test
+        waits for the agent to apply a change. timeout only turns a hang into a failure
+        (with the agent's log); it is no speed target."""
+        deadline = time.monotonic() + timeout
+        while not (value := condition()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not seen within {timeout}s (last: {value!r})"
+                                     f"\n--- agent log (end) ---\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        return value
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30.0
             ) -> subprocess.CompletedProcess:

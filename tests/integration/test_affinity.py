@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from agent.model.types import Protocol
 from lab import manifests
 from lab.agent_runner import AgentRunner
 
@@ -53,6 +54,16 @@ def publish(cluster, pods, affinity: int | None = 10800) -> None:
                     manifests.endpoint_slice("web", [cluster.ip(p) for p in pods], SLICE_PORTS))
 
 
+def applied(agent, cluster, pods, affinity: int | None = 10800) -> bool:
+    """The kernel holds web's ports (TCP and UDP) with these backends and this affinity
+    timeout (0: none): what publish() asked for."""
+    ports = [s for s in agent.kernel_services().values()
+             if any(str(f.address) == cluster.vip for f in s.frontends)]
+    return {f.protocol for s in ports for f in s.frontends} == {Protocol.TCP, Protocol.UDP} \
+        and all({str(b.address) for b in s.backends} == {cluster.ip(p) for p in pods}
+                and s.affinity == (affinity or 0) for s in ports)
+
+
 def names(result) -> set[str]:
     return {answer.split(":")[0] for answer in result.answers}
 
@@ -77,22 +88,25 @@ def test_a_client_sticks_to_one_backend_and_follows_changes(node):
     # unrelated changes: another backend leaves, a new one arrives; slots move
     pods = {p.name: p for p in backends}
     unrelated = next(p for p in (a, b, c) if p.name != mine)
-    publish(cluster, [p for p in (a, b, c) if p is not unrelated] + [d])
-    time.sleep(1.0)
+    serving = [p for p in (a, b, c) if p is not unrelated] + [d]
+    publish(cluster, serving)
+    agent.wait_until(lambda: applied(agent, cluster, serving), "unrelated change applied")
     assert sticky(cluster, client) == mine
 
     # its backend goes away: the client moves, and sticks again
-    publish(cluster, [p for p in (a, b, c, d) if p.name != mine and p is not unrelated])
-    time.sleep(1.0)
+    serving = [p for p in (a, b, c, d) if p.name != mine and p is not unrelated]
+    publish(cluster, serving)
+    agent.wait_until(lambda: applied(agent, cluster, serving), "its backend removed")
     moved = sticky(cluster, client)
     assert moved != mine and moved in pods
 
     # affinity off: connections spread again; on: sticky again
     publish(cluster, [a, b, c, d], affinity=None)
-    time.sleep(1.0)
+    agent.wait_until(lambda: applied(agent, cluster, [a, b, c, d], affinity=None),
+                     "affinity off")
     assert len(names(client.tcp(cluster.vip, 80, count=60))) > 1
     publish(cluster, [a, b, c, d])
-    time.sleep(1.0)
+    agent.wait_until(lambda: applied(agent, cluster, [a, b, c, d]), "affinity on again")
     sticky(cluster, client)
     listed = [s for s in agent.services() if s["port_name"] == "http"]
     assert listed and len(listed[0]["backends"]) == 4
@@ -102,9 +116,10 @@ def test_affinity_ends_after_its_timeout(node):
     agent, backends, (client, _), cluster = node
     publish(cluster, backends[:3], affinity=1)
     agent.start()
+    assert applied(agent, cluster, backends[:3], affinity=1)
     first = sticky(cluster, client, count=5)
     for _ in range(12):            # a fresh pick after the timeout: 1/3 stays the same
-        time.sleep(1.3)
+        time.sleep(1.3)            # the scenario: the 1 s affinity timeout passes (no event)
         if sticky(cluster, client, count=3) != first:
             return
     pytest.fail("the client never left its backend although affinity timed out")

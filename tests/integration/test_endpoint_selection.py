@@ -3,8 +3,6 @@ terminating fallback, and topology hints for this node's zone (Node object in th
 manifests) and for this node itself."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from lab import manifests
@@ -78,7 +76,8 @@ def test_serving_terminating_endpoints_take_traffic_only_when_none_is_ready(node
         {"addresses": [ip(c)], "conditions": {"ready": False, "serving": False,
                                               "terminating": True}, "nodeName": NODE}],
         family), vip=vip)
-    time.sleep(1.0)
+    agent.wait_until(lambda: agent.kernel_backends(vip, 80) == {ip(a)},
+                     "the serving-terminating endpoint in the kernel")
     assert names(client.tcp(vip, 80, count=30)) == {a.name}, \
         "fallback to serving-and-terminating, never to not-serving"
 
@@ -100,14 +99,16 @@ def test_zone_hints_keep_traffic_in_this_nodes_zone(node):
     publish(directory, node_object("zone-a"), slice_of([
         endpoint(a, "zone-a", "zone-a"), endpoint(b, "zone-b", "zone-b"),
         {"addresses": [c.ip], "conditions": {"ready": True}, "zone": "zone-a"}]))
-    time.sleep(1.0)
+    agent.wait_until(lambda: agent.kernel_backends(VIP, 80) == {a.ip, b.ip, c.ip},
+                     "hints ignored in the kernel")
     assert names(client.tcp(VIP, 80, count=60)) == {a.name, b.name, c.name}
 
     # the node moves to zone-b (its Node object changes): traffic follows the hints
     publish(directory, node_object("zone-b"), slice_of([
         endpoint(a, "zone-a", "zone-a"), endpoint(b, "zone-b", "zone-b"),
         endpoint(c, "zone-a", "zone-a")]))
-    time.sleep(1.0)
+    agent.wait_until(lambda: agent.kernel_backends(VIP, 80) == {b.ip},
+                     "zone-b's endpoint alone in the kernel")
     assert names(client.tcp(VIP, 80, count=30)) == {b.name}
 
 

@@ -66,15 +66,6 @@ def names(result) -> set[str]:
     return {answer.split(":")[0] for answer in result.answers}
 
 
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def assert_every_backend(client, addr: str, backends: list) -> None:
     """TCP, unconnected UDP, one UDP socket, connected UDP: every backend answers and the
     application only ever sees addr as its peer or reply source."""
@@ -136,7 +127,8 @@ def test_ipv6_endpoints_follow_the_endpoint_slice(cluster):
     manifests.write(directory, "web6.yaml", manifests.service("web6", VIP6, PORTS),
                     manifests.endpoint_slice("web6", [a.ip6, c.ip6], SLICE_PORTS,
                                              not_ready=(c.ip6,)))
-    wait_for(lambda: names(client.tcp(VIP6, 80, count=20)) == {a.name}, what="only a serves")
+    agent.wait_until(lambda: agent.kernel_backends(VIP6, 80) == {a.ip6},
+                     "only a in the kernel")
     result = client.tcp(VIP6, 80, count=60)
     assert result.errors == {} and names(result) == {a.name}
 
@@ -144,8 +136,8 @@ def test_ipv6_endpoints_follow_the_endpoint_slice(cluster):
 def test_deleted_ipv6_service_is_no_longer_rewritten(cluster):
     _, agent, _, client, directory = cluster
     (directory / "web6.yaml").unlink()
-    wait_for(lambda: not any(s["name"] == "web6" for s in agent.services()),
-             what="web6 removed from the kernel")
+    agent.wait_until(lambda: not any(s["name"] == "web6" for s in agent.services()),
+                     "web6 removed from the kernel")
     result = client.tcp(VIP6, 80, count=3, timeout=0.5)
     assert result.answers == {}, "the VIP must not reach a pod once the service is gone"
     # the node has an unreachable route for the IPv6 service range, and no default route
@@ -154,12 +146,17 @@ def test_deleted_ipv6_service_is_no_longer_rewritten(cluster):
 
 def test_a_restarted_agent_adopts_the_ipv6_maps_and_traffic_keeps_flowing(cluster):
     _, agent, backends, client, _ = cluster
-    running = client.start_client("tcp", VIP6, 80, duration=5.0, interval=0.01)
-    time.sleep(1.0)
+    running = client.start_client("tcp", VIP6, 80, duration=120, interval=0.01,
+                                  timeline=True, until_stopped=True)
+    running.wait_started()
     assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
-    time.sleep(1.0)                   # no agent: the kernel keeps serving IPv6 too
+    without_agent = client.tcp(VIP6, 80, count=30)   # no agent: the kernel keeps serving
     agent.start(wait=60)
-    result = running.result()
+    restarted_at = time.monotonic()
+    result = running.stop()
+    assert without_agent.errors == {}, without_agent
+    assert result.started + result.timeline[-1][0] > restarted_at, \
+        "the client must still be sending after the restarted agent took over"
     assert result.errors == {}, f"connections failed around the restart: {result.errors}"
     assert names(result) == {p.name for p in backends}
     # web6, dual (x2 families), web4, empty6, empty4: two ports each
