@@ -28,8 +28,8 @@ SNAT_RANGE = 65535 - 61000 + 1
 CONNECTIONS = 12000               # at least: well over the range's 4,536 ports
 # Connections a second: with each port held for the close timeout after its flow ends,
 # 2,000 a second keep under half the range in use (a port is found on the first tries);
-# the range's capacity, 4,536 a second here (453 at the default 10 s), is a figure of the
-# bench, not of this test.
+# the range's capacity, 4,536 a second here (453 at the default 10 s; README), is not what
+# this test is about.
 RATE = 2000
 CRR_PORT, PODSERVER_PORT = 8081, 8080
 
