@@ -433,9 +433,11 @@ def _cleanup_kube_proxy() -> int:
     report = kubeproxy_cleanup.cleanup()
     for what in report.removed:
         print(f"removed {what}")
+    for what in report.kept:
+        print(f"kept {what}")
     for error in report.errors:
         print(f"bpfproxy: {error}", file=sys.stderr)
-    if not report.removed and not report.errors:
+    if not report.removed and not report.errors and not report.kept:
         print("nothing of kube-proxy's to remove")
     return 1 if report.errors else 0
 

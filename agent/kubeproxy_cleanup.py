@@ -32,8 +32,9 @@ NFT_TABLES = ("ip kube-proxy", "ip6 kube-proxy")
 # flows only while some nat chain of the family is registered. Deleting kube-proxy's table,
 # the last such user on an nftables node, would stall every connection it DNATed to a
 # service address. One nat chain of ours, whose only rule reads conntrack state (and never
-# matches: a nat chain sees only a flow's first packet), keeps both; delete it with
-# `nft delete table ip bpfproxy-nat` once those connections are gone.
+# matches: a nat chain sees only a flow's first packet), keeps both. Cleanup removes it as
+# soon as conntrack holds no open DNATed flow of its family: at once when none is open,
+# else on a later `bpfproxy cleanup --kube-proxy`, which says so.
 NAT_KEEPALIVE_TABLE = "bpfproxy-nat"
 
 _NEW = ("-m", "conntrack", "--ctstate", "NEW")
@@ -174,12 +175,15 @@ def run_tool(argv: list[str], stdin: str | None = None) -> subprocess.CompletedP
 class CleanupReport:
     removed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)     # left on purpose, and until when
 
 
 def cleanup(run: Run = run_tool, which: Callable[[str], str | None] = shutil.which,
-            read_text: Callable[[Path], str] | None = None) -> CleanupReport:
+            read_text: Callable[[Path], str] | None = None,
+            open_nat_flows: Callable[[int], int] | None = None) -> CleanupReport:
     """Remove kube-proxy's rules from this network namespace; report what went and what
-    failed (the rest is still attempted, as kube-proxy does)."""
+    failed (the rest is still attempted, as kube-proxy does). open_nat_flows(family): the
+    open flows netfilter DNATed (agent/datapath/nf_conntrack.py)."""
     report = CleanupReport()
     read_text = read_text or _read_or_empty
     for tools in IPTABLES:
@@ -187,7 +191,9 @@ def cleanup(run: Run = run_tool, which: Callable[[str], str | None] = shutil.whi
             continue
         _clean_iptables(tools, run, read_text, report)
     if which("nft") is not None:
-        _clean_nftables(run, report)
+        if open_nat_flows is None:
+            from agent.datapath.nf_conntrack import open_dnat_flows as open_nat_flows
+        _clean_nftables(run, report, open_nat_flows)
     return report
 
 
@@ -243,19 +249,53 @@ def _delete_jump(tools: Iptables, jump: JumpRule, run: Run, report: CleanupRepor
         report.removed.append(f"{tools.label} {jump.table} rule {jump.source} -> {jump.target}")
 
 
-def _clean_nftables(run: Run, report: CleanupReport) -> None:
+def _clean_nftables(run: Run, report: CleanupReport,
+                    open_nat_flows: Callable[[int], int]) -> None:
     listed = run(["nft", "list", "tables"], None)
     if listed.returncode != 0:
         report.errors.append(f"nft list tables: {_first_line(listed.stderr)}")
         return
+    keepalives = set(keepalive_tables(listed.stdout))
     for table in nft_tables_to_delete(listed.stdout):
         done = run(["nft", "-f", "-"], nft_delete_input(table))
         if done.returncode != 0:
             report.errors.append(f"nft delete table {table}: {_first_line(done.stderr)}")
         else:
-            report.removed.append(f"nftables table {table} (kept NAT of established flows "
-                                  f"with an empty chain in table {table.split()[0]} "
-                                  f"{NAT_KEEPALIVE_TABLE})")
+            report.removed.append(f"nftables table {table}")
+            keepalives.add(f"{table.split()[0]} {NAT_KEEPALIVE_TABLE}")
+    for table in sorted(keepalives):
+        _remove_keepalive_when_unused(table, run, report, open_nat_flows)
+
+
+def keepalive_tables(list_tables_output: str) -> list[str]:
+    """Our NAT keepalive tables among `nft list tables` output lines (a run before made)."""
+    return [t for t in (" ".join(line.split()[1:3]) for line in list_tables_output.splitlines()
+                        if line.startswith("table "))
+            if t.split()[-1] == NAT_KEEPALIVE_TABLE]
+
+
+def _remove_keepalive_when_unused(table: str, run: Run, report: CleanupReport,
+                                  open_nat_flows: Callable[[int], int]) -> None:
+    """The keepalive goes once conntrack holds no open DNATed flow of its family: the
+    flows kube-proxy DNATed are over (a TCP flow in TIME_WAIT is)."""
+    family = 6 if table.startswith("ip6 ") else 4
+    try:
+        flows = open_nat_flows(family)
+    except OSError as exc:
+        report.kept.append(f"nftables table {table}: conntrack unreadable ({exc}); it keeps "
+                           f"NAT of the flows kube-proxy DNATed; run `bpfproxy cleanup "
+                           f"--kube-proxy` again to remove it")
+        return
+    if flows:
+        report.kept.append(f"nftables table {table}: it keeps NAT of {flows} open IPv{family} "
+                           f"flows DNATed before kube-proxy's rules went; run `bpfproxy "
+                           f"cleanup --kube-proxy` again once they ended to remove it")
+        return
+    done = run(["nft", "delete", "table", *table.split()], None)
+    if done.returncode != 0:
+        report.errors.append(f"nft delete table {table}: {_first_line(done.stderr)}")
+    else:
+        report.removed.append(f"nftables table {table} (no flow kube-proxy DNATed is open)")
 
 
 def _read_or_empty(path: Path) -> str:

@@ -139,6 +139,16 @@ def test_migration_from_kube_proxy_keeps_every_connection(make_lab, tmp_path, ki
     # kube-proxy's own is gone, nothing else is
     assert "removed" in cleanup.stdout
     assert_only_kube_proxys_went(kind, before, after)
+    if kind == "nftables":
+        # the held connections were open: the table keeping their NAT stays, and says so;
+        # once they ended (TIME_WAIT), the next cleanup removes it (issue 14.4)
+        assert "kept nftables table ip bpfproxy-nat: it keeps NAT of " in cleanup.stdout, \
+            cleanup.stdout
+        again = lab.node_run([*BPFPROXY, "cleanup", "--kube-proxy"], timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == ("removed nftables table ip bpfproxy-nat (no flow "
+                                        "kube-proxy DNATed is open)"), again.stdout
+        assert "bpfproxy-nat" not in node_tool(lab, "nft", "list", "tables")
 
 
 def saved_rules(lab, kind: str, backend: str | None) -> dict[str, str]:

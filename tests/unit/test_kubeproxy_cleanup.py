@@ -112,10 +112,11 @@ class ScriptedTools:
     """Answers like the tools would on a node whose iptables-nft holds kube-proxy's IPv4
     layout (jump rules present twice in nat OUTPUT) and whose nftables holds its table."""
 
-    def __init__(self) -> None:
+    def __init__(self, nft_tables: str = "table ip filter\ntable ip kube-proxy\n") -> None:
         self.calls: list[list[str]] = []
         self.stdin_of: dict[tuple, str | None] = {}
         self.jumps_left = {("nat", "OUTPUT"): 2}
+        self.nft_tables = nft_tables
 
     def __call__(self, argv: list[str], stdin: str | None) -> subprocess.CompletedProcess:
         self.calls.append(argv)
@@ -133,7 +134,7 @@ class ScriptedTools:
             if "-D" in argv and code == 0:
                 self.jumps_left[key] = self.jumps_left.get(key, 1) - 1
         elif tool == "nft" and argv[1] == "list":
-            out = "table ip filter\ntable ip kube-proxy\n"
+            out = self.nft_tables
         return subprocess.CompletedProcess(argv, code, out, "")
 
 
@@ -142,7 +143,7 @@ def test_cleanup_runs_the_tools_by_argument_list():
     which = {"iptables-nft": "/x", "ip6tables-nft": "/x", "iptables-legacy": "/x",
              "nft": "/x"}.get
     legacy_tables = {Path("/proc/net/ip_tables_names"): ""}     # legacy holds nothing here
-    report = kpc.cleanup(tools, which, lambda p: legacy_tables.get(p, ""))
+    report = kpc.cleanup(tools, which, lambda p: legacy_tables.get(p, ""), lambda family: 3)
     assert report.errors == []
     commands = [" ".join(c) for c in tools.calls]
     # legacy: nothing is listed, so not even iptables-legacy-save runs (it would create it)
@@ -173,7 +174,65 @@ def test_a_failed_restore_is_reported_and_the_rest_still_runs():
             return super().__call__(argv, stdin)
 
     tools = Failing()
-    report = kpc.cleanup(tools, {"iptables-nft": "/x", "nft": "/x"}.get, lambda p: "")
+    report = kpc.cleanup(tools, {"iptables-nft": "/x", "nft": "/x"}.get, lambda p: "",
+                         lambda family: 0)
     assert report.errors == ["iptables-nft-restore (nat): iptables-restore: line 9 failed"]
     assert "iptables-nft filter chain KUBE-FORWARD" in report.removed
     assert any(r.startswith("nftables table ip kube-proxy") for r in report.removed)
+
+
+# --- the NAT keepalive table goes once no flow kube-proxy DNATed is open (issue 14.4) --------
+
+NFT_ONLY = {"nft": "/x"}.get
+
+
+def test_the_keepalive_stays_while_flows_kube_proxy_dnated_are_open_and_says_so():
+    tools = ScriptedTools()
+    asked = []
+    report = kpc.cleanup(tools, NFT_ONLY, lambda p: "", lambda family: asked.append(family) or 8)
+    assert report.errors == [] and asked == [4]
+    assert report.removed == ["nftables table ip kube-proxy"]
+    assert report.kept == ["nftables table ip bpfproxy-nat: it keeps NAT of 8 open IPv4 flows "
+                           "DNATed before kube-proxy's rules went; run `bpfproxy cleanup "
+                           "--kube-proxy` again once they ended to remove it"]
+    assert not any(c[:2] == ["nft", "delete"] for c in tools.calls)
+
+
+def test_the_keepalive_goes_in_the_same_run_when_no_dnated_flow_is_open():
+    tools = ScriptedTools()
+    report = kpc.cleanup(tools, NFT_ONLY, lambda p: "", lambda family: 0)
+    assert report.errors == [] and report.kept == []
+    assert report.removed == ["nftables table ip kube-proxy",
+                              "nftables table ip bpfproxy-nat (no flow kube-proxy DNATed is "
+                              "open)"]
+    # after kube-proxy's table went (with the keepalive added in that transaction)
+    nft = [c for c in tools.calls if c[0] == "nft" and c[1] != "list"]
+    assert nft == [["nft", "-f", "-"], ["nft", "delete", "table", "ip", "bpfproxy-nat"]]
+
+
+def test_a_later_run_removes_the_keepalive_once_the_flows_ended():
+    tools = ScriptedTools("table ip filter\ntable ip6 bpfproxy-nat\ntable ip bpfproxy-nat\n")
+    open_flows = {4: 0, 6: 2}
+    report = kpc.cleanup(tools, NFT_ONLY, lambda p: "", open_flows.__getitem__)
+    assert report.removed == ["nftables table ip bpfproxy-nat (no flow kube-proxy DNATed is "
+                              "open)"]
+    assert report.kept[0].startswith("nftables table ip6 bpfproxy-nat: it keeps NAT of 2 "
+                                     "open IPv6 flows")
+    assert ["nft", "delete", "table", "ip6", "bpfproxy-nat"] not in tools.calls
+
+
+def test_unreadable_conntrack_keeps_the_keepalive():
+    def unreadable(family):
+        raise PermissionError(1, "Operation not permitted")
+
+    report = kpc.cleanup(ScriptedTools(), NFT_ONLY, lambda p: "", unreadable)
+    assert report.errors == [] and len(report.kept) == 1
+    assert "conntrack unreadable" in report.kept[0]
+
+
+def test_only_open_dnated_flows_count():
+    from agent.datapath.nf_conntrack import IPS_DST_NAT, is_open_dnat
+    assert is_open_dnat(IPS_DST_NAT | 0x8, 3)            # established TCP
+    assert is_open_dnat(IPS_DST_NAT, None)                # UDP: open until it expires
+    assert not is_open_dnat(IPS_DST_NAT, 7)               # TIME_WAIT: over
+    assert not is_open_dnat(0x10 | 0x8, 3)                # SNAT only: not kube-proxy's DNAT
