@@ -4,7 +4,6 @@ LoadBalancer ingress IPs (not those with ipMode Proxy), and kube-proxy's traffic
 for traffic that starts on the node."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import pytest
@@ -135,7 +134,8 @@ def test_internal_traffic_policy_local_without_a_local_endpoint(node):
         assert names(client.tcp(address, port, count=20)) == {p.name for p in backends}
 
     publish(directory, a, web_service(a, internalTrafficPolicy="Local"), backends)   # local
-    time.sleep(1.0)
+    agent.wait_until(lambda: agent.kernel_backends(a.vip, 80) == {a.pod(p) for p in backends},
+                     "the local endpoints behind the cluster IP in the kernel")
     assert names(client.tcp(a.vip, 80, count=20)) == {p.name for p in backends}
 
 
