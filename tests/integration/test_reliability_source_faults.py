@@ -65,18 +65,20 @@ def test_corrupt_files_are_skipped_and_a_vanished_directory_keeps_the_last_state
         # stays as it was (a cut that still parses, "kind: Ser", would read as no objects)
         (directory / "gamma.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: "
                                               "{name: gamma, namesp")
-        wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(), 10,
+        wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(), 60,
                  "gamma's parse error logged")
-        running = client.start_client("tcp", VIPS["gamma"], 80, duration=8.0, interval=0.02)
-        time.sleep(1.0)
+        running = client.start_client("tcp", VIPS["gamma"], 80, duration=120, interval=0.02,
+                                      until_stopped=True)
+        running.wait_started()
         # the whole directory goes away (a volume unmounted): the last good state stays
         moved = directory.with_name("manifests-away")
         directory.rename(moved)
-        time.sleep(4.0)
+        # the source has looked for it and not found it
+        wait_for(lambda: "event=rescan_failed" in agent.log(), 60, "the failed rescan logged")
         alive = agent.process.poll() is None
         after_gone = {s["name"] for s in agent.services()}
         status = agent.cli("status", "--api", agent.api, check=False)
-        gamma = running.result()
+        gamma = running.stop()
         alpha = client.tcp(VIPS["alpha"], 80, count=20)
         moved.rename(directory)
     finally:
@@ -112,7 +114,9 @@ def test_source_missing_at_start_waits_not_ready_and_pinned_state_serves(node):
         moved = directory.with_name("manifests-later")
         directory.rename(moved)
         agent.start(wait=0)
-        time.sleep(3.0)
+        # up (its API starts first) and waiting for the directory
+        wait_for(lambda: "event=source_unavailable" in agent.log()
+                 or agent.process.poll() is not None, 60, "the agent waiting for its source")
         waiting = agent.process.poll() is None
         status = agent.cli("status", "--api", agent.api, check=False)
         pinned = client.tcp(VIPS["alpha"], 80, count=20)
