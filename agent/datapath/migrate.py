@@ -9,6 +9,8 @@ the old programs keep serving. Runs in the loader child, around the compile and 
   (CONVERTERS for anything else), so no new program ever sees an empty map.
 - finish (after every hook runs the new programs): entries the old programs wrote since the
   fill are copied too, then every pin of another version is removed.
+Both copies read each map in batches and write what the new map lacks in batches (a few
+syscalls per thousand entries), so the late copy ends soon after the swap.
 The old layout comes from the old map's BTF: no build keeps another build's structs."""
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ _PIN = re.compile(r"(bpfp_\w+?)_v(\d+)")
 _PER_CPU = {5, 6, 10}                # percpu_hash, percpu_array, lru_percpu_hash
 _BPF_NOEXIST = 1
 _ENOTSUPP = 524                      # the kernel's internal "not supported" (no batch ops)
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP)
+_FULL = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+_LPM_TRIE = 11                       # no batch ops: entry by entry (such maps are small)
+_WRITE_CHUNK = 4096                  # entries per BPF_MAP_UPDATE_BATCH
 # bpf_link_update returns before program runs already under way on other CPUs end (RCU):
 # give them this long before the last copy of what old programs wrote
 _IN_FLIGHT_SECONDS = 0.05
@@ -277,7 +283,12 @@ _libbpf.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_
 def copy_entries(table: str, version: int, old_fd: int, old: btf.MapShape, new_fd: int,
                  new: btf.MapShape) -> tuple[int, int]:
     """Insert every converted entry of the old map that the new one lacks (an entry the new
-    programs or an earlier, interrupted run wrote is theirs). Returns (copied, present)."""
+    programs or an earlier, interrupted run wrote is theirs). Returns (copied, present).
+
+    The new map's keys are read in batches and what it lacks is written in batches
+    (BPF_MAP_UPDATE_BATCH takes no BPF_NOEXIST): an entry new programs write for one of
+    those keys in the moment between that read and the write is replaced by the old one,
+    the entry its flow, socket or client started with."""
     if old.key is None or old.value is None:
         raise MigrationError(f"{table}: the old map carries no BTF, so its layout is "
                              f"unknown; run `bpfproxy cleanup` and start again")
@@ -287,19 +298,40 @@ def copy_entries(table: str, version: int, old_fd: int, old: btf.MapShape, new_f
 
     per_cpu = old.type in _PER_CPU
     cpus = inventory.possible_cpus() if per_cpu else 1
-    copied = present = 0
+    entries = []
     for key, value in _entries(old_fd, old, cpus):
         if per_cpu:
             converted = convert_per_cpu(table, version, key, value, olds, news, cpus)
         else:
             converted = convert_entry(table, version, key, value, olds, news)
-        if converted is None:
-            continue
-        if _insert(new_fd, *converted):
-            copied += 1
-        else:
-            present += 1
-    return copied, present
+        if converted is not None:
+            entries.append(converted)
+    if new.type == _LPM_TRIE:
+        copied = sum(_insert(new_fd, *entry) for entry in entries)
+        return copied, len(entries) - copied
+    cpus = inventory.possible_cpus() if new.type in _PER_CPU else 1
+    there = {key for key, _ in _entries(new_fd, new, cpus)} if entries else set()
+    missing = [entry for entry in entries if entry[0] not in there]
+    return _insert_batched(new_fd, missing), len(entries) - len(missing)
+
+
+def _insert_batched(fd: int, entries: list[tuple[bytes, bytes]]) -> int:
+    """Write entries the map lacks, a chunk per syscall; entry by entry where the map has
+    no batch update. Returns how many were written."""
+    for start in range(0, len(entries), _WRITE_CHUNK):
+        chunk = entries[start:start + _WRITE_CHUNK]
+        keys = ctypes.create_string_buffer(b"".join(k for k, _ in chunk))
+        values = ctypes.create_string_buffer(b"".join(v for _, v in chunk))
+        done, err = bpfsys.map_update_batch(fd, keys, values, len(chunk))
+        if err in _FULL:
+            raise MigrationError(f"the new map is full: {os.strerror(err)}; raise its size")
+        if err in _NO_BATCH and done == 0:
+            for entry in entries[start:]:
+                _insert(fd, *entry)
+            return len(entries)
+        if err:
+            raise OSError(err, f"copying map entries: {os.strerror(err)}")
+    return len(entries)
 
 
 def _insert(fd: int, key: bytes, value: bytes) -> bool:
@@ -311,7 +343,7 @@ def _insert(fd: int, key: bytes, value: bytes) -> bool:
     err = ctypes.get_errno()
     if err == errno.EEXIST:
         return False
-    if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+    if err in _FULL:
         raise MigrationError(f"the new map is full: {os.strerror(err)}; raise its size")
     raise OSError(err, f"copying a map entry: {os.strerror(err)}")
 

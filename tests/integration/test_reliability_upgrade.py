@@ -306,3 +306,63 @@ def test_every_maps_btf_is_what_layout_py_mirrors():
             assert (shape.value, shape.value_size) == (value.fields, value.size), spec.table
     finally:
         loader.cleanup(config.pin_dir)
+
+
+# --- the copies write in batches (issue 14.4) ------------------------------------------------
+
+def _create_map(map_type: int, key_size: int, value_size: int, entries: int) -> int:
+    import ctypes
+
+    libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    libbpf.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
+                                      ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
+    fd = libbpf.bpf_map_create(map_type, b"bpfp_copytest", key_size, value_size, entries,
+                               None)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    return fd
+
+
+@pytest.mark.parametrize("map_type", [1, 5], ids=["hash", "percpu_hash"])
+def test_late_entries_reach_the_new_map_in_batches(monkeypatch, map_type):
+    """What the old programs wrote after the fill (here 3000 entries, 20 of which the new
+    programs also wrote since) reaches the new map in a few batch writes, not one syscall
+    per entry; entries the new map holds stay as they are."""
+    import ctypes
+
+    from agent.datapath import bpfsys, inventory
+
+    cpus = inventory.possible_cpus() if map_type == 5 else 1
+    old_fd, new_fd = (_create_map(map_type, 4, 8, 4096) for _ in range(2))
+    try:
+        def write(fd, numbers, base):
+            keys = (ctypes.c_uint32 * len(numbers))(*numbers)
+            values = (ctypes.c_uint64 * (len(numbers) * cpus))(
+                *(base + n for n in numbers for _ in range(cpus)))
+            assert bpfsys.map_update_batch(fd, keys, values, len(numbers)) == (len(numbers), 0)
+
+        write(old_fd, list(range(3000)), 0)
+        write(new_fd, list(range(0, 3000, 150)), 1_000_000)     # the new programs' own
+        fields = (("", 0, 4),), (("", 0, 8),)
+        old = btf.MapShape(1, map_type, 4, 8, 4096, 0, *fields)
+        new = btf.MapShape(2, map_type, 4, 8, 4096, 0, *fields)
+        writes = []
+        batch_update = bpfsys.map_update_batch
+        monkeypatch.setattr(bpfsys, "map_update_batch",
+                            lambda fd, *a: writes.append(a[-1]) or batch_update(fd, *a))
+        monkeypatch.setattr(migrate, "_insert",
+                            lambda *a: pytest.fail("one syscall for one entry"))
+        copied, present = migrate.copy_entries("bpfp_copytest", 1, old_fd, old, new_fd, new)
+        assert (copied, present) == (2980, 20)
+        assert writes == [2980]
+        value = (ctypes.c_uint64 * cpus)()
+        for n in range(3000):
+            assert bpfsys.map_lookup(new_fd, ctypes.c_uint32(n), value), n
+            want = n + 1_000_000 if n % 150 == 0 else n
+            assert list(value) == [want] * cpus, (n, list(value))
+        # a second late copy finds everything there and writes nothing
+        writes.clear()
+        assert migrate.copy_entries("bpfp_copytest", 1, old_fd, old, new_fd, new) == (0, 3000)
+        assert writes == []
+    finally:
+        os.close(old_fd)
+        os.close(new_fd)
