@@ -3,13 +3,16 @@ with its name, and a client that holds connections open and pings on each of the
 
 `python -m tests.reliability_traffic serve --name N --port P` (prints "ready");
 `python -m tests.reliability_traffic hold ADDR PORT --connections K --duration S` prints one
-JSON summary: every connection with its backend, requests, and how and when it ended.
-Times are time.monotonic(), which all processes of the machine share."""
+JSON summary: every connection with its backend, requests, and how and when it ended; with
+--stop-file and --rounds-file it runs until stopped and says when each round over its
+connections began. Times are time.monotonic(), which all processes of the machine share."""
 from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
+import os
 import selectors
 import socket
 import time
@@ -90,9 +93,21 @@ def _open(addr: str, port: int, timeout: float) -> tuple[socket.socket, Held]:
     return sock, Held(backend, started, 1, time.monotonic())
 
 
+def _rounds_done(rounds_file: str, began: float) -> None:
+    """Say, atomically, when the last round that ended began."""
+    with open(rounds_file + ".tmp", "w") as out:
+        out.write(repr(began))
+    os.replace(rounds_file + ".tmp", rounds_file)
+
+
 def hold(addr: str, port: int, connections: int, duration: float, interval: float,
-         timeout: float, reconnect: bool) -> dict:
+         timeout: float, reconnect: bool, stop_file: str | None = None,
+         rounds_file: str | None = None) -> dict:
+    """A round asks once on each open connection (and reconnects, with reconnect). Once
+    stop_file exists, one more round (begun after it appeared) and no other; rounds_file
+    holds when the last round that ended began."""
     started = time.monotonic()
+    stopping = False
     held: list[Held] = []
     open_now: list[tuple[socket.socket, Held]] = []
     connect_failures: list[dict] = []
@@ -106,7 +121,9 @@ def hold(addr: str, port: int, connections: int, duration: float, interval: floa
 
     for _ in range(connections):
         connect()
-    while time.monotonic() - started < duration:
+    while not stopping and time.monotonic() - started < duration:
+        stopping = bool(stop_file) and os.path.exists(stop_file)
+        began = time.monotonic()
         for sock, record in list(open_now):
             try:
                 answer = _ask(sock, timeout)
@@ -123,7 +140,10 @@ def hold(addr: str, port: int, connections: int, duration: float, interval: floa
             while len(open_now) < connections and time.monotonic() - started < duration:
                 connect()
                 time.sleep(interval)
-        time.sleep(interval)
+        if rounds_file:
+            _rounds_done(rounds_file, began)
+        if not stopping:
+            time.sleep(interval)
     for sock, _ in open_now:
         sock.close()
     return {"started": started, "connections": [asdict(h) for h in held],
@@ -145,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument("--timeout", type=float, default=2.0)
     client.add_argument("--reconnect", action="store_true",
                         help="replace a connection that ended with a new one")
+    client.add_argument("--stop-file", help="one last round once this file exists")
+    client.add_argument("--rounds-file", help="when the last round that ended began")
     args = parser.parse_args(argv)
     if args.mode == "serve":
         try:
@@ -153,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             pass
     else:
         print(json.dumps(hold(args.addr, args.port, args.connections, args.duration,
-                              args.interval, args.timeout, args.reconnect)), flush=True)
+                              args.interval, args.timeout, args.reconnect, args.stop_file,
+                              args.rounds_file)), flush=True)
 
 
 if __name__ == "__main__":
@@ -185,14 +208,40 @@ class HoldRun:
     process: object
     argv: list
     timeout: float
+    stop_file: object = None            # Paths, with start_hold(until_stopped=True)
+    rounds_file: object = None
+
+    def wait_round(self, begun_after: float = 0.0, timeout: float = 60.0) -> None:
+        """Return once a round begun after begun_after (time.monotonic()) has ended: every
+        connection open then has been asked since. timeout only turns a hang into a failure."""
+        assert self.rounds_file is not None, "start the client with until_stopped=True"
+        deadline = time.monotonic() + timeout
+        while not (self.rounds_file.exists() and
+                   float(self.rounds_file.read_text()) > begun_after):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"hold client {self.argv}: no round begun after "
+                                     f"{begun_after} ended (exit {self.process.poll()})")
+            time.sleep(0.02)
+
+    def stop(self) -> dict:
+        """Stop the client: its last round begins after this call. Returns its summary."""
+        assert self.stop_file is not None, "start the client with until_stopped=True"
+        self.stop_file.touch()
+        return self.result()
 
     def result(self) -> dict:
         done = self.pod.lab.processes.finish(self.process, self.argv, self.timeout, check=True)
         return json.loads(done.stdout)
 
 
+_hold_numbers = itertools.count(1)
+
+
 def start_hold(pod, addr: str, port: int, connections: int, duration: float,
-               interval: float = 0.05, reconnect: bool = False) -> HoldRun:
+               interval: float = 0.05, reconnect: bool = False,
+               until_stopped: bool = False) -> HoldRun:
+    """until_stopped: it runs until HoldRun.stop() (duration only bounds it), and
+    HoldRun.wait_round() follows its rounds."""
     import subprocess
     import sys
 
@@ -201,5 +250,10 @@ def start_hold(pod, addr: str, port: int, connections: int, duration: float,
             "--interval", str(interval)]
     if reconnect:
         argv.append("--reconnect")
+    stop_file = rounds_file = None
+    if until_stopped:
+        base = pod.lab.workdir / f"hold-{pod.name}-{next(_hold_numbers)}"
+        stop_file, rounds_file = base.with_suffix(".stop"), base.with_suffix(".rounds")
+        argv += ["--stop-file", str(stop_file), "--rounds-file", str(rounds_file)]
     process = pod.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return HoldRun(pod, process, argv, duration + 30.0)
+    return HoldRun(pod, process, argv, duration + 30.0, stop_file, rounds_file)
