@@ -52,6 +52,7 @@ RETRY_FIRST = 0.5          # seconds before retrying a failed sync; doubles up t
 RETRY_MAX = 10.0
 SYNC_BURST = 2             # syncs allowed back to back before min_sync_period applies
 FULL_SYNC_SHARE = 0.25     # more services than this share changed: recompute everything
+BUDGET_STEP = 64           # entries a lowered map budget grows by, at least, per period
 
 
 class Source(TypingProtocol):
@@ -409,11 +410,11 @@ class Agent:
 
     def _rebudget(self, periodic: bool) -> None:
         """After a kernel re-read: a map that refused an insert the planner counted room
-        for (a per-CPU counted hash map can refuse early; someone else wrote to it) is
-        budgeted at what it holds now; a periodic re-read tries the real sizes again."""
+        for (memcg ENOMEM; someone else wrote to it) is budgeted at what it holds now, and
+        stays so until the map takes more: a periodic re-read asks it (_raise_clamps)."""
         self._capacity = self._read_capacity()
-        if periodic:
-            self._clamps.clear()
+        if periodic and self._clamps:
+            self._raise_clamps()
         if not self._full_maps:
             return
         held = map_usage(self._applied.values(), self.maglev_m)
@@ -424,6 +425,29 @@ class Agent:
                         (self._capacity or {}).get(name, "unknown"),
                         "the map refused an insert; services that do not fit are refused")
         self._full_maps.clear()
+
+    def _raise_clamps(self) -> None:
+        """A lowered budget doubles (at least BUDGET_STEP entries) each period the map takes
+        that many more entries (probe entries no program reads, written and removed by
+        maps.room_for), and goes once it reaches the map's size: never a failed sync to
+        find out. A kernel door that cannot probe tries the real sizes again."""
+        room_for = getattr(self.maps, "room_for", None)
+        for name, clamp in sorted(self._clamps.items()):
+            size = (self._capacity or {}).get(name, clamp)
+            step = min(size - clamp, max(clamp, BUDGET_STEP))
+            try:
+                taken = room_for is None or room_for(name, step)
+            except Exception as exc:  # noqa: BLE001 -- keep the budget, ask next period
+                log.error("event=map_probe_failed map=%s error=%r", name, str(exc))
+                taken = False
+            if not taken:
+                continue
+            if clamp + step >= size:
+                del self._clamps[name]
+            else:
+                self._clamps[name] = clamp + step
+            log.info("event=map_budget_raised map=%s entries=%d max_entries=%d", name,
+                     min(clamp + step, size), size)
 
     def _report_refused(self, result: Plan) -> None:
         """Log, count and tell each Service the maps refused, once, and when it goes in."""

@@ -50,6 +50,7 @@ class KernelService:
     backends: tuple[BackendAddr, ...]     # slot i holds backends[i]
     # Left by an interrupted write (a crash between two batches), found by read_back:
     stray_slots: tuple[int, ...] = ()     # slots past the count: invisible, to delete
+    stray_maglev_rows: int = 0            # Maglev rows no frontend uses: to delete
     stale_frontends: frozenset[FrontendKey] = frozenset()   # count differs: to rewrite
     name_hash: int = 0                    # port_hash() of the owning service port
     affinity: int = 0                     # ClientIP session affinity timeout, s; 0: none
@@ -428,6 +429,7 @@ def map_usage(services: Iterable[KernelService], maglev_m: int) -> dict[str, int
         used["bpfp_srcrange"] += len(s.source_ranges)
         if s.flags & SVC_F_MAGLEV:
             used["bpfp_maglev"] += _maglev_rows(maglev_m)
+        used["bpfp_maglev"] += s.stray_maglev_rows
     return dict(used)
 
 
@@ -557,6 +559,9 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
             released.update(f for f in old.frontends if f not in owners)
         old_ranges = set(old.source_ranges) if old else set()
         old_maglev = old is not None and old.flags & SVC_F_MAGLEV
+        if old is not None and old.stray_maglev_rows and \
+                not (new is not None and new.flags & SVC_F_MAGLEV):
+            delete_slots.append(DeleteMaglev(svc_id, old.stray_maglev_rows * MAGLEV_ROW))
         if new is None:
             if old is not None:
                 slots = sorted(set(range(len(old_slots))) | set(old.stray_slots))
@@ -599,7 +604,8 @@ SlotEntry = tuple[int, int, int, BackendAddr]        # (svc_id, slot, family, ba
 
 
 def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
-                 ranges: Mapping[int, Iterable[IPNetwork]] | None = None) -> AppliedState:
+                 ranges: Mapping[int, Iterable[IPNetwork]] | None = None,
+                 maglev: Mapping[int, int] | None = None) -> AppliedState:
     """The applied state that raw map entries mean: a service port serves slots
     [0, count); anything else an interrupted write left is marked for repair. Shared by
     the real maps' read_back and the test fake, so both adopt the same way."""
@@ -636,6 +642,14 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
             source_ranges=tuple(sorted(ranges.get(svc_id, ()),
                                        key=lambda n: (n.version, int(n.network_address),
                                                       n.prefixlen))))
+    # Maglev rows (svc_id -> rows held) no frontend uses, left by a sync that failed after
+    # writing them: read back so the planner deletes them, and the budget counts them
+    for svc_id, rows in (maglev or {}).items():
+        held = state.get(svc_id)
+        if held is None:
+            state[svc_id] = KernelService(svc_id, 4, frozenset(), (), stray_maglev_rows=rows)
+        elif not held.flags & SVC_F_MAGLEV:
+            state[svc_id] = replace(held, stray_maglev_rows=rows)
     return state
 
 

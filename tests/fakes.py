@@ -71,6 +71,11 @@ class FakeServiceMaps:
     def capacity(self) -> dict[str, int]:
         return dict(self.sizes)
 
+    def room_for(self, map_name: str, entries: int) -> bool:
+        """As the real door's probe: whether the map takes `entries` more now."""
+        size = self.sizes.get(map_name)
+        return size is None or self.entries().get(map_name, 0) + entries <= size
+
     def entries(self) -> dict[str, int]:
         """Entries in each map, named as planner.Capacity names them."""
         used: dict[str, int] = {}
@@ -179,7 +184,9 @@ class FakeServiceMaps:
             ranges.setdefault(svc_id, []).append(network)
         return kernel_state(((f, *entry) for f, entry in self.frontends.items()),
                             ((svc_id, slot, family, b)
-                             for (svc_id, slot), (family, b) in self.slots.items()), ranges)
+                             for (svc_id, slot), (family, b) in self.slots.items()), ranges,
+                            {svc_id: len(table) // MAGLEV_ROW
+                             for svc_id, table in self.maglev.items()})
 
 
 class _MaglevRow:

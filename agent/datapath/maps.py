@@ -243,7 +243,11 @@ class BpfServiceMaps:
         ranges: dict[int, list] = {}
         for k in bpfsys.map_keys(self.ranges.fd, layout.SrcrangeKey):
             ranges.setdefault(k.svc_id, []).append(_range_of(k, family.get(k.svc_id)))
-        return kernel_state(frontends, slots, ranges)
+        # rows per id, so that rows a failed sync left (no frontend uses them) are removed
+        maglev: dict[int, int] = {}
+        for k, _ in self.maglev.items():
+            maglev[k.svc_id] = max(maglev.get(k.svc_id, 0), k.row + 1)
+        return kernel_state(frontends, slots, ranges, maglev)
 
     # --- the TC path's maps ------------------------------------------------------------
 
@@ -318,6 +322,50 @@ class BpfServiceMaps:
         if doomed:
             self.ct.delete(doomed)
         return len(doomed)
+
+
+    def room_for(self, map_name: str, entries: int) -> bool:
+        """Whether a budgeted map takes `entries` more entries now (a map can refuse below
+        its size: memcg ENOMEM): writes that many keys no program looks up (PROBE_SVC_ID,
+        PROBE_SCOPE) and removes them again."""
+        pinned = {m.spec.table: m for m in (self.svc4, self.slots4, self.svc6, self.slots6,
+                                            self.ranges, self.maglev)}.get(map_name)
+        if pinned is None or entries <= 0:
+            return True
+        keys = [_PROBE_KEYS[pinned.spec.key](i) for i in range(entries)]
+        try:
+            if pinned is self.ranges:       # LPM tries take no batches
+                for key in keys:
+                    bpfsys.map_update(pinned.fd, key, ctypes.c_uint8(1))
+            else:
+                pinned.update(keys, [pinned.spec.value() for _ in keys])
+        except MapFullError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            return False
+        finally:                    # the ones written; absent ones are no error
+            if pinned is self.ranges:
+                for key in keys:
+                    bpfsys.map_delete(pinned.fd, key)
+            else:
+                pinned.delete(keys)
+        return True
+
+
+# Keys of probe entries (room_for): no service port has this id, no program builds a
+# frontend key with this scope, so no packet ever meets one.
+PROBE_SVC_ID = 0xFFFFFFFF
+PROBE_SCOPE = 0xFF
+_PROBE_KEYS = {
+    layout.SvcKey4: lambda i: layout.SvcKey4(i, 0, 0, PROBE_SCOPE),
+    layout.SvcKey6: lambda i: layout.SvcKey6(layout.Addr6(0, 0, 0, i), 0, 0, PROBE_SCOPE),
+    layout.SlotKey: lambda i: layout.SlotKey(PROBE_SVC_ID, i),
+    layout.MaglevKey: lambda i: layout.MaglevKey(PROBE_SVC_ID, i),
+    layout.SrcrangeKey: lambda i: layout.SrcrangeKey(32 + 128, PROBE_SVC_ID,
+                                                     layout.Addr6(0, 0, 0, i)),
+}
 
 
 def _split(ops: Iterable[MapOp], family_of) -> dict[int, list]:

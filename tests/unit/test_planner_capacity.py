@@ -22,7 +22,15 @@ from agent.model.types import (
     ServicePortName,
     ServicePortState,
 )
-from agent.planner import MapFullError, by_scope, commit, plan, plan_changes, port_hash
+from agent.planner import (
+    SVC_F_MAGLEV,
+    MapFullError,
+    by_scope,
+    commit,
+    plan,
+    plan_changes,
+    port_hash,
+)
 from agent.sources.events import ObjectChange
 from tests.fakes import FakeServiceMaps
 
@@ -369,6 +377,56 @@ def test_a_map_that_refuses_early_lowers_the_budget_instead_of_failing_every_syn
     assert served_now["10.96.0.4"] == {"10.0.4.1"}
 
 
+class MemoryComesBack:
+    """The source for a map that refuses below its size (memcg ENOMEM): a and b, then
+    PERIODS periodic syncs with the map still short, then memory returns; waits on the
+    agent's events, never for a fixed time."""
+    PERIODS = 6
+    complete, held_back = True, ()
+
+    def __init__(self, maps, agent_of) -> None:
+        self.maps, self.agent_of = maps, agent_of
+        self.woken = asyncio.Event()
+        self.errors_while_short: int | None = None
+
+    async def _until(self, condition) -> None:
+        while not condition():
+            self.woken.clear()
+            await self.woken.wait()
+
+    async def changes(self):
+        agent = self.agent_of()
+        yield [ObjectChange(o.key, o) for o in (
+            agent_service("a", "10.96.0.1"), agent_slice("a", 3, 1),
+            agent_service("b", "10.96.0.2"), agent_slice("b", 3, 2))]
+        await self._until(lambda: agent.status.syncs > 0 and agent.status.refused)
+        first = agent.status.syncs
+        await self._until(lambda: agent.status.syncs >= first + self.PERIODS)
+        self.errors_while_short = agent.status.sync_errors
+        self.maps.sizes["bpfp_slot4"] = 100                 # memory returns
+        await self._until(lambda: not agent.status.refused)
+        agent.stop()
+        await asyncio.Event().wait()
+
+
+def test_a_lowered_budget_stays_until_the_map_takes_more_again(caplog):
+    """Issue 14.4: the map took 5 of the 100 entries it reports. The periodic syncs after
+    keep the lowered budget (no failed sync each period); once the map takes more again,
+    a periodic sync's probe raises the budget and b goes in without a failed sync."""
+    caplog.set_level("INFO")
+    maps = SmallerThanItSays(sizes=sizes(slots=5))
+    holder = {}
+    source = MemoryComesBack(maps, lambda: holder["agent"])
+    agent = holder["agent"] = Agent(source, maps, min_sync_period=0.001, sync_period=0.01,
+                                    on_event=lambda kind, fields: source.woken.set())
+    assert asyncio.run(asyncio.wait_for(agent.run(), 20)) == 0
+    assert source.errors_while_short == 1, "one failed sync per period"
+    assert agent.status.sync_errors == 1
+    assert "event=map_budget_raised map=bpfp_slot4" in caplog.text
+    assert backends_served(maps) == {"10.96.0.1": {"10.0.1.1", "10.0.1.2", "10.0.1.3"},
+                                     "10.96.0.2": {"10.0.2.1", "10.0.2.2", "10.0.2.3"}}
+
+
 # --- sizes are configurable: flags, and the config file's maps section ---------------------
 
 def test_map_sizes_come_from_flags_or_the_config_file(tmp_path):
@@ -406,3 +464,25 @@ def test_a_refused_rollout_still_stops_sending_to_the_pods_that_left(incremental
     key = next(iter(rollout))
     number = sum(map(ord, "a")) % 200 + 1
     assert served(kernel, key) == {f"10.{number}.0.3", f"10.{number}.0.4"}
+
+
+def test_maglev_rows_a_failed_sync_wrote_are_read_back_and_removed():
+    """Issue 14.4: a sync writes a new Service's slots and Maglev table, then the frontend
+    map refuses (it holds less than it reports): the rows are read back with the rest of
+    what the failed sync left, the next plan removes them, and the budget counted them."""
+    maglev_m = 251
+    kernel = FakeServiceMaps(sizes={**sizes(frontends=2), "bpfp_maglev": 64})
+    told = {**sizes(), "bpfp_maglev": 64}                # the frontend map says it is larger
+    want = desired(service("a", 2, node_port=True), service("b", 2, node_port=True))
+    with pytest.raises(MapFullError):
+        kernel.apply(plan(want, kernel.read_back(), maglev_m=maglev_m, capacity=told).ops)
+    left = kernel.read_back()
+    orphans = {i for i, s in left.items() if s.stray_maglev_rows}
+    assert orphans and all(not left[i].frontends for i in orphans)
+    # the next plan, on the budget the agent lowers to, removes them and refuses b
+    retry = plan(want, left, maglev_m=maglev_m,
+                 capacity={**told, "bpfp_svc4": kernel.entries()["bpfp_svc4"]})
+    kernel.apply(retry.ops)
+    uses = {s.svc_id for s in kernel.read_back().values() if s.flags & SVC_F_MAGLEV}
+    assert set(kernel.maglev) == uses, "Maglev rows no frontend uses"
+    assert set(retry.refused) == {("default", "b")}
