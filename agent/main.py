@@ -20,7 +20,7 @@ from agent.datapath.maps import BpfServiceMaps, LayoutError
 from agent.datapath.netns_opener import NetnsDoorClosed, NetnsOpener
 from agent.datapath.sizing import sizes_for
 from agent.datapath.stale_sockets import udp_cleanup_for
-from agent.datapath.tc import check_snat_ports, interface_addresses
+from agent.datapath.tc import check_snat_ports, interface_addresses, reserve_snat_ports
 from agent.model.types import NodeContext
 from agent.sources.manifests import ManifestSource
 
@@ -67,7 +67,8 @@ async def serve(args) -> int:
     except (loader.DatapathError, LayoutError, OSError) as exc:
         log.error("event=datapath_failed error=%r", str(exc))
         return 1
-    if config.interfaces:
+    # a reserved SNAT port is never a local socket's; where it cannot be, say so
+    if config.interfaces and not reserve_snat_ports(config.snat_port_min, config.snat_port_max):
         check_snat_ports(config.snat_port_min, config.snat_port_max)
     # Loading and attaching are done (in the loader child): keep only what serving needs.
     # Entering pods' network namespaces is left to a child started before the drop, the

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,40 @@ def test_a_flow_the_backend_closed_first_keeps_its_port_through_time_wait(world)
     for v in held:
         assert v.flags & layout.CT_TIME_WAIT and v.flags & layout.CT_CLOSING, v.flags
         assert 40 * 10**9 < v.expires - now <= 60 * 10**9, v.expires - now
+
+
+RESERVE_AND_BIND = """
+import socket, sys
+from pathlib import Path
+from agent.datapath.tc import reserve_snat_ports
+Path("/proc/sys/net/ipv4/ip_local_port_range").write_text("1024 65535\\n")   # widened
+Path("/proc/sys/net/ipv4/ip_local_reserved_ports").write_text("1000,62000-62010\\n")
+reserved = reserve_snat_ports(61000, 65535) if sys.argv[1] == "reserve" else False
+socks = [socket.socket() for _ in range(8000)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+inside = sum(61000 <= s.getsockname()[1] <= 65535 for s in socks)
+print(reserved, Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text().strip(), inside)
+"""
+
+
+@pytest.mark.parametrize("reserve", [True, False], ids=["reserved", "not-reserved"])
+def test_reserved_snat_ports_are_never_a_local_sockets(reserve):
+    """Issue 14.4: in a namespace whose ephemeral range reaches the SNAT ports, the agent's
+    reservation (merged with the entries there) keeps 8000 bind(0) sockets off them; without
+    it some land there (the check can fail)."""
+    netns = "bpfp-snatres"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        done = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c",
+                               RESERVE_AND_BIND, "reserve" if reserve else "no"],
+                              capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parents[2])
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    assert done.returncode == 0, done.stderr
+    reserved, ports, inside = done.stdout.split()
+    if reserve:
+        assert (reserved, ports, inside) == ("True", "1000,61000-65535", "0")
+    else:
+        assert ports == "1000,62000-62010" and int(inside) > 0
