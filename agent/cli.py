@@ -16,6 +16,12 @@ from pathlib import Path
 
 from agent.datapath.config import DEFAULT_PIN_DIR
 from agent.datapath.sizing import DEFAULT_MEMORY_RATIO
+from agent.sources.apiserver.control_plane import (
+    DEFAULT_CLUSTER_IP_RANGES,
+    DEFAULT_NODE_PORT_RANGE,
+    parse_cluster_ip_ranges,
+    parse_node_port_range,
+)
 
 DEFAULT_API = "unix:///run/bpfproxy/api.sock"
 MAX_MAP_ENTRIES = 1 << 30
@@ -34,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--kubeconfig", type=Path, metavar="FILE",
                      help="watch the Kubernetes API this kubeconfig names (default: "
                           "in-cluster, with the pod's service account)")
+    # the manifest source's stand-in for a cluster's API server (agent/sources/apiserver)
+    agent.add_argument("--service-cluster-ip-range", default=DEFAULT_CLUSTER_IP_RANGES,
+                       metavar="CIDR[,CIDR]",
+                       help="--manifests: cluster IPs for Services that give none are "
+                            "allocated here (one CIDR per family; the first is the primary)")
+    agent.add_argument("--service-node-port-range", default=DEFAULT_NODE_PORT_RANGE,
+                       metavar="LOW-HIGH",
+                       help="--manifests: node ports for NodePort and LoadBalancer "
+                            "Services that give none are allocated here")
     agent.add_argument("--config", type=Path, metavar="FILE",
                        help="a BpfProxyConfiguration YAML file; flags given here win over it")
     agent.add_argument("--node-name", default=socket.gethostname())
@@ -235,6 +250,13 @@ def run_agent(args) -> int:
     except ValueError as exc:
         print(f"bpfproxy: --node-ip/--nodeport-addresses: {exc}", file=sys.stderr)
         return 2
+    try:
+        args.cluster_ip_ranges = parse_cluster_ip_ranges(args.service_cluster_ip_range)
+        args.node_port_range = parse_node_port_range(args.service_node_port_range)
+    except ValueError as exc:
+        print(f"bpfproxy: --service-cluster-ip-range/--service-node-port-range: {exc}",
+              file=sys.stderr)
+        return 2
     problem = _check_tc_flags(args)
     if problem:
         print(f"bpfproxy: {problem}", file=sys.stderr)
@@ -415,6 +437,11 @@ def run_cleanup(args) -> int:
         return _cleanup_kube_proxy()
     from agent.datapath import loader
     removed = loader.cleanup(args.bpffs)
+    from agent.sources.apiserver import store
+    allocations = store.path_for(args.bpffs)
+    if allocations.exists():              # the manifest source's allocations, beside them
+        allocations.unlink()
+        removed.append(allocations)
     for path in removed:
         print(f"removed {path}")
     if args.cgroup:

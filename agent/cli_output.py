@@ -69,6 +69,9 @@ def status_text(s: dict) -> str:
              f"change to kernel {s['last_event_to_kernel_seconds']:.3f}s",
              f"syncs        {s['syncs']} ({s['full_syncs']} full, {s['change_syncs']} "
              f"with changes), {s['sync_errors']} failed"]
+    for problem in s.get("admission_problems", []):
+        lines.append(f"not admitted {problem['namespace']}/{problem['name']}: "
+                     f"{problem['reason']}")
     errors = {k: v for k, v in s["errors"].items() if v}
     lines.append("errors       " + (", ".join(f"{k}={v}" for k, v in errors.items())
                                     or "none"))
@@ -115,13 +118,17 @@ def services_table(ports: Sequence[dict], stats: dict[tuple, dict] | None) -> st
         rows.append((_service(p), p["port_name"] or "-", p["protocol"],
                      p.get("type", "ClusterIP"),
                      ", ".join(f"{f['address']}:{f['port']}" + (
+                         "*" if f.get("allocated") else "") + (
                          "" if f["kind"] == "ClusterIP" else f" ({f['kind']})")
                                for f in p["frontends"]) or "-",
                      human_count(c["connections"]) if c else "-",
                      human_count(c["refused"]) if c else "-",
                      backends))
-    return table(["SERVICE", "PORT", "PROTO", "TYPE", "FRONTENDS", "CONNS", "REFUSED",
+    text = table(["SERVICE", "PORT", "PROTO", "TYPE", "FRONTENDS", "CONNS", "REFUSED",
                   "BACKENDS"], rows)
+    if any(f.get("allocated") for p in ports for f in p["frontends"]):
+        text += "\n* allocated by the agent: the manifest gave none (as an API server would)"
+    return text
 
 
 def backends_table(rows: Sequence[dict]) -> str:

@@ -165,6 +165,8 @@ FIELDS: dict[str, tuple[str, Converter]] = {
     "maglevTableSize": ("maglev_table_size", _prime),
     "kubeconfig": ("kubeconfig", _path),
     "manifests": ("manifests", _path),
+    "serviceClusterIPRange": ("service_cluster_ip_range", _cidrs),
+    "serviceNodePortRange": ("service_node_port_range", _string),
 }
 # map sizes (the agent's --max-* flags)
 MAPS_FIELDS: dict[str, tuple[str, Converter]] = {

@@ -42,6 +42,17 @@ class Observed:
         return bool(getattr(self.source, "complete", True))
 
     @property
+    def allocations(self) -> dict:
+        """What the manifest source allocated, by (namespace, name); {} for other sources."""
+        return getattr(getattr(self.source, "control_plane", None), "allocations", {}) or {}
+
+    @property
+    def admission_problems(self) -> tuple:
+        """(namespace, name, why, served) of Services the manifest source could not store
+        as a cluster would (agent/sources/apiserver)."""
+        return tuple(getattr(getattr(self.source, "control_plane", None), "problems", ()))
+
+    @property
     def source_stalled(self) -> str:
         """Why the source is stuck (the manifest source's `stalled`); "" when it is not."""
         return str(getattr(self.source, "stalled", "") or "")
@@ -56,6 +67,9 @@ class Observed:
                "kernel_read": self.inventory.read_errors if self.inventory else 0,
                "frontend_conflict": self.hub.errors.get("conflict", 0),
                "capacity": self.status.services_refused}
+        control_plane = getattr(self.source, "control_plane", None)
+        if isinstance(getattr(control_plane, "failures", None), int):
+            out["source_admission"] = control_plane.failures
         for name in SOURCE_COUNTERS:
             value = getattr(self.source, name, None)
             if isinstance(value, int):

@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,14 +71,26 @@ class TlsFiles:
 
 # ---- messages --------------------------------------------------------------------------
 
-def service_port_message(sp: AppliedServicePort) -> agent_pb2.ServicePort:
+def service_port_message(sp: AppliedServicePort, allocations: Mapping | None = None
+                         ) -> agent_pb2.ServicePort:
+    """allocations: the manifest source's, by (namespace, name): marks what it allocated."""
+    allocated = (allocations or {}).get((sp.name.namespace, sp.name.name))
     return agent_pb2.ServicePort(
         namespace=sp.name.namespace, name=sp.name.name, port_name=sp.name.port_name,
         protocol=sp.name.protocol.value, family=sp.family, type=queries.service_type(sp),
-        frontends=[agent_pb2.Frontend(address=str(f.address), port=f.port, kind=kind)
+        frontends=[agent_pb2.Frontend(address=str(f.address), port=f.port, kind=kind,
+                                      allocated=_allocated(allocated, f, kind))
                    for f, kind in sp.frontends],
         backends=[agent_pb2.Backend(address=str(b.address), port=b.port, state=state)
                   for b, state in sp.backends])
+
+
+def _allocated(allocation, frontend, kind: str) -> bool:
+    if allocation is None:
+        return False
+    if kind == "ClusterIP":
+        return str(frontend.address) in allocation.cluster_ips
+    return kind == "NodePort" and frontend.port in allocation.node_ports
 
 
 def service_ports_message(status: AgentStatus) -> list[agent_pb2.ServicePort]:
@@ -148,6 +160,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 namespace=service.split("/", 1)[0], name=service.split("/", 1)[1],
                 reason=reason) for service, reason in sorted(s.refused.items())],
             flows=_flow_table(s.flows),
+            admission_problems=[agent_pb2.AdmissionProblem(
+                namespace=namespace, name=name, reason=reason, served=served)
+                for namespace, name, reason, served in o.admission_problems],
             datapath_events={f"{program}.{name}": count
                              for (program, name), count in events.items()})
 
@@ -185,7 +200,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     def _services_page(self, flt: Filter, size: int, token: str):
         ports, next_token = queries.select_services(self._sorted(), flt, size, token)
         return agent_pb2.ListServicesResponse(
-            services=[service_port_message(sp) for sp in ports], next_page_token=next_token)
+            services=[service_port_message(sp, self.observed.allocations) for sp in ports],
+            next_page_token=next_token)
 
     async def GetService(self, request, context):
         try:
@@ -201,7 +217,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                                 f"Service {request.namespace}/{request.name}: not in the "
                                 f"kernel (no such Service, or none of its ports is served)")
         return agent_pb2.GetServiceResponse(
-            ports=[service_port_message(sp) for sp in sorted(ports, key=queries.service_key)])
+            ports=[service_port_message(sp, self.observed.allocations)
+                   for sp in sorted(ports, key=queries.service_key)])
 
     async def ListBackends(self, request, context):
         try:

@@ -23,6 +23,7 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 from agent.logfmt import kv
 from agent.model.objects import check_names, object_key, parse_object
 from agent.model.types import EndpointSlice, InvalidObject, ObjectKey, Service
+from agent.sources.apiserver.control_plane import ControlPlane
 from agent.sources.events import ObjectChange
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,11 @@ class ManifestSource:
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                  max_json_bytes: int = DEFAULT_MAX_JSON_BYTES, watch_step_ms: int = 10,
                  watch_debounce_ms: int = 400, stall_seconds: float = DEFAULT_STALL_SECONDS,
-                 shrink_confirm_seconds: float = DEFAULT_SHRINK_CONFIRM_SECONDS) -> None:
+                 shrink_confirm_seconds: float = DEFAULT_SHRINK_CONFIRM_SECONDS,
+                 control_plane: ControlPlane | None = None) -> None:
         self.directory = Path(directory)
+        # what a cluster's API server and controllers would have done to the files' objects
+        self.control_plane = control_plane or ControlPlane()
         self.resync_seconds = resync_seconds
         self.max_file_bytes = max_file_bytes     # YAML, and any file not .json
         self.max_json_bytes = max_json_bytes
@@ -188,7 +192,8 @@ class ManifestSource:
         withheld deletions are due a second read; returns the diff."""
         self._busy = ("", time.monotonic())
         try:
-            return self._rescan(touched)
+            return self.control_plane.settled(self._rescan(touched), lambda: self._files,
+                                              self._rescan)
         finally:
             self._busy = None
             if self._last_pass is not None:
@@ -310,7 +315,7 @@ class ManifestSource:
                            kept_objects=len(kept)))
             return _FileRecord(signature, kept, readable=False, problem=_one_line(e))
         objects: dict[ObjectKey, Object] = {}
-        for where, raw in _raw_objects(documents):
+        for where, raw in self.control_plane.admit(name, _raw_objects(documents)):
             try:
                 obj = parse_object(raw)
                 if obj is not None:

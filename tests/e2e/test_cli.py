@@ -34,7 +34,7 @@ SAMPLE_VALUES = {
     "DIR": "/tmp/bpfp-dir", "CGROUP2_DIR": "/sys/fs/cgroup/bpfp", "FILE": "/tmp/bpfp-file",
     "NAME": "bpfp-node", "IP[,IP]": "10.0.0.1,fd00::1", "IF[,IF]": "eth0,eth1",
     "CIDR[,CIDR]": "10.0.0.0/8,fd00::/64", "ADDR": "127.0.0.1:9999", "SECONDS": "7.5",
-    "N": "4099", "PRIME": "4099", "FRACTION": "0.01",
+    "N": "4099", "PRIME": "4099", "FRACTION": "0.01", "LOW-HIGH": "30000-32767",
 }
 
 
