@@ -22,6 +22,8 @@ from agent.datapath.sizing import sizes_for
 from agent.datapath.stale_sockets import udp_cleanup_for
 from agent.datapath.tc import check_snat_ports, interface_addresses, reserve_snat_ports
 from agent.model.types import NodeContext
+from agent.sources.apiserver import store
+from agent.sources.apiserver.control_plane import ControlPlane
 from agent.sources.manifests import ManifestSource
 
 log = logging.getLogger("agent")
@@ -96,7 +98,8 @@ async def serve(args) -> int:
         source = KubeSource(args.api_client, args.node_name)
         source_name = f"kube:{source.host}"
     else:
-        source = ManifestSource(args.manifests)
+        source = ManifestSource(args.manifests, control_plane=ControlPlane(
+            args.cluster_ip_ranges, args.node_port_range, store.path_for(args.bpffs)))
         source_name = f"manifests:{args.manifests}"
     # healthCheckNodePorts: on the --node-ip addresses, else on all of them
     health_checks = ServiceHealthServer(args.node_ips)
