@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="TCP flows expire this soon after FIN or RST")
     agent.add_argument("--conntrack-udp-timeout", type=float, default=60.0,
                        metavar="SECONDS", help="idle UDP flows expire after this")
+    agent.add_argument("--snat-port-range", default="61000-65535", metavar="LOW-HIGH",
+                       help="source ports of flows SNATed to the node (reserved in "
+                            "net.ipv4.ip_local_reserved_ports); its size bounds new "
+                            "connections a second to one backend")
     # map sizes: a Service whose change would not fit is refused whole and kept as the
     # kernel had it (event=service_refused); a map pinned earlier keeps its size. A size
     # not given is derived from the node's memory (agent/datapath/sizing.py).
@@ -225,7 +229,24 @@ def _check_tc_flags(args) -> str:
         if not 1 <= value <= 7 * 86400:
             return (f"--conntrack-{flag.replace('_', '-')} {value}: must be 1 second to "
                     f"7 days")
+    try:
+        args.snat_ports = snat_port_range(args.snat_port_range)
+    except ValueError as exc:
+        return f"--snat-port-range {args.snat_port_range}: {exc}"
     return ""
+
+
+def snat_port_range(text: str) -> tuple[int, int]:
+    """'LOW-HIGH' -> (LOW, HIGH): at least 64 ports, all unprivileged (1024 and up)."""
+    low, sep, high = str(text).partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError("expected LOW-HIGH, e.g. 61000-65535")
+    low_port, high_port = int(low), int(high)
+    if not 1024 <= low_port <= high_port <= 65535:
+        raise ValueError("ports must be 1024 to 65535, LOW not above HIGH")
+    if high_port - low_port + 1 < 64:
+        raise ValueError("at least 64 ports")
+    return low_port, high_port
 
 
 def run_agent(args) -> int:

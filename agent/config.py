@@ -184,6 +184,7 @@ CONNTRACK_FIELDS: dict[str, tuple[str, Converter]] = {
     "tcpTimeout": ("conntrack_tcp_timeout", _positive_seconds),
     "tcpCloseTimeout": ("conntrack_tcp_close_timeout", _positive_seconds),
     "udpTimeout": ("conntrack_udp_timeout", _positive_seconds),
+    "snatPortRange": ("snat_port_range", _string),
 }
 
 

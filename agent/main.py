@@ -56,6 +56,7 @@ async def serve(args) -> int:
         ct_tcp_timeout=round(args.conntrack_tcp_timeout),
         ct_tcp_close_timeout=round(args.conntrack_tcp_close_timeout),
         ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size,
+        snat_port_min=args.snat_ports[0], snat_port_max=args.snat_ports[1],
         max_source_ranges=args.max_source_ranges, **sizes)
     try:
         # A thread that ends before the capability drop below: threads keep their own.

@@ -25,7 +25,8 @@ from lab import manifests
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CLOSE_TIMEOUT = 1                 # seconds a closed flow keeps its port (default 10)
-SNAT_RANGE = 65535 - 61000 + 1
+SNAT_LOW, SNAT_HIGH = 40000, 44999        # --snat-port-range: not the default, to see it used
+SNAT_RANGE = SNAT_HIGH - SNAT_LOW + 1
 CONNECTIONS = 12000               # at least: well over the range's 4,536 ports
 # Connections a second: with each port held for the close timeout after its flow ends,
 # 2,000 a second keep under half the range in use (a port is found on the first tries);
@@ -64,7 +65,8 @@ def world(tmp_path_factory):
                             {"name": "http", "port": PODSERVER_PORT, "protocol": "TCP"}],
                             name="remote-v4", node_name="node2"))
         cluster.start_agents(directory, extra_args=(
-            "--conntrack-tcp-close-timeout", str(CLOSE_TIMEOUT), "--sync-period", "2"))
+            "--conntrack-tcp-close-timeout", str(CLOSE_TIMEOUT), "--sync-period", "2",
+            "--snat-port-range", f"{SNAT_LOW}-{SNAT_HIGH}"))
         yield cluster, binary
 
 
@@ -152,13 +154,20 @@ def test_a_flow_the_backend_closed_first_keeps_its_port_through_time_wait(world)
     assert flows["snat_ports_in_use"] >= count, flows
     maps = BpfServiceMaps(cluster.agents[1].bpffs)
     try:
-        held = [v for k, v in maps.flows() if k.sport == socket.htons(PODSERVER_PORT)
+        held = [(layout.CtKey.from_buffer_copy(k), layout.CtValue.from_buffer_copy(v))
+                for k, v in maps.flows() if k.sport == socket.htons(PODSERVER_PORT)
                 and k.proto == socket.IPPROTO_TCP and v.flags & layout.CT_REPLY]
     finally:
         maps.close()
     now = time.monotonic_ns()
     assert len(held) == count
-    for v in held:
+    # their node ports come from --snat-port-range, which the node reserved for them
+    # (a reply entry's key: backend -> node address:SNAT port)
+    assert all(SNAT_LOW <= socket.ntohs(k.dport) <= SNAT_HIGH for k, _ in held), held
+    reserved = cluster.nodes[1].node_run(
+        ["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"], check=True).stdout
+    assert f"{SNAT_LOW}-{SNAT_HIGH}" in reserved, reserved
+    for _, v in held:
         assert v.flags & layout.CT_TIME_WAIT and v.flags & layout.CT_CLOSING, v.flags
         assert 40 * 10**9 < v.expires - now <= 60 * 10**9, v.expires - now
 

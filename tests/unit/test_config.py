@@ -163,3 +163,23 @@ def test_the_agent_exits_2_with_the_fields_name(tmp_path):
     assert 'config: conntrack.udpTimeout: must be a positive number of seconds, got "x"' in \
         done.stderr
 
+
+
+def test_the_snat_port_range_flag_and_field():
+    from agent.cli import build_parser, snat_port_range
+    assert snat_port_range("61000-65535") == (61000, 65535)
+    for bad, why in (("61000", "LOW-HIGH"), ("80-2000", "1024 to 65535"),
+                     ("62000-61000", "LOW not above HIGH"), ("61000-61010", "at least 64"),
+                     ("x-y", "LOW-HIGH")):
+        with pytest.raises(ValueError, match=why):
+            snat_port_range(bad)
+    assert config.parse({"apiVersion": config.API_VERSION, "kind": config.KIND,
+                         "conntrack": {"snatPortRange": "40000-44999"}}) == \
+        {"snat_port_range": "40000-44999"}
+    args = build_parser().parse_args(["agent", "--snat-port-range", "40000-44999"])
+    assert args.snat_port_range == "40000-44999"
+    from agent import cli
+    args.maglev_table_size, args.map_memory_ratio = 1021, 0.005
+    assert cli._check_tc_flags(args) == "" and args.snat_ports == (40000, 44999)
+    args.snat_port_range = "1000-2000"
+    assert cli._check_tc_flags(args).startswith("--snat-port-range 1000-2000: ports must be")
