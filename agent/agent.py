@@ -44,7 +44,7 @@ from agent.planner import (
     plan,
     plan_changes,
 )
-from agent.sources.events import ObjectChange
+from agent.sources.events import HeldBack, ObjectChange
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,11 @@ BUDGET_STEP = 64           # entries a lowered map budget grows by, at least, pe
 
 class Source(TypingProtocol):
     def changes(self) -> AsyncIterator[list[ObjectChange]]: ...
+    # input that cannot be read now, as of the last batch (read on the loop); its objects
+    # stay listed at their last good version, and only what is `unknown` keeps kernel
+    # state adopted at start
     @property
-    def complete(self) -> bool: ...     # False while some input could not be read
+    def held_back(self) -> tuple[HeldBack, ...]: ...
 
 
 class ServiceMaps(TypingProtocol):
@@ -75,6 +78,18 @@ class AppliedServicePort:
     family: int
     frontends: tuple[tuple[FrontendKey, str], ...]     # (frontend, kind)
     backends: tuple[tuple[BackendAddr, str], ...]      # (backend, ready | terminating)
+    held_back: str = ""     # why the kernel keeps it though no object listed claims it
+
+    @classmethod
+    def adopted(cls, kernel: KernelService, why: str) -> AppliedServicePort:
+        """A service port adopted from the kernel that no listed object names (its
+        owner is unknown): what the maps hold of it, and why it stays."""
+        frontends = sorted({replace(f, scope=0) for f in kernel.frontends},
+                           key=lambda f: (int(f.address), f.port))
+        protocol = frontends[0].protocol if frontends else Protocol.TCP
+        return cls(ServicePortName("", "", "", protocol), kernel.family,
+                   tuple((f, "unknown") for f in frontends),
+                   tuple((b, "unknown") for b in kernel.backends), why)
 
     @classmethod
     def merge(cls, name: ServicePortName, family: int,
@@ -100,6 +115,9 @@ class AppliedView:
     ids: dict[tuple[ServicePortName, int], int]
     # (service ports, frontends, backend slots), known from the plan without a scan
     counts: tuple[int, int, int] = (0, 0, 0)
+    # svc_ids adopted at start that the kernel keeps for input never read, and why
+    kept: tuple[int, ...] = ()
+    kept_reason: str = ""
 
     @functools.cached_property
     def service_ports(self) -> tuple[AppliedServicePort, ...]:
@@ -108,8 +126,10 @@ class AppliedView:
             if svc_id in self.applied and key in self.desired:
                 parts.setdefault(key[:2], []).append((self.applied[svc_id],
                                                       self.desired[key]))
-        return tuple(AppliedServicePort.merge(name, family, parts[name, family])
-                     for name, family in sorted(parts, key=lambda k: (str(k[0]), k[1])))
+        named = tuple(AppliedServicePort.merge(name, family, parts[name, family])
+                      for name, family in sorted(parts, key=lambda k: (str(k[0]), k[1])))
+        return named + tuple(AppliedServicePort.adopted(self.applied[i], self.kept_reason)
+                             for i in self.kept if i in self.applied)
 
 
 @dataclass
@@ -189,6 +209,9 @@ class Agent:
         self._capacity: dict[str, int] | None = None   # the maps' sizes; None: unbounded
         self._full_maps: set[str] = set()  # refused an insert: budget what they took
         self._clamps: dict[str, int] = {}  # map -> entries it took before refusing more
+        # svc_ids adopted at start that no listed object claimed yet: kept while the
+        # source has input it never read (they may be its), reconciled once it has none
+        self._adopted: set[int] = set()
         self._listed = asyncio.Event()     # the source's first, complete listing arrived
         self._dirty = asyncio.Event()
         self._stop = asyncio.Event()
@@ -198,6 +221,7 @@ class Agent:
         exit code: 0 when stopped, 1 when the source ended on its own."""
         loop = asyncio.get_running_loop()
         self._applied = await loop.run_in_executor(None, self.maps.read_back)
+        self._adopted = set(self._applied)
         self._capacity = self._read_capacity()
         log.info("event=adopted service_ports=%d", len(self._applied))
         watcher = asyncio.create_task(self._watch_source(), name="source")
@@ -217,9 +241,9 @@ class Agent:
                     self._pending_since = time.monotonic()
                 for change in batch:
                     self._record(change)
-                if batch or not self._listed.is_set():
-                    self._listed.set()
-                    self._dirty.set()
+                # an empty batch after the first: what the source holds back changed
+                self._listed.set()
+                self._dirty.set()
             self.status.failure = "source ended"
         except asyncio.CancelledError:
             raise
@@ -306,7 +330,8 @@ class Agent:
         dirty, self._changed = self._changed, set()
         periodic = reread_kernel and not self._kernel_stale
         reread_kernel = reread_kernel or self._kernel_stale
-        full = (reread_kernel or self._plan is None or not self.source.complete
+        keep, reconcile, why = self._kept_adopted()
+        full = (reread_kernel or self._plan is None or bool(keep) or reconcile
                 or self._node_changed
                 or len(dirty) > FULL_SYNC_SHARE * max(len(self._services), 1))
         self._node_changed = False
@@ -319,7 +344,7 @@ class Agent:
             # large sync takes seconds of CPU, and the API must answer meanwhile
             inputs = self._inputs(full, dirty)
             result, desired, parts = await loop.run_in_executor(
-                None, self._compute, full, inputs, not self.source.complete)
+                None, self._compute, full, inputs, keep)
             for conflict in result.conflicts:
                 log.warning("event=frontend_conflict detail=%r", conflict)
                 self._emit("conflict", message=conflict)
@@ -357,9 +382,14 @@ class Agent:
             self._health_parts = self._next_health
             self._report_health()
         self._report_refused(result)
+        kept = ()
+        if keep:     # claimed now, or gone from the kernel: no longer kept on suspicion
+            self._adopted.intersection_update(result.result)
+            self._adopted.difference_update(result.ids.values())
+            kept = tuple(sorted(self._adopted))
         self.status.view = AppliedView(result.result, desired, result.ids,
                                        (len(result.result), len(result.owners),
-                                        result.slot_total))
+                                        result.slot_total), kept, why)
         elapsed = time.perf_counter() - started
         self.status.syncs += 1
         self.status.full_syncs += full
@@ -391,6 +421,25 @@ class Agent:
                                         self._still_served)
             task.add_done_callback(_log_cleanup)
         return True
+
+    def _kept_adopted(self) -> tuple[frozenset[int], bool, str]:
+        """(svc_ids adopted at start to keep though nothing listed claims them, whether
+        this sync reconciles them, why they are kept). Kept only while the source has
+        input it never read: a restarted agent cannot tell what that input held, so it
+        may be their owner. What the source listed and then deleted is never among them
+        (claimed once, they left the set), nor is any other file's change held back."""
+        if not self._adopted:
+            return frozenset(), False, ""
+        unknown = [held.origin for held in self.source.held_back if held.unknown]
+        if unknown:
+            return frozenset(self._adopted), False, (
+                f"adopted from the kernel at start; no listed object claims it; kept while "
+                f"{', '.join(unknown)} cannot be read (it may be theirs)")
+        if self.status.synced:
+            log.info("event=adopted_reconciled service_ports=%d reason=%r",
+                     len(self._adopted), "no input left unread")
+        self._adopted.clear()
+        return frozenset(), True, ""
 
     def _read_capacity(self) -> dict[str, int] | None:
         """The maps' sizes, when the datapath tells them (the planner budgets against)."""
@@ -532,13 +581,13 @@ class Agent:
         return node, {name: (self._services.get(name),
                              list(self._slices.get(name, {}).values())) for name in dirty}
 
-    def _compute(self, full: bool, inputs, incomplete: bool):
+    def _compute(self, full: bool, inputs, keep: frozenset[int]):
         """(plan, desired state, desired keys by service): everything, or only what the
         dirty services produce, planned against the last plan the kernel holds."""
         with _gc_paused():
             if self.service_health is not None:     # from the same snapshot, same thread
                 self._next_health = self._health_for(full, inputs)
-            return self._compute_full(inputs, incomplete) if full else \
+            return self._compute_full(inputs, keep) if full else \
                 self._compute_changes(inputs)
 
     def _health_for(self, full: bool, inputs) -> dict:
@@ -562,13 +611,13 @@ class Agent:
         except Exception:
             log.exception("event=service_health_update_failed")
 
-    def _compute_full(self, inputs, incomplete: bool):
+    def _compute_full(self, inputs, keep: frozenset[int]):
         node, services, slices = inputs
         desired = by_scope(self._servable(model.desired_state(services, slices, node)))
         parts: dict[tuple[str, str], set] = {}
         for key in desired:
             parts.setdefault((key[0].namespace, key[0].name), set()).add(key)
-        result = plan(desired, self._applied, keep_unclaimed=incomplete,
+        result = plan(desired, self._applied, keep_unclaimed=keep,
                       maglev_m=self.maglev_m, capacity=self._budget())
         return result, desired, {k: frozenset(v) for k, v in parts.items()}
 

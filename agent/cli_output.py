@@ -47,6 +47,8 @@ def _when(unix: float) -> str:
 
 
 def _service(e: dict) -> str:
+    if e.get("held_back") and not e["name"]:
+        return "(adopted, owner unknown)"
     return f"{e['namespace']}/{e['name']}"
 
 
@@ -69,6 +71,11 @@ def status_text(s: dict) -> str:
              f"change to kernel {s['last_event_to_kernel_seconds']:.3f}s",
              f"syncs        {s['syncs']} ({s['full_syncs']} full, {s['change_syncs']} "
              f"with changes), {s['sync_errors']} failed"]
+    for held in src.get("held_back", []):
+        objects = ", ".join(held["objects"]) or ("content unknown: what the kernel held "
+                                                 "at start is kept" if held["unknown"]
+                                                 else "no objects")
+        lines.append(f"held back    {held['origin']}: {held['reason']} ({objects})")
     for problem in s.get("admission_problems", []):
         lines.append(f"not admitted {problem['namespace']}/{problem['name']}: "
                      f"{problem['reason']}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from agent import maglev
@@ -165,7 +165,7 @@ MAGLEV_ROW = 32         # Maglev table entries per bpfp_maglev row (bpf/maps.h)
 
 
 def plan(desired: DesiredState, applied: Mapping[int, KernelService],
-         keep_unclaimed: bool = False, maglev_m: int = 0,
+         keep_unclaimed: Collection[int] = (), maglev_m: int = 0,
          capacity: Capacity | None = None) -> Plan:
     """The full plan. Backends first, then the frontend that points at them; on removal
     the frontend goes first. The phases are global, so the order also holds when a
@@ -173,8 +173,9 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
 
     A frontend claimed by two service ports stays with the one the kernel already gives
     it to; between new claimants the first by name wins (no flapping on restarts).
-    keep_unclaimed: service ports in the kernel that nothing desired claims are kept, not
-    deleted (the source's listing is incomplete, e.g. a manifest failed to parse).
+    keep_unclaimed: ids of service ports in the kernel kept, not deleted, when nothing
+    desired claims them (adopted at start while the source has input it never read: they
+    may be that input's); the frontends a desired port claims go to it all the same.
     maglev_m: Maglev table size for frontends of external kinds; 0: random choice.
     capacity: a Service whose change would overflow a map is refused whole (Plan.refused),
     by name order; see _refusals."""
@@ -194,7 +195,8 @@ def plan(desired: DesiredState, applied: Mapping[int, KernelService],
 
 
 def _plan_all(desired: DesiredState, applied: Mapping[int, KernelService],
-              keep_unclaimed: bool, maglev_m: int, held: dict[tuple[str, str], str]) -> Plan:
+              keep_unclaimed: Collection[int], maglev_m: int,
+              held: dict[tuple[str, str], str]) -> Plan:
     """plan() with the Services in `held` left as the kernel holds them."""
     ids = _assign_ids(desired, applied)
     order = sorted(desired, key=_name_order)
@@ -227,10 +229,12 @@ def _plan_all(desired: DesiredState, applied: Mapping[int, KernelService],
         if frontends:     # else nothing can reach it: write no slots for it
             result[svc_id] = _entry(key, desired[key], svc_id, frontends,
                                     applied.get(svc_id), maglev_m)
-    if keep_unclaimed:
-        for svc_id, old in applied.items():
+    claimed = set(ids.values()) if keep_unclaimed else set()
+    for svc_id in sorted(keep_unclaimed):
+        old = applied.get(svc_id)
+        if old is not None and svc_id not in claimed:
             kept = frozenset(f for f in old.frontends if f not in owners)
-            if svc_id not in result and kept:
+            if kept:
                 result[svc_id] = replace(old, frontends=kept, stray_slots=(),
                                          stale_frontends=frozenset())
                 owners.update(dict.fromkeys(kept, svc_id))

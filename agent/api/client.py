@@ -106,8 +106,9 @@ def _repeated(field) -> bool:
 
 
 def service_entry(s: agent_pb2.ServicePort) -> dict:
-    """DESIGN.md's `services -o json` entry, exactly (scripts rely on its keys)."""
-    return {
+    """DESIGN.md's `services -o json` entry, exactly (scripts rely on its keys); plus
+    held_back, only on a port the kernel keeps that no listed object claims."""
+    entry = {
         "namespace": s.namespace, "name": s.name, "port_name": s.port_name,
         "protocol": s.protocol,
         "frontends": [{"address": f.address, "port": f.port, "kind": f.kind}
@@ -115,3 +116,6 @@ def service_entry(s: agent_pb2.ServicePort) -> dict:
         "backends": [{"address": b.address, "port": b.port, "state": b.state}
                      for b in s.backends],
     }
+    if s.held_back:
+        entry["held_back"] = s.held_back
+    return entry

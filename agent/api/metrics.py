@@ -69,6 +69,7 @@ class StateCollector(Collector):
         for service in sorted(s.refused):
             refused.add_metric(service.split("/", 1), 1)
         yield refused
+        yield from self._held_back(o, s)
         errors = CounterMetricFamily(f"{PREFIX}_errors", "Errors since start, by kind.",
                                      labels=["kind"])
         for kind, count in sorted(o.errors().items()):
@@ -127,6 +128,22 @@ class StateCollector(Collector):
         yield from self._services(o, s)
 
     @staticmethod
+    def _held_back(o: Observed, s) -> Iterator[Metric]:
+        """What waits for unreadable input, by file (or resource), object and reason; and
+        the service ports the kernel keeps for input never read (ListServices shows them)."""
+        held = GaugeMetricFamily(f"{PREFIX}_source_held_back", "1 for each object kept at "
+                                 "its last good version because its input cannot be read "
+                                 "now (object \"\": input never read, content unknown).",
+                                 labels=["origin", "object", "reason"])
+        for h in o.source_held_back:
+            for obj in [str(k) for k in h.objects] or [""]:
+                held.add_metric([h.origin, obj, h.reason[:200]], 1)
+        yield held
+        yield GaugeMetricFamily(f"{PREFIX}_service_ports_held_back", "Service ports in the "
+                                "kernel that no listed object claims, kept for input never "
+                                "read (adopted at start).", value=len(s.view.kept))
+
+    @staticmethod
     def _flows(flows) -> Iterator[Metric]:
         """The TC path's flow table at its last sweep (datapath.conntrack)."""
         if flows is None:
@@ -158,7 +175,8 @@ class StateCollector(Collector):
                         ("refused", "connections refused or dropped: no usable backend."),
                         ("dropped", "packets dropped by loadBalancerSourceRanges."))}
         by_port: dict[tuple, Counters] = {}
-        for row in queries.port_stats(s.view, stats, s.view.service_ports):
+        named = [sp for sp in s.view.service_ports if not sp.held_back]
+        for row in queries.port_stats(s.view, stats, named):
             n = row.port.name        # both address families of a port summed
             by_port.setdefault((n.namespace, n.name, n.port_name, n.protocol.value),
                                Counters()).add(row.counters)

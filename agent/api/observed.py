@@ -10,10 +10,10 @@ from agent.agent import AgentStatus
 from agent.api.events import EventHub
 from agent.datapath.inventory import Inventory
 
-# error counters a source may keep (manifests: parse_errors, refused_files; kube:
-# api_errors, malformed_events)
-SOURCE_COUNTERS = ("invalid_objects", "parse_errors", "refused_files", "api_errors",
-                   "malformed_events")
+# error counters a source may keep (manifests: parse_errors, refused_files,
+# malformed_documents; kube: api_errors, malformed_events)
+SOURCE_COUNTERS = ("invalid_objects", "parse_errors", "refused_files", "malformed_documents",
+                   "api_errors", "malformed_events")
 
 
 def agent_version() -> str:
@@ -28,7 +28,7 @@ class Observed:
     status: AgentStatus
     inventory: Inventory | None = None      # None: no kernel to read (unit tests)
     hub: EventHub = field(default_factory=EventHub)
-    source: object | None = None            # .complete and the SOURCE_COUNTERS it has
+    source: object | None = None    # .complete, .held_back and the SOURCE_COUNTERS it has
     source_kind: str = ""
     source_location: str = ""
     sync_period: float = 30.0               # health: a sync older than 2x this is stale
@@ -40,6 +40,11 @@ class Observed:
     @property
     def source_complete(self) -> bool:
         return bool(getattr(self.source, "complete", True))
+
+    @property
+    def source_held_back(self) -> tuple:
+        """What the source holds back (sources.events.HeldBack), read at request time."""
+        return tuple(getattr(self.source, "held_back", ()) or ())
 
     @property
     def allocations(self) -> dict:

@@ -82,7 +82,7 @@ def service_port_message(sp: AppliedServicePort, allocations: Mapping | None = N
                                       allocated=_allocated(allocated, f, kind))
                    for f, kind in sp.frontends],
         backends=[agent_pb2.Backend(address=str(b.address), port=b.port, state=state)
-                  for b, state in sp.backends])
+                  for b, state in sp.backends], held_back=sp.held_back)
 
 
 def _allocated(allocation, frontend, kind: str) -> bool:
@@ -153,7 +153,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             version=o.version, full_syncs=s.full_syncs, started_unix=o.started_unix,
             source_state=agent_pb2.SourceState(kind=o.source_kind, location=o.source_location,
                                                complete=o.source_complete,
-                                               stalled=o.source_stalled),
+                                               stalled=o.source_stalled,
+                                               held_back=[agent_pb2.HeldBack(
+                                                   origin=h.origin, reason=h.reason,
+                                                   objects=[str(k) for k in h.objects],
+                                                   unknown=h.unknown)
+                                                   for h in o.source_held_back]),
             programs=programs, maps=maps, errors=o.errors(),
             pin_dir=str(o.inventory.pin_dir) if o.inventory else "",
             refused_services=[agent_pb2.RefusedService(

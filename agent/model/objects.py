@@ -61,11 +61,12 @@ _NAME_RULES = {
                     "with a letter or digit)"),
 }
 
-_HANDLED = (("v1", "Service"), ("discovery.k8s.io/v1", "EndpointSlice"), ("v1", "Node"))
+# (apiVersion, kind) of every object read; anything else is not ours (parse_object: None)
+HANDLED_KINDS = (("v1", "Service"), ("discovery.k8s.io/v1", "EndpointSlice"), ("v1", "Node"))
 
 
 def _handled(d: dict) -> bool:
-    return (d.get("apiVersion"), d.get("kind")) in _HANDLED   # tuple: values may be unhashable
+    return (d.get("apiVersion"), d.get("kind")) in HANDLED_KINDS   # values may be unhashable
 
 
 def object_key(d: Any) -> ObjectKey | None:

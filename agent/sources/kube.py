@@ -34,7 +34,7 @@ from agent.model.types import (
     ObjectKey,
     Service,
 )
-from agent.sources.events import ObjectChange
+from agent.sources.events import HeldBack, ObjectChange
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class Timing:
 
 class KubeSource:
     """Counters: invalid_objects, relists, watch_restarts, api_errors, malformed_events
-    (watch lines that are not an event object, or too long to read)."""
+    (watch lines that are not an event object, or too long to read). held_back: objects
+    whose new version the parser refused, kept at their last valid one; only they wait."""
 
     def __init__(self, api_client: k8s.ApiClient, node_name: str,
                  timing: Timing = Timing()) -> None:
@@ -120,6 +121,7 @@ class KubeSource:
         self.api_errors = 0
         self.malformed_events = 0
         self._complete = False
+        self._reflectors: list[_Reflector] = []
 
     @property
     def host(self) -> str:
@@ -130,6 +132,15 @@ class KubeSource:
         """True once every initial list arrived. A relist never makes it False: nothing is
         handed on until the relist is whole, and then only its difference."""
         return self._complete
+
+    @property
+    def held_back(self) -> tuple[HeldBack, ...]:
+        """Objects kept at their last valid version, one entry each; never `unknown`: a
+        list is whole, and what the parser refuses outright is not served (kube-proxy
+        skips an object it cannot use, and holds nothing else back for it)."""
+        return tuple(HeldBack(f"{r.resource.kind} watch", why, (key,))
+                     for r in self._reflectors
+                     for key, why in sorted(r.held.items(), key=lambda item: str(item[0])))
 
     async def changes(self) -> AsyncIterator[list[ObjectChange]]:
         loop = asyncio.get_running_loop()
@@ -145,6 +156,7 @@ class KubeSource:
 
         reflectors = [_Reflector(self, resource, post, stop)
                       for resource in resources(self.api_client, self.node_name)]
+        self._reflectors = reflectors
         threads = [threading.Thread(target=r.run, name=f"kube-{r.resource.kind}", daemon=True)
                    for r in reflectors]
         for thread in threads:
@@ -194,6 +206,9 @@ class _Reflector:
         self.post = post
         self.stop = stop
         self.given: dict[ObjectKey, Object] = {}
+        # objects whose latest version was refused: key -> why. Replaced, never changed
+        # in place: the loop's thread reads it (KubeSource.held_back)
+        self.held: dict[ObjectKey, str] = {}
         self.resource_version = ""
         self.listed = False
         self._response: urllib3.BaseHTTPResponse | None = None
@@ -288,6 +303,7 @@ class _Reflector:
         changes += [ObjectChange(key, obj) for key, obj in fresh.items()
                     if self.given.get(key) != obj]
         self.given = fresh
+        self.held = {key: why for key, why in self.held.items() if key in fresh}
         self.resource_version = str(metadata.get("resourceVersion") or "")
         first = not self.listed
         self.listed = True
@@ -378,6 +394,7 @@ class _Reflector:
                 self.post(self.resource.kind, [ObjectChange(key, obj)])
         elif kind == "DELETED":
             key = object_key(self._typed(raw))
+            self._hold(key, "")
             if key is not None and self.given.pop(key, None) is not None:
                 self.post(self.resource.kind, [ObjectChange(key, None)])
         elif kind != "BOOKMARK":
@@ -403,13 +420,24 @@ class _Reflector:
         except Exception as error:  # noqa: BLE001 -- InvalidObject, or our bug: same handling
             self.source.invalid_objects += 1
             previous = self.given.get(key) if key else None
+            self._hold(key, f"invalid, previous version kept: {_one_line(str(error))}"
+                       if previous is not None else "")
             log.log(logging.WARNING if isinstance(error, InvalidObject) else logging.ERROR,
                     "event=invalid_object resource=%s object=%s error=%r action=%s",
                     self.resource.kind, key.name if key else "?", _one_line(str(error)),
                     "kept_previous" if previous else "skipped",
                     exc_info=not isinstance(error, InvalidObject))
             return key, previous
+        self._hold(obj.key, "")
         return obj.key, obj
+
+    def _hold(self, key: ObjectKey | None, why: str) -> None:
+        """Record (why) or clear ("") that key is kept at its previous version."""
+        if key is not None and (why or key in self.held):
+            held = {k: v for k, v in self.held.items() if k != key}
+            if why:
+                held[key] = why
+            self.held = held
 
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:

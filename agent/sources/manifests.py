@@ -1,5 +1,6 @@
 """Directory source: ordinary Kubernetes YAML/JSON files in one directory, re-read on change.
-Yields the complete initial listing first, then only what changed; bad input never deletes."""
+Yields the complete initial listing first, then only what changed; bad input never deletes,
+and holds back only its own objects (held_back), never another file's changes."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,8 @@ import os
 import re
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ from yaml.events import CollectionEndEvent, CollectionStartEvent
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from agent.logfmt import kv
-from agent.model.objects import check_names, object_key, parse_object
+from agent.model.objects import HANDLED_KINDS, check_names, object_key, parse_object
 from agent.model.types import EndpointSlice, InvalidObject, ObjectKey, Service
 from agent.sources.apiserver.control_plane import ControlPlane
-from agent.sources.events import ObjectChange
+from agent.sources.events import HeldBack, ObjectChange
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class _FileRecord:
     # keys its last read dropped, still served until a later read agrees (_withhold)
     withheld: frozenset[ObjectKey] = frozenset()
     withheld_since: float = 0.0
+    known: bool = True                 # False: never read in this run, content unknown
+    # objects its last read found invalid, kept at their previous version: key -> why
+    kept: dict[ObjectKey, str] = field(default_factory=dict)
+    # the version whose documents that are not objects were reported (once per version)
+    reported: Signature | None = None
 
 
 class _Refused(Exception):
@@ -68,7 +74,9 @@ class _Refused(Exception):
 class ManifestSource:
     """Watches one directory (not recursive; symlinks followed while their target stays
     inside it, so a ConfigMap volume's ..data swap is seen). Counters: invalid_objects,
-    parse_errors, refused_files. `stalled` says why the source is stuck, if it is."""
+    parse_errors, refused_files, malformed_documents (documents that are not Kubernetes
+    objects). `stalled` says why the source is stuck, if it is; `held_back` what waits
+    for a file to read again. on_event, when set, is told of bad input (on the loop)."""
 
     def __init__(self, directory: Path, *, resync_seconds: float = DEFAULT_RESYNC_SECONDS,
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -90,6 +98,12 @@ class ManifestSource:
         self.invalid_objects = 0
         self.parse_errors = 0
         self.refused_files = 0
+        self.malformed_documents = 0
+        self.on_event: Callable[[str, dict], None] | None = None
+        self._notices: list[str] = []                # bad input found by the last pass
+        # as of the last pass handed on, and of the last pass (published with its batch)
+        self._held_back: tuple[HeldBack, ...] = ()
+        self._next_held: tuple[HeldBack, ...] = ()
         self._files: dict[str, _FileRecord] = {}
         self._listed: dict[ObjectKey, Object] = {}   # what the consumer has been given
         self._key_files: dict[ObjectKey, set[str]] = {}   # which files define a key
@@ -120,7 +134,9 @@ class ManifestSource:
         await asyncio.sleep(0)
         self._last_pass = time.monotonic()
         try:
-            yield await asyncio.to_thread(self.rescan)
+            batch = await asyncio.to_thread(self.rescan)
+            self._publish()
+            yield batch
             while True:
                 # on time-out: the periodic resync, the safety net for what inotify misses,
                 # or sooner a second read of a file that lost objects (_withhold)
@@ -128,6 +144,7 @@ class ManifestSource:
                     await asyncio.wait_for(wake.wait(), self._next_read_in())
                 wake.clear()
                 touched, self._touched = self._touched, set()
+                unknown_before = self._unknown()
                 try:
                     batch = await asyncio.to_thread(self.rescan, touched)
                 except Exception as e:
@@ -135,7 +152,10 @@ class ManifestSource:
                     log.error(kv(event="rescan_failed", directory=self.directory, error=e),
                               exc_info=not isinstance(e, OSError))
                     continue
-                if batch:
+                self._publish()
+                # an unknown file read at last, or gone, ends what is kept for it: news to
+                # the agent even when no object changed
+                if batch or self._unknown() != unknown_before:
                     yield batch
         finally:
             self._last_pass = None
@@ -143,6 +163,20 @@ class ManifestSource:
             _, pending = await asyncio.wait({watcher}, timeout=2)
             for task in pending:
                 task.cancel()
+
+    def _unknown(self) -> bool:
+        return any(held.unknown for held in self._held_back)
+
+    def _publish(self) -> None:
+        """On the loop, with the pass's batch (in the same turn as the agent records it):
+        held_back as of that pass, and the bad input it found, told to on_event."""
+        self._held_back = self._next_held
+        notices, self._notices = self._notices, []
+        for message in notices if self.on_event is not None else ():
+            try:
+                self.on_event("source_input", {"message": message})
+            except Exception:
+                log.exception(kv(event="observer_failed", kind="source_input"))
 
     async def _watch(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
         try:
@@ -182,9 +216,31 @@ class ManifestSource:
 
     @property
     def complete(self) -> bool:
-        """False while a file cannot be read: the listing may lack objects that exist (a
-        restarted agent must then not delete what it adopted from the kernel)."""
+        """False while a file cannot be read (held_back says which, and what it keeps)."""
         return all(record.readable for record in self._files.values())
+
+    @property
+    def held_back(self) -> tuple[HeldBack, ...]:
+        """What waits, as of the last batch handed on: each unreadable file with its last
+        good objects (unknown when it was never read), objects kept at their previous
+        version because the new one is invalid, and deletions waiting for a second read.
+        Called rescan() directly (tests): as of that pass."""
+        return self._held_back if self._last_pass is not None else self._next_held
+
+    def _holds(self) -> tuple[HeldBack, ...]:
+        held = []
+        for name, record in sorted(self._files.items()):
+            if not record.readable:
+                held.append(HeldBack(name, record.problem, tuple(sorted(
+                    record.objects, key=str)), unknown=not record.known))
+                continue
+            if record.withheld:
+                held.append(HeldBack(name, "objects gone from a file rewritten in place: "
+                                     "deleted when a second read agrees",
+                                     tuple(sorted(record.withheld, key=str))))
+            held.extend(HeldBack(name, why, (key,)) for key, why in sorted(
+                record.kept.items(), key=lambda item: str(item[0])))
+        return tuple(held)
 
     def rescan(self, touched: set[str] | frozenset[str] = frozenset()) -> list[ObjectChange]:
         """Re-reads new files, files whose signature changed, files the watcher named (a
@@ -195,6 +251,7 @@ class ManifestSource:
             return self.control_plane.settled(self._rescan(touched), lambda: self._files,
                                               self._rescan)
         finally:
+            self._next_held = self._holds()
             self._busy = None
             if self._last_pass is not None:
                 self._last_pass = time.monotonic()
@@ -228,11 +285,13 @@ class ManifestSource:
     def _unreadable(self, name: str, counter: str, problem: str) -> None:
         """A file the listing cannot read: its objects stay and the listing is incomplete
         (a restarted agent then keeps what it adopted). Logged and counted once per problem."""
-        record = self._files.setdefault(name, _FileRecord(None, {}))
+        record = self._files.setdefault(name, _FileRecord(None, {}, known=False))
         if record.readable or record.problem != problem:
             setattr(self, counter, getattr(self, counter) + 1)
             log.warning(kv(event="file_unreadable", file=name, error=problem,
                            kept_objects=len(record.objects)))
+            self._notices.append(f"{name}: unreadable ({problem}); its "
+                                 f"{len(record.objects)} objects kept as last read")
         record.signature, record.readable, record.problem = None, False, problem
         record.withheld = frozenset()   # its objects stay anyway, until it reads again
 
@@ -299,45 +358,67 @@ class ManifestSource:
 
     def _read(self, name: str, signature: Signature, previous: _FileRecord | None) -> _FileRecord:
         kept = previous.objects if previous else {}
+        known = previous.known if previous else False
         path = self.directory / name
         limit = self.max_json_bytes if path.suffix == ".json" else self.max_file_bytes
         try:
             signature, documents = _load_documents(path, limit, self.directory)
-        except FileNotFoundError:
-            return _FileRecord(signature, kept)   # deleted since listed: the next scan drops it
+        except FileNotFoundError:   # deleted since listed: the next scan drops it
+            return _FileRecord(signature, kept, known=known)
         except _Refused as e:
             self.refused_files += 1
             log.warning(kv(event="file_refused", file=name, error=e, kept_objects=len(kept)))
-            return _FileRecord(signature, kept, readable=False, problem=str(e))
+            self._notices.append(f"{name}: refused ({e}); its {len(kept)} objects kept "
+                                 "as last read")
+            return _FileRecord(signature, kept, readable=False, problem=str(e), known=known)
         except Exception as e:  # noqa: BLE001 -- half-written, not YAML, unreadable, ...
             self.parse_errors += 1
             log.warning(kv(event="parse_error", file=name, error=_one_line(e),
                            kept_objects=len(kept)))
-            return _FileRecord(signature, kept, readable=False, problem=_one_line(e))
-        objects: dict[ObjectKey, Object] = {}
+            self._notices.append(f"{name}: cannot be parsed ({_one_line(e)}); its "
+                                 f"{len(kept)} objects kept as last read")
+            return _FileRecord(signature, kept, readable=False, problem=_one_line(e),
+                               known=known)
+        fresh = _FileRecord(signature, {})
+        # a version is reported once (re-reads of it: a watcher's touch, a shrink's check)
+        report = previous is None or previous.reported != signature
+        fresh.reported = signature
         for where, raw in self.control_plane.admit(name, _raw_objects(documents)):
             try:
                 obj = parse_object(raw)
                 if obj is not None:
                     check_names(obj)   # nothing else checked them: no API server here
             except Exception as e:  # noqa: BLE001 -- InvalidObject, or our bug: same handling
-                self._invalid(name, where, raw, e, kept, objects)
+                self._invalid(name, where, raw, e, kept, fresh)
                 continue
             if obj is None:
-                log.debug(kv(event="object_ignored", file=name, object=where,
-                             kind=_field(raw, "kind"), apiVersion=_field(raw, "apiVersion")))
+                self._not_ours(name, where, raw, report)
                 continue
-            objects[obj.key] = obj   # later documents override earlier ones, as kubectl
-        return _FileRecord(signature, objects)
+            fresh.objects[obj.key] = obj   # later documents override earlier ones, as kubectl
+        return fresh
+
+    def _not_ours(self, name: str, where: str, raw: Any, report: bool) -> None:
+        """A document of a kind not read: quiet when it is some other Kubernetes object (a
+        Deployment beside its Service); named once per file version when it is not an
+        object at all, or looks like one we read but is not (a typo in kind:)."""
+        problem = _not_an_object(raw)
+        if not problem or not report:
+            log.debug(kv(event="object_ignored", file=name, object=where,
+                         kind=_field(raw, "kind"), apiVersion=_field(raw, "apiVersion")))
+            return
+        self.malformed_documents += 1
+        log.warning(kv(event="document_ignored", file=name, document=where, error=problem))
+        self._notices.append(f"{name} {where}: {problem}")
 
     def _invalid(self, name: str, where: str, raw: Any, error: Exception,
-                 kept: dict[ObjectKey, Object], objects: dict[ObjectKey, Object]) -> None:
+                 kept: dict[ObjectKey, Object], fresh: _FileRecord) -> None:
         self.invalid_objects += 1
         key = object_key(raw)
         # An operator's typo must not delete a working service: keep the last valid version.
         previous = (kept.get(key) or self._listed.get(key)) if key else None
         if previous is not None:
-            objects[key] = previous
+            fresh.objects[key] = previous
+            fresh.kept[key] = f"invalid, previous version kept: {_one_line(error)}"
         level = logging.WARNING if isinstance(error, InvalidObject) else logging.ERROR
         action = "kept_previous" if previous else "skipped"
         log.log(level, kv(event="invalid_object", file=name, object=key or where,
@@ -532,6 +613,44 @@ def _raw_objects(documents: list[Any]) -> Iterator[tuple[str, Any]]:
                 yield f"document[{i}].items[{j}]", item
         else:
             yield f"document[{i}]", document
+
+
+_KINDS_READ = {kind.lower(): (api_version, kind) for api_version, kind in HANDLED_KINDS}
+
+
+def _not_an_object(raw: Any) -> str:
+    """Why a mapping parse_object passed over is a mistake, or "" for another kind of
+    Kubernetes object. A kind within a typo of one read (kube-proxy's inputs) in that
+    one's API group, or one of them under another version, was surely meant as it (a
+    Knative Service, in a group of its own, is not)."""
+    api_version, kind = _field(raw, "apiVersion"), _field(raw, "kind")
+    if not api_version or not kind:
+        missing = " and ".join(f for f, v in (("apiVersion", api_version), ("kind", kind))
+                               if not v)
+        return f"not a Kubernetes object (no {missing}): ignored"
+    group = api_version.rpartition("/")[0]
+    for lowered, (want_version, want_kind) in _KINDS_READ.items():
+        if group in ("", want_version.rpartition("/")[0]) and \
+                _typo_distance(kind.lower(), lowered) <= len(lowered) // 4:
+            return (f"apiVersion {api_version!r}, kind {kind!r} is not read: ignored "
+                    f"(did you mean apiVersion: {want_version}, kind: {want_kind}?)")
+    return ""
+
+
+def _typo_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) from a to b; small strings."""
+    if abs(len(a) - len(b)) > 3:
+        return 4
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[-1][j] + 1, row[j - 1] + 1,
+                         rows[-1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _field(raw: Any, name: str) -> str:

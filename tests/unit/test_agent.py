@@ -13,7 +13,7 @@ from collections.abc import Callable
 from agent.agent import Agent
 from agent.model.objects import parse_endpoint_slice, parse_service
 from agent.planner import BackendAddr, PutFrontend, plan
-from agent.sources.events import ObjectChange
+from agent.sources.events import HeldBack, ObjectChange
 from tests.fakes import FakeServiceMaps, InvariantBroken
 
 TIMEOUT = 20.0       # only a hung agent ever reaches it
@@ -77,8 +77,8 @@ class ScriptedSource:
     """Yields the given batches, each once the agent synced the one before (never two
     batches in one sync by chance), then waits forever or raises."""
 
-    def __init__(self, batches, fail: Exception | None = None, complete: bool = True):
-        self.batches, self.fail, self.complete = batches, fail, complete
+    def __init__(self, batches, fail: Exception | None = None, held_back: tuple = ()):
+        self.batches, self.fail, self.held_back = batches, fail, held_back
         self.watch: Watch | None = None          # set by run(): paces the batches
         self.delivered = False                   # every batch yielded and synced
 
@@ -184,18 +184,121 @@ def test_a_failed_write_is_counted_and_retried_without_a_new_event():
     assert agent.status.syncs == 1               # no event came: the retries did it
 
 
-def test_an_incomplete_listing_keeps_what_the_kernel_already_serves():
-    maps = FakeServiceMaps()
-    adopted = plan({**_desired("a", "10.96.0.1"), **_desired("b", "10.96.0.2")}, {})
-    maps.apply(adopted.ops)
-    source = ScriptedSource([upserts(service("a", ["10.96.0.1"]))], complete=False)
-    agent = Agent(source, maps, min_sync_period=0.01)
-    run(agent)
-    assert frontends(maps) == {"10.96.0.1:80/TCP", "10.96.0.2:80/TCP"}
+class HoldingSource(ScriptedSource):
+    """ScriptedSource whose held_back changes with each batch, as a manifest directory's
+    does when a file breaks or reads again (`complete` as that source says it). After
+    each batch is synced, records what the kernel holds and what the agent lists."""
 
-    source = ScriptedSource([upserts(service("a", ["10.96.0.1"]))], complete=True)
+    def __init__(self, steps: list[tuple[list, tuple[HeldBack, ...]]]):
+        super().__init__([batch for batch, _ in steps])
+        self.steps = steps
+        self.after: list[tuple[dict, dict]] = []   # (kernel, listed) after each step
+
+    @property
+    def complete(self) -> bool:
+        return not self.held_back
+
+    async def changes(self):
+        agent = self.watch.agent
+        for batch, held in self.steps:
+            self.held_back = held
+            synced = agent.status.syncs     # an empty batch carries no change to count
+            yield batch
+            await self.watch.until(lambda n=synced: agent.status.syncs > n,
+                                   "a sync after the batch")
+            self.after.append((served(agent.maps), listed(agent)))
+        self.delivered = True
+        self.watch.poke()
+        await asyncio.Event().wait()
+
+
+def served(maps: FakeServiceMaps) -> dict[str, set[str]]:
+    """frontend -> the backends its slots hold, read back from the fake kernel."""
+    return {str(f): {f"{b.address}:{b.port}" for b in kernel.backends}
+            for kernel in maps.read_back().values() for f in kernel.frontends}
+
+
+def listed(agent: Agent) -> dict[str, set[str]]:
+    """The same, as the agent reports it (the API's and metrics' source)."""
+    return {str(f): {f"{b.address}:{b.port}" for b, _ in sp.backends}
+            for sp in agent.status.services for f, _ in sp.frontends}
+
+
+def test_an_unreadable_file_holds_back_only_its_own_objects():
+    """Issue 14.1: a deletion in another file reaches the kernel while one file cannot be
+    parsed (its last good objects keep serving), and the agent lists what the kernel holds."""
+    a, b, c = (service(n, [f"10.96.0.{i}"]) for i, n in enumerate("abc", 1))
+    slices = [endpoint_slice(n, [f"10.0.0.{i}"]) for i, n in enumerate("abc", 1)]
+    broken = (HeldBack("c.yaml", "while parsing a flow mapping", (c.key, slices[2].key)),)
+    source = HoldingSource([
+        (upserts(a, b, c, *slices), ()),
+        ([ObjectChange(a.key, None), ObjectChange(slices[0].key, None)], broken),
+        ([ObjectChange(b.key, None)], broken)])
+    agent = Agent(source, FakeServiceMaps(), min_sync_period=0.01)
+    run(agent)
+    for kernel, reported in source.after:
+        assert reported == kernel, "the agent lists exactly what the kernel holds"
+    assert source.after[1][0] == {"10.96.0.2:80/TCP": {"10.0.0.2:8080"},
+                                  "10.96.0.3:80/TCP": {"10.0.0.3:8080"}}
+    assert source.after[2][0] == {"10.96.0.3:80/TCP": {"10.0.0.3:8080"}}
+
+
+def _adopted_kernel() -> FakeServiceMaps:
+    """What an earlier agent left: a, b and x (x from a file now unreadable)."""
+    maps = FakeServiceMaps()
+    maps.apply(plan({**_desired("a", "10.96.0.1"), **_desired("b", "10.96.0.2"),
+                     **_desired("x", "10.96.0.9")}, {}).ops)
+    return maps
+
+
+def test_after_a_restart_state_an_unread_file_may_hold_is_kept_until_it_reads():
+    """Issue 14.1: adopted state no listed object claims stays while a file was never
+    read (listed as held back, not as a Service), what the source listed and then deleted
+    goes at once, and the rest is reconciled once the file reads."""
+    maps = _adopted_kernel()
+    unread = (HeldBack("x.yaml", "while scanning a quoted scalar", unknown=True),)
+    a, b = service("a", ["10.96.0.1"]), service("b", ["10.96.0.2"])
+    source = HoldingSource([
+        (upserts(a, b, endpoint_slice("a", ["10.0.0.1"]), endpoint_slice("b", ["10.0.0.1"])),
+         unread),
+        ([ObjectChange(b.key, None)], unread),
+        ([], ())])                        # x.yaml read at last: it holds nothing
+    agent = Agent(source, maps, min_sync_period=0.01, sync_period=60)
+    watch = Watch(agent)
+    kept_views = []
+    watch_event = watch._on_event
+
+    def on_event(kind, fields):
+        kept_views.append([(str(sp.name), sp.held_back) for sp in agent.status.services
+                           if sp.held_back])
+        watch_event(kind, fields)
+
+    agent.on_event = on_event
+    run(agent, watch=watch)
+    for kernel, reported in source.after:
+        assert reported == kernel, "the agent lists exactly what the kernel holds"
+    first, deleted, reconciled = (kernel for kernel, _ in source.after)
+    assert set(first) == {"10.96.0.1:80/TCP", "10.96.0.2:80/TCP", "10.96.0.9:80/TCP"}
+    assert set(deleted) == {"10.96.0.1:80/TCP", "10.96.0.9:80/TCP"}
+    assert set(reconciled) == {"10.96.0.1:80/TCP"}
+    (name, why), = kept_views[0]
+    assert name == "//TCP" and "x.yaml" in why
+    assert kept_views[-1] == []
+
+
+def test_adopted_state_a_listed_object_claims_is_its_own():
+    """A frontend of adopted state kept for an unread file goes to a listed Service that
+    wants it (the kept port keeps the rest)."""
+    maps = _adopted_kernel()
+    unread = (HeldBack("x.yaml", "unreadable", unknown=True),)
+    moved = service("y", ["10.96.0.9"])
+    source = HoldingSource([(upserts(service("a", ["10.96.0.1"]), moved,
+                                     endpoint_slice("y", ["10.0.0.7"])), unread)])
     run(Agent(source, maps, min_sync_period=0.01))
-    assert frontends(maps) == {"10.96.0.1:80/TCP"}
+    kernel, reported = source.after[0]
+    assert reported == kernel
+    assert kernel["10.96.0.9:80/TCP"] == {"10.0.0.7:8080"}
+    assert set(kernel) == {"10.96.0.1:80/TCP", "10.96.0.2:80/TCP", "10.96.0.9:80/TCP"}
 
 
 def test_the_periodic_sync_repairs_an_entry_deleted_behind_its_back():
@@ -223,7 +326,7 @@ def test_nothing_is_written_before_the_first_listing():
     maps.apply(plan(_desired("old", "10.96.0.9"), {}).ops)
 
     class Silent:
-        complete = True
+        held_back = ()
         asked = False
 
         async def changes(self):

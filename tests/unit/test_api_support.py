@@ -33,7 +33,7 @@ def endpoint_slice(name: str, addresses: list[str], port_names: list[str],
 
 
 class OnceSource:
-    complete = True
+    held_back = ()
 
     def __init__(self, objects) -> None:
         self.objects = objects

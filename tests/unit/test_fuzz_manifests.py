@@ -119,14 +119,14 @@ def test_bad_files_are_skipped_and_the_good_one_beside_them_is_applied(tmp_path_
     assert [c.key for c in changes] == [GOOD_KEY]
     unreadable = 0
     for i, content in enumerate(files):
-        errors_before = source.parse_errors
+        errors_before = source.parse_errors + source.refused_files   # a refusal counts too
         write(directory, f"b-bad{i}{suffix}", content)
         changes = source.rescan({f"b-bad{i}{suffix}"})
         for change in changes:
             assert change.obj is None or isinstance(change.obj, (Service, EndpointSlice, Node))
         # the good file is never touched by what happens in another one
         assert GOOD_KEY in listed(source) and GOOD_KEY not in {c.key for c in changes}
-        unreadable += source.parse_errors > errors_before
+        unreadable += source.parse_errors + source.refused_files > errors_before
         # a file that could not be parsed makes the listing incomplete (a restarted agent
         # must then keep what it adopted rather than delete it)
         assert source.complete == (unreadable == 0)

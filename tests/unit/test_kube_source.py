@@ -438,6 +438,35 @@ def test_an_invalid_object_is_skipped_counted_and_logged(api, tmp_path, caplog):
     assert "action=kept_previous" in caplog.text
 
 
+def test_a_refused_watch_object_holds_back_only_itself(api, tmp_path):
+    """Issue 14.1: an update the parser refuses keeps that object's last valid version,
+    named in held_back with why, and another object's deletion still arrives at once; a
+    valid version (or its deletion) ends the hold."""
+    api.put(svc("web", "10.96.0.10"), svc("api", "10.96.0.20"))
+
+    async def test(w: Watcher):
+        await w.next()
+        await watching(api)()
+        assert w.source.held_back == ()
+        broken = svc("web", "10.96.0.10")
+        broken["spec"]["ports"][0]["port"] = 70000
+        api.put(broken)
+        await until(lambda: w.source.invalid_objects == 1)
+        held = w.source.held_back
+        api.delete("Service", "api", "lab")
+        deleted = await w.next()
+        api.put(svc("web", "10.96.0.11"))          # valid again, and changed
+        fixed = await w.next()
+        return held, deleted, fixed, w.source.held_back
+
+    held, deleted, fixed, after = run(test, api, tmp_path)
+    (entry,) = held
+    assert entry.objects == (key("Service", "web"),) and not entry.unknown
+    assert entry.origin == "Service watch" and "70000" in entry.reason
+    assert deleted == {key("Service", "api"): None}
+    assert set(fixed) == {key("Service", "web")} and after == ()
+
+
 def test_each_list_page_is_parsed_as_it_arrives(api, tmp_path):
     """Pages become typed objects one at a time (no raw page is kept for the end of the
     list): the first page's bad objects are counted while the second page is held."""

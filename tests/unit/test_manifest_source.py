@@ -443,6 +443,121 @@ def test_listing_is_incomplete_while_a_file_cannot_be_parsed(tmp_path):
     assert source.complete is True
 
 
+def test_held_back_names_each_file_and_object_waiting_and_why(tmp_path):
+    """Issue 14.1: a file broken after a good read holds back its last good objects only;
+    a file never read is `unknown` (its content cannot be named); an invalid object kept
+    at its previous version and a deletion waiting for a second read are named too."""
+    write(tmp_path, "a.yaml", svc("a") + "---\n" + eps("a-1", "a"))
+    write(tmp_path, "b.yaml", "kind: Service\nmetadata: [unclosed\n")
+    write(tmp_path, "c.yaml", svc("c", ip="10.96.0.12"))
+    source = ManifestSource(tmp_path, shrink_confirm_seconds=0.0)
+    source.rescan()
+    (unknown,) = source.held_back
+    assert (unknown.origin, unknown.objects, unknown.unknown) == ("b.yaml", (), True)
+    assert "flow sequence" in unknown.reason or "expected" in unknown.reason
+
+    write(tmp_path, "a.yaml", svc("a") + "---\n" + eps("a-1", "a") + "spec: [")
+    write(tmp_path, "c.yaml", svc("c", port=70000, ip="10.96.0.12"))
+    assert source.rescan() == []
+    broken, still_unknown, invalid = source.held_back
+    assert (broken.origin, broken.objects, broken.unknown) == (
+        "a.yaml", (key("a-1", "EndpointSlice"), key("a")), False)
+    assert still_unknown.origin == "b.yaml" and still_unknown.unknown
+    assert (invalid.origin, invalid.objects) == ("c.yaml", (key("c"),))
+    assert "70000" in invalid.reason and "previous version kept" in invalid.reason
+
+    write(tmp_path, "a.yaml", svc("a"))          # rewritten in place, one object less
+    write(tmp_path, "b.yaml", "")
+    write(tmp_path, "c.yaml", svc("c", ip="10.96.0.12"))
+    assert source.rescan() == [] and source.complete
+    (withheld,) = source.held_back
+    assert (withheld.origin, withheld.objects) == ("a.yaml", (key("a-1", "EndpointSlice"),))
+    assert "second read" in withheld.reason
+    assert ports(source.rescan({"a.yaml"})) == {"EndpointSlice default/a-1": None}
+    assert source.held_back == ()
+
+
+def test_held_back_reaches_the_agent_with_its_batch(tmp_path):
+    """An unknown file read at last (even holding nothing) is news to the agent: a batch,
+    empty when no object changed, with held_back as of that batch."""
+    write(tmp_path, "a.yaml", svc("a"))
+    write(tmp_path, "b.yaml", "kind: Service\nmetadata: [unclosed\n")
+
+    async def scenario():
+        source = ManifestSource(tmp_path, resync_seconds=3600)
+        changes = source.changes()
+        try:
+            first = await next_batch(changes)
+            held_first = source.held_back
+            write(tmp_path, "b.yaml", "# nothing here yet\n")
+            after = await next_batch(changes)
+            return first, held_first, after, source.held_back
+        finally:
+            await changes.aclose()
+
+    first, held_first, after, held_after = run(scenario())
+    assert [c.key for c in first] == [key("a")]
+    assert [h.origin for h in held_first if h.unknown] == ["b.yaml"]
+    assert after == [] and held_after == ()
+
+
+# --- documents that are not Kubernetes objects (issue 14.2) --------------------------------
+
+def test_a_document_that_is_not_an_object_is_named_once_per_file_version(tmp_path, caplog):
+    """No apiVersion/kind, or a kind: typo of one read: a warning naming the file and the
+    document, the malformed_documents counter, an event; again only for a new version."""
+    write(tmp_path, "a.yaml", svc("a") + "---\nlisten: 8080\ndebug: true\n")
+    write(tmp_path, "typo.yaml", svc("b", ip="10.96.0.11").replace("kind: Service",
+                                                                     "kind: Servcie"))
+    write(tmp_path, "old.yaml", eps("c-1", "c").replace("discovery.k8s.io/v1",
+                                                        "discovery.k8s.io/v1beta1"))
+    events = []
+
+    async def scenario():
+        source = ManifestSource(tmp_path, resync_seconds=3600, shrink_confirm_seconds=0.1)
+        source.on_event = lambda kind, fields: events.append((kind, fields["message"]))
+        changes = source.changes()
+        try:
+            first = await next_batch(changes)
+            counted = source.malformed_documents
+            source.rescan({"a.yaml"})           # the same version read again: no repeat
+            again = source.malformed_documents
+            write(tmp_path, "a.yaml", svc("a", port=81) + "---\nlisten: 8080\n")
+            await next_batch(changes)
+            return first, counted, again, source.malformed_documents
+        finally:
+            await changes.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="agent.sources.manifests"):
+        first, counted, again, later = run(scenario())
+    assert [c.key for c in first] == [key("a")]
+    assert (counted, again, later) == (3, 3, 4)
+    warnings = [r.getMessage() for r in caplog.records if "document_ignored" in r.getMessage()]
+    assert len(warnings) == 4
+    assert any("file=a.yaml" in w and "document=document[1]" in w and
+               "no apiVersion and kind" in w for w in warnings)
+    assert any("file=typo.yaml" in w and "document=document[0]" in w and
+               "kind: Service?" in w for w in warnings)
+    assert any("file=old.yaml" in w and "kind: EndpointSlice?" in w for w in warnings)
+    named = [message for kind, message in events if kind == "source_input"]
+    assert len(named) == 4 and any(m.startswith("a.yaml document[1]:") for m in named)
+
+
+def test_objects_of_kinds_not_read_stay_quiet(tmp_path, caplog):
+    """A Deployment beside its Service, a ConfigMap, a Knative Service: at most a debug line."""
+    deployment = ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n"
+                  "spec: {replicas: 2}\n")
+    knative = "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n"
+    configmap = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {a: b}\n"
+    endpoints = "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\n"
+    write(tmp_path, "web.yaml", "---\n".join([svc("web"), deployment, knative, configmap,
+                                              endpoints]))
+    source = ManifestSource(tmp_path)
+    with caplog.at_level(logging.INFO, logger="agent.sources.manifests"):
+        assert [c.key for c in source.rescan()] == [key("web")]
+    assert source.malformed_documents == 0 and caplog.text == ""
+
+
 # --- YAML aliases (issue 13 A2) -----------------------------------------------------------
 
 def alias_heavy_list(items: int) -> str:

@@ -201,9 +201,15 @@ def test_a_frontend_left_with_an_old_count_is_rewritten():
 def test_keep_unclaimed_keeps_what_an_incomplete_listing_does_not_mention():
     before = plan({**sp("a", "10.96.0.1", ["10.0.0.1"]), **sp("b", "10.96.0.2", ["10.0.0.2"])},
                   {}).result
-    p = plan(sp("a", "10.96.0.1", ["10.0.0.3"]), before, keep_unclaimed=True)
+    p = plan(sp("a", "10.96.0.1", ["10.0.0.3"]), before, keep_unclaimed=set(before))
     assert not any(isinstance(o, (DeleteFrontend, DeleteSlot)) for o in p.ops)
     assert len(p.result) == 2
+    # only the ids given are kept: another unclaimed port goes as ever
+    b = next(i for i, s in before.items() if str(next(iter(s.frontends))).startswith(
+        "10.96.0.2"))
+    others = plan(sp("a", "10.96.0.1", ["10.0.0.3"]), before, keep_unclaimed={b + 100})
+    assert kinds(others.ops)[-2:] == ["DeleteFrontend", "DeleteSlot"] and \
+        set(others.result) == set(before) - {b}
     assert kinds(plan(sp("a", "10.96.0.1", ["10.0.0.3"]), p.result).ops) == \
         ["DeleteFrontend", "DeleteSlot"]
 

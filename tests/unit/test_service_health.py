@@ -210,7 +210,7 @@ def test_names_are_json_quoted():
 class QueueSource:
     """Yields the batches a test puts, as a real source does: first the listing."""
 
-    complete = True
+    held_back = ()
 
     def __init__(self) -> None:
         self.batches: asyncio.Queue = asyncio.Queue()
