@@ -111,7 +111,9 @@ def service_entry(s: agent_pb2.ServicePort) -> dict:
     entry = {
         "namespace": s.namespace, "name": s.name, "port_name": s.port_name,
         "protocol": s.protocol,
-        "frontends": [{"address": f.address, "port": f.port, "kind": f.kind}
+        # "allocated" only on an address or port the manifest source allocated
+        "frontends": [{"address": f.address, "port": f.port, "kind": f.kind,
+                       **({"allocated": True} if f.allocated else {})}
                       for f in s.frontends],
         "backends": [{"address": b.address, "port": b.port, "state": b.state}
                      for b in s.backends],
