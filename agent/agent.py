@@ -62,6 +62,8 @@ class Source(TypingProtocol):
     # state adopted at start
     @property
     def held_back(self) -> tuple[HeldBack, ...]: ...
+    # optional: on_event, set by the agent, is told of bad input the source found (on the
+    # loop); it reaches the API's event stream as the agent's own events do
 
 
 class ServiceMaps(TypingProtocol):
@@ -224,6 +226,8 @@ class Agent:
         self._adopted = set(self._applied)
         self._capacity = self._read_capacity()
         log.info("event=adopted service_ports=%d", len(self._applied))
+        if hasattr(self.source, "on_event"):
+            self.source.on_event = lambda kind, fields: self._emit(kind, **fields)
         watcher = asyncio.create_task(self._watch_source(), name="source")
         try:
             await self._sync_loop()

@@ -301,6 +301,26 @@ def test_adopted_state_a_listed_object_claims_is_its_own():
     assert set(kernel) == {"10.96.0.1:80/TCP", "10.96.0.2:80/TCP", "10.96.0.9:80/TCP"}
 
 
+def test_a_document_that_is_not_an_object_reaches_the_event_stream(tmp_path):
+    """Issue 14.2: the directory source's bad input comes out as the agent's event (the
+    API's WatchEvents), naming the file and the document."""
+    from agent.sources.manifests import ManifestSource
+    (tmp_path / "web.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\n"
+        "spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n"
+        "---\nkind: Servce\napiVersion: v1\nmetadata: {name: typo}\n")
+    agent = Agent(ManifestSource(tmp_path), FakeServiceMaps(), min_sync_period=0.01)
+    watch = Watch(agent)
+
+    def told():
+        return [f["message"] for kind, f in watch.events if kind == "source_input"]
+
+    run(agent, lambda: bool(told()) and agent.status.synced, "the document named",
+        watch=watch)
+    assert told() == ["web.yaml document[1]: apiVersion 'v1', kind 'Servce' is not read: "
+                      "ignored (did you mean apiVersion: v1, kind: Service?)"]
+
+
 def test_the_periodic_sync_repairs_an_entry_deleted_behind_its_back():
     maps = FakeServiceMaps()
     source = ScriptedSource([upserts(service("web", ["10.96.0.1"]),
