@@ -56,10 +56,14 @@ class KernelService:
     affinity: int = 0                     # ClientIP session affinity timeout, s; 0: none
     flags: int = 0                        # SVC_F_*: how the TC path treats it
     source_ranges: tuple[IPNetwork, ...] = ()   # with SVC_F_SOURCE_RANGES: who may connect
+    local: frozenset[BackendAddr] = frozenset()  # backends whose slot carries BE_LOCAL
 
 
 # svc_value.flags (bpf/maps.h BPFP_SVC_F_*)
 SVC_F_SOURCE_RANGES, SVC_F_MAGLEV = 1, 2
+# backend4/6.flags (bpf/maps.h BPFP_BE_*): on this node, so never SNATed (Backend.local)
+BE_LOCAL = 1
+_NO_BACKENDS: frozenset[BackendAddr] = frozenset()
 
 # What the kernel holds, by service id. read_back() rebuilds it from the maps alone.
 AppliedState = dict[int, KernelService]
@@ -71,6 +75,7 @@ class PutSlot:
     svc_id: int
     slot: int
     backend: BackendAddr
+    flags: int = 0                        # BE_*
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,7 +520,7 @@ def _shrunk(old: KernelService, state: ServicePortState) -> KernelService:
     wanted = {BackendAddr(b.address, b.port) for b in state.backends}
     kept = [b for b in old.backends if b in wanted]
     return replace(old, backends=_stable_slots(old.backends, kept), stray_slots=(),
-                   stale_frontends=frozenset())
+                   stale_frontends=frozenset(), local=old.local.intersection(kept))
 
 
 def frontend_key(f, key: tuple) -> FrontendKey:
@@ -536,11 +541,13 @@ def _entry(key, state: ServicePortState, svc_id: int, frontends: frozenset[Front
     # across nodes.
     if maglev_m and scope != INTERNAL and len(wanted) < min(maglev_m, 65536):
         flags |= SVC_F_MAGLEV
+    local = [BackendAddr(b.address, b.port) for b in state.backends if b.local]
     return KernelService(svc_id, key[1], frontends,
                          _stable_slots(old.backends if old else (), wanted),
                          name_hash=port_hash(key),
                          affinity=state.session_affinity_timeout, flags=flags,
-                         source_ranges=state.source_ranges if scope == FIREWALLED else ())
+                         source_ranges=state.source_ranges if scope == FIREWALLED else (),
+                         local=frozenset(local) if local else _NO_BACKENDS)
 
 
 def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelService],
@@ -574,9 +581,16 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
                 if old_maglev:
                     delete_slots.append(DeleteMaglev(svc_id, maglev_m or maglev.M_MAX))
             continue
+        new_local, old_local = new.local, old.local if old else _NO_BACKENDS
+        flagged = new_local or old_local    # else no lookups: most ports have no local one
         for i, backend in enumerate(new.backends):
-            if i >= len(old_slots) or old_slots[i] != backend:
-                put_slots.append(PutSlot(new.family, svc_id, i, backend))
+            local = bool(new_local) and backend in new_local
+            # a slot whose backend stays but whose BE_LOCAL is wrong (written by an agent
+            # that knew no flags, or the node's name or IPs changed) is rewritten too
+            if i >= len(old_slots) or old_slots[i] != backend or \
+                    (flagged and local != (backend in old_local)):
+                put_slots.append(PutSlot(new.family, svc_id, i, backend,
+                                         BE_LOCAL if local else 0))
         put_slots.extend(PutRange(svc_id, n) for n in new.source_ranges if n not in old_ranges)
         if new.flags & SVC_F_MAGLEV and (not old_maglev or old_slots != new.backends):
             names = [f"{b.address}:{b.port}" for b in new.backends]
@@ -604,7 +618,7 @@ def _diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServi
 
 # frontend, svc_id, count, name_hash[, affinity seconds[, flags]]
 FrontendEntry = tuple
-SlotEntry = tuple[int, int, int, BackendAddr]        # (svc_id, slot, family, backend)
+SlotEntry = tuple          # (svc_id, slot, family, backend[, BE_* flags])
 
 
 def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
@@ -619,9 +633,12 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
         by_svc.setdefault(svc_id, {})[fkey] = (count, name_hash, (affinity, flags))
     tables: dict[int, dict[int, BackendAddr]] = {}
     families: dict[int, int] = {}
-    for svc_id, slot, family, backend in slots:
+    local_slots: dict[int, set[int]] = {}
+    for svc_id, slot, family, backend, *flags in slots:
         tables.setdefault(svc_id, {})[slot] = backend
         families[svc_id] = family
+        if flags and flags[0] & BE_LOCAL:
+            local_slots.setdefault(svc_id, set()).add(slot)
     state: AppliedState = {}
     ranges = ranges or {}
     # ids with ranges only: a crash between deleting the frontends and the ranges; read
@@ -636,6 +653,7 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
         name_hash, (affinity, flags) = _most_common([(h, a) for _, h, a in entries.values()])
         family = families.get(svc_id) or (next(iter(entries)).address.version if entries
                                            else next(iter(ranges[svc_id])).version)
+        local = [table[i] for i in local_slots.get(svc_id, ()) if i < live]
         state[svc_id] = KernelService(
             svc_id, family, frozenset(entries),
             tuple(table[i] for i in range(live)),
@@ -645,7 +663,8 @@ def kernel_state(frontends: Iterable[FrontendEntry], slots: Iterable[SlotEntry],
             name_hash=name_hash, affinity=affinity, flags=flags,
             source_ranges=tuple(sorted(ranges.get(svc_id, ()),
                                        key=lambda n: (n.version, int(n.network_address),
-                                                      n.prefixlen))))
+                                                      n.prefixlen))),
+            local=frozenset(local) if local else _NO_BACKENDS)
     # Maglev rows (svc_id -> rows held) no frontend uses, left by a sync that failed after
     # writing them: read back so the planner deletes them, and the budget counts them
     for svc_id, rows in (maglev or {}).items():

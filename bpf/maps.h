@@ -85,10 +85,17 @@ struct slot_key {
         __u32 slot;
 };
 
+/* backend4/6.flags: what the agent's model knows of a backend. Written into what was
+ * padding (an older agent's slots read 0 there, and the agent rewrites them): same size,
+ * same pinned maps. Python's copy: agent/planner.py BE_LOCAL. */
+#define BPFP_BE_LOCAL 1         /* on this node (its EndpointSlice nodeName, or one of the
+                                 * node's own addresses): traffic from outside keeps its
+                                 * client address; a backend without it is SNATed */
+
 struct backend4 {
         __be32 addr;
         __be16 port;
-        __u16  pad;
+        __u16  flags;           /* BPFP_BE_* */
 };
 
 /* Socket cookie + backend -> the service address the application asked for, so
@@ -120,7 +127,7 @@ struct svc_key6 {
 struct backend6 {
         __be32 addr[4];
         __be16 port;
-        __u16  pad;
+        __u16  flags;           /* BPFP_BE_* */
 };
 
 struct revnat6_key {

@@ -51,6 +51,7 @@ struct pkt {
 struct target {
         __be32 addr[4];
         __be16 port;
+        __u16  flags;           /* BPFP_BE_* of its slot */
 };
 
 /* --- parsing: anything we do not handle passes untouched ----------------------------- */
@@ -267,6 +268,7 @@ static __always_inline int slot_backend(__u8 family, __u32 svc_id, __u32 slot,
                         return 0;
                 out->addr[0] = b->addr;
                 out->port = b->port;
+                out->flags = b->flags;
                 return 1;
         }
         struct backend6 *b = bpfp_slot6.lookup(&key);
@@ -274,6 +276,7 @@ static __always_inline int slot_backend(__u8 family, __u32 svc_id, __u32 slot,
                 return 0;
         __builtin_memcpy(out->addr, b->addr, 16);
         out->port = b->port;
+        out->flags = b->flags;
         return 1;
 }
 
@@ -498,15 +501,22 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         __builtin_memcpy(rev.saddr, p->t.daddr, 16);
         __builtin_memcpy(rev.daddr, p->t.saddr, 16);
 
-        /* A backend reached through one of the node's own interfaces (those with an
-         * address in bpfp_ifaddr: the --interfaces) is on another node: SNAT to this node
-         * there, so its reply comes back here to be translated. A pod here (its veth or
-         * bridge) or the node itself (hostNetwork) gets the packet as it is. */
+        /* Where the backend runs is the model's word, carried in its slot: one on this
+         * node (a pod here, or the node itself) gets the packet as it came, with the
+         * client's address; so does every backend of an externalTrafficPolicy Local
+         * frontend, all of them local. One on another node is SNATed to this node's
+         * address on the interface the route leaves through (bpfp_ifaddr: the
+         * --interfaces), so its reply comes back here to be translated. The route is only
+         * the path: a bridge holding both the uplink and the pods is one of the
+         * --interfaces, and a pod behind it is still here. A remote backend reached where
+         * the node has no address the programs know is sent as it is. */
         __u32 out = route_out(skb, p->t.family, p->t.saddr, be.addr);
         if (out == ROUTE_NONE)
                 return DROP(p, svc, refused);
         struct ifaddr_key ikey = { .ifindex = out, .family = p->t.family };
-        struct ifaddr_value *node = out == ROUTE_LOCAL ? NULL : bpfp_ifaddr.lookup(&ikey);
+        struct ifaddr_value *node = NULL;
+        if (!(be.flags & BPFP_BE_LOCAL) && out != ROUTE_LOCAL)
+                node = bpfp_ifaddr.lookup(&ikey);
         int snat = node != NULL;
         __u64 life = p->t.proto == IPPROTO_TCP ? BPFP_CT_SYN_TIMEOUT * NSEC
                                                 : BPFP_CT_UDP_TIMEOUT * NSEC;
@@ -789,9 +799,12 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
         struct ct_value to = *v;
         if (rewrite(skb, &p, &to))
                 return TC_ACT_SHOT;
-        if (ingress && (flags & BPFP_CT_SNAT)) {
+        if (ingress && (flags & (BPFP_CT_SNAT | BPFP_CT_REPLY))) {
                 /* both directions of a SNATed flow carry a node address as source or
-                 * destination: route them out directly (see new_flow) */
+                 * destination, and so does the reply of a backend on this node that comes
+                 * in here (its pod behind a bridge that is one of the --interfaces) once
+                 * translated: the input path would drop them as martians, so they are
+                 * routed out directly (see new_flow) */
                 __u32 out = route_out(skb, p.t.family, to.saddr, to.daddr);
                 if (out != ROUTE_NONE && out != ROUTE_LOCAL)
                         return redirect_neigh(out, NULL, 0, 0);

@@ -4,7 +4,11 @@ outside client on that wire, so NodePort traffic can really enter one node and c
 Node i (1-based) is Lab(f"{name}n{i}") with pod CIDRs 10.244.i.0/24 and fd00:10:244:i::/64 and
 an uplink eth0 at 172.30.0.(10+i) / fd00:172:30::(10+i). Pod-to-pod across nodes is plain
 routing via the other node's eth0 address (no overlay, no masquerade), as kind's kindnet does.
-The external client at 172.30.0.100 / fd00:172:30::100 knows only node addresses."""
+The external client at 172.30.0.100 / fd00:172:30::100 knows only node addresses.
+
+A bridged node (Cluster(..., bridged={i})) is the bare-metal layout instead: its eth0 is a
+port of the pod bridge, which holds the node's wire addresses beside the pods' gateway, and
+its agent's --interfaces is that bridge."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Self
 
 from lab import cleanup, netns
 from lab.agent_runner import AgentRunner
-from lab.node import Lab
+from lab.node import BRIDGE, Lab
 from lab.pod import Pod
 from lab.processes import Processes
 
@@ -52,11 +56,15 @@ class Host(Pod):
 class Cluster:
     """with Cluster("c1") as cluster: a = cluster.add_pod(1, "a"); cluster.external.tcp(...)"""
 
-    def __init__(self, name: str, nodes: int = 2) -> None:
+    def __init__(self, name: str, nodes: int = 2, bridged: Iterable[int] = ()) -> None:
         if not re.fullmatch(r"[a-z0-9]{1,10}", name):
             raise ValueError(f"cluster name {name!r}: use 1-10 characters of [a-z0-9]")
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"cluster {name}: {nodes} nodes; use 1-{MAX_NODES}")
+        self.bridged = frozenset(bridged)
+        if not self.bridged <= set(range(1, nodes + 1)):
+            raise ValueError(f"cluster {name}: bridged nodes {sorted(self.bridged)}; "
+                             f"nodes are 1-{nodes}")
         self.name = name
         self.nodes: dict[int, Lab] = {
             i: Lab(f"{name}n{i}", pod_cidr=f"10.244.{i}.0/24", pod_cidr6=f"fd00:10:244:{i}::/64")
@@ -117,16 +125,27 @@ class Cluster:
         )  # fmt: skip
         netns.ip("link", "set", WIRE_BRIDGE, "up", netns=self.wire_netns)
 
-    def _plug_into_wire(self, ns: str, wire_port: str, ip: str, ip6: str) -> None:
-        """eth0 in ns, its veth peer a port of the wire bridge; both made in place."""
+    def _plug_into_wire(
+        self, ns: str, wire_port: str, ip: str, ip6: str, bridge: str | None = None
+    ) -> None:
+        """eth0 in ns, its veth peer a port of the wire bridge; both made in place. With
+        bridge, eth0 is a port of that bridge in ns, and the bridge takes the addresses."""
         netns.ip(
             "link", "add", UPLINK, "type", "veth", "peer", "name", wire_port,
             "netns", self.wire_netns, netns=ns,
         )  # fmt: skip
         netns.ip("link", "set", wire_port, "master", WIRE_BRIDGE, "up", netns=self.wire_netns)
-        netns.ip("addr", "add", f"{ip}/24", "dev", UPLINK, netns=ns)
-        netns.ip("-6", "addr", "add", f"{ip6}/64", "dev", UPLINK, "nodad", netns=ns)
+        if bridge:
+            netns.ip("link", "set", UPLINK, "master", bridge, netns=ns)
+        device = bridge or UPLINK
+        netns.ip("addr", "add", f"{ip}/24", "dev", device, netns=ns)
+        netns.ip("-6", "addr", "add", f"{ip6}/64", "dev", device, "nodad", netns=ns)
         netns.ip("link", "set", UPLINK, "up", netns=ns)
+
+    def uplink(self, i: int) -> str:
+        """Node i's interface on the wire: what its agent's --interfaces names."""
+        self._check_node(i)
+        return BRIDGE if i in self.bridged else UPLINK
 
     def _make_uplink(self, i: int, node: Lab) -> None:
         ns = node.node_netns
@@ -140,9 +159,14 @@ class Cluster:
             "net.ipv4.conf.default.rp_filter": 0,
         }
         netns.sysctl(ns, loose)
-        self._plug_into_wire(ns, f"bpfpw{i}", self.node_ip(i, 4), self.node_ip(i, 6))
-        netns.sysctl(ns, {f"net.ipv4.conf.{UPLINK}.send_redirects": 0,
-                          f"net.ipv4.conf.{UPLINK}.rp_filter": 0})  # fmt: skip
+        uplink = self.uplink(i)
+        if i in self.bridged:
+            # Every node's pod bridge has the lab's fixed MAC: on one wire each needs its own.
+            netns.ip("link", "set", BRIDGE, "address", f"02:62:70:66:01:{i:02x}", netns=ns)
+        self._plug_into_wire(ns, f"bpfpw{i}", self.node_ip(i, 4), self.node_ip(i, 6),
+                             BRIDGE if i in self.bridged else None)  # fmt: skip
+        netns.sysctl(ns, {f"net.ipv4.conf.{uplink}.send_redirects": 0,
+                          f"net.ipv4.conf.{uplink}.rp_filter": 0})  # fmt: skip
         self._node_hosts[i] = Host(
             lab=node,
             name="node",  # no pod may be called that: stopping a pod never stops these
@@ -160,10 +184,11 @@ class Cluster:
                 if j == i:
                     continue
                 ns = node.node_netns
+                uplink = self.uplink(i)
                 netns.ip("route", "add", str(other.pod_cidr), "via", self.node_ip(j, 4),
-                         "dev", UPLINK, netns=ns)  # fmt: skip
+                         "dev", uplink, netns=ns)  # fmt: skip
                 netns.ip("-6", "route", "add", str(other.pod_cidr6), "via", self.node_ip(j, 6),
-                         "dev", UPLINK, netns=ns)  # fmt: skip
+                         "dev", uplink, netns=ns)  # fmt: skip
 
     def _make_external(self) -> None:
         netns.add(self.external_netns)
@@ -222,7 +247,7 @@ class Cluster:
         each with its own pins, cgroup and API socket; started together, then waited for."""
         for i, node in self.nodes.items():
             node_ips = f"{self.node_ip(i, 4)},{self.node_ip(i, 6)}"
-            args = ("--node-ip", node_ips, "--interfaces", UPLINK, *extra_args)
+            args = ("--node-ip", node_ips, "--interfaces", self.uplink(i), *extra_args)
             self.agents[i] = AgentRunner(node, manifests, extra_args=args, node_name=f"node{i}")
             self.agents[i].start(wait=0)
         if wait:

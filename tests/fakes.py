@@ -53,7 +53,8 @@ class FakeServiceMaps:
         self.ranges: set[tuple[int, object]] = set()        # (svc_id, network)
         # (svc_id, row) -> MAGLEV_ROW slot numbers, the last row zero-padded (bpfp_maglev)
         self.maglev_rows: dict[tuple[int, int], tuple[int, ...]] = {}
-        self.slots: dict[tuple[int, int], tuple[int, BackendAddr]] = {}  # -> (family, b)
+        # (svc_id, slot) -> (family, backend, BE_* flags)
+        self.slots: dict[tuple[int, int], tuple[int, BackendAddr, int]] = {}
         self.ops_applied = 0
         self.broken: list[InvariantBroken] = []     # raised by check(), caught or not
 
@@ -82,7 +83,7 @@ class FakeServiceMaps:
         for f in self.frontends:
             used[f"bpfp_svc{f.address.version}"] = used.get(f"bpfp_svc{f.address.version}",
                                                             0) + 1
-        for family, _ in self.slots.values():
+        for family, *_ in self.slots.values():
             used[f"bpfp_slot{family}"] = used.get(f"bpfp_slot{family}", 0) + 1
         used["bpfp_srcrange"] = len(self.ranges)
         used["bpfp_maglev"] = len(self.maglev_rows)
@@ -130,7 +131,7 @@ class FakeServiceMaps:
             self._room_for(op)
         match op:
             case PutSlot():
-                self.slots[(op.svc_id, op.slot)] = (op.family, op.backend)
+                self.slots[(op.svc_id, op.slot)] = (op.family, op.backend, op.flags)
             case DeleteSlot():
                 self.slots.pop((op.svc_id, op.slot), None)
             case PutFrontend():
@@ -183,8 +184,8 @@ class FakeServiceMaps:
         for svc_id, network in self.ranges:
             ranges.setdefault(svc_id, []).append(network)
         return kernel_state(((f, *entry) for f, entry in self.frontends.items()),
-                            ((svc_id, slot, family, b)
-                             for (svc_id, slot), (family, b) in self.slots.items()), ranges,
+                            ((svc_id, slot, *entry)
+                             for (svc_id, slot), entry in self.slots.items()), ranges,
                             {svc_id: len(table) // MAGLEV_ROW
                              for svc_id, table in self.maglev.items()})
 

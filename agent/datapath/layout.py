@@ -24,7 +24,8 @@ class SlotKey(ctypes.Structure):
 
 
 class Backend4(ctypes.Structure):
-    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16),
+                ("flags", ctypes.c_uint16)]     # planner.BE_* (bpf/maps.h BPFP_BE_*)
 
 
 class Revnat4Key(ctypes.Structure):
@@ -48,7 +49,7 @@ class SvcKey6(ctypes.Structure):
 
 
 class Backend6(ctypes.Structure):
-    _fields_ = [("addr", Addr6), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+    _fields_ = [("addr", Addr6), ("port", ctypes.c_uint16), ("flags", ctypes.c_uint16)]
 
 
 class Revnat6Key(ctypes.Structure):

@@ -212,7 +212,7 @@ class BpfServiceMaps:
                 if kind is PutSlot:
                     self.slots[family].update(
                         [_slot_key(o.svc_id, o.slot) for o in batch],
-                        [_BACKEND[family](o.backend) for o in batch])
+                        [_BACKEND[family](o.backend, o.flags) for o in batch])
                 elif kind is PutFrontend:
                     self.svc[family].update(
                         [_SVC_KEY[family](o.frontend) for o in batch],
@@ -233,12 +233,12 @@ class BpfServiceMaps:
                           _PROTOCOLS.get(k.proto, Protocol.TCP), k.scope), v.svc_id, v.count,
               v.name_hash, v.affinity_sec, v.flags) for k, v in self.svc6.items()))
         slots = itertools.chain(
-            ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)))
-             for k, v in self.slots4.items()),
-            ((k.svc_id, k.slot, 6, BackendAddr(_from_addr6(v.addr), socket.ntohs(v.port)))
-             for k, v in self.slots6.items()))
+            ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)),
+              v.flags) for k, v in self.slots4.items()),
+            ((k.svc_id, k.slot, 6, BackendAddr(_from_addr6(v.addr), socket.ntohs(v.port)),
+              v.flags) for k, v in self.slots6.items()))
         frontends, slots = list(frontends), list(slots)
-        family = {svc_id: fam for svc_id, _, fam, _ in slots}
+        family = {svc_id: fam for svc_id, _, fam, *_ in slots}
         family.update({svc_id: f.address.version for f, svc_id, *_ in frontends})
         ranges: dict[int, list] = {}
         for k in bpfsys.map_keys(self.ranges.fd, layout.SrcrangeKey):
@@ -388,12 +388,12 @@ def _svc_key6(f: FrontendKey) -> layout.SvcKey6:
     return layout.SvcKey6(_addr6(f.address), socket.htons(f.port), f.protocol.number, f.scope)
 
 
-def _backend4(b: BackendAddr) -> layout.Backend4:
-    return layout.Backend4(_be32(b.address), socket.htons(b.port), 0)
+def _backend4(b: BackendAddr, flags: int = 0) -> layout.Backend4:
+    return layout.Backend4(_be32(b.address), socket.htons(b.port), flags)
 
 
-def _backend6(b: BackendAddr) -> layout.Backend6:
-    return layout.Backend6(_addr6(b.address), socket.htons(b.port), 0)
+def _backend6(b: BackendAddr, flags: int = 0) -> layout.Backend6:
+    return layout.Backend6(_addr6(b.address), socket.htons(b.port), flags)
 
 
 _SVC_KEY = {4: _svc_key4, 6: _svc_key6}

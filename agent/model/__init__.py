@@ -29,13 +29,14 @@ def desired_state(services: Iterable[Service], slices: Iterable[EndpointSlice],
 
     node: this node's name, IPs, NodePort CIDRs and zone. Without it there are no NodePort
     frontends, no endpoint counts as local (Local traffic policies find none, as kube-proxy
-    with an empty node name) and zone/node hints never match."""
+    with an empty node name, and no Backend is marked local) and zone/node hints never
+    match."""
     node = node or _NO_NODE
     node_name, zone = node.node_name, node.zone
     node_port_ips = {4: node.node_port_ips(4), 6: node.node_port_ips(6)}
     # kube-proxy's nodeIP of each family: the first one (source ranges' allowFromNode)
     primary_ips = {ip.version: ip for ip in reversed(node.node_ips)}
-    endpoints = endpoints_by_service_port(slices)
+    endpoints = endpoints_by_service_port(slices, node)
     state: DesiredState = {}
     for service in services:
         for info in service_port_infos(service, node_port_ips, primary_ips):

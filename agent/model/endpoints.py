@@ -12,6 +12,7 @@ from agent.model.types import (
     Backend,
     BackendState,
     EndpointSlice,
+    NodeContext,
     ServicePortName,
 )
 
@@ -49,10 +50,15 @@ class EndpointGroup:
 EndpointsMap = dict[tuple[ServicePortName, int], EndpointGroup]
 
 
-def endpoints_by_service_port(slices: Iterable[EndpointSlice]) -> EndpointsMap:
+def endpoints_by_service_port(slices: Iterable[EndpointSlice],
+                              node: NodeContext | None = None) -> EndpointsMap:
     """Endpoints of every slice, keyed by the ServicePortName their port name and protocol
     select, and by family; de-duplicated by (address, port) across the service's slices.
-    Slices kube-proxy's informers never see (excluded_by_label) are left out."""
+    Slices kube-proxy's informers never see (excluded_by_label) are left out.
+    node: marks Backend.local (its nodeName, or an address of the node); none without it."""
+    node_name, own = (node.node_name, node.node_ips) if node else ("", ())
+    # int(address) within a family: the same test, without hashing address objects
+    node_ips = {f: frozenset(int(ip) for ip in own if ip.version == f) for f in (4, 6)}
     # (int(address), port) is both the de-duplication key and, within one family, the
     # Backend.sort_key order; it hashes far faster than an ipaddress object.
     chosen: dict[tuple[ServicePortName, int], dict[tuple[int, int], EndpointInfo]] = \
@@ -69,6 +75,7 @@ def endpoints_by_service_port(slices: Iterable[EndpointSlice]) -> EndpointsMap:
                                    port.name, port.protocol), family)
             found = chosen[key]
             number = port.port
+            own_ips = node_ips[family]
             for endpoint in endpoint_slice.endpoints:
                 # Kubernetes uses only the first address (endpointslicecache.go addEndpoints).
                 if not endpoint.addresses:
@@ -77,14 +84,19 @@ def endpoints_by_service_port(slices: Iterable[EndpointSlice]) -> EndpointsMap:
                 if address.__class__ is not address_class:
                     continue
                 ready = endpoint.ready
+                as_int = int(address)
+                # kube-proxy's isLocal is the nodeName alone; a hostNetwork endpoint is the
+                # node itself whatever its slice says (the kernel delivers it locally)
+                local = (bool(node_name) and endpoint.node_name == node_name) \
+                    or as_int in own_ips
                 info = EndpointInfo(
                     Backend(address, number, _READY if ready else _TERMINATING,
-                            endpoint.node_name, endpoint.zone),
+                            endpoint.node_name, endpoint.zone, local),
                     ready, endpoint.serving, endpoint.terminating,
                     endpoint.zone_hints, endpoint.node_hints)
                 if info.zone_hints or info.node_hints:
                     hinted.add(key)
-                dedup = (int(address), number)
+                dedup = (as_int, number)
                 previous = found.get(dedup)
                 if previous is None or info.preference() > previous.preference():
                     found[dedup] = info

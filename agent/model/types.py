@@ -230,11 +230,16 @@ class Frontend:
 
 @dataclass(frozen=True, slots=True)
 class Backend:
+    """local: on this node (its endpoint's nodeName is this node's name, or its address
+    is one of the node's IPs: a hostNetwork endpoint). Traffic from outside reaches a local
+    backend with the client's address and a remote one from the node (SNAT), whatever
+    interface the route to it leaves through."""
     address: IPAddress
     port: int
     state: BackendState = BackendState.READY
     node_name: str = ""
     zone: str = ""
+    local: bool = False
 
     def sort_key(self) -> tuple:
         return (self.address.version, int(self.address), self.port)

@@ -114,7 +114,7 @@ def snapshot(maps) -> tuple:
     for family, table, decode in ((4, maps.slots4, _addr4), (6, maps.slots6, _addr6)):
         for k, v in table.items():
             slots[k.svc_id, k.slot] = (family, BackendAddr(decode(v.addr),
-                                                           socket.ntohs(v.port)))
+                                                           socket.ntohs(v.port)), v.flags)
     ranges = set()
     for k in bpfsys.map_keys(maps.ranges.fd, layout.SrcrangeKey):
         raw, bits = bytes(k.addr), k.prefixlen - 32
@@ -143,14 +143,15 @@ def apply_both(fake: FakeServiceMaps, real: BpfServiceMaps, ops) -> str | None:
 # --- desired states that overflow the small maps ---------------------------------------
 
 def service(i: int, backends: int, family: int = 4, outside: bool = False,
-            ranges: tuple[str, ...] = ()) -> dict:
+            ranges: tuple[str, ...] = (), local: frozenset[int] = frozenset()) -> dict:
+    """local: the backends (by index) on this node, whose slots carry BE_LOCAL."""
     name = ServicePortName("conf", f"s{i}", "", Protocol.TCP if i % 2 else Protocol.UDP)
     base = "10.96.0.0" if family == 4 else "fd00:10:96::"
     pods = "10.244.0.0" if family == 4 else "fd00:10:244::"
     vip = ipaddress.ip_address(base) + i + 1
     kind = FrontendKind.LOAD_BALANCER if outside else FrontendKind.CLUSTER_IP
-    pod_list = tuple(Backend(ipaddress.ip_address(pods) + 100 * i + j + 1, 8080)
-                     for j in range(backends))
+    pod_list = tuple(Backend(ipaddress.ip_address(pods) + 100 * i + j + 1, 8080,
+                             local=j in local) for j in range(backends))
     return {(name, family): ServicePortState(
         name, family, (Frontend(vip, 80, name.protocol, kind),), pod_list,
         external_backends=pod_list if outside else (),
@@ -248,7 +249,7 @@ def test_random_plans_in_small_maps_leave_the_same_entries(kernels, seed):
     """Worlds drawn at random, planned with no budget (so they overflow the maps at any
     point), then planned again from what each refusal left, as the agent does."""
     fake, real = kernels
-    rnd = random.Random(seed)
+    rnd, flips = random.Random(seed), random.Random(-seed - 1)
     refused = 0
     for _ in range(8):
         parts = []
@@ -256,8 +257,11 @@ def test_random_plans_in_small_maps_leave_the_same_entries(kernels, seed):
             family = rnd.choice((4, 6))
             ranges = [f"192.0.{r}.0/24" if family == 4 else f"fd00:{r}::/64"
                       for r in range(rnd.randrange(0, 3))]
+            # a backend's BE_LOCAL drawn anew each round, so flags flip on slots that
+            # stay (from their own generator: the worlds stay those that fill the maps)
+            local = frozenset(j for j in range(6) if flips.random() < 0.5)
             parts.append(service(i, rnd.randrange(0, 6), family, rnd.random() < 0.3,
-                                 tuple(ranges)))
+                                 tuple(ranges), local))
         p = plan(world(*parts), fake.read_back(), maglev_m=7 if rnd.random() < 0.5 else 0)
         refused += apply_both(fake, real, p.ops) is not None
         assert fake.read_back() == real.read_back()

@@ -205,7 +205,7 @@ def test_btf_struct_fields_are_what_the_ctypes_mirror_says():
     be16 = b.typedef("__be16", u16)
     addr = b.array(be32, 4, u32)
     backend6 = b.struct("backend6", 20, [("addr", addr, 0), ("port", be16, 16),
-                                         ("pad", u16, 18)])
+                                         ("flags", u16, 18)])
     types = btf.parse(b.blob())
     assert btf.fields(types, backend6) == migrate._ctypes_fields(layout.Backend6)
     assert btf.fields(types, be32) == (("", 0, 4),)
