@@ -7,6 +7,7 @@ import platform
 import time
 from pathlib import Path
 
+from bench import sources
 from bench.stats import Series, fmt_rate, fmt_ratio, fmt_seconds, fmt_us, ratio
 
 TARGET_NAMES = {"pod": "backend pod (no proxy)", "first": "first service",
@@ -174,9 +175,10 @@ def markdown(results) -> str:
             f"Drift of the baseline (direct TCP_CRR): {fmt_rate(drift_start)} at the start, "
             f"{fmt_rate(drift_end)} at the end "
             f"({fmt_ratio(ratio(drift_end.median, drift_start.median))}).", ""]
-    return "\n".join(head + targets_table(results) + connection_tables(results)
+    traffic = targets_table(results) if plan.sizes else []
+    return "\n".join(head + traffic + connection_tables(results)
                      + throughput_table(results) + program_table(results)
-                     + control_tables(results))
+                     + control_tables(results) + sources.markdown(results.sources))
 
 
 def as_json(results) -> dict:
@@ -187,7 +189,8 @@ def as_json(results) -> dict:
             "skipped": {f"{k[0]}|{k[1]}": v for k, v in results.skipped.items()},
             "memory": {str(k): v for k, v in results.memory.items()},
             "drift": {k: s.values for k, s in results.drift.items()},
-            "control": results.control}
+            "control": results.control,
+            "sources": sources.as_json(results.sources) if results.sources else {}}
 
 
 def plot(results, path: Path) -> Path | None:
@@ -197,8 +200,10 @@ def plot(results, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
     sizes = results.plan.sizes
+    if not sizes:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
     for kind, target, style in (("bpfproxy", "last", "-o"), ("bpfproxy", "non-service", ":o"),
                                 ("iptables", "last", "-s"), ("iptables", "non-service", ":s"),
                                 ("nftables", "last", "-^"), ("nftables", "non-service", ":^")):

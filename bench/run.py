@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import control_plane, loadgen, report, topology, workload
+from bench import control_plane, loadgen, report, sources, topology, workload
 from bench.kubeproxy import load as kp_load
 from bench.kubeproxy import render_rules
 from bench.stats import Series
@@ -32,17 +32,24 @@ class Plan:
     cp_change_size: int              # services present during the single-endpoint changes
     cp_changes: int
     cp_reach: int
+    # control plane from both sources (bench/sources.py): (services, endpoints) sizes
+    src_sizes: list[tuple[int, int]] = field(default_factory=list)
+    src_reps: int = 2
+    src_changes: int = 6
+    sources: tuple[str, ...] = sources.SOURCES
 
     @classmethod
     def full(cls) -> Plan:
         return cls([1, 1000, 10000, 50000, 100000], reps=4, seconds=0.8, rule_limit=10000,
                    cp_sizes=[1000, 10000, 100000], cp_change_size=10000, cp_changes=200,
-                   cp_reach=20)
+                   cp_reach=20, src_sizes=[(10000, 10), (50000, 3)], src_reps=2,
+                   src_changes=10)
 
     @classmethod
     def quick(cls) -> Plan:
         return cls([1, 1000], reps=3, seconds=0.4, rule_limit=1000, cp_sizes=[1000],
-                   cp_change_size=1000, cp_changes=30, cp_reach=5)
+                   cp_change_size=1000, cp_changes=30, cp_reach=5,
+                   src_sizes=[(1000, 10)], src_reps=2, src_changes=4)
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Results:
     memory: dict = field(default_factory=dict)           # size -> (rss, map bytes)
     drift: dict = field(default_factory=dict)            # "start"/"end" -> Series
     control: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     def add(self, key: tuple, result: dict) -> None:
@@ -146,11 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cp-reach", type=int, help="changes timed until traffic follows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-control-plane", action="store_true")
+    parser.add_argument("--src-sizes", type=lambda s: [tuple(int(n) for n in x.split("x"))
+                                                       for x in s.split(",")],
+                        help="control plane from both sources: SERVICESxENDPOINTS[,...]")
+    parser.add_argument("--src-reps", type=int, help="interleaved reps of the source trials")
+    parser.add_argument("--src-changes", type=int, help="single changes per source trial")
+    parser.add_argument("--sources", type=lambda s: tuple(s.split(",")),
+                        help=f"of {','.join(sources.SOURCES)}")
+    parser.add_argument("--only-sources", action="store_true",
+                        help="only the control plane from both sources (no traffic)")
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan.full()
     if args.sizes:
         plan.sizes = args.sizes
-    for name in ("reps", "seconds", "cp_sizes", "cp_changes", "cp_reach"):
+    for name in ("reps", "seconds", "cp_sizes", "cp_changes", "cp_reach", "src_sizes",
+                 "src_reps", "src_changes", "sources"):
         if getattr(args, name):
             setattr(plan, name, getattr(args, name))
     if args.cp_sizes:
@@ -163,12 +181,19 @@ def main(argv: list[str] | None = None) -> int:
             beds[kind] = topology.build(kind, binary, extra_backends=1 if kind == "bpfproxy"
                                         else 0)
         agent = topology.AgentClient(beds["bpfproxy"].agent.api)
-        measure_drift(beds, plan, results, "start")
-        for size in plan.sizes:
-            measure_size(beds, size, plan, results, agent)
-        measure_drift(beds, plan, results, "end")
-        if not args.no_control_plane:
-            results.control = control_plane.measure(beds, plan, agent, say)
+        if args.only_sources:
+            plan.sizes = []
+        else:
+            measure_drift(beds, plan, results, "start")
+            for size in plan.sizes:
+                measure_size(beds, size, plan, results, agent)
+            measure_drift(beds, plan, results, "end")
+            if not args.no_control_plane:
+                results.control = control_plane.measure(beds, plan, agent, say)
+        if plan.src_sizes and not args.no_control_plane:
+            say(f"control plane from both sources: {plan.src_sizes}, {plan.src_reps} reps")
+            results.sources = sources.measure(beds["bpfproxy"], plan.src_sizes, plan.src_reps,
+                                              plan.src_changes, plan.sources, say)
         agent.close()
     finally:
         for bed in beds.values():
