@@ -9,7 +9,7 @@ AREAS = [("yaml parse", ("yaml/", "_yaml", "CSafeLoader", "construct_", "load_al
          ("kube client decode", ("kubernetes/client/api_client", "deserializ", "urllib3", "http/client", "socket.py")),
          ("source (manifests/kube)", ("agent/sources/",)),
          ("model", ("agent/model/",)),
-         ("planner", ("agent/planner.py",)),
+         ("planner", ("agent/planner/",)),
          ("packing + map writes", ("agent/datapath/maps.py", "agent/datapath/bpfsys", "ctypes")),
          ("api encoding", ("agent/api/", "grpc", "protobuf")),
          ("agent loop", ("agent/agent.py",)),

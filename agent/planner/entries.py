@@ -1,0 +1,96 @@
+"""What one service port becomes in the kernel: the frontends it claims, its entry (slot
+table, flags, hash), and the same entry shrunk when its change is refused. Pure."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from agent.model.types import ServicePortState
+from agent.planner.kernel import (
+    NO_BACKENDS,
+    SVC_F_MAGLEV,
+    SVC_F_SOURCE_RANGES,
+    BackendAddr,
+    FrontendKey,
+    KernelService,
+)
+from agent.planner.scopes import FIREWALLED, INTERNAL, ServiceKey, is_outside, port_hash
+
+
+def claim(key: ServiceKey, state: ServicePortState, svc_id: int, owners, losers: dict,
+          conflicts: list[str]) -> frozenset[FrontendKey]:
+    """The frontends of `state` that go to svc_id: all but those another port owns."""
+    frontends = set()
+    for f in state.frontends:
+        fkey = frontend_key(f, key)
+        if owners.setdefault(fkey, svc_id) != svc_id:
+            conflicts.append(f"{fkey} of {state.name} is already served by another "
+                             f"service port; frontend skipped")
+            losers.setdefault(fkey, set()).add(key)
+            continue
+        frontends.add(fkey)
+    return frozenset(frontends)
+
+
+def shrunk(old: KernelService, state: ServicePortState) -> KernelService:
+    """A refused service port as the kernel holds it, without the backends it no longer
+    has (a terminated pod must not keep getting traffic while the maps are full): slots
+    only move and go, so this never needs room."""
+    wanted = {BackendAddr(b.address, b.port) for b in state.backends}
+    kept = [b for b in old.backends if b in wanted]
+    return replace(old, backends=stable_slots(old.backends, kept), stray_slots=(),
+                   stale_frontends=frozenset(), local=old.local.intersection(kept))
+
+
+def frontend_key(f, key: ServiceKey) -> FrontendKey:
+    """A model frontend as the kernel keys it for the by_scope part `key`."""
+    return FrontendKey(f.address, f.port, f.protocol, 1 if is_outside(key) else 0)
+
+
+def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
+          frontends: frozenset[FrontendKey], old: KernelService | None,
+          maglev_m: int = 0) -> KernelService:
+    """The service port part as the kernel will hold it: surviving backends keep their
+    slots; flags from its scope (source ranges when firewalled, Maglev from outside)."""
+    wanted = [BackendAddr(b.address, b.port) for b in state.backends]
+    scope = key.scope
+    flags = 0
+    if scope == FIREWALLED:
+        flags |= SVC_F_SOURCE_RANGES
+    # Maglev where a table fits (slot numbers are 16 bits); the TC path picks at random
+    # otherwise. ClusterIPs stay random: traffic from outside to them is not balanced
+    # across nodes.
+    if maglev_m and scope != INTERNAL and len(wanted) < min(maglev_m, 65536):
+        flags |= SVC_F_MAGLEV
+    local = [BackendAddr(b.address, b.port) for b in state.backends if b.local]
+    return KernelService(svc_id, key.family, frontends,
+                         stable_slots(old.backends if old else (), wanted),
+                         name_hash=port_hash(key),
+                         affinity=state.session_affinity_timeout, flags=flags,
+                         source_ranges=state.source_ranges if scope == FIREWALLED else (),
+                         local=frozenset(local) if local else NO_BACKENDS)
+
+
+def stable_slots(old: tuple[BackendAddr, ...], wanted: list[BackendAddr]
+                 ) -> tuple[BackendAddr, ...]:
+    """Surviving backends keep their slot; new ones fill the holes, then the tail moves in.
+    Fewer writes on large services, and no slot ever names a backend twice."""
+    wanted_set = set(wanted)
+    slots: list[BackendAddr | None] = [b if b in wanted_set else None for b in old]
+    present = {b for b in slots if b is not None}
+    newcomers = iter([b for b in wanted if b not in present])
+    for i, b in enumerate(slots):
+        if b is None:
+            slots[i] = next(newcomers, None)
+    slots.extend(newcomers)
+    # Holes left (more removed than added): move the last backends into them.
+    hole, end = 0, len(slots)
+    while True:
+        while hole < end and slots[hole] is not None:
+            hole += 1
+        while end > hole and slots[end - 1] is None:
+            end -= 1
+        if hole >= end:
+            break
+        slots[hole], slots[end - 1] = slots[end - 1], None
+    return tuple(slots[:end])  # type: ignore[arg-type]
+
