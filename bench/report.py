@@ -7,7 +7,7 @@ import platform
 import time
 from pathlib import Path
 
-from bench import sources
+from bench import north_south, sources
 from bench.stats import Series, fmt_rate, fmt_ratio, fmt_seconds, fmt_us, ratio
 
 TARGET_NAMES = {"pod": "backend pod (no proxy)", "first": "first service",
@@ -178,19 +178,22 @@ def markdown(results) -> str:
     traffic = targets_table(results) if plan.sizes else []
     return "\n".join(head + traffic + connection_tables(results)
                      + throughput_table(results) + program_table(results)
-                     + control_tables(results) + sources.markdown(results.sources))
+                     + control_tables(results) + sources.markdown(results.sources)
+                     + north_south.markdown(results.north_south))
 
 
 def as_json(results) -> dict:
     figures = {"|".join(map(str, key)): {m: s.values for m, s in metrics.items()}
                for key, metrics in results.figures.items()}
-    return {"plan": vars(results.plan), "figures": figures,
+    return {"plan": {k: v for k, v in vars(results.plan).items()
+                     if k != "north_south"}, "figures": figures,
             "load_seconds": {f"{k[0]}|{k[1]}": v for k, v in results.load_seconds.items()},
             "skipped": {f"{k[0]}|{k[1]}": v for k, v in results.skipped.items()},
             "memory": {str(k): v for k, v in results.memory.items()},
             "drift": {k: s.values for k, s in results.drift.items()},
             "control": results.control,
-            "sources": sources.as_json(results.sources) if results.sources else {}}
+            "sources": sources.as_json(results.sources) if results.sources else {},
+            "north_south": north_south.as_json(results.north_south)}
 
 
 def plot(results, path: Path) -> Path | None:

@@ -1,5 +1,7 @@
 """`make bench` / `make bench-quick`: bpfproxy vs kube-proxy's iptables and nftables layouts
 vs no proxy, on real network-namespace pods, interleaved rep by rep; writes bench/results/.
+East-west (pods to services) first, then north-south (bench/north_south.py: from outside
+through node 1 of a two-node lab).
 
 Every figure is reported as a ratio to a baseline measured in the same run."""
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import control_plane, loadgen, report, sources, topology, workload
+from bench import control_plane, loadgen, north_south, report, sources, topology, workload
 from bench.kubeproxy import load as kp_load
 from bench.kubeproxy import render_rules
 from bench.stats import Series
@@ -37,19 +39,21 @@ class Plan:
     src_reps: int = 2
     src_changes: int = 6
     sources: tuple[str, ...] = sources.SOURCES
+    north_south: north_south.Plan | None = None     # None: not measured
 
     @classmethod
     def full(cls) -> Plan:
         return cls([1, 1000, 10000, 50000, 100000], reps=4, seconds=0.8, rule_limit=10000,
                    cp_sizes=[1000, 10000, 100000], cp_change_size=10000, cp_changes=200,
                    cp_reach=20, src_sizes=[(10000, 10), (50000, 3)], src_reps=2,
-                   src_changes=10)
+                   src_changes=10, north_south=north_south.Plan.full())
 
     @classmethod
     def quick(cls) -> Plan:
         return cls([1, 1000], reps=3, seconds=0.4, rule_limit=1000, cp_sizes=[1000],
                    cp_change_size=1000, cp_changes=30, cp_reach=5,
-                   src_sizes=[(1000, 10)], src_reps=2, src_changes=4)
+                   src_sizes=[(1000, 10)], src_reps=2, src_changes=4,
+                   north_south=north_south.Plan.quick())
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Results:
     drift: dict = field(default_factory=dict)            # "start"/"end" -> Series
     control: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
+    north_south: north_south.NorthSouth | None = None
     started: float = field(default_factory=time.time)
 
     def add(self, key: tuple, result: dict) -> None:
@@ -141,40 +146,8 @@ def measure_drift(beds, plan: Plan, results: Results, label: str) -> None:
         series.add(result["rate"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, for development")
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
-                        help="override the service counts, e.g. 1,1000")
-    parser.add_argument("--reps", type=int)
-    parser.add_argument("--seconds", type=float, help="length of one measurement")
-    parser.add_argument("--cp-sizes", type=lambda s: [int(x) for x in s.split(",")],
-                        help="control plane full-sync sizes")
-    parser.add_argument("--cp-changes", type=int, help="single endpoint changes to time")
-    parser.add_argument("--cp-reach", type=int, help="changes timed until traffic follows")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--no-control-plane", action="store_true")
-    parser.add_argument("--src-sizes", type=lambda s: [tuple(int(n) for n in x.split("x"))
-                                                       for x in s.split(",")],
-                        help="control plane from both sources: SERVICESxENDPOINTS[,...]")
-    parser.add_argument("--src-reps", type=int, help="interleaved reps of the source trials")
-    parser.add_argument("--src-changes", type=int, help="single changes per source trial")
-    parser.add_argument("--sources", type=lambda s: tuple(s.split(",")),
-                        help=f"of {','.join(sources.SOURCES)}")
-    parser.add_argument("--only-sources", action="store_true",
-                        help="only the control plane from both sources (no traffic)")
-    args = parser.parse_args(argv)
-    plan = Plan.quick() if args.quick else Plan.full()
-    if args.sizes:
-        plan.sizes = args.sizes
-    for name in ("reps", "seconds", "cp_sizes", "cp_changes", "cp_reach", "src_sizes",
-                 "src_reps", "src_changes", "sources"):
-        if getattr(args, name):
-            setattr(plan, name, getattr(args, name))
-    if args.cp_sizes:
-        plan.cp_change_size = max(args.cp_sizes)
-    results = Results(plan)
-    binary = loadgen.build()
+def measure_east_west(plan: Plan, results: Results, binary, args) -> None:
+    """Pods to services on one node per contestant, then the control plane."""
     beds: dict[str, topology.Bed] = {}
     try:
         for kind in CONTESTANTS:
@@ -198,6 +171,72 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for bed in beds.values():
             bed.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for development")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="override the service counts, e.g. 1,1000")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--seconds", type=float, help="length of one measurement")
+    parser.add_argument("--cp-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="control plane full-sync sizes")
+    parser.add_argument("--cp-changes", type=int, help="single endpoint changes to time")
+    parser.add_argument("--cp-reach", type=int, help="changes timed until traffic follows")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-control-plane", action="store_true")
+    parser.add_argument("--src-sizes", type=lambda s: [tuple(int(n) for n in x.split("x"))
+                                                       for x in s.split(",")],
+                        help="control plane from both sources: SERVICESxENDPOINTS[,...]")
+    parser.add_argument("--src-reps", type=int, help="interleaved reps of the source trials")
+    parser.add_argument("--src-changes", type=int, help="single changes per source trial")
+    parser.add_argument("--sources", type=lambda s: tuple(s.split(",")),
+                        help=f"of {','.join(sources.SOURCES)}")
+    parser.add_argument("--only-sources", action="store_true",
+                        help="only the control plane from both sources (no traffic)")
+    parser.add_argument("--no-north-south", action="store_true",
+                        help="skip the north-south section (traffic from outside)")
+    parser.add_argument("--only-north-south", action="store_true",
+                        help="only the north-south section")
+    parser.add_argument("--ns-reps", type=int, help="north-south interleaved reps")
+    parser.add_argument("--ns-seconds", type=float, help="north-south: one measurement's length")
+    parser.add_argument("--ns-frontends", type=lambda s: tuple(s.split(",")),
+                        help="north-south frontends: nodeport,lb")
+    parser.add_argument("--ns-contestants", type=lambda s: tuple(s.split(",")),
+                        help="north-south contestants, of "
+                             + ",".join(c.name for c in north_south.CONTESTANTS))
+    args = parser.parse_args(argv)
+    plan = Plan.quick() if args.quick else Plan.full()
+    if args.sizes:
+        plan.sizes = args.sizes
+    for name in ("reps", "seconds", "cp_sizes", "cp_changes", "cp_reach", "src_sizes",
+                 "src_reps", "src_changes", "sources"):
+        if getattr(args, name):
+            setattr(plan, name, getattr(args, name))
+    if args.cp_sizes:
+        plan.cp_change_size = max(args.cp_sizes)
+    if args.no_north_south:
+        plan.north_south = None
+    elif plan.north_south is not None:
+        for name, value in (("reps", args.ns_reps), ("seconds", args.ns_seconds),
+                            ("frontends", args.ns_frontends),
+                            ("contestants", args.ns_contestants)):
+            if value:
+                setattr(plan.north_south, name, value)
+        if "direct" not in plan.north_south.contestants:   # every ratio is to it
+            plan.north_south.contestants = ("direct", *plan.north_south.contestants)
+        unknown = set(plan.north_south.contestants) - set(north_south.BY_NAME)
+        if unknown:
+            parser.error(f"--ns-contestants: unknown {sorted(unknown)}")
+    results = Results(plan)
+    binary = loadgen.build()
+    if args.only_north_south:
+        plan.sizes, plan.src_sizes = [], []
+    else:
+        measure_east_west(plan, results, binary, args)
+    if plan.north_south is not None and not args.only_sources:
+        results.north_south = north_south.measure(binary, plan.north_south, say)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(results.started))
     name = "quick" if args.quick else "full"

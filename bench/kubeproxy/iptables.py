@@ -1,7 +1,8 @@
 """kube-proxy's iptables-mode rules for a desired state, as one `iptables-restore` input.
 Pure: a mirror of kubernetes/kubernetes pkg/proxy/iptables/proxier.go syncProxyRules (IPv4).
 
-What is mirrored (ClusterIP services, Cluster traffic policy, no session affinity):
+What is mirrored (ClusterIP, NodePort, ExternalIP and LoadBalancer with Cluster traffic
+policies, no session affinity, no loadBalancerSourceRanges):
   - filter and nat chain lines and rules in the order syncProxyRules writes them (chain lines
     first, then rules), with KUBE-NODEPORTS jumped to last from nat KUBE-SERVICES by
     `-m addrtype --dst-type LOCAL` (nodePortAddresses unset, localhostNodePorts=true);
@@ -15,7 +16,12 @@ What is mirrored (ClusterIP services, Cluster traffic policy, no session affinit
   - REJECT in filter KUBE-SERVICES for a service port with no endpoints;
   - KUBE-POSTROUTING / KUBE-MARK-MASQ with mark 0x4000 (masqueradeBit 14) and MASQUERADE
     --random-fully (kube-proxy adds it when iptables supports it; 1.8.9 here does);
-  - KUBE-FORWARD, and KUBE-FIREWALL's localnet rule (localhostNodePorts=true).
+  - KUBE-FORWARD, and KUBE-FIREWALL's localnet rule (localhostNodePorts=true);
+  - external destinations of externalTrafficPolicy Cluster: `KUBE-SERVICES -d <external or
+    load balancer IP> -j KUBE-EXT-<hash>`, `KUBE-NODEPORTS --dport <nodePort> -j KUBE-EXT-`,
+    and KUBE-EXT-<hash> marking everything for masquerade ("masquerade traffic for ...
+    external destinations") before jumping to KUBE-SVC-; with no endpoints, REJECTs in
+    filter KUBE-EXTERNAL-SERVICES (NodePorts matched with `--dst-type LOCAL`).
   The jump rules from the built-in chains are not in the restore input (kube-proxy ensures
   them with `iptables -C`/`-I` before each full sync): JUMP_RULES lists them for the loader.
 
@@ -23,9 +29,9 @@ Differences kept on purpose:
   - Service order in KUBE-SERVICES is fixed (service_order), not Go's random map order.
   - No `-m nfacct` on the INVALID drop rule by default: kube-proxy adds it only when the
     nfacct counter can be created, and this kernel has no xt_nfacct (nfacct=True restores it).
-  - Only ClusterIP: no NodePort/ExternalIP/LoadBalancer/KUBE-EXT/KUBE-FW/KUBE-SVL chains,
-    no session affinity (`-m recent`), no Local traffic policies; IPv6 entries are skipped
-    (kube-proxy runs one proxier per family).
+  - No KUBE-FW (source ranges) or KUBE-SVL/KUBE-SVC-local chains, no session affinity
+    (`-m recent`), no Local traffic policies (rendering one raises ValueError); IPv6
+    entries are skipped (kube-proxy runs one proxier per family).
   - A full sync only: no `-X` of stale chains (nothing is stale in a fresh namespace).
   - The mark is written "0x4000"; kube-proxy formats 1<<14 as "%#08x" ("0x004000"), which
     iptables stores as the same value.
@@ -36,10 +42,13 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from agent.model.types import DesiredState, ServicePortName
+from agent.model.types import DesiredState, FrontendKind, ServicePortName
 from bench.kubeproxy.names import (
+    check_cluster_policy,
     cluster_ips,
     endpoint_string,
+    external_frontends,
+    node_ports,
     ordered_states,
     port_name_string,
     protocol_lower,
@@ -51,6 +60,7 @@ __all__ = [
     "JUMP_RULES",
     "KUBE_CHAINS",
     "endpoint_chain_name",
+    "external_chain_name",
     "port_proto_hash",
     "probability",
     "render_iptables",
@@ -107,6 +117,11 @@ def port_proto_hash(service_port_name: str, protocol: str) -> str:
 def service_chain_name(name: ServicePortName) -> str:
     """servicePortPolicyClusterChain: KUBE-SVC-<hash of "ns/name:port" + "tcp">."""
     return "KUBE-SVC-" + port_proto_hash(port_name_string(name), protocol_lower(name))
+
+
+def external_chain_name(name: ServicePortName) -> str:
+    """servicePortExternalChainName: KUBE-EXT-<the same hash as KUBE-SVC->."""
+    return "KUBE-EXT-" + port_proto_hash(port_name_string(name), protocol_lower(name))
 
 
 def endpoint_chain_name(name: ServicePortName, endpoint: str) -> str:
@@ -179,6 +194,29 @@ def render_iptables(
                 )
                 continue
             nat_rules.append(f"-A KUBE-SERVICES {match} -j {svc_chain}")
+        ext_chain = external_chain_name(name)
+        has_external = any(f.kind.external for f in state.frontends)
+        if has_external:
+            check_cluster_policy(state)
+        for kind, label in ((FrontendKind.EXTERNAL_IP, "external IP"),
+                            (FrontendKind.LOAD_BALANCER, "loadbalancer IP")):
+            for frontend in external_frontends(state, kind):
+                dest = f"-m {proto} -p {proto} -d {frontend.address} --dport {frontend.port}"
+                if backends:
+                    nat_rules.append(f'-A KUBE-SERVICES -m comment --comment "{port_name} '
+                                     f'{label}" {dest} -j {ext_chain}')
+                else:
+                    filter_rules.append(f'-A KUBE-EXTERNAL-SERVICES -m comment --comment '
+                                        f'"{port_name} has no endpoints" {dest} -j REJECT')
+        for node_port in node_ports(state):
+            if backends:
+                nat_rules.append(f"-A KUBE-NODEPORTS -m comment --comment {port_name}"
+                                 f" -m {proto} -p {proto} --dport {node_port} -j {ext_chain}")
+            else:
+                filter_rules.append(
+                    f'-A KUBE-EXTERNAL-SERVICES -m comment --comment "{port_name} has no '
+                    f'endpoints" -m addrtype --dst-type LOCAL -m {proto} -p {proto}'
+                    f" --dport {node_port} -j REJECT")
         if not backends:
             continue
 
@@ -193,6 +231,13 @@ def render_iptables(
             elif cluster_cidr:
                 # Off-cluster sources reaching a service VIP through this node get SNAT.
                 nat_rules.append(f"-A {svc_chain} {match} ! -s {cluster_cidr} -j KUBE-MARK-MASQ")
+        if has_external:
+            # externalTrafficPolicy Cluster: the backend may be on another node, so every
+            # packet to an external destination is masqueraded (the client address is lost).
+            nat_chains.append(f":{ext_chain} - [0:0]")
+            nat_rules.append(f'-A {ext_chain} -m comment --comment "masquerade traffic for '
+                             f'{port_name} external destinations" -j KUBE-MARK-MASQ')
+            nat_rules.append(f"-A {ext_chain} -j {svc_chain}")
 
         sep_chains = [endpoint_chain_name(name, endpoint_string(b)) for b in backends]
         count = len(backends)

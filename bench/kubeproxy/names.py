@@ -46,6 +46,25 @@ def cluster_ips(state: ServicePortState) -> list:
     return [f for f in state.frontends if f.kind is FrontendKind.CLUSTER_IP]
 
 
+def external_frontends(state: ServicePortState, kind: FrontendKind) -> list:
+    """The port's frontends of one external kind (NodePort, ExternalIP, LoadBalancer)."""
+    return [f for f in state.frontends if f.kind is kind]
+
+
+def node_ports(state: ServicePortState) -> list[int]:
+    """The port's NodePort numbers (the model has one frontend per node IP; kube-proxy's
+    rules match the port on every local address, or on the NodePort addresses)."""
+    return sorted({f.port for f in external_frontends(state, FrontendKind.NODE_PORT)})
+
+
+def check_cluster_policy(state: ServicePortState) -> None:
+    """The bench mirrors the external layout of externalTrafficPolicy Cluster without
+    loadBalancerSourceRanges only: say so rather than render something kube-proxy would not."""
+    if state.outside_backends != state.external_backends or state.source_ranges:
+        raise ValueError(f"{port_name_string(state.name)}: externalTrafficPolicy Local and "
+                         "loadBalancerSourceRanges are not mirrored by the bench's layouts")
+
+
 def sorted_backends(state: ServicePortState) -> list[Backend]:
     """Endpoints in kube-proxy's order: EndpointsMap sorts them by their "ip:port" string
     (byEndpoint), not numerically, and that order decides the probability ladder."""

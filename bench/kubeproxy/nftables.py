@@ -2,7 +2,8 @@
 table ip kube-proxy. Pure: a mirror of pkg/proxy/nftables/proxier.go (setupNFTables and
 syncProxyRules), in the statement form of knftables' dump that its proxier_test.go expects.
 
-What is mirrored (ClusterIP services, Cluster traffic policy, no session affinity):
+What is mirrored (ClusterIP, NodePort, ExternalIP and LoadBalancer with Cluster traffic
+policies, no session affinity, no loadBalancerSourceRanges):
   - the base chains (filter-prerouting-pre-dnat/-output-pre-dnat at -110, filter-input/
     -forward/-output at 0, nat-prerouting/-output at -100, nat-postrouting at 100) and the
     jump rules from them; sets cluster-ips (and nodeport-ips), the verdict maps service-ips,
@@ -19,14 +20,20 @@ What is mirrored (ClusterIP services, Cluster traffic policy, no session affinit
   - a port with no endpoints: a no-endpoint-services element `goto reject-chain` with the
     service port name as element comment; every ClusterIP in cluster-ips, and with service
     CIDRs given, cluster-ips-check's drop of unallocated ClusterIPs;
-  - mark-for-masquerade / masquerading with mark 0x4000 and `masquerade fully-random`.
+  - mark-for-masquerade / masquerading with mark 0x4000 and `masquerade fully-random`;
+  - external destinations of externalTrafficPolicy Cluster: service-ips elements of the
+    external and load balancer IPs and service-nodeports elements `proto . nodePort`, all
+    `goto external-<HASH8>-ns/name/proto/port`, which jumps to mark-for-masquerade and goes
+    to the service chain; with no endpoints, no-endpoint-services / no-endpoint-nodeports
+    elements `goto reject-chain`.
 
 Differences kept on purpose:
   - The file starts `add table ip kube-proxy` + `delete table ip kube-proxy`, so each load
     replaces everything; kube-proxy keeps the table and flushes what it owns in a transaction
     (and does a one-off add+delete of its base chains at start-up).
-  - Only ClusterIP: no external-/firewall-/local- chains, no affinity sets, no NodePort or
-    firewall elements; IPv6 entries are skipped (ip6 kube-proxy is a separate table).
+  - No firewall-/local- chains, no affinity sets, no firewall elements, no Local traffic
+    policies (rendering one raises ValueError); IPv6 entries are skipped (ip6 kube-proxy is
+    a separate table).
   - masquerade_all writes `ip daddr <IP> jump mark-for-masquerade` (kube-proxy versions differ
     on whether `tcp dport` follows; the service chain is per port, so either matches alike).
   - No stale-chain bookkeeping: one full sync into a fresh table.
@@ -38,10 +45,13 @@ import base64
 import hashlib
 from collections.abc import Iterable
 
-from agent.model.types import DesiredState, ServicePortName
+from agent.model.types import DesiredState, FrontendKind, ServicePortName
 from bench.kubeproxy.names import (
+    check_cluster_policy,
     cluster_ips,
     endpoint_string,
+    external_frontends,
+    node_ports,
     ordered_states,
     port_name_string,
     protocol_lower,
@@ -215,8 +225,33 @@ def render_nftables(
                     f'no-endpoint-services {{ {key} comment "{port_name_string(name)}"'
                     " : goto reject-chain }",
                 )
+        ext_chain = "external-" + service_chain_base(name)
+        has_external = any(f.kind.external for f in state.frontends)
+        if has_external:
+            check_cluster_policy(state)
+            if backends:
+                add("chain", ext_chain)
+        for frontend in (*external_frontends(state, FrontendKind.EXTERNAL_IP),
+                         *external_frontends(state, FrontendKind.LOAD_BALANCER)):
+            key = f"{frontend.address} . {proto} . {frontend.port}"
+            if backends:
+                add("element", f"service-ips {{ {key} : goto {ext_chain} }}")
+            else:
+                add("element", f'no-endpoint-services {{ {key} comment '
+                               f'"{port_name_string(name)}" : goto reject-chain }}')
+        for node_port in node_ports(state):
+            if backends:
+                add("element", f"service-nodeports {{ {proto} . {node_port} : goto {ext_chain} }}")
+            else:
+                add("element", f'no-endpoint-nodeports {{ {proto} . {node_port} comment '
+                               f'"{port_name_string(name)}" : goto reject-chain }}')
         if not backends:
             continue
+        if has_external:
+            # externalTrafficPolicy Cluster: every packet to an external destination is
+            # masqueraded (the backend may be on another node).
+            add("rule", f"{ext_chain} jump mark-for-masquerade")
+            add("rule", f"{ext_chain} goto {svc_chain}")
         for frontend in cluster_ips(state):
             if masquerade_all:
                 add("rule", f"{svc_chain} ip daddr {frontend.address} jump mark-for-masquerade")

@@ -13,11 +13,14 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "loadgen.c"
 DEFAULT_OUT = SOURCE.parent / "build"
-CLIENT_MODES = ("tcp_crr", "tcp_rr", "udp_rr", "udp_crr", "tcp_stream")
-# Every client result has these; tcp_stream has bytes/bits_per_second instead of the rest.
+CLIENT_MODES = ("tcp_crr", "tcp_rr", "udp_rr", "udp_crr", "tcp_stream", "udp_flood")
+# Every client result has these; tcp_stream has bytes/bits_per_second instead of the rest,
+# udp_flood (one-way, the receiver counts arrivals) what it sent.
 COMMON_FIELDS = ("mode", "threads", "errors", "seconds")
 RR_FIELDS = ("transactions", "rate", "p50_us", "p90_us", "p99_us", "max_us")
 STREAM_FIELDS = ("bytes", "bits_per_second")
+FLOOD_FIELDS = ("packets", "rate", "flows")
+MODE_FIELDS = {"tcp_stream": STREAM_FIELDS, "udp_flood": FLOOD_FIELDS}
 
 
 def build(out_dir: Path | None = None) -> Path:
@@ -47,7 +50,7 @@ def parse_result(stdout: str) -> dict:
     if not lines:
         raise ValueError("loadgen: the client printed no result")
     result = json.loads(lines[-1])
-    wanted = COMMON_FIELDS + (STREAM_FIELDS if result.get("mode") == "tcp_stream" else RR_FIELDS)
+    wanted = COMMON_FIELDS + MODE_FIELDS.get(result.get("mode"), RR_FIELDS)
     missing = [name for name in wanted if name not in result]
     if missing:
         raise ValueError(f"loadgen: result lacks {missing}: {lines[-1]}")

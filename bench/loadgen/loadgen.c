@@ -8,6 +8,10 @@
  *   loadgen udp_rr     (same options) [--connected]  one socket per thread (netperf UDP_RR)
  *   loadgen udp_crr    (same options) [--connected]  a new socket per request (a DNS client)
  *   loadgen tcp_stream (same options)  one connection per thread: 'S', then 64 KiB writes
+ *   loadgen udp_flood  --addr A --port P --duration S [--flows N] [--rate PPS] [--size B]
+ *                      one-way small datagrams from N sockets (N source ports, N flows) by
+ *                      sendmmsg, as fast as it can or paced at PPS; counts what it sent (the
+ *                      receiver counts what arrived: a packet-rate benchmark's sender)
  *
  * A client prints one JSON line and exits 0 once warmup + duration (+ at most one --timeout
  * for the transactions in flight) have passed; errors are counted by errno name, never fatal.
@@ -38,6 +42,8 @@
 #define MAX_PORTS 64
 #define MAX_THREADS 256
 #define BULK_SIZE (64 * 1024)
+#define MAX_FLOWS 1024
+#define FLOOD_BATCH 32 /* datagrams per sendmmsg: the syscall is paid once per batch */
 
 static void die(const char *what)
 {
@@ -52,7 +58,9 @@ static void usage(const char *why)
 		"usage: loadgen server --port P [--port P ...] [--bind ADDR] [--threads T]\n"
 		"       loadgen tcp_crr|tcp_rr|udp_rr|udp_crr|tcp_stream --addr A --port P\n"
 		"               --duration S [--threads T] [--warmup S] [--timeout S] [--connected]\n"
-		"               [--rate N]   (tcp_crr: at most N connections a second in all)\n",
+		"               [--rate N]   (tcp_crr: at most N connections a second in all)\n"
+		"       loadgen udp_flood --addr A --port P --duration S [--flows N] [--rate PPS]\n"
+		"               [--size B]\n",
 		why);
 	exit(2);
 }
@@ -852,6 +860,85 @@ static int cmd_client(struct client_config *cfg, int nthreads, double duration, 
 	return 0;
 }
 
+/* -- udp_flood: one-way packets, counted by the receiver --------------------------------- */
+
+struct flood_config {
+	struct address target;
+	int flows, size;
+	double duration, rate; /* rate 0: as fast as the sender can */
+};
+
+/* Sends FLOOD_BATCH datagrams per sendmmsg() on each of `flows` connected sockets in turn,
+ * so every flow (source port) carries an equal share. Paced: before each batch, waits until
+ * the packets sent so far are due (a run's rate is exact; bursts are one batch). A send the
+ * kernel refuses (ENOBUFS, EAGAIN) is counted by errno and its datagrams as not sent. */
+static int cmd_udp_flood(const struct flood_config *cfg)
+{
+	if (cfg->flows < 1 || cfg->flows > MAX_FLOWS)
+		usage("--flows takes 1-1024");
+	if (cfg->size < 1 || cfg->size > 1400)
+		usage("--size takes 1-1400 (bytes of UDP payload)");
+	if (cfg->duration <= 0 || cfg->rate < 0)
+		usage("--duration must be > 0 and --rate >= 0");
+	raise_nofile();
+	int fds[MAX_FLOWS];
+	for (int f = 0; f < cfg->flows; f++) {
+		fds[f] = socket(cfg->target.family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+		if (fds[f] < 0)
+			die("socket");
+		if (connect(fds[f], (const struct sockaddr *)&cfg->target.sa, cfg->target.len) < 0)
+			die("connect");
+	}
+	static char payload[1400];
+	memset(payload, 'f', sizeof(payload));
+	struct iovec iov = {.iov_base = payload, .iov_len = (size_t)cfg->size};
+	struct mmsghdr msgs[FLOOD_BATCH];
+	memset(msgs, 0, sizeof(msgs));
+	for (int i = 0; i < FLOOD_BATCH; i++) {
+		msgs[i].msg_hdr.msg_iov = &iov;
+		msgs[i].msg_hdr.msg_iovlen = 1;
+	}
+	uint64_t errors[ERRNO_SLOTS] = {0}, sent = 0, batches = 0;
+	uint64_t begin = now_ns(), stop_at = begin + (uint64_t)(cfg->duration * 1e9), now = begin;
+	for (int f = 0; (now = now_ns()) < stop_at; f = (f + 1) % cfg->flows) {
+		if (cfg->rate > 0) {
+			uint64_t due = begin + (uint64_t)((double)sent * 1e9 / cfg->rate);
+			if (due > stop_at)
+				break;
+			if (due > now) {
+				struct timespec ts = {.tv_sec = (time_t)(due / 1000000000u),
+						      .tv_nsec = (long)(due % 1000000000u)};
+				clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+			}
+		}
+		int n = sendmmsg(fds[f], msgs, FLOOD_BATCH, 0);
+		batches++;
+		if (n < 0) {
+			errors[errno > 0 && errno < ERRNO_SLOTS ? errno : ERR_BAD_REPLY]++;
+			continue;
+		}
+		sent += (uint64_t)n;
+	}
+	double seconds = (double)(now_ns() - begin) / 1e9;
+	for (int f = 0; f < cfg->flows; f++)
+		close(fds[f]);
+	printf("{\"mode\": \"udp_flood\", \"threads\": 1, \"flows\": %d, \"size\": %d, \"errors\": {",
+	       cfg->flows, cfg->size);
+	const char *sep = "";
+	for (int e = 0; e < ERRNO_SLOTS; e++) {
+		if (!errors[e])
+			continue;
+		char spare[32];
+		printf("%s\"%s\": %" PRIu64, sep, error_name(e, spare, sizeof(spare)), errors[e]);
+		sep = ", ";
+	}
+	printf("}, \"seconds\": %.6f, \"packets\": %" PRIu64 ", \"batches\": %" PRIu64
+	       ", \"rate\": %.1f, \"asked_rate\": %.1f}\n",
+	       seconds, sent, batches, (double)sent / seconds, cfg->rate);
+	fflush(stdout);
+	return 0;
+}
+
 /* -- command line ---------------------------------------------------------------------- */
 
 static double number(const char *opt, const char *text)
@@ -880,6 +967,7 @@ int main(int argc, char **argv)
 	const char *cmd = argv[1], *addr = NULL, *bind_text = "0.0.0.0";
 	int ports[MAX_PORTS], nports = 0, nthreads = 0;
 	double duration = 0, warmup = 0, timeout = 1.0, rate = 0;
+	int flows = 64, size = 18; /* udp_flood: 18 bytes of payload make a 64-byte frame */
 	bool connected = false;
 	for (int i = 2; i < argc; i++) {
 		const char *opt = argv[i];
@@ -911,6 +999,10 @@ int main(int argc, char **argv)
 			timeout = number(opt, val);
 		} else if (!strcmp(opt, "--rate")) {
 			rate = number(opt, val);
+		} else if (!strcmp(opt, "--flows")) {
+			flows = (int)number(opt, val);
+		} else if (!strcmp(opt, "--size")) {
+			size = (int)number(opt, val);
 		} else {
 			usage("unknown option");
 		}
@@ -921,6 +1013,15 @@ int main(int argc, char **argv)
 			nthreads = cpus < 1 ? 1 : cpus > MAX_THREADS ? MAX_THREADS : (int)cpus;
 		}
 		return cmd_server(ports, nports, bind_text, nthreads);
+	}
+	if (!strcmp(cmd, "udp_flood")) {
+		struct flood_config flood = {.flows = flows, .size = size, .duration = duration,
+					     .rate = rate};
+		if (!addr || nports != 1)
+			usage("udp_flood takes --addr and one --port");
+		if (!parse_address(addr, ports[0], &flood.target))
+			usage("--addr takes an IPv4 or IPv6 address");
+		return cmd_udp_flood(&flood);
 	}
 	struct client_config cfg = {.connected = connected};
 	unsigned m;

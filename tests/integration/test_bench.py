@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import run
+from bench import north_south, run
 
 pytestmark = pytest.mark.integration
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def test_the_smallest_bench_produces_every_row(tmp_path):
     code = run.main(["--quick", "--sizes", "1", "--reps", "1", "--seconds", "0.2",
                      "--cp-sizes", "50", "--cp-changes", "4", "--cp-reach", "2",
-                     "--out", str(tmp_path)])
+                     "--no-north-south", "--out", str(tmp_path)])
     assert code == 0
     report = (tmp_path / "quick-latest.md").read_text()
     for heading in ("Where we stand against the targets", "Connection cost vs cluster size",
@@ -34,3 +34,35 @@ def test_the_smallest_bench_produces_every_row(tmp_path):
     changes = data["control"]["endpoint_changes"]
     assert changes["changes"] == 4 and changes["reach_samples"] == 2
     assert (tmp_path / "quick-latest.png").stat().st_size > 10_000
+
+
+def test_the_smallest_north_south_bench_measures_every_contestant_from_outside(tmp_path):
+    code = run.main(["--quick", "--only-north-south", "--ns-reps", "1", "--ns-seconds", "0.2",
+                     "--ns-frontends", "nodeport,lb", "--out", str(tmp_path)])
+    assert code == 0
+    report = (tmp_path / "quick-latest.md").read_text()
+    for heading in ("North-south: from outside to node 1", "Packet rate (UDP",
+                    "Connections and bulk throughput from outside", "North-south targets"):
+        assert heading in report
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    built = [c.name for c in north_south.CONTESTANTS if c.setup is not None]
+    assert {"direct", "iptables", "nftables", "bpfproxy-tc"} <= set(built)
+    for name in built:
+        frontends = ("NodePort", "LoadBalancer IP") if name != "direct" else ("pod address",)
+        for where in ("local", "remote"):
+            for frontend in frontends:
+                # one row in the packet table and one in the connection table
+                assert sum(r.startswith(f"| {name} | {where} | {frontend} |")
+                           for r in rows) == 2, (name, where, frontend)
+    for name in ("bpfproxy-xdp", "bpfproxy-dsr"):
+        assert any(r.startswith(f"| {name} | - | - | not built yet") for r in rows), name
+    assert any(r.startswith("| TC's own cost per packet") for r in rows)
+    assert any(r.startswith("| iptables loses no packet") for r in rows)
+    data = json.loads((tmp_path / "quick-latest.json").read_text())["north_south"]
+    assert len(data["figures"]) == 2 + 3 * 2 * 2   # direct per backend; 3 proxies x 2 x 2
+    for key, metrics in data["figures"].items():
+        for metric in ("pps", "paced_sent", "crr", "bits_per_second"):
+            assert len(metrics[metric]) == 1 and metrics[metric][0] > 0, (key, metric)
+        # the flood reached the backend: what arrived is what was sent, less any loss
+        assert 0 <= metrics["paced_lost"][0] < metrics["paced_sent"][0], key
+    assert all(n == 0 for n in data["errors"].values()), data["errors"]

@@ -13,6 +13,7 @@ from agent.model.objects import parse_endpoint_slice, parse_service
 from agent.model.types import (
     Backend,
     Frontend,
+    NodeContext,
     Protocol,
     ServicePortName,
     ServicePortState,
@@ -547,3 +548,97 @@ def test_nftables_match_all_nodeports_without_node_ips():
     assert "nodeport-ips" not in rendered
     assert "Drop traffic to unallocated ClusterIPs" not in rendered
     assert "ip saddr != 10.244.0.0/16 jump mark-for-masquerade" in rendered
+
+
+# --- external destinations (NodePort, ExternalIP, LoadBalancer) with eTP Cluster ------------
+# Expected lines from proxier_test.go (TestOverallIPTablesRules / TestOverallNFTablesRules):
+# svc3 has nodePort 3002, svc4 the external IP 192.168.99.33; a load balancer IP without
+# source ranges goes to the same KUBE-EXT chain as they do.
+
+
+def external_state(service_type="NodePort", lb_ip=None, external_ip=None, endpoints=True):
+    spec = {"type": service_type, "clusterIP": "172.30.0.43",
+            "ports": [{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3002}]}
+    if external_ip:
+        spec["externalIPs"] = [external_ip]
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"namespace": "ns3", "name": "svc3"}, "spec": spec}
+    if lb_ip:
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
+    slices = [endpoint_slice("ns3", "svc3", ["10.180.0.3"], [("p80", 80, "TCP")])] \
+        if endpoints else []
+    node = NodeContext("node1", (ipaddress.ip_address("192.168.0.2"),))
+    return desired_state([parse_service(svc)], [parse_endpoint_slice(s) for s in slices], node)
+
+
+def test_iptables_nodeport_goes_through_kube_ext_with_masquerade():
+    rendered = render_iptables(external_state(), cluster_cidr="10.0.0.0/8")
+    for line in dedent("""
+        :KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
+        -A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-X27LE4BHSL4DOUIK
+        -A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment "masquerade traffic for ns3/svc3:p80 external destinations" -j KUBE-MARK-MASQ
+        -A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK
+        -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+        """).splitlines():  # noqa: E501 - kube-proxy's lines verbatim
+        assert line in rendered.splitlines(), line
+    nat = rendered.split("*nat\n")[1].splitlines()
+    # the masquerade mark comes before the jump to the service chain, in KUBE-EXT's order
+    ext = [line for line in nat if line.startswith("-A KUBE-EXT-")]
+    assert ext[0].endswith("-j KUBE-MARK-MASQ") and ext[1].endswith("-j KUBE-SVC-X27LE4BHSL4DOUIK")
+
+
+def test_iptables_load_balancer_and_external_ips_jump_to_kube_ext():
+    rendered = render_iptables(external_state("LoadBalancer", lb_ip="5.6.7.8",
+                                              external_ip="192.168.99.33"))
+    assert ('-A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 loadbalancer IP" -m tcp -p tcp'
+            " -d 5.6.7.8 --dport 80 -j KUBE-EXT-X27LE4BHSL4DOUIK") in rendered
+    assert ('-A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 external IP" -m tcp -p tcp'
+            " -d 192.168.99.33 --dport 80 -j KUBE-EXT-X27LE4BHSL4DOUIK") in rendered
+    services = [line for line in rendered.splitlines() if line.startswith("-A KUBE-SERVICES")]
+    assert services[-1].endswith("-j KUBE-NODEPORTS")   # still the last rule
+
+
+def test_iptables_external_destinations_without_endpoints_are_rejected_in_filter():
+    rendered = render_iptables(external_state("LoadBalancer", lb_ip="5.6.7.8", endpoints=False))
+    filt, nat = rendered.split("*nat\n")
+    assert ('-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns3/svc3:p80 has no endpoints"'
+            " -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3002 -j REJECT") in filt
+    assert ('-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns3/svc3:p80 has no endpoints"'
+            " -m tcp -p tcp -d 5.6.7.8 --dport 80 -j REJECT") in filt
+    assert "KUBE-EXT-" not in nat
+
+
+def test_nftables_nodeport_and_load_balancer_go_through_the_external_chain():
+    rendered = render_nftables(external_state("LoadBalancer", lb_ip="1.2.3.4"),
+                               cluster_cidr="10.0.0.0/8", node_ips=["192.168.0.2"])
+    for line in dedent("""
+        add chain ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80
+        add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 jump mark-for-masquerade
+        add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 goto service-4AT6LBPK-ns3/svc3/tcp/p80
+        add element ip kube-proxy service-nodeports { tcp . 3002 : goto external-4AT6LBPK-ns3/svc3/tcp/p80 }
+        add element ip kube-proxy service-ips { 1.2.3.4 . tcp . 80 : goto external-4AT6LBPK-ns3/svc3/tcp/p80 }
+        add element ip kube-proxy nodeport-ips { 192.168.0.2 }
+        """).splitlines():  # noqa: E501 - kube-proxy's lines verbatim
+        assert line in rendered.splitlines(), line
+
+
+def test_nftables_external_destinations_without_endpoints_reject():
+    rendered = render_nftables(external_state("LoadBalancer", lb_ip="1.2.3.4", endpoints=False))
+    assert ('add element ip kube-proxy no-endpoint-nodeports { tcp . 3002 comment "ns3/svc3:p80"'
+            " : goto reject-chain }") in rendered
+    assert ('add element ip kube-proxy no-endpoint-services { 1.2.3.4 . tcp . 80 comment '
+            '"ns3/svc3:p80" : goto reject-chain }') in rendered
+    assert "external-" not in rendered
+
+
+def test_local_traffic_policy_is_refused_rather_than_rendered_wrongly():
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "ns3", "name": "svc3"},
+           "spec": {"type": "NodePort", "clusterIP": "172.30.0.43",
+                    "externalTrafficPolicy": "Local",
+                    "ports": [{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3002}]}}
+    sl = endpoint_slice("ns3", "svc3", ["10.180.0.3"], [("p80", 80, "TCP")])
+    node = NodeContext("node1", (ipaddress.ip_address("192.168.0.2"),))
+    desired = desired_state([parse_service(svc)], [parse_endpoint_slice(sl)], node)
+    for render in (render_iptables, render_nftables):
+        with pytest.raises(ValueError, match="externalTrafficPolicy Local"):
+            render(desired)
