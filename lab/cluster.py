@@ -24,7 +24,7 @@ from typing import Self
 from lab import cleanup, netns
 from lab.agent_runner import AgentRunner
 from lab.node import BRIDGE, Lab
-from lab.pod import Pod
+from lab.pod import Pod, PodHome
 from lab.processes import Processes
 
 WIRE_BRIDGE = "bpfp-wire"
@@ -75,7 +75,7 @@ class Cluster:
         self.processes = Processes()  # the external client's
         self.workdir = cleanup.workdir(name)
         self.external = Host(
-            lab=self,  # a Host's lab needs only processes and workdir
+            lab=PodHome(name, self.processes, self.workdir),
             name="ext",
             ip=f"{NODE_NET}.{EXTERNAL_HOST}",
             ip6=f"{NODE_NET6}:{EXTERNAL_HOST}",
@@ -168,7 +168,7 @@ class Cluster:
         netns.sysctl(ns, {f"net.ipv4.conf.{uplink}.send_redirects": 0,
                           f"net.ipv4.conf.{uplink}.rp_filter": 0})  # fmt: skip
         self._node_hosts[i] = Host(
-            lab=node,
+            lab=node.home,
             name="node",  # no pod may be called that: stopping a pod never stops these
             ip=self.node_ip(i, 4),
             ip6=self.node_ip(i, 6),

@@ -14,7 +14,7 @@ import threading
 from typing import Self
 
 from lab import cgroups, cleanup, netns
-from lab.pod import Pod
+from lab.pod import Pod, PodHome
 from lab.processes import Processes
 
 BRIDGE = "bpfp-br0"
@@ -49,6 +49,7 @@ class Lab:
         self.pods: dict[str, Pod] = {}
         self.processes = Processes()
         self.workdir = cleanup.workdir(name)  # pod server logs
+        self.home = PodHome(name, self.processes, self.workdir)  # what its pods use of it
         self._lock_fd: int | None = None
         self._next_veth = 0
 
@@ -141,7 +142,7 @@ class Lab:
         ip = self._free_ips.pop(0)
         self._next_veth += 1
         pod = Pod(
-            lab=self,
+            lab=self.home,
             name=name,
             ip=ip,
             ip6=self.ip6_of(ip),

@@ -11,21 +11,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lab.podclient import ClientResult
-
-if TYPE_CHECKING:
-    from lab.node import Lab
+from lab.processes import Processes
 
 _client_numbers = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class PodHome:
+    """What a pod uses of the lab (or cluster) it lives in, and nothing more."""
+
+    name: str  # the lab's
+    processes: Processes  # where the pod's commands are started, and stopped on teardown
+    workdir: Path  # for server logs and client stop files
 
 
 @dataclass(eq=False)
 class Pod:
     """Made by Lab.add_pod(); the lab removes it (remove_pod or on exit)."""
 
-    lab: Lab
+    lab: PodHome
     name: str
     ip: str
     ip6: str  # the pod's IPv6 address (the lab is dual-stack); servers answer on both
@@ -100,7 +106,9 @@ class Pod:
         else:
             expected = count * (timeout + interval)
         process = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        return RunningClient(self.lab, process, argv, expected + 15.0, stop_file, started_file)
+        return RunningClient(
+            self.lab.processes, process, argv, expected + 15.0, stop_file, started_file
+        )
 
     def tcp(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:
         """count TCP connections to addr:port: connect, read the answer, close."""
@@ -123,7 +131,7 @@ class Pod:
 class RunningClient:
     """A podclient started in the background; result() waits for its summary."""
 
-    lab: Lab
+    processes: Processes
     process: subprocess.Popen
     argv: list[str]
     timeout: float
@@ -149,8 +157,8 @@ class RunningClient:
 
     def result(self, timeout: float | None = None) -> ClientResult:
         """Wait for the client (bounded by how long it can run) and parse its summary."""
-        processes = self.lab.processes
-        done = processes.finish(self.process, self.argv, timeout or self.timeout, check=True)
+        done = self.processes.finish(self.process, self.argv, timeout or self.timeout,
+                                     check=True)
         return ClientResult.from_json(done.stdout)
 
 

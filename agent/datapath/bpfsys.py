@@ -1,13 +1,17 @@
-"""bpf(2) operations BCC does not offer (links, pins, queries), through Debian's libbpf.
+"""bpf(2) operations BCC does not offer (links, pins, queries, batches), through Debian's libbpf.
 
-Thin ctypes wrappers that raise OSError with the errno; nothing here knows our layouts."""
+Thin ctypes wrappers that raise OSError with the errno; nothing here knows our layouts. The
+process's one libbpf handle: every prototype is declared here, once."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import enum
+import errno
 import os
 import struct
+from collections.abc import Iterator
+from pathlib import Path
 
 _libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
@@ -18,6 +22,7 @@ _libbpf.bpf_obj_get.argtypes = [ctypes.c_char_p]
 _libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p,
                                            ctypes.POINTER(ctypes.c_uint32)]
 _libbpf.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+_libbpf.bpf_btf_get_fd_by_id.argtypes = [ctypes.c_uint32]
 _libbpf.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
 _libbpf.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p,
@@ -34,6 +39,22 @@ _libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
                                    ctypes.POINTER(ctypes.c_uint32),
                                    ctypes.POINTER(ctypes.c_uint32),
                                    ctypes.POINTER(ctypes.c_uint32)]
+
+
+# enum bpf_map_type values whose lookups return one value per possible CPU
+PER_CPU_MAP_TYPES = frozenset({5, 6, 10})      # percpu_hash, percpu_array, lru_percpu_hash
+ENOTSUPP = 524                  # the kernel's internal "not supported" (no batch ops)
+NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP)   # what a map without batch ops says
+BPF_NOEXIST = 1                 # map_update flag: only when the key is absent
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many values a per-CPU map lookup returns: one per possible CPU ("0-3,6")."""
+    count = 0
+    for part in Path(path).read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
 
 
 class AttachType(enum.IntEnum):
@@ -103,13 +124,43 @@ def map_lookup_batch(fd: int, token, first: bool, keys, values, count: int) -> t
     return n.value, (0 if ret == 0 else (-ret if ret < -1 else ctypes.get_errno()))
 
 
+def lookup_batches(fd: int, keys, values, count: int, what: str) -> Iterator[int]:
+    """The whole map, by BPF_MAP_LOOKUP_BATCH into keys and values (ctypes arrays of count
+    entries, refilled for each batch): yields how many entries each batch holds. Maps
+    without batch lookup raise OSError (errno in NO_BATCH); what names the map in errors."""
+    # the position token: a u32 for hash maps, a whole key for the kernel's generic batch
+    # code (arrays, LPM tries)
+    token = ctypes.create_string_buffer(max(8, ctypes.sizeof(keys) // count))
+    first = True
+    while True:
+        done, err = map_lookup_batch(fd, token, first, keys, values, count)
+        if done:
+            yield done
+        if err == errno.ENOENT:
+            return
+        if err:
+            raise OSError(err, f"reading {what}: {os.strerror(err)}")
+        first = False
+
+
+def raw_batches(fd: int, key_size: int, value_size: int, what: str, count: int = 4096
+                ) -> Iterator[tuple[ctypes.Array, ctypes.Array, int]]:
+    """lookup_batches into byte buffers: (keys, values, entries) per batch, for callers
+    that know the map's sizes but not its layout (per-CPU: value_size covers every CPU)."""
+    keys = ctypes.create_string_buffer(key_size * count)
+    values = ctypes.create_string_buffer(max(value_size, 1) * count)
+    for done in lookup_batches(fd, keys, values, count, what):
+        yield keys, values, done
+
+
 def map_lookup(fd: int, key, value) -> bool:
     """BPF_MAP_LOOKUP_ELEM into value; False when the key is absent."""
     return _libbpf.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0
 
 
-def map_update(fd: int, key, value) -> None:
-    _check(_libbpf.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0),
+def map_update(fd: int, key, value, flags: int = 0) -> None:
+    """flags BPF_NOEXIST: OSError(EEXIST) when the key is there already."""
+    _check(_libbpf.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags),
            "bpf_map_update_elem")
 
 
@@ -131,18 +182,34 @@ def map_keys(fd: int, key_type) -> list:
         current = nxt
 
 
+def obj_info(fd: int, buffer) -> int:
+    """BPF_OBJ_GET_INFO_BY_FD into buffer (which may hold pointers the kernel fills, as
+    struct bpf_btf_info's); returns the length the kernel wrote."""
+    length = ctypes.c_uint32(ctypes.sizeof(buffer))
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, ctypes.byref(buffer), ctypes.byref(length)),
+           "bpf_obj_get_info_by_fd")
+    return length.value
+
+
 def _info(fd: int, size: int = 256) -> bytes:
     buf = ctypes.create_string_buffer(size)
-    length = ctypes.c_uint32(size)
-    _check(_libbpf.bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(length)),
-           "bpf_obj_get_info_by_fd")
-    return buf.raw[:length.value]
+    length = obj_info(fd, buf)
+    return buf.raw[:length]
+
+
+def btf_get_fd_by_id(btf_id: int) -> int:
+    return _check(_libbpf.bpf_btf_get_fd_by_id(btf_id), f"BTF {btf_id}")
 
 
 def link_cgroup_id(link_fd: int) -> int:
     """struct bpf_link_info: type, id, prog_id, then (8-aligned) cgroup.cgroup_id."""
     info = _info(link_fd)
     return struct.unpack_from("=Q", info, 16)[0]
+
+
+def link_program_id(link_fd: int) -> int:
+    """struct bpf_link_info: type, id, then prog_id."""
+    return struct.unpack_from("=I", _info(link_fd, 64), 8)[0]
 
 
 def link_ifindex(link_fd: int) -> int:
@@ -158,16 +225,22 @@ def map_info(map_fd: int) -> dict[str, int]:
             "value_size": value_size, "max_entries": max_entries, "flags": map_flags}
 
 
+def program_ids(target: int, attach_type: AttachType) -> list[int]:
+    """BPF_PROG_QUERY: ids of the programs attached to target (a cgroup's fd; for tcx, the
+    interface's index) at one hook."""
+    ids = (ctypes.c_uint32 * 64)()
+    count = ctypes.c_uint32(64)
+    flags = ctypes.c_uint32(0)
+    _check(_libbpf.bpf_prog_query(target, int(attach_type), 0, ctypes.byref(flags), ids,
+                                  ctypes.byref(count)), f"bpf_prog_query({attach_type.name})")
+    return list(ids[:count.value])
+
+
 def cgroup_program_ids(cgroup_dir: str, attach_type: AttachType) -> list[int]:
     """Ids of the programs attached directly to a cgroup for one hook."""
     fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        ids = (ctypes.c_uint32 * 64)()
-        count = ctypes.c_uint32(64)
-        flags = ctypes.c_uint32(0)
-        _check(_libbpf.bpf_prog_query(fd, int(attach_type), 0, ctypes.byref(flags), ids,
-                                      ctypes.byref(count)), "bpf_prog_query")
-        return list(ids[:count.value])
+        return program_ids(fd, attach_type)
     finally:
         os.close(fd)
 

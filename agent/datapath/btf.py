@@ -5,10 +5,11 @@ How a new build reads maps an older build wrote without carrying the older build
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from dataclasses import dataclass
+
+from agent.datapath import bpfsys
 
 Fields = tuple[tuple[str, int, int], ...]      # (name, offset, size), as loader._fields
 
@@ -104,12 +105,6 @@ def fields(types: dict[int, BtfType], type_id: int) -> Fields:
 
 # --- reading it from the kernel --------------------------------------------------------
 
-_libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-_libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p,
-                                           ctypes.POINTER(ctypes.c_uint32)]
-_libbpf.bpf_btf_get_fd_by_id.argtypes = [ctypes.c_uint32]
-
-
 @dataclass(frozen=True)
 class MapShape:
     """What a map is, as the kernel reports it; fields are None when it has no BTF."""
@@ -123,18 +118,11 @@ class MapShape:
     value: Fields | None
 
 
-def _info(fd: int, buffer) -> None:
-    length = ctypes.c_uint32(ctypes.sizeof(buffer))
-    if _libbpf.bpf_obj_get_info_by_fd(fd, ctypes.byref(buffer), ctypes.byref(length)) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"bpf_obj_get_info_by_fd: {os.strerror(err)}")
-
-
 def map_shape(map_fd: int) -> MapShape:
     """struct bpf_map_info: type, id, sizes, max_entries, flags at 0; btf_id, btf_key_type_id
     and btf_value_type_id at 64."""
     info = ctypes.create_string_buffer(256)
-    _info(map_fd, info)
+    bpfsys.obj_info(map_fd, info)
     map_type, map_id, key_size, value_size, max_entries, flags = \
         struct.unpack_from("=6I", info.raw)
     btf_id, key_type, value_type = struct.unpack_from("=3I", info.raw, 64)
@@ -148,18 +136,15 @@ def map_shape(map_fd: int) -> MapShape:
 def _btf_blob(btf_id: int) -> bytes:
     """struct bpf_btf_info {u64 btf; u32 btf_size; ...}: asked once for the size, then
     for the bytes."""
-    fd = _libbpf.bpf_btf_get_fd_by_id(btf_id)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BTF {btf_id}: {os.strerror(err)}")
+    fd = bpfsys.btf_get_fd_by_id(btf_id)
     try:
         info = ctypes.create_string_buffer(32)
-        _info(fd, info)
+        bpfsys.obj_info(fd, info)
         size = struct.unpack_from("=I", info.raw, 8)[0]
         blob = ctypes.create_string_buffer(size)
         info = ctypes.create_string_buffer(32)
         struct.pack_into("=QI", info, 0, ctypes.addressof(blob), size)
-        _info(fd, info)
+        bpfsys.obj_info(fd, info)
         return blob.raw
     finally:
         os.close(fd)

@@ -6,13 +6,11 @@ Inventory caches answers for a second so probes, scrapes and clients do not repe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,41 +18,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from agent.datapath import bpfsys, layout
-from agent.datapath.loader import SOCKET_PROGRAMS, TC_PROGRAMS
+from agent.datapath.bpfsys import PER_CPU_MAP_TYPES, AttachType, possible_cpus
+from agent.datapath.programs import SOCKET_PROGRAMS, TC_PROGRAMS
 from agent.planner import BackendAddr
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 4096
-# our own handle, so these prototypes never clash with bpfsys's
-_libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-_libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p,
-                                            ctypes.POINTER(ctypes.c_uint32)]
-_libbpf.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-_libbpf.bpf_prog_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32,
-                                   ctypes.POINTER(ctypes.c_uint32),
-                                   ctypes.POINTER(ctypes.c_uint32),
-                                   ctypes.POINTER(ctypes.c_uint32)]
 
 # enum bpf_map_type (uapi/linux/bpf.h), the ones a reader may meet
 MAP_TYPES = {1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
              6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie",
              12: "array_of_maps", 13: "hash_of_maps", 24: "sk_storage", 27: "ringbuf"}
 _SK_STORAGE = 24
-_ENOTSUPP = 524                 # the kernel's internal "not supported" (no batch ops)
-_PER_CPU = {5, 6, 10}
-# enum bpf_attach_type: tcx links (kernel 6.6+)
-_TCX_INGRESS, _TCX_EGRESS = 46, 47
 _TC_INGRESS_PARENT, _TC_EGRESS_PARENT = 0xFFFFFFF2, 0xFFFFFFF3   # clsact's two qdisc parents
-
-
-def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
-    """How many values a per-CPU map lookup returns: one per possible CPU ("0-3,6")."""
-    count = 0
-    for part in Path(path).read_text().strip().split(","):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
 
 
 # ---- maps ------------------------------------------------------------------------------
@@ -70,30 +45,16 @@ class MapUsage:
 
 def _value_bytes(info: dict[str, int], cpus: int) -> int:
     """What one entry's value takes in a lookup buffer (per-CPU: 8-aligned, times CPUs)."""
-    if info["type"] in _PER_CPU:
+    if info["type"] in PER_CPU_MAP_TYPES:
         return (info["value_size"] + 7) // 8 * 8 * cpus
     return info["value_size"]
 
 
 def iterate(fd: int, info: dict[str, int], cpus: int):
-    """(keys buffer, values buffer, count) per batch of a map, by BPF_MAP_LOOKUP_BATCH;
-    maps without batch lookup (arrays of maps, ...) raise OSError(EINVAL/ENOTSUPP)."""
-    key_size, value_size = info["key_size"], _value_bytes(info, cpus)
-    keys = ctypes.create_string_buffer(key_size * _CHUNK)
-    values = ctypes.create_string_buffer(max(value_size, 1) * _CHUNK)
-    # the kernel's generic batch lookup (arrays, LPM tries) writes a whole key as its
-    # position token; hash maps a u32
-    token = ctypes.create_string_buffer(max(8, key_size))
-    first = True
-    while True:
-        count, err = bpfsys.map_lookup_batch(fd, token, first, keys, values, _CHUNK)
-        if count:
-            yield keys, values, count
-        if err == errno.ENOENT:
-            return
-        if err:
-            raise OSError(err, f"reading map {info['id']}: {os.strerror(err)}")
-        first = False
+    """(keys buffer, values buffer, count) per batch of a map (bpfsys.raw_batches); maps
+    without batch lookup (arrays of maps, ...) raise OSError(EINVAL/ENOTSUPP)."""
+    return bpfsys.raw_batches(fd, info["key_size"], _value_bytes(info, cpus),
+                              f"map {info['id']}")
 
 
 def count_entries(fd: int, info: dict[str, int], cpus: int) -> int:
@@ -104,17 +65,10 @@ def count_entries(fd: int, info: dict[str, int], cpus: int) -> int:
     try:
         return sum(count for _, _, count in iterate(fd, info, cpus))
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
+        if exc.errno not in bpfsys.NO_BATCH:
             raise
     # no batch ops for this map type: walk the keys one by one
-    key = ctypes.create_string_buffer(info["key_size"])
-    following = ctypes.create_string_buffer(info["key_size"])
-    count, previous = 0, None
-    while _libbpf.bpf_map_get_next_key(fd, previous, following) == 0:
-        count += 1
-        ctypes.memmove(key, following, info["key_size"])
-        previous = key
-    return count
+    return len(bpfsys.map_keys(fd, ctypes.c_char * info["key_size"]))
 
 
 def map_memory(fd: int) -> int:
@@ -215,7 +169,7 @@ def pinned_link_programs(pin_dir: Path) -> dict[int, str]:
     hooks, links/tc-<ifname>-<hook> for tcx). Naming a program from its id needs
     CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID), which the running agent has given up; a pinned
     link's info gives its program's id with CAP_BPF."""
-    tc_functions = {"ingress" if hook == _TCX_INGRESS else "egress": func
+    tc_functions = {"ingress" if hook is AttachType.TCX_INGRESS else "egress": func
                     for func, hook in TC_PROGRAMS}
     found = {}
     links = Path(pin_dir) / "links"
@@ -227,10 +181,10 @@ def pinned_link_programs(pin_dir: Path) -> dict[int, str]:
         except OSError:
             continue                                   # unpinned meanwhile
         try:
-            info = ctypes.create_string_buffer(64)
-            length = ctypes.c_uint32(64)
-            if func and _libbpf.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(length)) == 0:
-                found[struct.unpack_from("=I", info.raw, 8)[0]] = func   # bpf_link_info.prog_id
+            if func:
+                found[bpfsys.link_program_id(fd)] = func
+        except OSError:
+            continue
         finally:
             os.close(fd)
     return found
@@ -255,14 +209,13 @@ def socket_programs(cgroup_dir: Path, pinned: dict[int, str] | None = None
 
 def _tcx_programs(ifname: str, ifindex: int, pinned: dict[int, str]) -> list[Attachment]:
     out = []
-    for attach_type, direction in ((_TCX_INGRESS, "ingress"), (_TCX_EGRESS, "egress")):
-        ids = (ctypes.c_uint32 * 64)()
-        count, flags = ctypes.c_uint32(64), ctypes.c_uint32(0)
-        # for tcx the query's target is the interface index
-        if _libbpf.bpf_prog_query(ifindex, attach_type, 0, ctypes.byref(flags), ids,
-                                  ctypes.byref(count)) < 0:
+    for attach_type, direction in ((AttachType.TCX_INGRESS, "ingress"),
+                                   (AttachType.TCX_EGRESS, "egress")):
+        try:
+            ids = bpfsys.program_ids(ifindex, attach_type)   # tcx: the interface's index
+        except OSError:
             continue                                   # no tcx on this kernel/interface
-        for pid in ids[:count.value]:
+        for pid in ids:
             name = _program_name(pid, pinned)
             if name.startswith("bpfp_"):
                 out.append(Attachment(name, f"tcx {direction}", ifname, True, pid))

@@ -19,30 +19,11 @@ from pathlib import Path
 from agent.datapath import bpfsys, btf, layout, migrate
 from agent.datapath.bpfsys import AttachType
 from agent.datapath.config import DatapathConfig
+from agent.datapath.programs import PROGRAM_FILES, SOCKET_PROGRAMS, TC_PROGRAMS
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(os.environ.get("BPFPROXY_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
-
-# (function in bpf/socklb.c, hook)
-SOCKET_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
-    ("bpfp_connect4", AttachType.CGROUP_INET4_CONNECT),
-    ("bpfp_sendmsg4", AttachType.CGROUP_UDP4_SENDMSG),
-    ("bpfp_recvmsg4", AttachType.CGROUP_UDP4_RECVMSG),
-    ("bpfp_getpeername4", AttachType.CGROUP_INET4_GETPEERNAME),
-    ("bpfp_connect6", AttachType.CGROUP_INET6_CONNECT),
-    ("bpfp_sendmsg6", AttachType.CGROUP_UDP6_SENDMSG),
-    ("bpfp_recvmsg6", AttachType.CGROUP_UDP6_RECVMSG),
-    ("bpfp_getpeername6", AttachType.CGROUP_INET6_GETPEERNAME),
-    ("bpfp_sock_release", AttachType.CGROUP_INET_SOCK_RELEASE),
-)
-
-# (function in bpf/nodeport.c, hook) on each --interfaces device
-TC_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
-    ("bpfp_tc_ingress", AttachType.TCX_INGRESS),
-    ("bpfp_tc_egress", AttachType.TCX_EGRESS),
-)
-PROGRAM_FILES = ("socklb.c", "nodeport.c")
 
 # Pinned maps (file names carry the layout version) by BCC table name.
 PINNED_MAPS = {spec.table: spec.pin for spec in (*layout.MAPS.values(), layout.SOCKET_STORAGE)}

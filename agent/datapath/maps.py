@@ -122,18 +122,9 @@ class PinnedMap:
         """BPF_MAP_LOOKUP_BATCH in bounded chunks."""
         keys = (self.spec.key * _CHUNK)()
         values = (self.spec.value * _CHUNK)()
-        # the position token: a u32 for hash maps, a whole key for the generic batch code
-        token = ctypes.create_string_buffer(max(8, ctypes.sizeof(self.spec.key)))
-        first = True
-        while True:
-            count, err = bpfsys.map_lookup_batch(self.fd, token, first, keys, values, _CHUNK)
+        for count in bpfsys.lookup_batches(self.fd, keys, values, _CHUNK, self.spec.table):
             for i in range(count):
                 yield keys[i], values[i]
-            if err == errno.ENOENT:
-                return
-            if err:
-                raise OSError(err, f"reading {self.spec.table}: {os.strerror(err)}")
-            first = False
 
 
 class BpfServiceMaps:
@@ -322,7 +313,6 @@ class BpfServiceMaps:
         if doomed:
             self.ct.delete(doomed)
         return len(doomed)
-
 
     def room_for(self, map_name: str, entries: int) -> bool:
         """Whether a budgeted map takes `entries` more entries now (a map can refuse below

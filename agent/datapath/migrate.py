@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -40,10 +39,7 @@ Converter = Callable[[Record, Record], "tuple[Record, Record] | None"]
 CONVERTERS: dict[tuple[str, int], Converter] = {}
 
 _PIN = re.compile(r"(bpfp_\w+?)_v(\d+)")
-_PER_CPU = {5, 6, 10}                # percpu_hash, percpu_array, lru_percpu_hash
-_BPF_NOEXIST = 1
-_ENOTSUPP = 524                      # the kernel's internal "not supported" (no batch ops)
-_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP)
+_PER_CPU = bpfsys.PER_CPU_MAP_TYPES
 _FULL = (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 _LPM_TRIE = 11                       # no batch ops: entry by entry (such maps are small)
 _WRITE_CHUNK = 4096                  # entries per BPF_MAP_UPDATE_BATCH
@@ -275,11 +271,6 @@ def _stride(size: int) -> int:
 
 # --- copying between maps ----------------------------------------------------------------
 
-_libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-_libbpf.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                        ctypes.c_uint64]
-
-
 def copy_entries(table: str, version: int, old_fd: int, old: btf.MapShape, new_fd: int,
                  new: btf.MapShape) -> tuple[int, int]:
     """Insert every converted entry of the old map that the new one lacks (an entry the new
@@ -294,10 +285,8 @@ def copy_entries(table: str, version: int, old_fd: int, old: btf.MapShape, new_f
                              f"unknown; run `bpfproxy cleanup` and start again")
     olds = (Shape(old.key, old.key_size), Shape(old.value, old.value_size))
     news = (Shape(new.key, new.key_size), Shape(new.value, new.value_size))
-    from agent.datapath import inventory  # here: inventory imports the loader, which imports us
-
     per_cpu = old.type in _PER_CPU
-    cpus = inventory.possible_cpus() if per_cpu else 1
+    cpus = bpfsys.possible_cpus() if per_cpu else 1
     entries = []
     for key, value in _entries(old_fd, old, cpus):
         if per_cpu:
@@ -309,7 +298,7 @@ def copy_entries(table: str, version: int, old_fd: int, old: btf.MapShape, new_f
     if new.type == _LPM_TRIE:
         copied = sum(_insert(new_fd, *entry) for entry in entries)
         return copied, len(entries) - copied
-    cpus = inventory.possible_cpus() if new.type in _PER_CPU else 1
+    cpus = bpfsys.possible_cpus() if new.type in _PER_CPU else 1
     there = {key for key, _ in _entries(new_fd, new, cpus)} if entries else set()
     missing = [entry for entry in entries if entry[0] not in there]
     return _insert_batched(new_fd, missing), len(entries) - len(missing)
@@ -325,7 +314,7 @@ def _insert_batched(fd: int, entries: list[tuple[bytes, bytes]]) -> int:
         done, err = bpfsys.map_update_batch(fd, keys, values, len(chunk))
         if err in _FULL:
             raise MigrationError(f"the new map is full: {os.strerror(err)}; raise its size")
-        if err in _NO_BATCH and done == 0:
+        if err in bpfsys.NO_BATCH and done == 0:
             for entry in entries[start:]:
                 _insert(fd, *entry)
             return len(entries)
@@ -338,33 +327,32 @@ def _insert(fd: int, key: bytes, value: bytes) -> bool:
     """BPF_NOEXIST: False when the key is there already."""
     k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value,
                                                                                    len(value))
-    if _libbpf.bpf_map_update_elem(fd, k, v, _BPF_NOEXIST) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err == errno.EEXIST:
-        return False
-    if err in _FULL:
-        raise MigrationError(f"the new map is full: {os.strerror(err)}; raise its size")
-    raise OSError(err, f"copying a map entry: {os.strerror(err)}")
+    try:
+        bpfsys.map_update(fd, k, v, bpfsys.BPF_NOEXIST)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return False
+        if exc.errno in _FULL:
+            raise MigrationError(f"the new map is full: {os.strerror(exc.errno)}; raise its "
+                                 f"size") from exc
+        raise OSError(exc.errno, f"copying a map entry: {os.strerror(exc.errno)}") from exc
+    return True
 
 
 def _entries(fd: int, shape: btf.MapShape, cpus: int) -> Iterator[tuple[bytes, bytes]]:
     """Every (key, value) as bytes: batch lookups, or key by key for maps without them."""
-    info = {"type": shape.type, "id": shape.id, "key_size": shape.key_size,
-            "value_size": shape.value_size}
     value_bytes = _stride(shape.value_size) * cpus if shape.type in _PER_CPU \
         else shape.value_size
-    from agent.datapath import inventory
-
     try:
-        for keys, values, count in inventory.iterate(fd, info, cpus):
+        for keys, values, count in bpfsys.raw_batches(fd, shape.key_size, value_bytes,
+                                                      f"map {shape.id}"):
             raw_keys, raw_values = keys.raw, values.raw
             for i in range(count):
                 yield (raw_keys[i * shape.key_size:(i + 1) * shape.key_size],
                        raw_values[i * value_bytes:(i + 1) * value_bytes])
         return
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+        if exc.errno not in bpfsys.NO_BATCH:
             raise
     # LPM tries have no batch lookup
     for key in bpfsys.map_keys(fd, ctypes.c_char * shape.key_size):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.datapath import layout
+from agent.datapath.bpfsys import possible_cpus
 from agent.datapath.config import DatapathConfig
 
 DEFAULT_MEMORY_RATIO = 0.005     # of the node's memory, over all the maps sized here
@@ -95,15 +96,6 @@ def node_memory_bytes(meminfo: str = "/proc/meminfo") -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     raise OSError(f"{meminfo}: no MemTotal")
-
-
-def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
-    """Per-CPU maps hold a value per possible CPU ("0-3,6")."""
-    count = 0
-    for part in Path(path).read_text().strip().split(","):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
 
 
 def sizes_for(args) -> dict[str, int]:
