@@ -13,15 +13,14 @@
 #include <uapi/linux/udp.h>
 #include "maps.h"
 #include "counters.h"
+#include "lb.h"
 
 #define BPFP_CT_SYN_TIMEOUT 60     /* a flow whose reply never came: like Cilium's */
-#define NSEC 1000000000ULL
 
 #define SNAT_PORT_SPAN (BPFP_SNAT_PORT_MAX - BPFP_SNAT_PORT_MIN + 1)
 /* Ports tried for a new SNATed flow, each at random: with 75 % of the ports in use, all
  * 64 taken has odds of 1e-8; with 90 %, 1e-3 (then the range is what is too small) */
 #define SNAT_TRIES 64
-#define AFFINITY_SCAN 32
 
 #define IP_MF     0x2000
 #define IP_OFFSET 0x1FFF
@@ -46,12 +45,6 @@ struct pkt {
         __u32 l4;               /* offset of the TCP/UDP header */
         __u32 len;              /* bytes, for counters */
         __u8  tcp_flags;        /* FIN 1, SYN 2, RST 4, ACK 16 */
-};
-
-struct target {
-        __be32 addr[4];
-        __be16 port;
-        __u16  flags;           /* BPFP_BE_* of its slot */
 };
 
 /* --- parsing: anything we do not handle passes untouched ----------------------------- */
@@ -258,28 +251,6 @@ static __always_inline void count_flow(struct pkt *p, struct ct_value *v,
 
 /* --- backends ------------------------------------------------------------------------- */
 
-static __always_inline int slot_backend(__u8 family, __u32 svc_id, __u32 slot,
-                                        struct target *out)
-{
-        struct slot_key key = { .svc_id = svc_id, .slot = slot };
-        if (family == 4) {
-                struct backend4 *b = bpfp_slot4.lookup(&key);
-                if (!b)
-                        return 0;
-                out->addr[0] = b->addr;
-                out->port = b->port;
-                out->flags = b->flags;
-                return 1;
-        }
-        struct backend6 *b = bpfp_slot6.lookup(&key);
-        if (!b)
-                return 0;
-        __builtin_memcpy(out->addr, b->addr, 16);
-        out->port = b->port;
-        out->flags = b->flags;
-        return 1;
-}
-
 static __always_inline __u32 mix32(__u32 h)
 {
         h ^= h >> 16;
@@ -302,8 +273,8 @@ static __always_inline __u32 flow_hash(struct pkt *p)
         return mix32(h ^ p->t.proto);
 }
 
-static __always_inline int pick(struct pkt *p, struct svc_value *svc, struct target *out,
-                                __u32 *slot_out)
+static __always_inline int pick(struct pkt *p, struct svc_value *svc,
+                                struct lb_backend *out, __u32 *slot_out)
 {
         __u32 slot = bpf_get_prandom_u32() % svc->count;
         if (svc->flags & BPFP_SVC_F_MAGLEV) {
@@ -317,13 +288,14 @@ static __always_inline int pick(struct pkt *p, struct svc_value *svc, struct tar
                 }
         }
         *slot_out = slot;
-        return slot_backend(p->t.family, svc->svc_id, slot, out);
+        return lb_slot_backend(p->t.family, svc->svc_id, slot, out);
 }
 
 /* The client's affinity backend while it lasts and is still a backend (its slot may have
- * moved), else a fresh pick remembered: the socket LB's semantics, keyed by source. */
+ * moved), else a fresh pick remembered: the socket LB's semantics (bpf/lb.h), keyed by
+ * source address. */
 static __always_inline int select_backend(struct pkt *p, struct svc_value *svc,
-                                          struct target *out)
+                                          struct lb_backend *out)
 {
         struct affinity_ext_key akey = { .svc_id = svc->svc_id, .family = p->t.family };
         __builtin_memcpy(akey.addr, p->t.saddr, 16);
@@ -331,32 +303,16 @@ static __always_inline int select_backend(struct pkt *p, struct svc_value *svc,
         if (svc->affinity_sec) {
                 now = bpf_ktime_get_ns();
                 struct affinity_value *aff = bpfp_affinity_ext.lookup(&akey);
-                if (aff && now - aff->last_ns <= (__u64)svc->affinity_sec * NSEC) {
-                        __u32 slot = aff->slot;
-                        for (__u32 i = 0; i <= AFFINITY_SCAN; i++) {
-                                if (slot < svc->count &&
-                                    slot_backend(p->t.family, svc->svc_id, slot, out) &&
-                                    out->port == aff->port && out->addr[0] == aff->addr[0] &&
-                                    out->addr[1] == aff->addr[1] &&
-                                    out->addr[2] == aff->addr[2] &&
-                                    out->addr[3] == aff->addr[3]) {
-                                        aff->last_ns = now;
-                                        aff->slot = slot;
-                                        return 1;
-                                }
-                                if (i >= svc->count)
-                                        break;
-                                slot = i;
-                        }
-                }
+                if (aff && lb_affinity_alive(aff, svc, now) &&
+                    lb_affinity_refind(p->t.family, svc, aff, now, out))
+                        return 1;
         }
         __u32 slot;
         if (!pick(p, svc, out, &slot))
                 return 0;
         if (svc->affinity_sec) {
-                struct affinity_value value = { .last_ns = now, .slot = slot,
-                                                .port = out->port };
-                __builtin_memcpy(value.addr, out->addr, 16);
+                struct affinity_value value = {};
+                lb_affinity_set(&value, now, slot, out);
                 bpfp_affinity_ext.update(&akey, &value);
         }
         return 1;
@@ -486,7 +442,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         }
         if (!source_allowed(p, svc))
                 return DROP(p, svc, dropped);
-        struct target be = {};
+        struct lb_backend be = {};
         /* no backend: dropped (externalTrafficPolicy Local without a local endpoint is
          * kube-proxy's DROP too; with none anywhere kube-proxy REJECTs) */
         if (svc->count == 0 || !select_backend(p, svc, &be))

@@ -5,6 +5,7 @@
 #include <uapi/linux/in.h>
 #include "maps.h"
 #include "counters.h"
+#include "lb.h"
 
 #define SOCK_ALLOW  1
 #define SOCK_REJECT 0
@@ -50,38 +51,33 @@ static __always_inline struct slot_key pick_slot(struct bpf_sock_addr *ctx,
         return slot;
 }
 
-/* --- ClientIP session affinity ------------------------------------------------------ */
+/* --- backend selection, with ClientIP session affinity (bpf/lb.h) -------------------- */
 
-#define AFFINITY_SCAN 32        /* slots searched for a backend that moved; then re-pick */
-#define NSEC 1000000000ULL
-
-/* This client's affinity entry for the service, if it has not timed out. kube-proxy's
- * `recent` match behaves the same: the clock restarts with every new connection. */
-static __always_inline struct affinity_value *affinity_lookup(struct bpf_sock_addr *ctx,
-                                                              struct svc_value *svc,
-                                                              struct affinity_key *key,
-                                                              __u64 now)
+/* The backend this connection goes to: the client's affinity backend while it lasts and
+ * is still a backend of the service (its slot may have moved), else a fresh pick. The
+ * client is its network namespace (maps.h struct affinity_key). */
+static __always_inline int sock_select_backend(struct bpf_sock_addr *ctx, __u8 family,
+                                               struct svc_value *svc, struct lb_backend *out)
 {
-        key->client = bpf_get_netns_cookie(ctx);
-        key->svc_id = svc->svc_id;
-        struct affinity_value *aff = bpfp_affinity.lookup(key);
-        if (aff && now - aff->last_ns <= (__u64)svc->affinity_sec * NSEC)
-                return aff;
-        return NULL;
-}
-
-static __always_inline void affinity_remember(struct affinity_key *key, __u64 now,
-                                              __u32 slot, const __be32 *addr, int words,
-                                              __be16 port)
-{
-        struct affinity_value value = { .last_ns = now, .slot = slot, .port = port };
-        value.addr[0] = addr[0];
-        if (words == 4) {
-                value.addr[1] = addr[1];
-                value.addr[2] = addr[2];
-                value.addr[3] = addr[3];
+        struct affinity_key akey = { .svc_id = svc->svc_id };
+        __u64 now = 0;
+        if (svc->affinity_sec) {
+                now = bpf_ktime_get_ns();
+                akey.client = bpf_get_netns_cookie(ctx);
+                struct affinity_value *aff = bpfp_affinity.lookup(&akey);
+                if (aff && lb_affinity_alive(aff, svc, now) &&
+                    lb_affinity_refind(family, svc, aff, now, out))
+                        return 1;
         }
-        bpfp_affinity.update(key, &value);
+        struct slot_key slot = pick_slot(ctx, svc);
+        if (!lb_slot_backend(family, svc->svc_id, slot.slot, out))
+                return 0;
+        if (svc->affinity_sec) {
+                struct affinity_value value = {};
+                lb_affinity_set(&value, now, slot.slot, out);
+                bpfp_affinity.update(&akey, &value);
+        }
+        return 1;
 }
 
 /* ECONNREFUSED for a service with no backend, as kube-proxy's REJECT rule answers. */
@@ -227,47 +223,11 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct soc
 
 /* --- IPv4 --------------------------------------------------------------------------- */
 
-/* The backend this connection goes to: the client's affinity backend while it lasts and
- * is still a backend of the service (its slot may have moved), else a fresh pick. */
-static __always_inline struct backend4 *select4(struct bpf_sock_addr *ctx,
-                                                struct svc_value *svc)
-{
-        struct affinity_key akey = {};
-        __u64 now = 0;
-        struct backend4 *backend;
-        if (svc->affinity_sec) {
-                now = bpf_ktime_get_ns();
-                struct affinity_value *aff = affinity_lookup(ctx, svc, &akey, now);
-                if (aff) {
-                        struct slot_key slot = { .svc_id = svc->svc_id, .slot = aff->slot };
-                        for (__u32 i = 0; i <= AFFINITY_SCAN; i++) {
-                                if (slot.slot < svc->count) {
-                                        backend = bpfp_slot4.lookup(&slot);
-                                        if (backend && backend->addr == aff->addr[0] &&
-                                            backend->port == aff->port) {
-                                                aff->last_ns = now;
-                                                aff->slot = slot.slot;
-                                                return backend;
-                                        }
-                                }
-                                if (i >= svc->count)
-                                        break;
-                                slot.slot = i;
-                        }
-                }
-        }
-        struct slot_key slot = pick_slot(ctx, svc);
-        backend = bpfp_slot4.lookup(&slot);
-        if (backend && svc->affinity_sec)
-                affinity_remember(&akey, now, slot.slot, &backend->addr, 1, backend->port);
-        return backend;
-}
-
 /* addr:port in the IPv4 maps; on TO_BACKEND *to is the backend and the reverse NAT entry is
  * written. Takes the address, not the ctx field, so that an IPv4-mapped destination of an
  * AF_INET6 socket shares it (Cilium's sock6_xlate_v4_in_v6 reuses __sock4_xlate_fwd). */
 static __always_inline enum xlate forward4(struct bpf_sock_addr *ctx, __be32 addr,
-                                           __be16 port, struct backend4 *to)
+                                           __be16 port, struct lb_backend *to)
 {
         struct svc_key4 key = {
                 .addr  = addr,
@@ -277,24 +237,21 @@ static __always_inline enum xlate forward4(struct bpf_sock_addr *ctx, __be32 add
         struct svc_value *svc = bpfp_svc4.lookup(&key);
         if (!svc)
                 return NOT_A_SERVICE;           /* not a service address: untouched */
-        struct backend4 *backend = svc->count ? select4(ctx, svc) : NULL;
-        if (!backend) {
+        if (!svc->count || !sock_select_backend(ctx, 4, svc, to)) {
                 /* count 0; or a slot missing, which only a map corrupted from outside
                  * does: a slot is written before the count that covers it */
                 bpfp_count_refused(svc->svc_id, 4);
                 return NO_BACKEND;
         }
-        bpfp_count_connection(svc->svc_id, 4, &backend->addr, backend->port, 0, 0);
+        bpfp_count_connection(svc->svc_id, 4, to->addr, to->port, 0, 0);
         struct sock_revnat want = {
-                .backend      = { backend->addr },
+                .backend      = { to->addr[0] },
                 .service      = { addr },
-                .backend_port = backend->port,
+                .backend_port = to->port,
                 .service_port = port,
                 .family       = 4,
         };
         remember(ctx, &want);
-        to->addr = backend->addr;
-        to->port = backend->port;
         return TO_BACKEND;
 }
 
@@ -326,10 +283,10 @@ static __always_inline int balance4(struct bpf_sock_addr *ctx)
 {
         if (!is_balanced_protocol(ctx))
                 return SOCK_ALLOW;
-        struct backend4 to = {};
+        struct lb_backend to = {};
         enum xlate found = forward4(ctx, ctx->user_ip4, (__be16)ctx->user_port, &to);
         if (found == TO_BACKEND) {
-                ctx->user_ip4  = to.addr;
+                ctx->user_ip4  = to.addr[0];
                 ctx->user_port = (__u32)to.port;
         }
         return verdict(found);
@@ -377,47 +334,8 @@ static __always_inline int is_v4_mapped(const __be32 *addr)
         return addr[0] == 0 && addr[1] == 0 && addr[2] == BPFP_V4_MAPPED_WORD;
 }
 
-static __always_inline int same6(const __be32 *a, const __be32 *b)
-{
-        return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
-}
-
-static __always_inline struct backend6 *select6(struct bpf_sock_addr *ctx,
-                                                struct svc_value *svc)
-{
-        struct affinity_key akey = {};
-        __u64 now = 0;
-        struct backend6 *backend;
-        if (svc->affinity_sec) {
-                now = bpf_ktime_get_ns();
-                struct affinity_value *aff = affinity_lookup(ctx, svc, &akey, now);
-                if (aff) {
-                        struct slot_key slot = { .svc_id = svc->svc_id, .slot = aff->slot };
-                        for (__u32 i = 0; i <= AFFINITY_SCAN; i++) {
-                                if (slot.slot < svc->count) {
-                                        backend = bpfp_slot6.lookup(&slot);
-                                        if (backend && same6(backend->addr, aff->addr) &&
-                                            backend->port == aff->port) {
-                                                aff->last_ns = now;
-                                                aff->slot = slot.slot;
-                                                return backend;
-                                        }
-                                }
-                                if (i >= svc->count)
-                                        break;
-                                slot.slot = i;
-                        }
-                }
-        }
-        struct slot_key slot = pick_slot(ctx, svc);
-        backend = bpfp_slot6.lookup(&slot);
-        if (backend && svc->affinity_sec)
-                affinity_remember(&akey, now, slot.slot, backend->addr, 4, backend->port);
-        return backend;
-}
-
 static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be32 *addr,
-                                           __be16 port, struct backend6 *to)
+                                           __be16 port, struct lb_backend *to)
 {
         struct svc_key6 key = {
                 .addr  = { addr[0], addr[1], addr[2], addr[3] },
@@ -427,22 +345,19 @@ static __always_inline enum xlate forward6(struct bpf_sock_addr *ctx, const __be
         struct svc_value *svc = bpfp_svc6.lookup(&key);
         if (!svc)
                 return NOT_A_SERVICE;
-        struct backend6 *backend = svc->count ? select6(ctx, svc) : NULL;
-        if (!backend) {
+        if (!svc->count || !sock_select_backend(ctx, 6, svc, to)) {
                 bpfp_count_refused(svc->svc_id, 6);
                 return NO_BACKEND;
         }
-        bpfp_count_connection(svc->svc_id, 6, backend->addr, backend->port, 0, 0);
+        bpfp_count_connection(svc->svc_id, 6, to->addr, to->port, 0, 0);
         struct sock_revnat want = {
-                .backend      = { backend->addr[0], backend->addr[1], backend->addr[2],
-                                  backend->addr[3] },
+                .backend      = { to->addr[0], to->addr[1], to->addr[2], to->addr[3] },
                 .service      = { addr[0], addr[1], addr[2], addr[3] },
-                .backend_port = backend->port,
+                .backend_port = to->port,
                 .service_port = port,
                 .family       = 6,
         };
         remember(ctx, &want);
-        __builtin_memcpy(to, backend, sizeof(*to));
         return TO_BACKEND;
 }
 
@@ -457,15 +372,15 @@ static __always_inline int balance6(struct bpf_sock_addr *ctx)
         __be16 port = (__be16)ctx->user_port;
         enum xlate found;
         if (is_v4_mapped(addr)) {
-                struct backend4 to4 = {};
+                struct lb_backend to4 = {};
                 found = forward4(ctx, addr[3], port, &to4);
                 if (found == TO_BACKEND) {
-                        ctx->user_ip6[3] = to4.addr;    /* words 0-2 stay ::ffff */
+                        ctx->user_ip6[3] = to4.addr[0]; /* words 0-2 stay ::ffff */
                         ctx->user_port   = (__u32)to4.port;
                 }
                 return verdict(found);
         }
-        struct backend6 to6 = {};
+        struct lb_backend to6 = {};
         found = forward6(ctx, addr, port, &to6);
         if (found == TO_BACKEND) {
                 set_user_ip6(ctx, to6.addr);
