@@ -66,7 +66,10 @@ struct svc_key4 {
         __u8   scope;           /* 0: every path; 1: traffic from outside the node only */
 };
 
-/* svc_value.flags: how the TC path treats a frontend (the socket LB ignores them). */
+/* svc_value.flags: how the TC path treats a frontend (the socket LB ignores them).
+ * Mirrored by agent/planner/kernel.py SVC_F_*, as BPFP_BE_* by BE_*, BPFP_MAGLEV_ROW by
+ * MAGLEV_ROW, BPFP_CT_* and the event slots by agent/datapath/layout.py: checked by
+ * tests/unit/test_datapath_config.py. */
 #define BPFP_SVC_F_SOURCE_RANGES 1  /* only sources in bpfp_srcrange for its svc_id */
 #define BPFP_SVC_F_MAGLEV        2  /* backend from bpfp_maglev, not at random */
 
@@ -87,7 +90,7 @@ struct slot_key {
 
 /* backend4/6.flags: what the agent's model knows of a backend. Written into what was
  * padding (an older agent's slots read 0 there, and the agent rewrites them): same size,
- * same pinned maps. Python's copy: agent/planner.py BE_LOCAL. */
+ * same pinned maps. Python's copy: agent/planner/kernel.py BE_LOCAL. */
 #define BPFP_BE_LOCAL 1         /* on this node (its EndpointSlice nodeName, or one of the
                                  * node's own addresses): traffic from outside keeps its
                                  * client address; a backend without it is SNATed */
@@ -165,14 +168,15 @@ struct sock_revnats {
         __u32 pad;
 };
 
-/* What the socket LB could not keep, per CPU, indexed by BPFP_SOCKEV_*. */
-#define BPFP_SOCKEV_REVNAT_FAILED   0   /* bpfp_revnat4/6 refused an entry: the agent's
+/* What the socket LB could not keep, per CPU, indexed by BPFP_SOCKEV_*. The agent reports
+ * each slot by its macro's name in lower case (agent/datapath/layout.py SOCK_EVENTS). */
+#define BPFP_SOCKEV_REVNAT_FAILED     0 /* bpfp_revnat4/6 refused an entry: the agent's
                                          * stale UDP socket sweep cannot see that socket */
-#define BPFP_SOCKEV_NO_STORAGE      1   /* no socket-local storage (net.core.optmem_max):
+#define BPFP_SOCKEV_NO_SOCKET_STORAGE 1 /* no socket-local storage (net.core.optmem_max):
                                          * replies read the shared map only */
-#define BPFP_SOCKEV_REVNAT_REPLACED 2   /* a socket sent to more backends than it keeps: the
+#define BPFP_SOCKEV_REVNAT_REPLACED   2 /* a socket sent to more backends than it keeps: the
                                          * oldest one's replies show the backend again */
-#define BPFP_SOCKEV_SLOTS           8
+#define BPFP_SOCKEV_SLOTS             8
 
 /* ClientIP session affinity. The client is its network namespace (a pod, or the node
  * itself), as in Cilium's socket LB: at connect() a socket has no source address yet, and
@@ -326,12 +330,13 @@ BPF_TABLE_PINNED("hash", struct maglev_key, struct maglev_row, bpfp_maglev,
 BPF_TABLE_PINNED("lru_percpu_hash", struct stats_key, struct stats_value, bpfp_stats,
                  BPFP_MAX_STATS, BPFP_PIN("bpfp_stats_v1"));
 
-/* What the TC path did that no service counter shows, per CPU, indexed by BPFP_TCEV_*. */
-#define BPFP_TCEV_NO_SNAT_PORT 0    /* a new flow found no free SNAT port: dropped */
-#define BPFP_TCEV_NOT_SYN      1    /* TCP to a service address, no flow, not a SYN: dropped */
-#define BPFP_TCEV_SNAT_REUSED  2    /* a new flow took the SNAT port of a finished one */
-#define BPFP_TCEV_FLOW_EXPIRED 3    /* a packet found its flow past its time: both entries gone */
-#define BPFP_TCEV_SLOTS        8
+/* What the TC path did that no service counter shows, per CPU, indexed by BPFP_TCEV_*
+ * (reported as BPFP_SOCKEV_* are: agent/datapath/layout.py TC_EVENTS). */
+#define BPFP_TCEV_NO_SNAT_PORT     0 /* a new flow found no free SNAT port: dropped */
+#define BPFP_TCEV_TCP_NOT_SYN      1 /* TCP to a service address, no flow, not a SYN: dropped */
+#define BPFP_TCEV_SNAT_PORT_REUSED 2 /* a new flow took the SNAT port of a finished one */
+#define BPFP_TCEV_FLOW_EXPIRED     3 /* a packet found its flow past its time: both gone */
+#define BPFP_TCEV_SLOTS            8
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, bpfp_tc_events, BPFP_TCEV_SLOTS,
                  BPFP_PIN("bpfp_tc_events_v1"));
 

@@ -412,7 +412,7 @@ static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
                 /* taken when its partner is past its time too; another CPU may take it
                  * first: then its insert wins and we go on */
                 if (!expire_flow(rkey, old, now) && bpfp_ct.insert(rkey, rev) == 0) {
-                        tc_event(BPFP_TCEV_SNAT_REUSED);
+                        tc_event(BPFP_TCEV_SNAT_PORT_REUSED);
                         return 1;
                 }
                 for (int i = 0; i < SNAT_TRIES; i++) {
@@ -437,7 +437,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         /* a TCP flow starts with a SYN; anything else without a flow (a stray ACK or RST,
          * a flow the LRU forgot) would take a port and a backend for nothing */
         if (p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TH_SYN | TH_ACK | TH_RST)) != TH_SYN) {
-                tc_event(BPFP_TCEV_NOT_SYN);
+                tc_event(BPFP_TCEV_TCP_NOT_SYN);
                 return TC_ACT_SHOT;
         }
         if (!source_allowed(p, svc))

@@ -134,7 +134,7 @@ static __always_inline enum remembered remember_revnat(struct bpf_sock_addr *ctx
         struct sock_revnats *own = bpfp_sock_revnat.sk_storage_get(
                 ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
         if (!own) {
-                count_sock_event(BPFP_SOCKEV_NO_STORAGE);
+                count_sock_event(BPFP_SOCKEV_NO_SOCKET_STORAGE);
                 return REMEMBERED_NOWHERE;
         }
         __u32 free = BPFP_SOCK_REVNATS;

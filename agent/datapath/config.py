@@ -10,6 +10,26 @@ from pathlib import Path
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/bpfproxy")
 
+# DatapathConfig field -> the bpf/maps.h macro it is passed as (-D); layout.MapLayout.size
+# names these fields, and tests/unit/test_datapath_config.py checks both against maps.h
+MACROS = {
+    "pin_dir": "BPFP_PIN_DIR",
+    "max_frontends": "BPFP_MAX_FRONTENDS",
+    "max_slots": "BPFP_MAX_SLOTS",
+    "max_revnat": "BPFP_MAX_REVNAT",
+    "max_affinity": "BPFP_MAX_AFFINITY",
+    "max_stats": "BPFP_MAX_STATS",
+    "ct_max": "BPFP_CT_MAX",
+    "ct_tcp_timeout": "BPFP_CT_TCP_TIMEOUT",
+    "ct_tcp_close_timeout": "BPFP_CT_TCP_CLOSE_TIMEOUT",
+    "ct_udp_timeout": "BPFP_CT_UDP_TIMEOUT",
+    "snat_port_min": "BPFP_SNAT_PORT_MIN",
+    "snat_port_max": "BPFP_SNAT_PORT_MAX",
+    "max_source_ranges": "BPFP_MAX_SOURCE_RANGES",
+    "maglev_m": "BPFP_MAGLEV_M",
+    "max_maglev_rows": "BPFP_MAX_MAGLEV_ROWS",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class DatapathConfig:
@@ -32,23 +52,8 @@ class DatapathConfig:
 
     def macros(self) -> dict[str, str]:
         """C macro name -> C literal."""
-        return {
-            "BPFP_PIN_DIR": f'"{self.pin_dir}"',
-            "BPFP_MAX_FRONTENDS": str(self.max_frontends),
-            "BPFP_MAX_SLOTS": str(self.max_slots),
-            "BPFP_MAX_REVNAT": str(self.max_revnat),
-            "BPFP_MAX_AFFINITY": str(self.max_affinity),
-            "BPFP_MAX_STATS": str(self.max_stats),
-            "BPFP_CT_MAX": str(self.ct_max),
-            "BPFP_CT_TCP_TIMEOUT": str(self.ct_tcp_timeout),
-            "BPFP_CT_TCP_CLOSE_TIMEOUT": str(self.ct_tcp_close_timeout),
-            "BPFP_CT_UDP_TIMEOUT": str(self.ct_udp_timeout),
-            "BPFP_SNAT_PORT_MIN": str(self.snat_port_min),
-            "BPFP_SNAT_PORT_MAX": str(self.snat_port_max),
-            "BPFP_MAX_SOURCE_RANGES": str(self.max_source_ranges),
-            "BPFP_MAGLEV_M": str(self.maglev_m),
-            "BPFP_MAX_MAGLEV_ROWS": str(self.max_maglev_rows),
-        }
+        return {macro: f'"{value}"' if isinstance(value, Path) else str(value)
+                for macro, value in ((m, getattr(self, f)) for f, m in MACROS.items())}
 
     def to_json(self) -> str:
         return json.dumps({k: str(v) if isinstance(v, Path) else v

@@ -135,15 +135,7 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
                 raise DatapathError(f"agent/datapath/layout.py {mirrored.__name__} "
                                     f"{_fields(mirrored)} differs from bpf/maps.h "
                                     f"{_fields(compiled)}")
-        kind = table_name.removeprefix("bpfp_").rstrip("46")     # one size for both families
-        expected_max = {"sock_events": layout.SOCK_EVENT_SLOTS,
-                        "svc": config.max_frontends, "slot": config.max_slots,
-                        "revnat": config.max_revnat, "affinity": config.max_affinity,
-                        "affinity_ext": config.max_affinity, "stats": config.max_stats,
-                        "ct": config.ct_max, "ifaddr": 1024,
-                        "srcrange": config.max_source_ranges,
-                        "maglev": config.max_maglev_rows,
-                        "tc_events": layout.TC_EVENT_SLOTS}[kind]
+        expected_max = spec.max_entries(config)
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
                         "action=keeping_pinned", spec.pin, info["max_entries"], expected_max)

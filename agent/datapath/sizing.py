@@ -30,25 +30,26 @@ _HTAB_ELEM = 48
 class SizedMap:
     field: str                # DatapathConfig field
     flag: str                 # the agent flag that sets it (its dest)
-    tables: tuple[str, ...]   # bpf/maps.h tables of that size
     share: float              # of the budget
     floor: int                # never below: a node of any size must work
     preallocated: bool        # LRU maps: every entry's memory is taken when the map is made
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """bpf/maps.h tables of that size (layout.MapLayout.size)."""
+        return layout.sized_by(self.field)
 
 
 # Shares: the service tables are cheap up front (buckets only) but must hold the cluster;
 # the LRU flow maps take their whole size at once.
 SIZED = (
-    SizedMap("max_frontends", "max_frontends", ("bpfp_svc4", "bpfp_svc6"), 0.05, 16384, False),
-    SizedMap("max_slots", "max_backend_slots", ("bpfp_slot4", "bpfp_slot6"), 0.25, 131072,
-             False),
-    SizedMap("max_maglev_rows", "max_maglev_rows", ("bpfp_maglev",), 0.05, 32768, False),
-    SizedMap("ct_max", "conntrack_max", ("bpfp_ct",), 0.25, 32768, True),
-    SizedMap("max_revnat", "max_reverse_nat", ("bpfp_revnat4", "bpfp_revnat6"), 0.20, 16384,
-             True),
-    SizedMap("max_affinity", "max_affinity", ("bpfp_affinity", "bpfp_affinity_ext"), 0.10,
-             8192, True),
-    SizedMap("max_stats", "max_stats", ("bpfp_stats",), 0.10, 2048, True),   # per CPU
+    SizedMap("max_frontends", "max_frontends", 0.05, 16384, False),
+    SizedMap("max_slots", "max_backend_slots", 0.25, 131072, False),
+    SizedMap("max_maglev_rows", "max_maglev_rows", 0.05, 32768, False),
+    SizedMap("ct_max", "conntrack_max", 0.25, 32768, True),
+    SizedMap("max_revnat", "max_reverse_nat", 0.20, 16384, True),
+    SizedMap("max_affinity", "max_affinity", 0.10, 8192, True),
+    SizedMap("max_stats", "max_stats", 0.10, 2048, True),   # per CPU
 )
 PER_CPU = {"bpfp_stats"}
 

@@ -19,10 +19,23 @@ from agent.planner.kernel import (
 )
 from agent.planner.scopes import ServiceKey, ServiceName, service_of
 
-# Entries each budgeted map holds at most, by its name in bpf/maps.h: "bpfp_svc4",
-# "bpfp_svc6" (frontends), "bpfp_slot4", "bpfp_slot6" (backend slots), "bpfp_srcrange",
-# "bpfp_maglev" (rows). The pinned maps' real max_entries; a map not named is unbounded.
+# Entries each budgeted map holds at most, by its name in bpf/maps.h (BUDGETED_MAPS). The
+# pinned maps' real max_entries; a map not named is unbounded.
 Capacity = Mapping[str, int]
+
+
+def frontend_map(family: int) -> str:
+    return f"bpfp_svc{family}"
+
+
+def slot_map(family: int) -> str:
+    return f"bpfp_slot{family}"
+
+
+RANGE_MAP, MAGLEV_MAP = "bpfp_srcrange", "bpfp_maglev"
+# checked against agent/datapath/layout.py MAPS by tests/unit/test_datapath_config.py
+BUDGETED_MAPS = (frontend_map(4), frontend_map(6), slot_map(4), slot_map(6), RANGE_MAP,
+                 MAGLEV_MAP)
 # plans with the Services given (-> why) left as the kernel holds them; returns the plan
 # and the keys it planned (whose Services may be refused)
 Attempt = Callable[[dict[ServiceName, str]], tuple[Plan, Iterable[ServiceKey]]]
@@ -56,12 +69,12 @@ def map_usage(services: Iterable[KernelService], maglev_m: int) -> dict[str, int
     """Entries the service ports take in each budgeted map."""
     used: Counter = Counter()
     for s in services:
-        used.update(f"bpfp_svc{f.address.version}" for f in s.frontends)
-        used[f"bpfp_slot{s.family}"] += len(s.backends) + len(s.stray_slots)
-        used["bpfp_srcrange"] += len(s.source_ranges)
+        used.update(frontend_map(f.address.version) for f in s.frontends)
+        used[slot_map(s.family)] += len(s.backends) + len(s.stray_slots)
+        used[RANGE_MAP] += len(s.source_ranges)
         if s.flags & SVC_F_MAGLEV:
-            used["bpfp_maglev"] += maglev_rows(maglev_m)
-        used["bpfp_maglev"] += s.stray_maglev_rows
+            used[MAGLEV_MAP] += maglev_rows(maglev_m)
+        used[MAGLEV_MAP] += s.stray_maglev_rows
     return dict(used)
 
 
@@ -85,19 +98,19 @@ def costs(p: Plan, applied: Mapping[int, KernelService],
         if isinstance(op, PutSlot):
             new = old is None or (op.slot >= len(old.backends)
                                   and op.slot not in old.stray_slots)
-            entry = f"bpfp_slot{op.family}"
+            entry = slot_map(op.family)
         elif isinstance(op, PutFrontend):
-            new, entry = not in_kernel(op.frontend), f"bpfp_svc{op.frontend.address.version}"
+            new, entry = not in_kernel(op.frontend), frontend_map(op.frontend.address.version)
         elif isinstance(op, PutRange):
-            new, entry = old is None or op.network not in old.source_ranges, "bpfp_srcrange"
+            new, entry = old is None or op.network not in old.source_ranges, RANGE_MAP
         elif isinstance(op, PutMaglev):
             new = old is None or not old.flags & SVC_F_MAGLEV
-            entry = "bpfp_maglev"
+            entry = MAGLEV_MAP
         else:
             continue
         if new:
             cost = by_service.setdefault(service_by_id[svc_id], Counter())
-            cost[entry] += maglev_rows(maglev_m) if entry == "bpfp_maglev" else 1
+            cost[entry] += maglev_rows(maglev_m) if entry == MAGLEV_MAP else 1
     return by_service
 
 

@@ -48,9 +48,10 @@ class KernelService:
     local: frozenset[BackendAddr] = frozenset()  # backends whose slot carries BE_LOCAL
 
 
-# svc_value.flags (bpf/maps.h BPFP_SVC_F_*)
+# Mirrors of bpf/maps.h, the source (tests/unit/test_datapath_config.py checks them):
+# svc_value.flags, BPFP_SVC_F_<name>
 SVC_F_SOURCE_RANGES, SVC_F_MAGLEV = 1, 2
-# backend4/6.flags (bpf/maps.h BPFP_BE_*): on this node, so never SNATed (Backend.local)
+# backend4/6.flags, BPFP_BE_<name>: on this node, so never SNATed (Backend.local)
 BE_LOCAL = 1
 NO_BACKENDS: frozenset[BackendAddr] = frozenset()
 
@@ -151,7 +152,7 @@ class MapFullError(RuntimeError):
         self.map_name = map_name
 
 
-MAGLEV_ROW = 32         # Maglev table entries per bpfp_maglev row (bpf/maps.h)
+MAGLEV_ROW = 32         # Maglev table entries per bpfp_maglev row (BPFP_MAGLEV_ROW)
 
 
 # frontend, svc_id, count, name_hash[, affinity seconds[, flags]]
