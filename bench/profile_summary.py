@@ -12,7 +12,8 @@ AREAS = [("yaml parse", ("yaml/", "_yaml", "CSafeLoader", "construct_", "load_al
          ("planner", ("agent/planner/",)),
          ("packing + map writes", ("agent/datapath/maps.py", "agent/datapath/bpfsys", "ctypes")),
          ("api encoding", ("agent/api/", "grpc", "protobuf")),
-         ("agent loop", ("agent/agent.py",)),
+         ("agent loop", ("agent/agent.py", "agent/changes.py", "agent/budget.py", "agent/runner.py",
+                         "agent/sync_step.py", "agent/cleanup.py", "agent/status.py")),
          ("bcc compile/load", ("bcc/", "agent/datapath/loader")),
          ]
 IDLE = ("select (selectors.py", "_worker (concurrent/futures/thread.py", "wait (threading.py",

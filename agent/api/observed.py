@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from agent.agent import AgentStatus
 from agent.api.events import EventHub
 from agent.datapath.inventory import Inventory
+from agent.status import AgentStatus
 
 # error counters a source may keep (manifests: parse_errors, refused_files,
 # malformed_documents; kube: api_errors, malformed_events)

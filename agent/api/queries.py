@@ -17,9 +17,9 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.agent import AppliedServicePort, AppliedView
 from agent.datapath.inventory import Counters, StatsTable
 from agent.planner import BackendAddr
+from agent.status import AppliedServicePort, AppliedView
 
 DEFAULT_PAGE = 500
 MAX_PAGE = 5000

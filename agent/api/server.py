@@ -22,13 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.agent import AgentStatus, AppliedServicePort
 from agent.api import queries
 from agent.api.events import Event, TooManySubscribers
 from agent.api.generated import agent_pb2, agent_pb2_grpc
 from agent.api.observed import Observed
 from agent.api.queries import Filter, InvalidRequest
 from agent.datapath.inventory import Counters
+from agent.status import AgentStatus, AppliedServicePort
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
-PURE_MODULES = sorted(AGENT.glob("model/*.py")) + sorted(AGENT.glob("planner/*.py"))
+# the read model (agent/status.py) is pure too: the API imports it, not the orchestrator
+PURE_MODULES = sorted(AGENT.glob("model/*.py")) + sorted(AGENT.glob("planner/*.py")) + \
+    [AGENT / "status.py"]
 
 FORBIDDEN = (
     "agent.datapath", "agent.sources", "agent.api", "agent.agent", "agent.cli",

@@ -1,0 +1,144 @@
+"""The sync step: a snapshot of the objects -> model -> by_scope parts -> planner, for every
+Service or only the changed ones, and the desired state the kernel holds once it took it.
+compute() runs in a thread on the snapshot; commit() on the loop, after the kernel took it."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent import model
+from agent.model.health import service_health_parts
+from agent.model.types import DesiredState, Protocol, ServicePortName
+from agent.planner import (
+    AppliedState,
+    Overlay,
+    PartKey,
+    Plan,
+    by_scope,
+    commit,
+    plan,
+    plan_changes,
+)
+
+log = logging.getLogger(__name__)
+
+ServiceName = tuple[str, str]          # (namespace, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Computed:
+    """One step's outcome, not yet in the kernel (its mappings may be overlays)."""
+    plan: Plan
+    desired: DesiredState                        # by_scope parts, keyed by PartKey
+    parts: dict[ServiceName, frozenset[PartKey]]  # each Service's desired keys
+    health: dict | None                          # health check parts; None: not asked
+
+
+class SyncStep:
+    def __init__(self, supports: Callable[[int, Protocol], bool], maglev_m: int,
+                 with_health: bool) -> None:
+        self._supports = supports      # whether the datapath serves (family, protocol)
+        self._maglev_m = maglev_m
+        self._with_health = with_health
+        # what the kernel holds, as desired state (the last committed step)
+        self.desired: DesiredState = {}
+        self.parts: dict[ServiceName, frozenset[PartKey]] = {}
+        self.health_parts: dict = {}   # service -> (health check port, its health)
+        self._unsupported: set[tuple[ServicePortName, int]] = set()
+
+    def compute(self, full: bool, inputs, keep: frozenset[int], applied: AppliedState,
+                previous: Plan | None, budget: dict[str, int] | None) -> Computed:
+        """Everything (a full plan against `applied`), or only what the changed services
+        of the snapshot produce, planned against `previous`, the plan the kernel holds."""
+        with _gc_paused():
+            # from the same snapshot, same thread
+            health = self._health_for(full, inputs) if self._with_health else None
+            if full:
+                return self._compute_full(inputs, keep, applied, budget, health)
+            return self._compute_changes(inputs, previous, budget, health)
+
+    def commit(self, computed: Computed) -> tuple[Plan, DesiredState]:
+        """The kernel holds it: write the overlays of an incremental step into the record."""
+        result = commit(computed.plan)
+        desired, parts = computed.desired, computed.parts
+        if isinstance(desired, Overlay):
+            desired, parts = desired.commit(), parts.commit()
+        self.desired, self.parts = desired, parts
+        if computed.health is not None:
+            self.health_parts = computed.health
+        return result, desired
+
+    def _health_for(self, full: bool, inputs) -> dict:
+        """Health check parts of every service: all of them, or the last ones with the
+        dirty services' recomputed (a sync's cost follows its change)."""
+        if full:
+            node, services, slices = inputs
+            return service_health_parts(services, slices, node)
+        node, by_name = inputs
+        parts = dict(self.health_parts)
+        for name, (service, slices) in by_name.items():
+            parts.pop(name, None)
+            if service is not None:
+                parts.update(service_health_parts([service], slices, node))
+        return parts
+
+    def _compute_full(self, inputs, keep: frozenset[int], applied: AppliedState,
+                      budget: dict[str, int] | None, health: dict | None) -> Computed:
+        node, services, slices = inputs
+        desired = by_scope(self._servable(model.desired_state(services, slices, node)))
+        parts: dict[ServiceName, set[PartKey]] = {}
+        for key in desired:
+            parts.setdefault((key.name.namespace, key.name.name), set()).add(key)
+        result = plan(desired, applied, keep_unclaimed=keep, maglev_m=self._maglev_m,
+                      capacity=budget)
+        return Computed(result, desired, {k: frozenset(v) for k, v in parts.items()}, health)
+
+    def _compute_changes(self, inputs, previous: Plan, budget: dict[str, int] | None,
+                         health: dict | None) -> Computed:
+        node, by_name = inputs
+        desired, parts = Overlay(self.desired), Overlay(self.parts)
+        changed = set()
+        for name, (service, slices) in by_name.items():
+            part = by_scope(self._servable(model.desired_state(
+                [service] if service else [], slices, node)))
+            old_keys = parts.pop(name, frozenset())
+            for key in old_keys - part.keys():
+                del desired[key]
+                changed.add(key)
+            for key, state in part.items():
+                if desired.get(key) != state:
+                    desired[key] = state
+                    changed.add(key)
+            if part:
+                parts[name] = frozenset(part)
+        result = plan_changes(desired, previous, changed, self._maglev_m, budget)
+        return Computed(result, desired, parts, health)
+
+    def _servable(self, desired: DesiredState) -> DesiredState:
+        """Only what the datapath can serve; the rest is logged once per service port."""
+        out: DesiredState = {}
+        for key, state in desired.items():
+            name, family = key
+            if self._supports(family, name.protocol):
+                out[key] = state
+            elif key not in self._unsupported:
+                self._unsupported.add(key)
+                log.warning("event=service_port_unsupported service_port=%s family=IPv%d "
+                            "reason=%r", name, family, "not in this datapath yet; skipped")
+        return out
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """A sync allocates many small objects and no cycles: letting the collector walk the
+    whole heap meanwhile tripled its time (10k services x 10 endpoints: 1.3 s -> 0.4 s)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
