@@ -24,7 +24,7 @@ from agent.cleanup import (
     lost_udp_backends,
 )
 from agent.model.health import ServiceHealth, by_port
-from agent.model.types import NodeContext, Protocol
+from agent.model.types import NodeContext
 from agent.planner import (
     AppliedState,
     BackendAddr,
@@ -35,6 +35,7 @@ from agent.planner import (
     Plan,
 )
 from agent.runner import SyncRunner
+from agent.service_maps import ServiceMaps
 from agent.sources.events import HeldBack, ObjectChange
 from agent.status import AgentStatus, AppliedServicePort, AppliedView
 from agent.sync_step import SyncStep
@@ -56,12 +57,6 @@ class Source(TypingProtocol):
     def held_back(self) -> tuple[HeldBack, ...]: ...
     # optional: on_event, set by the agent, is told of bad input the source found (on the
     # loop); it reaches the API's event stream as the agent's own events do
-
-
-class ServiceMaps(TypingProtocol):
-    def apply(self, ops) -> None: ...
-    def read_back(self) -> AppliedState: ...
-    def supports(self, family: int, protocol: Protocol) -> bool: ...
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from agent.planner import AppliedState, map_usage
+from agent.service_maps import ServiceMaps
 
 log = logging.getLogger(__name__)
 
@@ -12,9 +13,8 @@ BUDGET_STEP = 64           # entries a lowered map budget grows by, at least, pe
 
 
 class MapBudget:
-    def __init__(self, maps, maglev_m: int) -> None:
-        # the kernel door; optional: capacity() (the maps' sizes) and room_for(map, n)
-        self._maps = maps
+    def __init__(self, maps: ServiceMaps, maglev_m: int) -> None:
+        self._maps = maps          # its capacity() and room_for(map, n)
         self._maglev_m = maglev_m
         self._capacity: dict[str, int] | None = None   # the maps' sizes; None: unbounded
         self._full_maps: set[str] = set()  # refused an insert: budget what they took
@@ -53,12 +53,9 @@ class MapBudget:
         self._full_maps.clear()
 
     def _read_capacity(self) -> dict[str, int] | None:
-        """The maps' sizes, when the datapath tells them (the planner budgets against)."""
-        reader = getattr(self._maps, "capacity", None)
-        if reader is None:
-            return None
+        """The maps' sizes, which the planner budgets against."""
         try:
-            return dict(reader())
+            return dict(self._maps.capacity())
         except Exception as exc:  # noqa: BLE001 -- keep the last sizes known
             log.error("event=capacity_read_failed error=%r", str(exc))
             return self._capacity
@@ -67,13 +64,12 @@ class MapBudget:
         """A lowered budget doubles (at least BUDGET_STEP entries) each period the map takes
         that many more entries (probe entries no program reads, written and removed by
         maps.room_for), and goes once it reaches the map's size: never a failed sync to
-        find out. A kernel door that cannot probe tries the real sizes again."""
-        room_for = getattr(self._maps, "room_for", None)
+        find out."""
         for name, clamp in sorted(self._clamps.items()):
             size = (self._capacity or {}).get(name, clamp)
             step = min(size - clamp, max(clamp, BUDGET_STEP))
             try:
-                taken = room_for is None or room_for(name, step)
+                taken = self._maps.room_for(name, step)
             except Exception as exc:  # noqa: BLE001 -- keep the budget, ask next period
                 log.error("event=map_probe_failed map=%s error=%r", name, str(exc))
                 taken = False

@@ -17,6 +17,7 @@ from agent.planner import (
     Plan,
     PutSlot,
 )
+from agent.service_maps import ServiceMaps
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,10 @@ def lost_udp_backends(result: Plan, applied: AppliedState) -> dict[int, set[Back
 
 
 class StaleStateCleaner:
-    def __init__(self, maps, flow_cleanup: FlowCleanup | None, udp_cleanup: UdpCleanup | None,
+    def __init__(self, maps: ServiceMaps, flow_cleanup: FlowCleanup | None,
+                 udp_cleanup: UdpCleanup | None,
                  still_served: Callable[[FrontendKey, BackendAddr], bool]) -> None:
-        self._maps = maps              # the kernel door; optional: forget_counters(ids)
+        self._maps = maps              # its forget_counters(ids)
         self._flow_cleanup = flow_cleanup
         self._udp_cleanup = udp_cleanup
         self._still_served = still_served
@@ -73,10 +75,9 @@ class StaleStateCleaner:
         """Counters of `gone` ids (awaited), flows of `lost` backends and sockets aimed at
         `removed_udp` (both in the background). Failures are logged, never raised."""
         loop = asyncio.get_running_loop()
-        forget = getattr(self._maps, "forget_counters", None)
-        if gone and forget is not None:
+        if gone:
             try:        # before the next sync: a full plan may give the ids out again
-                await loop.run_in_executor(None, forget, gone)
+                await loop.run_in_executor(None, self._maps.forget_counters, gone)
             except Exception as exc:
                 log.error("event=counter_cleanup_failed error=%r", str(exc))
         if lost:

@@ -30,6 +30,7 @@ from agent.planner import (
     PutSlot,
     kernel_state,
 )
+from agent.planner.capacity import MAGLEV_MAP, RANGE_MAP, frontend_map, slot_map
 
 
 class InvariantBroken(AssertionError):
@@ -57,6 +58,7 @@ class FakeServiceMaps:
         self.slots: dict[tuple[int, int], tuple[int, BackendAddr, int]] = {}
         self.ops_applied = 0
         self.broken: list[InvariantBroken] = []     # raised by check(), caught or not
+        self.counters_forgotten: set[int] = set()   # svc_ids given to forget_counters
 
     @property
     def maglev(self) -> dict[int, tuple[int, ...]]:
@@ -77,16 +79,21 @@ class FakeServiceMaps:
         size = self.sizes.get(map_name)
         return size is None or self.entries().get(map_name, 0) + entries <= size
 
+    def forget_counters(self, svc_ids: set[int]) -> int:
+        """The fake keeps no counters: it remembers whose it was asked to forget."""
+        self.counters_forgotten |= svc_ids
+        return 0
+
     def entries(self) -> dict[str, int]:
         """Entries in each map, named as planner.Capacity names them."""
         used: dict[str, int] = {}
         for f in self.frontends:
-            used[f"bpfp_svc{f.address.version}"] = used.get(f"bpfp_svc{f.address.version}",
-                                                            0) + 1
+            used[frontend_map(f.address.version)] = \
+                used.get(frontend_map(f.address.version), 0) + 1
         for family, *_ in self.slots.values():
-            used[f"bpfp_slot{family}"] = used.get(f"bpfp_slot{family}", 0) + 1
-        used["bpfp_srcrange"] = len(self.ranges)
-        used["bpfp_maglev"] = len(self.maglev_rows)
+            used[slot_map(family)] = used.get(slot_map(family), 0) + 1
+        used[RANGE_MAP] = len(self.ranges)
+        used[MAGLEV_MAP] = len(self.maglev_rows)
         return used
 
     def _room_for(self, op) -> None:

@@ -128,8 +128,9 @@ class PinnedMap:
 
 
 class BpfServiceMaps:
-    """agent.agent.ServiceMaps on the pinned BPF maps under a pin directory: each family has its own
-    frontend and slot map, and an op goes to the maps of its address's family."""
+    """agent.service_maps.ServiceMaps on the pinned BPF maps under a pin directory: each
+    family has its own frontend and slot map, and an op goes to the maps of its address's
+    family."""
 
     def __init__(self, pin_dir: Path) -> None:
         opened: list[PinnedMap] = []

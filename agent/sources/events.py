@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.model.types import EndpointSlice, ObjectKey, Service
+from agent.model.types import EndpointSlice, Node, ObjectKey, Service
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectChange:
     key: ObjectKey
-    obj: Service | EndpointSlice | None   # None: the object was deleted
+    obj: Service | EndpointSlice | Node | None   # None: the object was deleted
 
 
 @dataclass(frozen=True, slots=True)
