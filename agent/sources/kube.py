@@ -405,19 +405,20 @@ class _Reflector:
     # -- border ----------------------------------------------------------------------
 
     def _typed(self, raw: dict) -> dict:
-        """List items come without kind and apiVersion (the list has them)."""
+        """List items come without kind and apiVersion (the list has them). Set in place:
+        raw is this source's own decoded JSON, read by nobody else (no copy per item)."""
         if "kind" not in raw or "apiVersion" not in raw:
-            raw = {**raw, "kind": self.resource.kind, "apiVersion": self.resource.api_version}
+            raw["kind"], raw["apiVersion"] = self.resource.kind, self.resource.api_version
         return raw
 
     def _parse(self, raw: Any) -> tuple[ObjectKey | None, Object | None]:
         """(key, object); an invalid object is logged and counted, and its last valid
         version (if any) stays: a bad edit must not delete a working service."""
         raw = self._typed(raw) if isinstance(raw, dict) else raw
-        key = object_key(raw)
         try:
             obj = self.resource.parse(raw)
         except Exception as error:  # noqa: BLE001 -- InvalidObject, or our bug: same handling
+            key = object_key(raw)   # as far as it can be read: only a refused object needs it
             self.source.invalid_objects += 1
             previous = self.given.get(key) if key else None
             self._hold(key, f"invalid, previous version kept: {_one_line(str(error))}"
@@ -428,7 +429,8 @@ class _Reflector:
                     "kept_previous" if previous else "skipped",
                     exc_info=not isinstance(error, InvalidObject))
             return key, previous
-        self._hold(obj.key, "")
+        if self.held:
+            self._hold(obj.key, "")
         return obj.key, obj
 
     def _hold(self, key: ObjectKey | None, why: str) -> None:

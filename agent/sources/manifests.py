@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -229,7 +230,9 @@ class ManifestSource:
 
     def _holds(self) -> tuple[HeldBack, ...]:
         held = []
-        for name, record in sorted(self._files.items()):
+        # most passes hold nothing back: only the few files that do are sorted
+        for name, record in sorted((name, record) for name, record in self._files.items()
+                                   if not record.readable or record.withheld or record.kept):
             if not record.readable:
                 held.append(HeldBack(name, record.problem, tuple(sorted(
                     record.objects, key=str)), unknown=not record.known))
@@ -257,7 +260,17 @@ class ManifestSource:
                 self._last_pass = time.monotonic()
 
     def _rescan(self, touched: set[str] | frozenset[str]) -> list[ObjectChange]:
-        entries, problems = self._list_directory()
+        # One descriptor of the directory for the pass: every stat and open is relative
+        # to it (no walk of the directory's path per file, and one directory throughout).
+        directory_fd = os.open(self.directory, _DIRECTORY_FLAGS)
+        try:
+            return self._rescan_in(directory_fd, touched)
+        finally:
+            os.close(directory_fd)
+
+    def _rescan_in(self, directory_fd: int,
+                   touched: set[str] | frozenset[str]) -> list[ObjectChange]:
+        entries, problems = self._list_directory(directory_fd)
         affected: set[ObjectKey] = set()      # keys whose winning definition may change
         for name in self._files.keys() - entries.keys() - problems.keys():
             gone = self._files.pop(name)
@@ -273,7 +286,8 @@ class ManifestSource:
                 now - record.withheld_since >= self.shrink_confirm_seconds
             if record is None or record.signature != signature or name in touched or confirm:
                 self._busy = (name, now)
-                fresh = self._withhold(name, record, self._read(name, signature, record))
+                fresh = self._withhold(name, record,
+                                       self._read(name, signature, record, directory_fd))
                 self._busy = ("", time.monotonic())
                 self._index(name, record.objects if record else {}, fresh.objects)
                 if record is not None:
@@ -333,18 +347,19 @@ class ManifestSource:
         for key in new or ():
             self._key_files.setdefault(key, set()).add(name)
 
-    def _list_directory(self) -> tuple[dict[str, Signature], dict[str, tuple[str, str]]]:
+    def _list_directory(self, directory_fd: int
+                        ) -> tuple[dict[str, Signature], dict[str, tuple[str, str]]]:
         """(signature by file, (counter, problem) by file that cannot be read now)."""
         entries: dict[str, Signature] = {}
         problems: dict[str, tuple[str, str]] = {}
-        with os.scandir(self.directory) as scan:
+        with os.scandir(directory_fd) as scan:
             for entry in scan:
                 # Dot files are editors' locks and backups (.#web.yaml), and a ConfigMap
                 # volume's ..data and ..<timestamp> entries.
                 if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
                     continue
                 try:
-                    st = os.stat(entry.path)   # follows symlinks: a ConfigMap key is one
+                    st = entry.stat()   # fstatat, following symlinks: a ConfigMap key is one
                 except FileNotFoundError:
                     continue                   # dangling: the key is being removed
                 except OSError as e:           # ELOOP, EACCES: what it holds is unknown
@@ -356,13 +371,14 @@ class ManifestSource:
                     problems[entry.name] = ("refused_files", _NOT_REGULAR)
         return entries, problems
 
-    def _read(self, name: str, signature: Signature, previous: _FileRecord | None) -> _FileRecord:
+    def _read(self, name: str, signature: Signature, previous: _FileRecord | None,
+              directory_fd: int | None = None) -> _FileRecord:
         kept = previous.objects if previous else {}
         known = previous.known if previous else False
         path = self.directory / name
         limit = self.max_json_bytes if path.suffix == ".json" else self.max_file_bytes
         try:
-            signature, documents = _load_documents(path, limit, self.directory)
+            signature, documents = _load_documents(path, limit, self.directory, directory_fd)
         except FileNotFoundError:   # deleted since listed: the next scan drops it
             return _FileRecord(signature, kept, known=known)
         except _Refused as e:
@@ -447,14 +463,18 @@ class ManifestSource:
 _NOT_REGULAR = "not a regular file (a FIFO, socket or device is never read)"
 
 
-def _load_documents(path: Path, max_bytes: int, directory: Path) -> tuple[Signature, list[Any]]:
-    with _open_inside(path, directory) as f:
-        st = os.fstat(f.fileno())   # the signature of what is read, not of an earlier stat
+def _load_documents(path: Path, max_bytes: int, directory: Path,
+                    directory_fd: int | None = None) -> tuple[Signature, list[Any]]:
+    fd = _open_inside(path, directory, directory_fd)
+    try:
+        st = os.fstat(fd)   # the signature of what is read, not of an earlier stat
         if not stat.S_ISREG(st.st_mode):
             raise _Refused(_NOT_REGULAR)
         if st.st_size > max_bytes:
             raise _Refused(_too_large(path, f"{st.st_size} bytes", max_bytes))
-        data = f.read(max_bytes + 1)
+        data = _read_bounded(fd, st.st_size, max_bytes)
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         raise _Refused(_too_large(path, f"more than {max_bytes} bytes", max_bytes))
     signature = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -471,17 +491,54 @@ def _too_large(path: Path, size: str, limit: int) -> str:
     return f"{size}, over the limit of {limit} bytes for this kind of file: {advice}"
 
 
-def _open_inside(path: Path, directory: Path):
-    """The file at path, opened for reading only when what it resolves to lies inside the
-    directory (a ConfigMap volume's key -> ..data/key -> ..<timestamp>/key does). Opened
-    non-blocking (a FIFO swapped in after the listing would block the read forever) and
-    without following a last symlink swapped in after the path was resolved."""
+def _read_bounded(fd: int, expected: int, max_bytes: int) -> bytes:
+    """The file's bytes to its end, but never more than max_bytes + 1 (one more says it is
+    too large). Sized by fstat: a small file costs one read and no limit-sized buffer."""
+    parts, size = [], 0
+    ask = min(expected, max_bytes) + 1
+    while size <= max_bytes:
+        chunk = os.read(fd, min(ask, max_bytes + 1 - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+        ask = 64 * 1024          # it grew since the fstat
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# non-blocking: a FIFO swapped in after the listing would block the read forever
+_FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_inside(path: Path, directory: Path, directory_fd: int | None = None) -> int:
+    """A descriptor of the file at path, only when what it resolves to lies inside the
+    directory (a ConfigMap volume's key -> ..data/key -> ..<timestamp>/key does), opened
+    non-blocking and without following a last symlink swapped in after it was resolved.
+    A file that is no symlink is opened by name relative to the directory's descriptor
+    without following: inside by construction, so only symlinks pay for resolving."""
+    own_fd = directory_fd is None
+    if own_fd:
+        directory_fd = os.open(directory, _DIRECTORY_FLAGS)
+    try:
+        return os.open(path.name, _FILE_FLAGS, dir_fd=directory_fd)
+    except OSError as e:
+        if e.errno != errno.ELOOP:   # ELOOP: a symlink (or a loop), resolved below
+            raise
+    finally:
+        if own_fd:
+            os.close(directory_fd)
+    return _open_link_inside(path, directory)
+
+
+def _open_link_inside(path: Path, directory: Path) -> int:
+    """A symlink at path: followed only to a target inside the directory."""
     inside = os.path.realpath(directory)
     target = os.path.realpath(path)
     if os.path.commonpath([target, inside]) != inside:
         raise _Refused(f"a symlink to {target}, outside the directory: only links to files "
                        "inside it are followed")
-    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(target, _FILE_FLAGS)
     try:
         # A directory on the way swapped for a symlink between realpath and open: what was
         # opened is what /proc names (when there is a /proc to ask).
@@ -489,7 +546,7 @@ def _open_inside(path: Path, directory: Path):
             opened = os.readlink(f"/proc/self/fd/{fd}")
             if os.path.commonpath([opened, inside]) != inside:
                 raise _Refused(f"resolved to {opened}, outside the directory, while opened")
-        return os.fdopen(fd, "rb")
+        return fd
     except BaseException:
         os.close(fd)
         raise

@@ -409,3 +409,47 @@ def test_published_manifests_are_served_and_everything_else_stays_quiet(tmp_path
     assert 30000 <= services["frontend"].ports[0].node_port <= 32767
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert source.invalid_objects == source.parse_errors == source.refused_files == 0
+
+
+# --- a pass costs what it read (issue 16) ---------------------------------------------
+
+def test_a_pass_publishes_only_the_services_it_changed(tmp_path, monkeypatch):
+    """allocations and the state file follow every change, but a one-file pass rebuilds
+    only its own Services' entries, not every Service's."""
+    from agent.sources.apiserver import control_plane as module
+    state = tmp_path / "bpfp.allocations.json"
+    control_plane = ControlPlane("10.96.0.0/24", state_file=state)
+    for i in range(20):
+        admitted(control_plane, f"s{i}.yaml", svc(f"s{i}"))
+    assert len(control_plane.allocations) == 20
+    formatted = []        # addresses written out: what rebuilding a Service's entry costs
+    monkeypatch.setattr(module, "address_text",
+                        lambda *a, real=module.address_text: formatted.append(a) or real(*a))
+    # s3 gives explicitly the address s5 was allocated: s5 moves, both are published
+    taken = next(iter(control_plane.allocations["default", "s5"].cluster_ips))
+    admitted(control_plane, "s3.yaml", svc("s3", clusterIP=taken))
+    # once, in s3's admission; publishing s3 and s5 (now holding nothing allocated) writes
+    # none, and the 18 Services the pass did not change are not rebuilt (it was 19 calls)
+    assert len(formatted) == 1
+    assert ("default", "s3") not in control_plane.allocations   # nothing allocated to it
+    assert control_plane.stale == {"s5.yaml"}
+    moved = admitted(control_plane, "s5.yaml", svc("s5"))[0]["spec"]["clusterIP"]
+    assert moved != taken and control_plane.allocations["default", "s5"].cluster_ips == {moved}
+    saved = json.loads(state.read_text())["services"]
+    assert "default/s3" not in saved and saved["default/s5"]["ips"] == [moved]
+    assert len(saved) == 19
+    formatted.clear()
+    control_plane.files_read.discard("s7.yaml")     # s7's file is gone
+    control_plane.settle(control_plane.files_read)
+    assert formatted == [] and ("default", "s7") not in control_plane.allocations
+    assert "default/s7" not in json.loads(state.read_text())["services"]
+    assert len(control_plane.allocations) == 18
+
+
+def test_one_services_addresses_are_parsed_once_per_admission():
+    from agent.sources.apiserver.defaults import parse_ip
+    control_plane = ControlPlane()
+    parse_ip.cache_clear()
+    admitted(control_plane, "a.yaml", svc("a", clusterIPs=["10.96.0.10", "fd00:10:96::10"],
+                                          ipFamilyPolicy="RequireDualStack"))
+    assert parse_ip.cache_info().misses == 2 and parse_ip.cache_info().hits >= 4

@@ -588,3 +588,24 @@ def test_backoff_doubles_with_jitter_up_to_its_cap():
     assert len(set(delays)) == len(delays)          # jittered: not the same twice
     backoff.reset()
     assert backoff.next() <= 0.8
+
+
+def test_list_items_are_typed_in_place_and_keyed_only_when_refused(api, tmp_path,
+                                                                     monkeypatch):
+    """Per listed object (issue 16): no copy to add kind/apiVersion and no separate key
+    reading; a refused object is still named by its key."""
+    keyed = []
+    monkeypatch.setattr(kube, "object_key",
+                        lambda raw, real=kube.object_key: keyed.append(raw) or real(raw))
+    bad = svc("bad", "10.96.0.60")
+    bad["spec"]["ports"][0]["port"] = 70000
+    api.put(*(svc(f"web{i}", f"10.96.0.{10 + i}") for i in range(5)), bad)
+    api.put(node(NODE, ["172.30.0.11"]))
+    first = run(lambda w: w.next(), api, tmp_path)
+    assert {k.name for k in first if k.kind == "Service"} == {f"web{i}" for i in range(5)}
+    assert [raw["metadata"]["name"] for raw in keyed] == ["bad"]
+
+    resource = kube.Resource("Service", "v1", None, kube.parse_service)
+    reflector = kube._Reflector(None, resource, None, threading.Event())
+    item = {"metadata": {"name": "a"}}
+    assert reflector._typed(item) is item and item["kind"] == "Service"

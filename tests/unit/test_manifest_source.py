@@ -802,3 +802,57 @@ def test_log_lines_escape_what_files_hold(tmp_path, caplog):
         assert line.isprintable(), repr(line)
     assert 'object="Service default/web\\r\\x1b[2J\\u202e"' in lines[0], lines[0]
     assert 'file="b\\x1b[31m.yaml"' in lines[1], lines[1]
+
+
+# --- the per-file cost (issue 16) -------------------------------------------------------
+
+def test_only_symlinks_are_resolved_and_they_stay_inside(tmp_path, monkeypatch):
+    """Ordinary files are opened by name relative to the directory, never followed: no
+    realpath per file. Symlinks are still resolved and kept inside the directory."""
+    resolved = []
+    real = os.path.realpath
+    monkeypatch.setattr(manifests.os.path, "realpath",
+                        lambda path, **kw: resolved.append(Path(path).name) or real(path, **kw))
+    watched, outside = tmp_path / "watched", tmp_path / "outside"
+    watched.mkdir()
+    outside.mkdir()
+    for i in range(5):
+        write(watched, f"s{i}.yaml", svc(f"s{i}", ip=f"10.96.0.{10 + i}"))
+    write(watched, "..v1-api.yaml", svc("api", ip="10.96.0.20"))
+    (watched / "api.yaml").symlink_to("..v1-api.yaml")
+    write(outside, "web.yaml", svc("web", ip="10.96.0.30"))
+    (watched / "web.yaml").symlink_to(outside / "web.yaml")
+    source = ManifestSource(watched)
+    assert {c.key.name for c in source.rescan()} == {"s0", "s1", "s2", "s3", "s4", "api"}
+    assert not {"s0.yaml", "s1.yaml", "s2.yaml", "s3.yaml", "s4.yaml"} & set(resolved)
+    assert {"api.yaml", "web.yaml"} <= set(resolved) and source.refused_files == 1
+
+
+def test_a_file_swapped_for_a_symlink_out_after_the_listing_is_refused(tmp_path):
+    watched, outside = tmp_path / "watched", tmp_path / "outside"
+    watched.mkdir()
+    outside.mkdir()
+    write(watched, "a.yaml", svc("web"))
+    write(outside, "a.yaml", svc("web", 81))
+    source = ManifestSource(watched)
+    st = (watched / "a.yaml").stat()
+    (watched / "a.yaml").unlink()
+    (watched / "a.yaml").symlink_to(outside / "a.yaml")
+    record = source._read("a.yaml", (st.st_mtime_ns, st.st_size, st.st_ino), None)
+    assert not record.readable and "outside the directory" in record.problem
+
+
+def test_a_file_is_read_to_its_end_but_never_past_the_limit(tmp_path):
+    """Reads are sized by fstat; a file grown since is still read whole, up to the limit
+    and one byte more (which says: too large)."""
+    path = tmp_path / "a.json"
+    path.write_bytes(b"x" * 300_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert len(manifests._read_bounded(fd, 10, 1_000_000)) == 300_000   # stat said 10
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert len(manifests._read_bounded(fd, 10, 100_000)) == 100_001
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert manifests._read_bounded(fd, 300_000, 1_000_000) == b"x" * 300_000
+    finally:
+        os.close(fd)

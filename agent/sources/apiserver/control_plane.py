@@ -21,6 +21,7 @@ from agent.sources.apiserver.defaults import (
     default_service,
     explicit_ips,
     ip_families,
+    parse_ip,
     with_namespace,
 )
 from agent.sources.apiserver.mirroring import mirror
@@ -115,6 +116,8 @@ class ControlPlane:
         self._sharing: dict[str, str] = {}              # key -> its sharing, this admission
         self._reported: dict[str, str] = {}             # key -> what was last logged
         self._stale: set[str] = set()
+        # Services whose record changed since the last _publish: a pass costs what it read
+        self._dirty: set[str] = set()
         self._state_file = state_file
         self._remembered = store.load(state_file)
         self._saved: dict[str, dict] = dict(self._remembered)
@@ -250,11 +253,11 @@ class ControlPlane:
         if given is None:
             return None
         families, policy = ip_families(key, spec, given, self.families)
-        if given and ipaddress.ip_address(given[0]).version != families[0]:
+        if given and parse_ip(given[0]).version != families[0]:
             raise AdmissionError(f"Service {key}: spec.ipFamilies[0] does not match "
                                  f"spec.clusterIPs[0] {given[0]}; service not served")
         for text in given:
-            ip = ipaddress.ip_address(text)
+            ip = parse_ip(text)
             self._claim(self._ips[ip.version], int(ip), key, f"spec.clusterIPs {text}")
             record.ips[ip.version] = (int(ip), False)
         for family in families:
@@ -374,6 +377,7 @@ class ControlPlane:
         allocator.release(value, key)
         if other is None:
             return
+        self._dirty.add(key)
         for family, (ip, _) in list(other.ips.items()):
             if allocator is self._ips[family] and ip == value:
                 del other.ips[family]
@@ -409,6 +413,7 @@ class ControlPlane:
             for port in previous.held_ports() - record.held_ports():
                 self._let_go(self._ports, port, key)
         self._services[key] = record
+        self._dirty.add(key)
         sharing = self._sharing.pop(key, None)
         if sharing is not None:
             self._shared[key] = (file, sharing)
@@ -424,6 +429,7 @@ class ControlPlane:
 
     def _release(self, key: str, current_file: str | None) -> None:
         record = self._services.pop(key)
+        self._dirty.add(key)
         for family, ip in record.held_ips():
             self._let_go(self._ips[family], ip, key)
         for port in record.held_ports():
@@ -496,32 +502,52 @@ class ControlPlane:
         return value if _number(value) else None
 
     def _publish(self) -> None:
-        allocations, remembered = {}, {}
-        for key, record in self._services.items():
-            if record.file is None:
-                continue
-            ips = [address_text(f, ip) for f, (ip, allocated) in sorted(record.ips.items())
-                   if allocated]
-            ports = {port: node_port for port, (node_port, allocated) in record.ports.items()
-                     if allocated}
-            health = record.health_check[0] if record.health_check and \
-                record.health_check[1] else None
-            if not ips and not ports and health is None:
-                continue
-            namespace, _, name = key.partition("/")
-            allocations[namespace, name] = Allocation(
-                frozenset(ips), frozenset(ports.values()) | ({health} if health else set()))
-            remembered[key] = {"ips": ips, "nodePorts": {str(p): n for p, n in ports.items()}}
-            if health is not None:
-                remembered[key]["healthCheckNodePort"] = health
-        self._remembered.update(remembered)
-        self.allocations = allocations
+        """allocations and the state file brought up to date for the Services whose
+        record changed (a one-file pass costs that file, not every Service); problems."""
+        dirty, self._dirty = self._dirty, set()
+        if dirty:
+            # _saved holds what the state file holds (loaded, then as saved): every
+            # Service it names was dirty by the first settle (admitted, or let go)
+            allocations = dict(self.allocations)   # replaced whole: other threads read it
+            changed = False
+            for key in dirty:
+                namespace, _, name = key.partition("/")
+                published = self._published(key)
+                if published is None:
+                    allocations.pop((namespace, name), None)
+                    changed |= self._saved.pop(key, None) is not None
+                    continue
+                allocations[namespace, name], remembered = published
+                self._remembered[key] = remembered
+                if self._saved.get(key) != remembered:
+                    self._saved[key] = remembered
+                    changed = True
+            self.allocations = allocations
+            if changed:
+                store.save(self._state_file, self._saved)
         self.problems = tuple(sorted(
             [(*key.split("/", 1), why, False) for key, (_, why) in self._refused.items()] +
             [(*key.split("/", 1), why, True) for key, (_, why) in self._shared.items()]))
-        if remembered != self._saved:
-            self._saved = remembered
-            store.save(self._state_file, remembered)
+
+    def _published(self, key: str) -> tuple[Allocation, dict] | None:
+        """(what status shows, what the state file keeps) of what the control plane
+        allocated to key; None when it allocated nothing (or key is not read)."""
+        record = self._services.get(key)
+        if record is None or record.file is None:
+            return None
+        ips = [address_text(f, ip) for f, (ip, allocated) in sorted(record.ips.items())
+               if allocated]
+        ports = {port: node_port for port, (node_port, allocated) in record.ports.items()
+                 if allocated}
+        health = record.health_check[0] if record.health_check and \
+            record.health_check[1] else None
+        if not ips and not ports and health is None:
+            return None
+        remembered = {"ips": ips, "nodePorts": {str(p): n for p, n in ports.items()}}
+        if health is not None:
+            remembered["healthCheckNodePort"] = health
+        return Allocation(frozenset(ips), frozenset(ports.values()) |
+                          ({health} if health else set())), remembered
 
 
 def _key(raw: dict) -> str:

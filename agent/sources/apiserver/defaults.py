@@ -3,8 +3,11 @@
 Pure; a field of the wrong type is left as it is, for parse_object to name."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
+
+from agent.model.types import IPAddress
 
 # kinds read from files that live in a namespace: `kubectl apply` puts them in "default"
 NAMESPACED_KINDS = frozenset({"Service", "Endpoints", "EndpointSlice"})
@@ -12,6 +15,13 @@ DEFAULT_AFFINITY_TIMEOUT = 10800           # sessionAffinityConfig.clientIP.time
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
 FAMILIES = {"IPv4": 4, "IPv6": 6}
 POLICIES = ("SingleStack", "PreferDualStack", "RequireDualStack")
+
+
+@functools.lru_cache(maxsize=256)
+def parse_ip(text: str) -> IPAddress:
+    """ipaddress.ip_address, remembered for the last few: each step of one Service's
+    admission reads its addresses again (ValueError is raised again, never remembered)."""
+    return ipaddress.ip_address(text)
 
 
 class AdmissionError(ValueError):
@@ -94,7 +104,7 @@ def explicit_ips(spec: dict) -> list[str] | None:
         if not isinstance(value, str):
             return None
         try:
-            ipaddress.ip_address(value)
+            parse_ip(value)
         except ValueError:
             return None
     return list(values)
@@ -110,7 +120,7 @@ def ip_families(where: str, spec: dict, given: list[str], cluster: tuple[int, ..
     requested = requested if isinstance(requested, list) else []
     families = [FAMILIES[f] for f in requested if isinstance(f, str) and f in FAMILIES]
     for ip in given:
-        version = ipaddress.ip_address(ip).version
+        version = parse_ip(ip).version
         if version not in families:
             families.append(version)
     policy = spec.get("ipFamilyPolicy")
