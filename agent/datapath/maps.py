@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -91,23 +92,40 @@ class PinnedMap:
     def update(self, keys: list, values: list) -> None:
         for start in range(0, len(keys), _CHUNK):
             k, v = keys[start:start + _CHUNK], values[start:start + _CHUNK]
-            done, err = bpfsys.map_update_batch(self.fd, (self.spec.key * len(k))(*k),
-                                                (self.spec.value * len(v))(*v), len(k))
-            if err in _FULL:
-                raise MapFullError(self.spec.table, f"map {self.spec.table} is full "
-                                   f"({self.max_entries} entries): {os.strerror(err)}")
-            if err:
-                raise OSError(err, f"updating {self.spec.table}: {os.strerror(err)}")
+            self._update_batch((self.spec.key * len(k))(*k), (self.spec.value * len(v))(*v),
+                               len(k))
 
-    def delete(self, keys: list) -> None:
-        """BPF_MAP_DELETE_BATCH; a key already gone (a crash between the kernel write and
-        our record of it) is skipped, not an error."""
-        array = (self.spec.key * len(keys))(*keys)
+    def update_packed(self, keys: bytearray, values: bytearray) -> None:
+        """As update, from entries packed back to back in the map's layout (_pack): the
+        batch syscall reads the buffers in place, no ctypes object per entry."""
+        key_size, value_size = ctypes.sizeof(self.spec.key), ctypes.sizeof(self.spec.value)
+        count = len(keys) // key_size
+        for start in range(0, count, _CHUNK):
+            n = min(_CHUNK, count - start)
+            self._update_batch((self.spec.key * n).from_buffer(keys, start * key_size),
+                               (self.spec.value * n).from_buffer(values, start * value_size),
+                               n)
+
+    def _update_batch(self, keys, values, count: int) -> None:
+        done, err = bpfsys.map_update_batch(self.fd, keys, values, count)
+        if err in _FULL:
+            raise MapFullError(self.spec.table, f"map {self.spec.table} is full "
+                               f"({self.max_entries} entries): {os.strerror(err)}")
+        if err:
+            raise OSError(err, f"updating {self.spec.table}: {os.strerror(err)}")
+
+    def delete(self, keys: list | bytearray) -> None:
+        """BPF_MAP_DELETE_BATCH of key structs, or of keys packed back to back (_pack); a
+        key already gone (a crash between the kernel write and our record of it) is
+        skipped, not an error."""
         size = ctypes.sizeof(self.spec.key)
-        done = 0
-        while done < len(keys):
-            deleted, err = bpfsys.map_delete_batch(self.fd, array, len(keys) - done,
-                                                   size * done)
+        if isinstance(keys, bytearray):
+            array = (self.spec.key * (len(keys) // size)).from_buffer(keys)
+        else:
+            array = (self.spec.key * len(keys))(*keys)
+        count, done = len(array), 0
+        while done < count:
+            deleted, err = bpfsys.map_delete_batch(self.fd, array, count - done, size * done)
             if err == 0:
                 return
             if err != errno.ENOENT:
@@ -201,19 +219,26 @@ class BpfServiceMaps:
             else:
                 by_family = _split(group, lambda o: o.frontend.address.version)
             for family, batch in by_family.items():
+                # each batch packed into one buffer of keys and one of values
                 if kind is PutSlot:
-                    self.slots[family].update(
-                        [_slot_key(o.svc_id, o.slot) for o in batch],
-                        [_BACKEND[family](o.backend, o.flags) for o in batch])
+                    backend = _BACKEND_ROW[family]
+                    self.slots[family].update_packed(
+                        _pack(_SLOT_KEY, [(o.svc_id, o.slot) for o in batch]),
+                        _pack(_BACKEND_VALUE[family],
+                              [backend(o.backend, o.flags) for o in batch]))
                 elif kind is PutFrontend:
-                    self.svc[family].update(
-                        [_SVC_KEY[family](o.frontend) for o in batch],
-                        [layout.SvcValue(o.svc_id, o.count, o.flags, o.affinity, o.name_hash)
-                         for o in batch])
+                    key = _SVC_KEY_ROW[family]
+                    self.svc[family].update_packed(
+                        _pack(_SVC_KEY_PACKED[family], [key(o.frontend) for o in batch]),
+                        _pack(_SVC_VALUE, [(o.svc_id, o.count, o.flags, o.affinity,
+                                            o.name_hash) for o in batch]))
                 elif kind is DeleteFrontend:
-                    self.svc[family].delete([_SVC_KEY[family](o.frontend) for o in batch])
+                    key = _SVC_KEY_ROW[family]
+                    self.svc[family].delete(
+                        _pack(_SVC_KEY_PACKED[family], [key(o.frontend) for o in batch]))
                 elif kind is DeleteSlot:
-                    self.slots[family].delete([_slot_key(o.svc_id, o.slot) for o in batch])
+                    self.slots[family].delete(
+                        _pack(_SLOT_KEY, [(o.svc_id, o.slot) for o in batch]))
 
     def read_back(self) -> AppliedState:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
@@ -367,27 +392,47 @@ def _split(ops: Iterable[MapOp], family_of) -> dict[int, list]:
     return by_family
 
 
-def _slot_key(svc_id: int, slot: int) -> layout.SlotKey:
-    return layout.SlotKey(svc_id, slot)
+def _packer(layout_format: str, mirrored: type) -> struct.Struct:
+    """The struct format of a map's key or value (native order, no padding: fields are
+    given in the byte order the kernel reads), checked against its ctypes layout."""
+    packer = struct.Struct(layout_format)
+    if packer.size != ctypes.sizeof(mirrored):
+        raise LayoutError(f"{layout_format!r} is {packer.size} bytes, {mirrored.__name__} "
+                          f"{ctypes.sizeof(mirrored)}: agent/datapath/maps.py must follow "
+                          "agent/datapath/layout.py")
+    return packer
 
 
-def _svc_key4(f: FrontendKey) -> layout.SvcKey4:
-    return layout.SvcKey4(_be32(f.address), socket.htons(f.port), f.protocol.number, f.scope)
+_SLOT_KEY = _packer("=II", layout.SlotKey)                      # svc_id, slot
+_BACKEND_VALUE = {4: _packer("=IHH", layout.Backend4),           # addr, port, flags
+                  6: _packer("=16sHH", layout.Backend6)}
+_SVC_KEY_PACKED = {4: _packer("=IHBB", layout.SvcKey4),          # addr, port, proto, scope
+                   6: _packer("=16sHBB", layout.SvcKey6)}
+_SVC_VALUE = _packer("=IIIIQ", layout.SvcValue)   # svc_id, count, flags, affinity, name_hash
 
 
-def _svc_key6(f: FrontendKey) -> layout.SvcKey6:
-    return layout.SvcKey6(_addr6(f.address), socket.htons(f.port), f.protocol.number, f.scope)
+def _pack(packer: struct.Struct, rows: list[tuple]) -> bytearray:
+    """rows packed back to back: one buffer for a whole batch."""
+    buffer = bytearray(packer.size * len(rows))
+    pack_into, size = packer.pack_into, packer.size
+    for i, row in enumerate(rows):
+        pack_into(buffer, i * size, *row)
+    return buffer
 
 
-def _backend4(b: BackendAddr, flags: int = 0) -> layout.Backend4:
-    return layout.Backend4(_be32(b.address), socket.htons(b.port), flags)
+def _packed6(address: ipaddress.IPv6Address) -> bytes:
+    if address.version != 6:
+        raise ValueError(f"{address} is not IPv6: the IPv6 maps cannot hold it")
+    return address.packed
 
 
-def _backend6(b: BackendAddr, flags: int = 0) -> layout.Backend6:
-    return layout.Backend6(_addr6(b.address), socket.htons(b.port), flags)
+_BACKEND_ROW = {
+    4: lambda b, flags: (_be32(b.address), socket.htons(b.port), flags),
+    6: lambda b, flags: (_packed6(b.address), socket.htons(b.port), flags)}
+_SVC_KEY_ROW = {
+    4: lambda f: (_be32(f.address), socket.htons(f.port), f.protocol.number, f.scope),
+    6: lambda f: (_packed6(f.address), socket.htons(f.port), f.protocol.number, f.scope)}
 
-
-_SVC_KEY = {4: _svc_key4, 6: _svc_key6}
 
 _TC_OPS = {PutRange: BpfServiceMaps._put_ranges, DeleteRange: BpfServiceMaps._delete_ranges,
            PutMaglev: BpfServiceMaps._put_maglev, DeleteMaglev: BpfServiceMaps._delete_maglev}
@@ -416,4 +461,3 @@ def _range_of(key: layout.SrcrangeKey, family: int | None) -> IPNetwork:
     if family == 4:
         return ipaddress.IPv4Network((raw[:4], key.prefixlen - 32))
     return ipaddress.IPv6Network((raw, key.prefixlen - 32))
-_BACKEND = {4: _backend4, 6: _backend6}
