@@ -380,50 +380,53 @@ def show_services(args) -> int:
     return client.EXIT_NOT_FOUND if not ports and _filtered(args) else client.EXIT_OK
 
 
-def show_backends(args) -> int:
+def _show_listing(args, method: str, field: str, as_table, add_to_rows=None) -> int:
+    """Print every row of a paged listing call (method, its rows in field), filtered by the
+    service flags; add_to_rows(stub, service_filter, rows) may add to them on the same channel."""
     import grpc
 
-    from agent import cli_output
     from agent.api import client
     from agent.api.generated import agent_pb2
     flt = client.service_filter(args.namespace, args.name, args.address)
     channel, stub = _client(args)
     with channel:
         try:
-            rows = [client.to_plain(b) for b in client.all_pages(
-                stub.ListBackends, agent_pb2.ListBackendsRequest, "backends", flt)]
+            rows = [client.to_plain(row) for row in client.all_pages(
+                getattr(stub, method), getattr(agent_pb2, f"{method}Request"), field, flt)]
         except grpc.RpcError as exc:
             return _failed(exc, args)
-        try:   # counters are a bonus here: a node without them still lists its backends
-            stats = list(client.all_pages(stub.GetStats, agent_pb2.GetStatsRequest,
-                                          "services", flt))
-        except grpc.RpcError:
-            stats = []
+        if add_to_rows is not None:
+            add_to_rows(stub, flt, rows)
+    _print(rows, args, as_table)
+    return client.EXIT_NOT_FOUND if not rows and _filtered(args) else client.EXIT_OK
+
+
+def show_backends(args) -> int:
+    from agent import cli_output
+    return _show_listing(args, "ListBackends", "backends", cli_output.backends_table,
+                         _add_backend_counters)
+
+
+def _add_backend_counters(stub, flt, rows: list[dict]) -> None:
+    import grpc
+
+    from agent.api import client
+    from agent.api.generated import agent_pb2
+    try:   # counters are a bonus here: a node without them still lists its backends
+        stats = list(client.all_pages(stub.GetStats, agent_pb2.GetStatsRequest,
+                                      "services", flt))
+    except grpc.RpcError:
+        stats = []
     counters = {(s.namespace, s.name, s.port_name, s.protocol, s.family, b.address, b.port):
                 client.to_plain(b.counters) for s in stats for b in s.backends}
     for r in rows:
         r["counters"] = counters.get((r["namespace"], r["name"], r["port_name"],
                                       r["protocol"], r["family"], r["address"], r["port"]))
-    _print(rows, args, cli_output.backends_table)
-    return client.EXIT_NOT_FOUND if not rows and _filtered(args) else client.EXIT_OK
 
 
 def show_stats(args) -> int:
-    import grpc
-
     from agent import cli_output
-    from agent.api import client
-    from agent.api.generated import agent_pb2
-    flt = client.service_filter(args.namespace, args.name, args.address)
-    channel, stub = _client(args)
-    with channel:
-        try:
-            rows = [client.to_plain(s) for s in client.all_pages(
-                stub.GetStats, agent_pb2.GetStatsRequest, "services", flt)]
-        except grpc.RpcError as exc:
-            return _failed(exc, args)
-    _print(rows, args, cli_output.stats_table)
-    return client.EXIT_NOT_FOUND if not rows and _filtered(args) else client.EXIT_OK
+    return _show_listing(args, "GetStats", "services", cli_output.stats_table)
 
 
 def watch_events(args) -> int:

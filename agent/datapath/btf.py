@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from agent.datapath import bpfsys
 
-Fields = tuple[tuple[str, int, int], ...]      # (name, offset, size), as loader._fields
+Fields = tuple[tuple[str, int, int], ...]      # (name, offset, size), as layout.struct_fields
 
 _MAGIC = 0xEB9F
 _INT, _PTR, _ARRAY, _STRUCT, _UNION, _ENUM = 1, 2, 3, 4, 5, 6
@@ -91,7 +91,7 @@ def size_of(types: dict[int, BtfType], type_id: int) -> int:
 
 
 def fields(types: dict[int, BtfType], type_id: int) -> Fields:
-    """A struct's fields; a scalar is one nameless field, as loader._fields gives it."""
+    """A struct's fields; a scalar is one nameless field, as layout.struct_fields gives it."""
     t = _resolve(types, type_id)
     if t.kind not in (_STRUCT, _UNION):
         return (("", 0, size_of(types, type_id)),)

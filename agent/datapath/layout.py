@@ -13,6 +13,15 @@ from agent.datapath.config import DatapathConfig
 from agent.planner.kernel import MAGLEV_ROW
 
 
+def struct_fields(struct: type) -> tuple[tuple[str, int, int], ...]:
+    """(name, offset, size) of each field, what must agree between C and Python; a scalar
+    value (ctypes.c_uint8) is one nameless field."""
+    if not hasattr(struct, "_fields_"):
+        return (("", 0, ctypes.sizeof(struct)),)
+    return tuple((name, getattr(struct, name).offset, getattr(struct, name).size)
+                 for name, *_ in struct._fields_)
+
+
 class SvcKey4(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16),
                 ("proto", ctypes.c_uint8), ("scope", ctypes.c_uint8)]

@@ -131,10 +131,10 @@ def _check_pinned_layouts(bpf, config: DatapathConfig) -> None:
                 f"(key {info['key_size']} B, value {info['value_size']} B); "
                 f"run `bpfproxy cleanup` and start again")
         for compiled, mirrored in ((table.Key, spec.key), (leaf, spec.value)):
-            if _fields(compiled) != _fields(mirrored):
+            if layout.struct_fields(compiled) != layout.struct_fields(mirrored):
                 raise DatapathError(f"agent/datapath/layout.py {mirrored.__name__} "
-                                    f"{_fields(mirrored)} differs from bpf/maps.h "
-                                    f"{_fields(compiled)}")
+                                    f"{layout.struct_fields(mirrored)} differs from bpf/maps.h "
+                                    f"{layout.struct_fields(compiled)}")
         expected_max = spec.max_entries(config)
         if info["max_entries"] != expected_max:
             log.warning("event=pinned_map_size map=%s pinned_max=%d configured_max=%d "
@@ -151,18 +151,10 @@ def _check_socket_storage(config: DatapathConfig) -> None:
     finally:
         os.close(fd)
     if shape.value_size != ctypes.sizeof(spec.value) or \
-            (shape.value is not None and list(shape.value) != _fields(spec.value)):
+            (shape.value is not None and tuple(shape.value) != layout.struct_fields(spec.value)):
         raise DatapathError(f"pinned map {config.pin_dir / spec.pin} has another layout "
                             f"(value {shape.value_size} B, {shape.value}); run `bpfproxy "
                             f"cleanup` and start again")
-
-
-def _fields(struct: type) -> list[tuple[str, int, int]]:
-    """(name, offset, size) of each field: what must agree between C and Python."""
-    if not hasattr(struct, "_fields_"):                 # a scalar value (ctypes.c_uint8)
-        return [("", 0, ctypes.sizeof(struct))]
-    return [(name, getattr(struct, name).offset, getattr(struct, name).size)
-            for name, *_ in struct._fields_]
 
 
 def _load_socket_program(loaded: LoadedDatapath, func_name: str, attach_type: AttachType):

@@ -98,14 +98,7 @@ def other_pins(pin_dir: Path, layouts: Mapping[str, layout.MapLayout] = layout.M
 def mirrored(spec: layout.MapLayout) -> tuple[Shape, Shape]:
     """This build's key and value layouts, from layout.py (the loader checks them against
     what BCC compiles)."""
-    return tuple(Shape(_ctypes_fields(t), ctypes.sizeof(t)) for t in (spec.key, spec.value))
-
-
-def _ctypes_fields(struct: type) -> btf.Fields:
-    if not hasattr(struct, "_fields_"):
-        return (("", 0, ctypes.sizeof(struct)),)
-    return tuple((name, getattr(struct, name).offset, getattr(struct, name).size)
-                 for name, *_ in struct._fields_)
+    return tuple(Shape(layout.struct_fields(t), ctypes.sizeof(t)) for t in (spec.key, spec.value))
 
 
 def share_unchanged(pin_dir: Path, layouts: Mapping[str, layout.MapLayout] = layout.MAPS

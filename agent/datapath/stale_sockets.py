@@ -136,37 +136,9 @@ class SweepResult:
     errors: list[str] = field(default_factory=list)
 
 
-def destroy_udp_sockets(
-    cgroup_dir: Path,
-    backends: Iterable[Backend],
-    *,
-    include_own_netns: bool = True,
-    should_destroy: Callable[[UdpSocket], bool] | None = None,
-    timeout: float = 10.0,
-    netns_budget: float = 1.0,
-    workers: int = 4,
-    door: NetnsDoor | None = None,
-) -> int:
-    """Destroy every connected UDP socket, in the network namespaces of the processes in
-    cgroup_dir and its descendants (and the caller's own), whose peer is one of backends
-    ((address, port) pairs; strings are accepted for addresses). Returns how many were
-    destroyed. door lists and enters the namespaces (default: LocalNetns, this process).
-
-    should_destroy(sock) may veto a match; the agent can pass one that keeps sockets the
-    socket LB did not balance (no revnat entry for sock.cookie + sock.peer). It runs in a
-    worker thread, in the caller's network namespace; an exception counts as a veto.
-
-    Never raises for processes or namespaces that go away meanwhile, or for netlink errors
-    (they are logged); returns within about `timeout` seconds, leaving namespaces it had not
-    reached by then alone (logged); one namespace gets at most netns_budget seconds. Raises
-    NetnsDoorClosed when the door cannot list namespaces any more. One log line per
-    namespace (INFO when a socket matched or something failed, DEBUG otherwise) and one
-    summary line.
-    """
-    return sum(r.destroyed for r in sweep_udp_sockets(
-        cgroup_dir, backends, include_own_netns=include_own_netns,
-        should_destroy=should_destroy, timeout=timeout, netns_budget=netns_budget,
-        workers=workers, door=door))
+def destroy_udp_sockets(cgroup_dir: Path, backends: Iterable[Backend], **options) -> int:
+    """sweep_udp_sockets() (same keyword options), returning how many sockets it destroyed."""
+    return sum(r.destroyed for r in sweep_udp_sockets(cgroup_dir, backends, **options))
 
 
 def sweep_udp_sockets(
@@ -180,8 +152,23 @@ def sweep_udp_sockets(
     workers: int = 4,
     door: NetnsDoor | None = None,
 ) -> list[SweepResult]:
-    """destroy_udp_sockets(), returning what happened in each namespace, in the order
-    their sweeps began (namespaces the deadline left untouched last)."""
+    """Destroy every connected UDP socket, in the network namespaces of the processes in
+    cgroup_dir and its descendants (and the caller's own), whose peer is one of backends
+    ((address, port) pairs; strings are accepted for addresses). Returns what happened in each
+    namespace, in the order their sweeps began (namespaces the deadline left untouched last).
+    door lists and enters the namespaces (default: LocalNetns, this process).
+
+    should_destroy(sock) may veto a match; the agent can pass one that keeps sockets the
+    socket LB did not balance (no revnat entry for sock.cookie + sock.peer). It runs in a
+    worker thread, in the caller's network namespace; an exception counts as a veto.
+
+    Never raises for processes or namespaces that go away meanwhile, or for netlink errors
+    (they are logged); returns within about `timeout` seconds, leaving namespaces it had not
+    reached by then alone (logged); one namespace gets at most netns_budget seconds. Raises
+    NetnsDoorClosed when the door cannot list namespaces any more. One log line per
+    namespace (INFO when a socket matched or something failed, DEBUG otherwise) and one
+    summary line.
+    """
     wanted = frozenset(_normalise(backends))
     if not wanted:
         return []

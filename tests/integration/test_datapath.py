@@ -151,9 +151,9 @@ def test_the_agents_ctypes_layouts_are_what_bcc_compiles(pin_dir):
         "bpfp_srcrange", "bpfp_maglev", "bpfp_tc_events"}
     for name, spec in layout.MAPS.items():
         table = bpf[name.encode()]
-        assert loader._fields(table.Key) == loader._fields(spec.key), name
+        assert layout.struct_fields(table.Key) == layout.struct_fields(spec.key), name
         leaf = getattr(table, "sLeaf", table.Leaf)     # per-CPU tables: one CPU's value
-        assert loader._fields(leaf) == loader._fields(spec.value), name
+        assert layout.struct_fields(leaf) == layout.struct_fields(spec.value), name
 
 
 def test_the_loader_child_compiles_pins_and_attaches(pin_dir, tmp_path):

@@ -16,7 +16,7 @@ MAPS_H = Path(__file__).resolve().parents[2] / "bpf" / "maps.h"
 
 
 def shape(struct_type: type) -> Shape:
-    return Shape(migrate._ctypes_fields(struct_type), ctypes.sizeof(struct_type))
+    return Shape(layout.struct_fields(struct_type), ctypes.sizeof(struct_type))
 
 
 def shapes(key: type, value: type) -> tuple[Shape, Shape]:
@@ -207,7 +207,7 @@ def test_btf_struct_fields_are_what_the_ctypes_mirror_says():
     backend6 = b.struct("backend6", 20, [("addr", addr, 0), ("port", be16, 16),
                                          ("flags", u16, 18)])
     types = btf.parse(b.blob())
-    assert btf.fields(types, backend6) == migrate._ctypes_fields(layout.Backend6)
+    assert btf.fields(types, backend6) == layout.struct_fields(layout.Backend6)
     assert btf.fields(types, be32) == (("", 0, 4),)
     assert btf.size_of(types, addr) == 16
 
