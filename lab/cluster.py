@@ -12,17 +12,15 @@ its agent's --interfaces is that bridge."""
 
 from __future__ import annotations
 
-import atexit
 import re
 import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
 from lab import cleanup, netns
 from lab.agent_runner import AgentRunner
+from lab.claimed import Claimed
 from lab.node import BRIDGE, Lab
 from lab.pod import Pod, PodHome
 from lab.processes import Processes
@@ -37,9 +35,6 @@ UPLINK = "eth0"
 EXTERNAL_HOST = 100
 MAX_NODES = 9  # 10.244.i.0/24 and .(10+i) leave room for more; labs share 2 cores
 
-_open_clusters: list[Cluster] = []
-
-
 @dataclass(eq=False)
 class Host(Pod):
     """A namespace that is not a pod (the external client, a node itself) with a Pod's server
@@ -53,8 +48,10 @@ class Host(Pod):
         return super().start_server(ports, udp, name or self.answer_as or None, **kw)
 
 
-class Cluster:
+class Cluster(Claimed):
     """with Cluster("c1") as cluster: a = cluster.add_pod(1, "a"); cluster.external.tcp(...)"""
+
+    kind = "cluster"
 
     def __init__(self, name: str, nodes: int = 2, bridged: Iterable[int] = ()) -> None:
         if not re.fullmatch(r"[a-z0-9]{1,10}", name):
@@ -85,37 +82,20 @@ class Cluster:
         )
         self.agents: dict[int, AgentRunner] = {}
         self._node_hosts: dict[int, Host] = {}
-        self._lock_fd: int | None = None
 
-    # -- life cycle ------------------------------------------------------------------------
+    # -- life cycle (open, close and `with` come from Claimed) ---------------------------
 
-    def __enter__(self) -> Self:
-        self.open()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def open(self) -> None:
-        # The cluster's name is locked like a lab's: bpfp-NAME-wire and bpfp-NAME-ext are then
-        # NAME's to remove, here and in cleanup_stale().
-        self._lock_fd = cleanup.claim(self.name)
-        if self._lock_fd is None:
-            raise RuntimeError(f"cluster {self.name}: a running lab has this name; pick another")
-        _open_clusters.append(self)
-        _register_exit_path()
-        try:
-            cleanup.remove_cluster(self.name)  # leftovers of a crashed run of the same name
-            self.workdir.mkdir()
-            self._make_wire()
-            for i, node in self.nodes.items():
-                node.open()
-                self._make_uplink(i, node)
-            self._route_pod_cidrs()
-            self._make_external()
-        except BaseException:
-            self.close()
-            raise
+    def _build(self) -> None:
+        # The cluster's name is claimed like a lab's: bpfp-NAME-wire and bpfp-NAME-ext are
+        # then NAME's to remove, here and in cleanup_stale().
+        cleanup.remove_cluster(self.name)  # leftovers of a crashed run of the same name
+        self.workdir.mkdir()
+        self._make_wire()
+        for i, node in self.nodes.items():
+            node.open()
+            self._make_uplink(i, node)
+        self._route_pod_cidrs()
+        self._make_external()
 
     def _make_wire(self) -> None:
         netns.add(self.wire_netns)
@@ -141,6 +121,13 @@ class Cluster:
         netns.ip("addr", "add", f"{ip}/24", "dev", device, netns=ns)
         netns.ip("-6", "addr", "add", f"{ip6}/64", "dev", device, "nodad", netns=ns)
         netns.ip("link", "set", UPLINK, "up", netns=ns)
+
+    def take_xdp_tx(self) -> None:
+        """The agents' XDP programs (--acceleration) send packets back out the uplink they
+        came in on (XDP_TX): a veth passes those only when its peer, the wire's port, has a
+        NAPI context, which GRO gives it (a real NIC needs nothing of the sort)."""
+        for i in self.nodes:
+            netns.set_gro(self.wire_netns, f"bpfpw{i}")
 
     def uplink(self, i: int) -> str:
         """Node i's interface on the wire: what its agent's --interfaces names."""
@@ -197,28 +184,13 @@ class Cluster:
         self._plug_into_wire(self.external_netns, self.external.node_veth, self.external.ip,
                              self.external.ip6)  # fmt: skip
 
-    def close(self) -> None:
-        """Stop agents and processes, remove every node lab, the wire and the external client.
-        Idempotent; keeps going on errors and reports them all at the end."""
-        if self._lock_fd is None:
-            return
-        errors: list[BaseException] = []
-        steps = [*(agent.close for agent in self.agents.values()), self.processes.stop_all,
-                 *(node.close for node in self.nodes.values()),
-                 lambda: cleanup.remove_lab(self.name)]  # fmt: skip
-        for step in steps:
-            try:
-                step()
-            except Exception as error:  # noqa: BLE001 - the rest must still be removed
-                errors.append(error)
-        self.agents.clear()
-        self._node_hosts.clear()
-        cleanup.release(self.name, self._lock_fd)
-        self._lock_fd = None
-        if self in _open_clusters:
-            _open_clusters.remove(self)
-        if errors:
-            raise RuntimeError(f"cluster {self.name}: teardown incomplete: {errors}")
+    def _teardown_steps(self):
+        """Stop agents and processes, remove every node lab, the wire and the external
+        client."""
+        return [*(agent.close for agent in self.agents.values()), self.processes.stop_all,
+                *(node.close for node in self.nodes.values()),
+                lambda: cleanup.remove_lab(self.name), self.agents.clear,
+                self._node_hosts.clear]  # fmt: skip
 
     # -- nodes, pods, agents ---------------------------------------------------------------
 
@@ -258,23 +230,3 @@ class Cluster:
     def _check_node(self, i: int) -> None:
         if i not in self.nodes:
             raise ValueError(f"cluster {self.name}: no node {i!r}; nodes are 1-{len(self.nodes)}")
-
-
-def _close_open_clusters() -> None:
-    for cluster in _open_clusters.copy():
-        try:
-            cluster.close()
-        except Exception as error:  # noqa: BLE001 - at exit, try every cluster
-            print(f"cluster {cluster.name}: {error}", file=sys.stderr)
-
-
-_exit_path_registered = False
-
-
-def _register_exit_path() -> None:
-    # Labs close their own at exit (and SIGTERM unwinds `with` blocks); this takes the wire
-    # and the external client too, whichever of the two runs first.
-    global _exit_path_registered
-    if not _exit_path_registered:
-        _exit_path_registered = True
-        atexit.register(_close_open_clusters)

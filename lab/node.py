@@ -4,16 +4,12 @@ exit."""
 
 from __future__ import annotations
 
-import atexit
 import ipaddress
 import re
-import signal
 import subprocess
-import sys
-import threading
-from typing import Self
 
 from lab import cgroups, cleanup, netns
+from lab.claimed import Claimed
 from lab.pod import Pod, PodHome
 from lab.processes import Processes
 
@@ -24,10 +20,8 @@ BRIDGE_MAC = "02:62:70:66:00:01"
 SERVICE_CIDR = "10.96.0.0/12"  # kube's default service range; never routed anywhere here
 SERVICE_CIDR6 = "fd00:10:96::/112"  # kind's IPv6 service range; never routed anywhere either
 
-_open_labs: list[Lab] = []
 
-
-class Lab:
+class Lab(Claimed):
     """with Lab(name="t1") as lab: pod = lab.add_pod("a"); ...   (name: [a-z0-9], short)"""
 
     def __init__(
@@ -50,32 +44,15 @@ class Lab:
         self.processes = Processes()
         self.workdir = cleanup.workdir(name)  # pod server logs
         self.home = PodHome(name, self.processes, self.workdir)  # what its pods use of it
-        self._lock_fd: int | None = None
         self._next_veth = 0
 
-    # -- life cycle ------------------------------------------------------------------------
+    # -- life cycle (open, close and `with` come from Claimed) ---------------------------
 
-    def __enter__(self) -> Self:
-        self.open()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def open(self) -> None:
-        self._lock_fd = cleanup.claim(self.name)
-        if self._lock_fd is None:
-            raise RuntimeError(f"lab {self.name}: a running lab has this name; pick another")
-        _open_labs.append(self)
-        _install_exit_paths()
-        try:
-            cleanup.remove_lab(self.name)  # leftovers of a crashed run of the same name
-            self.workdir.mkdir()
-            cgroups.create(self.cgroup)
-            self._make_node()
-        except BaseException:
-            self.close()
-            raise
+    def _build(self) -> None:
+        cleanup.remove_lab(self.name)  # leftovers of a crashed run of the same name
+        self.workdir.mkdir()
+        cgroups.create(self.cgroup)
+        self._make_node()
 
     def _make_node(self) -> None:
         ns = self.node_netns
@@ -105,23 +82,9 @@ class Lab:
         forwarding = {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1}
         netns.sysctl(ns, {**forwarding, "net.ipv4.icmp_ratelimit": 0, "net.ipv6.icmp.ratelimit": 0})
 
-    def close(self) -> None:
-        """Stop processes, delete namespaces and cgroups. Idempotent; keeps going on errors."""
-        if self._lock_fd is None:
-            return  # never opened (or already closed): nothing here is ours to remove
-        errors = []
-        for step in (self.processes.stop_all, lambda: cleanup.remove_lab(self.name)):
-            try:
-                step()
-            except Exception as error:  # noqa: BLE001 - the rest must still be removed
-                errors.append(error)
-        self.pods.clear()
-        cleanup.release(self.name, self._lock_fd)
-        self._lock_fd = None
-        if self in _open_labs:
-            _open_labs.remove(self)
-        if errors:
-            raise RuntimeError(f"lab {self.name}: teardown incomplete: {errors}")
+    def _teardown_steps(self):
+        """Stop processes, delete namespaces and cgroups."""
+        return (self.processes.stop_all, lambda: cleanup.remove_lab(self.name), self.pods.clear)
 
     # -- pods ------------------------------------------------------------------------------
 
@@ -200,32 +163,3 @@ class Lab:
     ) -> subprocess.CompletedProcess:
         """Run argv in the node namespace to completion; stdout and stderr captured as text."""
         return self.processes.run(argv, self.node_netns, None, "", timeout, check)
-
-
-def _close_open_labs() -> None:
-    for lab in _open_labs.copy():
-        try:
-            lab.close()
-        except Exception as error:  # noqa: BLE001 - at exit, try every lab
-            print(f"lab {lab.name}: {error}", file=sys.stderr)
-
-
-def _interrupt(signum, _frame) -> None:
-    # SIGTERM acts like Ctrl-C: `with Lab(...)` blocks and fixtures unwind and clean up, and
-    # pytest stops (it would record a SystemExit as one failed test and carry on).
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-_exit_paths_installed = False
-
-
-def _install_exit_paths() -> None:
-    global _exit_paths_installed
-    if _exit_paths_installed:
-        return
-    _exit_paths_installed = True
-    atexit.register(_close_open_labs)
-    is_main = threading.current_thread() is threading.main_thread()
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if is_main and signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, _interrupt)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.podclient import ClientResult
+from lab.podclient import ClientResult, Requests
 from lab.processes import Processes
 
 _client_numbers = itertools.count(1)
@@ -87,10 +87,8 @@ class Pod:
         """Start lab.podclient in the background (traffic flowing while a test changes things).
         until_stopped: it runs until RunningClient.stop() (duration, then, only bounds it), and
         RunningClient.wait_started() returns once its first request is done."""
-        argv = [sys.executable, "-m", "lab.podclient", mode, addr, str(port)]
-        argv += ["--count", str(count), "--timeout", str(timeout), "--interval", str(interval)]
-        if duration is not None:
-            argv += ["--duration", str(duration)]
+        requests = Requests(mode, addr, port, count, timeout, interval, duration)
+        argv = requests.argv()
         if timeline:
             argv.append("--timeline")
         stop_file = started_file = None
@@ -100,14 +98,9 @@ class Pod:
             base = self.lab.workdir / f"client-{self.name}-{next(_client_numbers)}"
             stop_file, started_file = base.with_suffix(".stop"), base.with_suffix(".started")
             argv += ["--stop-file", str(stop_file), "--started-file", str(started_file)]
-        # Bound the wait for the result by what the run can take at most, plus start-up.
-        if duration is not None:
-            expected = duration + timeout + interval
-        else:
-            expected = count * (timeout + interval)
         process = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return RunningClient(
-            self.lab.processes, process, argv, expected + 15.0, stop_file, started_file
+            self.lab.processes, process, argv, requests.longest() + 15.0, stop_file, started_file
         )
 
     def tcp(self, addr: str, port: int, count: int = 1, **kw) -> ClientResult:

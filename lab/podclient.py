@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -163,20 +164,42 @@ def _text(data: bytes) -> str:
     return data.decode(errors="replace").strip()
 
 
-def run(
-    mode: str,
-    addr: str,
-    port: int,
-    count: int = 1,
-    timeout: float = 1.0,
-    interval: float = 0.0,
-    duration: float | None = None,
-    stop_file: str | None = None,
-    started_file: str | None = None,
-) -> ClientResult:
+@dataclass(frozen=True)
+class Requests:
+    """What one client run sends: count requests, or as many as fit in duration seconds,
+    interval seconds apart, each given timeout seconds."""
+
+    mode: str  # one of MODES
+    addr: str
+    port: int
+    count: int = 1
+    timeout: float = 1.0
+    interval: float = 0.0
+    duration: float | None = None
+
+    def argv(self) -> list[str]:
+        """The command line that runs them (python -m lab.podclient ...)."""
+        argv = [sys.executable, "-m", "lab.podclient", self.mode, self.addr, str(self.port),
+                "--count", str(self.count), "--timeout", str(self.timeout),
+                "--interval", str(self.interval)]
+        if self.duration is not None:
+            argv += ["--duration", str(self.duration)]
+        return argv
+
+    def longest(self) -> float:
+        """The most seconds the run can take, start-up aside."""
+        if self.duration is not None:
+            return self.duration + self.timeout + self.interval
+        return self.count * (self.timeout + self.interval)
+
+
+def run(requests: Requests, stop_file: str | None = None,
+        started_file: str | None = None) -> ClientResult:
     """count requests, or as many as fit in duration seconds, interval seconds apart; once
     stop_file exists, one more (begun after it appeared: the timeline ends after the stop) and
     no others. started_file is created when the first request is done."""
+    mode, addr, port, timeout = requests.mode, requests.addr, requests.port, requests.timeout
+    count, interval, duration = requests.count, requests.interval, requests.duration
     result = ClientResult()
     start = result.started = time.monotonic()
     sent = 0
@@ -213,10 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-file", help="make one last request once this file exists")
     parser.add_argument("--started-file", help="create this file when the first request is done")
     args = parser.parse_args(argv)
-    result = run(
-        args.mode, args.addr, args.port, args.count, args.timeout, args.interval, args.duration,
-        args.stop_file, args.started_file,
-    )
+    requests = Requests(args.mode, args.addr, args.port, args.count, args.timeout,
+                        args.interval, args.duration)
+    result = run(requests, args.stop_file, args.started_file)
     print(result.to_json(timeline=args.timeline), flush=True)
 
 
