@@ -16,6 +16,13 @@ from lab import netns
 # Pod processes run `python -m lab.podserver` and friends from wherever they were started.
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
+# Our children start through fork + preexec_fn. gRPC's fork handlers (on by default in
+# grpcio's core since 1.6x) restart its poller thread in the child, which then aborts
+# (epoll_wait: Bad file descriptor) when the child closes its descriptors before exec. A
+# test or bench process that talks gRPC (the agent's API) and starts lab processes needs
+# them off; read when gRPC starts, so set before any channel or server exists.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 

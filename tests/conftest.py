@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Before anything starts gRPC: lab processes fork with preexec_fn (lab/processes.py says why).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 # lab/ is a top-level testbed package, not installed with the agent.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
