@@ -263,11 +263,16 @@ def test_a_flow_whose_backend_is_removed_moves_on(world, family):
         node1.wait_until(lambda: node1.log().count("event=flows_forgotten") > forgotten,
                          "the flows to b forgotten")
         result = flow.stop()
-        assert result.errors == {}, result.errors
         order = [answer.split(":")[0] for _, answer in result.timeline]
         # b first, then a; once a answered, never b again
         assert order[0] == "b" and order[-1] == "a", order
         assert "b" not in order[order.index("a"):], order
+        # b's answer to a datagram in flight when its flow was forgotten finds no flow to
+        # translate it back, as after kube-proxy's conntrack flush: at most that one is lost,
+        # right at the switch
+        lost = [i for i, what in enumerate(order) if what not in ("a", "b")]
+        assert result.errors in ({}, {"timeout": 1}), result.errors
+        assert all(order[i - 1] == "b" and order[i + 1] == "a" for i in lost), order
     finally:
         write_service(directory, "sticky", [a, b], node_ports=(30083, 30056),
                       session_affinity_timeout=60)
