@@ -54,14 +54,14 @@ def service(name: str, cluster_ip: str | Sequence[str], ports: Sequence[dict],
 
 def endpoint_slice(service_name: str, addresses: Sequence[str], ports: Sequence[dict],
                    namespace: str = "lab", name: str | None = None,
-                   not_ready: Sequence[str] = (), node_name: str = "bpfp-node",
+                   not_ready: Sequence[str] = (), node_name: str | None = "bpfp-node",
                    address_type: str | None = None,
                    nodes: Mapping[str, str] | None = None) -> dict:
     """ports: [{"name": "http", "port": 8080, "protocol": "TCP"}, ...]. A slice holds one
     family: address_type defaults to that of the addresses (IPv4 when there are none). A
     dual-stack Service has one slice per family: give them distinct names. nodes maps an
     address to its endpoint's nodeName (a cluster's backends on several nodes); addresses
-    not in it are on node_name."""
+    not in it are on node_name (None: no nodeName, as kube-proxy's tests often write it)."""
     nodes = nodes or {}
     if address_type is None:
         address_type = _family(addresses[0]) if addresses else "IPv4"
@@ -70,9 +70,15 @@ def endpoint_slice(service_name: str, addresses: Sequence[str], ports: Sequence[
                          "labels": {"kubernetes.io/service-name": service_name}},
             "addressType": address_type,
             "ports": list(ports),
-            "endpoints": [{"addresses": [a],
-                           "conditions": {"ready": a not in not_ready},
-                           "nodeName": nodes.get(a, node_name)} for a in addresses]}
+            "endpoints": [_endpoint(a, a not in not_ready, nodes.get(a, node_name))
+                          for a in addresses]}
+
+
+def _endpoint(address: str, ready: bool, node_name: str | None) -> dict:
+    endpoint = {"addresses": [address], "conditions": {"ready": ready}}
+    if node_name is not None:
+        endpoint["nodeName"] = node_name
+    return endpoint
 
 
 def _family(address: str) -> str:

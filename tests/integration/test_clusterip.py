@@ -12,6 +12,7 @@ import pytest
 from agent.datapath import loader
 from lab import manifests
 from lab.agent_runner import AgentRunner
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,24 +47,11 @@ def write_web(directory: Path, addresses: list[str], not_ready: tuple[str, ...] 
                     manifests.endpoint_slice("web", addresses, SLICE_PORTS, not_ready=not_ready))
 
 
-def names(result) -> set[str]:
-    return {answer.split(":")[0] for answer in result.answers}
-
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def test_tcp_and_udp_to_a_cluster_ip_reach_every_backend(cluster):
     _, _, backends, client, _ = cluster
     tcp = client.tcp(VIP, 80, count=150)
     assert tcp.errors == {} and tcp.wrong_peer == 0
-    assert names(tcp) == {p.name for p in backends}
+    assert tcp.backends() == {p.name for p in backends}
     assert set(tcp.answers) == {f"{p.name}:8080" for p in backends}
 
     udp = client.udp(VIP, 53, count=150)
@@ -74,11 +62,11 @@ def test_tcp_and_udp_to_a_cluster_ip_reach_every_backend(cluster):
     for _ in range(3):
         one_socket = client.udp_one_socket(VIP, 53, count=30)
         assert one_socket.errors == {} and one_socket.wrong_source == 0
-        assert len(names(one_socket)) == 1
+        assert len(one_socket.backends()) == 1
 
     connected = client.udp_connected(VIP, 53, count=150)
     assert connected.errors == {} and connected.wrong_peer == 0   # getpeername() is the VIP
-    assert names(connected) == {p.name for p in backends}
+    assert connected.backends() == {p.name for p in backends}
 
 
 def test_multi_port_service_with_a_named_target_port(cluster):
@@ -90,7 +78,8 @@ def test_multi_port_service_with_a_named_target_port(cluster):
     manifests.write(directory, "multi.yaml",
                     manifests.service("multi", "10.96.0.30", ports),
                     manifests.endpoint_slice("multi", [p.ip for p in backends[:2]], slice_ports))
-    wait_for(lambda: any(s["name"] == "multi" for s in agent.services()), what="multi synced")
+    wait_for(lambda: any(s["name"] == "multi" for s in agent.services()), what="multi synced",
+             timeout=5.0)
     web = client.tcp("10.96.0.30", 80, count=60)
     admin = client.tcp("10.96.0.30", 9000, count=60)
     assert web.errors == {} and admin.errors == {}
@@ -112,23 +101,26 @@ def test_endpoints_added_and_removed_while_traffic_flows(cluster):
     connections follow it: an added backend gets them, a removed one none."""
     _, agent, (a, b, c), client, directory = cluster
     write_web(directory, [a.ip, b.ip])
-    wait_for(lambda: ready_in_kernel(agent) == {a.ip, b.ip}, what="a and b in the kernel")
+    wait_for(lambda: ready_in_kernel(agent) == {a.ip, b.ip}, what="a and b in the kernel",
+             timeout=5.0)
     running = client.start_client("tcp", VIP, 80, duration=120, interval=0.01, timeline=True,
                                   until_stopped=True)
     running.wait_started()
     added_at = time.monotonic()
     write_web(directory, [a.ip, b.ip, c.ip])
-    wait_for(lambda: ready_in_kernel(agent) == {a.ip, b.ip, c.ip}, what="c in the kernel")
+    wait_for(lambda: ready_in_kernel(agent) == {a.ip, b.ip, c.ip}, what="c in the kernel",
+             timeout=5.0)
     after_add = client.tcp(VIP, 80, count=60)
     write_web(directory, [b.ip, c.ip])
-    wait_for(lambda: ready_in_kernel(agent) == {b.ip, c.ip}, what="a gone from the kernel")
+    wait_for(lambda: ready_in_kernel(agent) == {b.ip, c.ip}, what="a gone from the kernel",
+             timeout=5.0)
     removed_at = time.monotonic()
     after_removal = client.tcp(VIP, 80, count=60)
     result = running.stop()
 
     assert result.errors == {}, "no connection may fail while endpoints change"
-    assert after_add.errors == {} and names(after_add) == {a.name, b.name, c.name}
-    assert after_removal.errors == {} and names(after_removal) == {b.name, c.name}
+    assert after_add.errors == {} and after_add.backends() == {a.name, b.name, c.name}
+    assert after_removal.errors == {} and after_removal.backends() == {b.name, c.name}
     timeline = [(result.started + t, answer.split(":")[0]) for t, answer in result.timeline]
     # Ordering, not speed: a connection done before c was written cannot have reached c,
     before_add = {who for t, who in timeline if t < added_at}
@@ -144,15 +136,17 @@ def test_endpoints_added_and_removed_while_traffic_flows(cluster):
 def test_not_ready_endpoints_get_no_traffic(cluster):
     _, agent, (a, b, c), client, directory = cluster
     write_web(directory, [a.ip, b.ip, c.ip], not_ready=(b.ip,))
-    wait_for(lambda: ready_in_kernel(agent) == {a.ip, c.ip}, what="b not ready in the kernel")
+    wait_for(lambda: ready_in_kernel(agent) == {a.ip, c.ip}, what="b not ready in the kernel",
+             timeout=5.0)
     result = client.tcp(VIP, 80, count=90)
-    assert result.errors == {} and names(result) == {a.name, c.name}
+    assert result.errors == {} and result.backends() == {a.name, c.name}
 
 
 def test_service_without_endpoints_refuses_connections(cluster):
     _, agent, _, client, directory = cluster
     manifests.write(directory, "empty.yaml", manifests.service("empty", "10.96.0.40", HTTP))
-    wait_for(lambda: any(s["name"] == "empty" for s in agent.services()), what="empty synced")
+    wait_for(lambda: any(s["name"] == "empty" for s in agent.services()), what="empty synced",
+             timeout=5.0)
     tcp = client.tcp("10.96.0.40", 80, count=10)
     assert tcp.errors == {"ECONNREFUSED": 10}
     udp = client.udp("10.96.0.40", 53, count=5)
@@ -163,7 +157,7 @@ def test_deleted_service_is_no_longer_rewritten(cluster):
     _, agent, backends, client, directory = cluster
     assert client.tcp(VIP, 80, count=5).errors == {}
     (directory / "web.yaml").unlink()
-    wait_for(lambda: not agent.services(), what="web removed from the kernel")
+    wait_for(lambda: not agent.services(), what="web removed from the kernel", timeout=5.0)
     result = client.tcp(VIP, 80, count=3, timeout=0.5)
     assert result.answers == {}, "the VIP must not reach a pod once the service is gone"
     # the node has no route for the service range: unreachable or a timeout, never ECONNREFUSED
@@ -185,7 +179,7 @@ def test_agent_killed_and_restarted_traffic_keeps_flowing(cluster):
     assert result.started + result.timeline[-1][0] > restarted_at, \
         "the client must still be sending after the restarted agent took over"
     assert result.errors == {}, f"connections failed around the restart: {result.errors}"
-    assert names(result) == {p.name for p in backends}
+    assert result.backends() == {p.name for p in backends}
     assert "event=adopted service_ports=2" in agent.log()
     # the restarted agent found everything in place: one program per hook, not two
     counts = {hook: len(ids) for hook, ids in
@@ -202,7 +196,7 @@ def test_sigterm_leaves_programs_and_maps_and_cleanup_removes_them(cluster):
     pins = {p.name for p in agent.bpffs.iterdir()}
     assert set(loader.PINNED_MAPS.values()) <= pins
     after_stop = client.tcp(VIP, 80, count=30)
-    assert after_stop.errors == {} and names(after_stop) == {p.name for p in backends}
+    assert after_stop.errors == {} and after_stop.backends() == {p.name for p in backends}
 
     done = agent.cleanup()
     assert done.returncode == 0, done.stderr

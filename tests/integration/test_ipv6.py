@@ -62,10 +62,6 @@ def cluster(make_lab, tmp_path):
         agent.close()
 
 
-def names(result) -> set[str]:
-    return {answer.split(":")[0] for answer in result.answers}
-
-
 def assert_every_backend(client, addr: str, backends: list) -> None:
     """TCP, unconnected UDP, one UDP socket, connected UDP: every backend answers and the
     application only ever sees addr as its peer or reply source."""
@@ -81,11 +77,11 @@ def assert_every_backend(client, addr: str, backends: list) -> None:
     for _ in range(3):        # one socket, many datagrams: one backend
         one_socket = client.udp_one_socket(addr, 53, count=20)
         assert one_socket.errors == {} and one_socket.wrong_source == 0, one_socket
-        assert len(names(one_socket)) == 1
+        assert len(one_socket.backends()) == 1
 
     connected = client.udp_connected(addr, 53, count=120)
     assert connected.errors == {} and connected.wrong_peer == 0, connected
-    assert names(connected) == everyone
+    assert connected.backends() == everyone
 
 
 def test_tcp_and_udp_to_an_ipv6_cluster_ip_reach_every_backend(cluster):
@@ -111,7 +107,7 @@ def test_an_ipv4_service_through_its_ipv4_mapped_address_on_an_ipv6_socket(clust
     assert_every_backend(client, mapped(VIP4), backends)
     # and the dual-stack service's IPv4 address, the same way
     tcp = client.tcp(mapped(DUAL[0]), 80, count=30)
-    assert tcp.errors == {} and tcp.wrong_peer == 0 and names(tcp) <= {p.name for p in backends}
+    assert tcp.errors == {} and tcp.wrong_peer == 0 and tcp.backends() <= {p.name for p in backends}
 
 
 def test_services_without_endpoints_refuse_ipv6_and_ipv4_mapped_connections(cluster):
@@ -130,7 +126,7 @@ def test_ipv6_endpoints_follow_the_endpoint_slice(cluster):
     agent.wait_until(lambda: agent.kernel_backends(VIP6, 80) == {a.ip6},
                      "only a in the kernel")
     result = client.tcp(VIP6, 80, count=60)
-    assert result.errors == {} and names(result) == {a.name}
+    assert result.errors == {} and result.backends() == {a.name}
 
 
 def test_deleted_ipv6_service_is_no_longer_rewritten(cluster):
@@ -158,6 +154,6 @@ def test_a_restarted_agent_adopts_the_ipv6_maps_and_traffic_keeps_flowing(cluste
     assert result.started + result.timeline[-1][0] > restarted_at, \
         "the client must still be sending after the restarted agent took over"
     assert result.errors == {}, f"connections failed around the restart: {result.errors}"
-    assert names(result) == {p.name for p in backends}
+    assert result.backends() == {p.name for p in backends}
     # web6, dual (x2 families), web4, empty6, empty4: two ports each
     assert "event=adopted service_ports=12" in agent.log()

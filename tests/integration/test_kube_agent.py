@@ -14,13 +14,13 @@ import copy
 import itertools
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from lab import manifests, netns
 from lab.agent_runner import BPFPROXY, AgentRunner
+from tests.helpers import wait_for
 from tests.kubeapi import FakeKubeApi, listen_in_netns, node
 
 pytestmark = pytest.mark.integration
@@ -60,20 +60,10 @@ def web_slice(*pods) -> dict:
                                                   node_name=NODE))
 
 
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    """Poll until predicate() is true; the bound only ends a hung test."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def answered_by(client, count: int = 60) -> set[str]:
     result = client.tcp(VIP, 80, count=count)
     assert result.errors == {}, result.errors
-    return {answer.split(":")[0] for answer in result.answers}
+    return result.backends()
 
 
 @pytest.fixture
@@ -107,29 +97,30 @@ def test_the_agent_converges_through_drops_gone_and_an_outage(world):
 
     # a change through the watch
     api.put(web_slice(a, b, c))
-    wait_for(lambda: agent.backends() == {a.ip, b.ip, c.ip}, "c added")
+    wait_for(lambda: agent.backends() == {a.ip, b.ip, c.ip}, "c added", timeout=30.0)
     assert answered_by(client, 90) == {a.name, b.name, c.name}
 
     # a dropped stream: resumed from the last version, no list
     lists_before = [r for r in api.requests if not r.watch]
     api.drop_connections()
     api.put(web_slice(b, c))
-    wait_for(lambda: agent.backends() == {b.ip, c.ip}, "a removed after the drop")
+    wait_for(lambda: agent.backends() == {b.ip, c.ip}, "a removed after the drop", timeout=30.0)
     assert [r for r in api.requests if not r.watch] == lists_before
     assert answered_by(client) == {b.name, c.name}
 
     # 410 Gone: every resource lists again and only the difference reaches the kernel
     api.expire_watches()
     wait_for(lambda: len([r for r in api.requests if not r.watch]) >= len(lists_before) + 3,
-             "three relists")
+             "three relists", timeout=30.0)
     api.put(web_slice(a, c))
-    wait_for(lambda: agent.backends() == {a.ip, c.ip}, "the change after the relist")
+    wait_for(lambda: agent.backends() == {a.ip, c.ip}, "the change after the relist", timeout=30.0)
     assert answered_by(client) == {a.name, c.name}
     assert "event=kube_relist resource=Service reason=gone" in agent.log()
 
     # the API server goes away: the last good state keeps serving
     api.stop()
-    wait_for(lambda: "event=kube_api_unreachable" in agent.log(), "the agent noticing")
+    wait_for(lambda: "event=kube_api_unreachable" in agent.log(), "the agent noticing",
+             timeout=30.0)
     assert agent.process.poll() is None
     assert agent.backends() == {a.ip, c.ip}
     assert answered_by(client) == {a.name, c.name}
@@ -141,7 +132,8 @@ def test_the_agent_converges_through_drops_gone_and_an_outage(world):
 
     # the service deleted: its ClusterIP is gone from the kernel
     api.delete("Service", "web", "lab")
-    wait_for(lambda: not any(s["name"] == "web" for s in agent.services()), "web deleted")
+    wait_for(lambda: not any(s["name"] == "web" for s in agent.services()), "web deleted",
+             timeout=30.0)
     assert client.tcp(VIP, 80, count=3).answers == {}
 
 

@@ -5,7 +5,6 @@ another Service is deleted it is served with its new backends. Real TCP througho
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ from agent.api.generated import agent_pb2, agent_pb2_grpc
 from lab import manifests
 from lab.agent_runner import AgentRunner
 from tests import reliability_report
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +26,6 @@ SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 def publish(directory, name: str, pods) -> None:
     manifests.write(directory, f"{name}.yaml", manifests.service(name, VIPS[name], PORTS),
                     manifests.endpoint_slice(name, [p.ip for p in pods], SLICE_PORTS))
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def metrics(lab) -> dict[str, float]:
@@ -96,13 +86,13 @@ def test_a_service_past_the_room_is_refused_whole_and_served_once_room_returns(
 
         # c grows past the room: refused whole, it keeps its one backend
         publish(directory, "c", [pods[5], pods[1], pods[2]])
-        refused = wait_for(lambda: list(status().refused_services), 20, "c refused")
+        refused = wait_for(lambda: list(status().refused_services), "c refused", 20)
         held_c = answered_by("c")
         during_b = answered_by("b")
         # a change that fits still goes in while c is refused
         publish(directory, "a", [pods[1], pods[3]])
         wait_for(lambda: {b["address"] for s in agent.services() if s["name"] == "a"
-                          for b in s["backends"]} == {pods[1].ip, pods[3].ip}, 20, "a's swap")
+                          for b in s["backends"]} == {pods[1].ip, pods[3].ip}, "a's swap", 20)
         swapped_a = answered_by("a")
         refused_status = status()
         refused_metrics = metrics(lab)
@@ -110,7 +100,7 @@ def test_a_service_past_the_room_is_refused_whole_and_served_once_room_returns(
 
         # b deleted: its slots go, and c is served with its new backends
         (directory / "b.yaml").unlink()
-        wait_for(lambda: not status().refused_services, 30, "c accepted")
+        wait_for(lambda: not status().refused_services, "c accepted", 30)
         grown_c = answered_by("c", count=60)
         steady_result = steady.result()
         recovered_status = status()

@@ -20,6 +20,7 @@ from agent.datapath import layout
 from lab import manifests
 from lab.agent_runner import AgentRunner
 from tests import reliability_report
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -136,13 +137,6 @@ def write_service(directory: Path, pods, port_name_suffix: str = "") -> None:
                     manifests.endpoint_slice("web", [p.ip for p in pods], SLICE_PORTS,
                                              nodes={p.ip: f"node{p.lab.name[-1]}"
                                                     for p in pods}))
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_cleanup_after_traffic_restart_and_change_leaves_nothing(tmp_path):

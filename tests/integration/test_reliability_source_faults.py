@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
 from lab import manifests
 from lab.agent_runner import AgentRunner
 from tests import reliability_report
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +24,6 @@ def publish(directory, name: str, backends: list, filename: str | None = None) -
     manifests.write(directory, filename or f"{name}.yaml",
                     manifests.service(name, VIPS[name], HTTP),
                     manifests.endpoint_slice(name, [p.ip for p in backends], SLICE_PORTS))
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -65,8 +56,9 @@ def test_corrupt_files_are_skipped_and_a_vanished_directory_keeps_the_last_state
         # stays as it was (a cut that still parses, "kind: Ser", would read as no objects)
         (directory / "gamma.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: "
                                               "{name: gamma, namesp")
-        wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(), 60,
-                 "gamma's parse error logged")
+        wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(),
+                 "gamma's parse error logged",
+                 60)
         running = client.start_client("tcp", VIPS["gamma"], 80, duration=120, interval=0.02,
                                       until_stopped=True)
         running.wait_started()
@@ -74,7 +66,7 @@ def test_corrupt_files_are_skipped_and_a_vanished_directory_keeps_the_last_state
         moved = directory.with_name("manifests-away")
         directory.rename(moved)
         # the source has looked for it and not found it
-        wait_for(lambda: "event=rescan_failed" in agent.log(), 60, "the failed rescan logged")
+        wait_for(lambda: "event=rescan_failed" in agent.log(), "the failed rescan logged", 60)
         alive = agent.process.poll() is None
         after_gone = {s["name"] for s in agent.services()}
         status = agent.cli("status", "--api", agent.api, check=False)
@@ -116,7 +108,7 @@ def test_source_missing_at_start_waits_not_ready_and_pinned_state_serves(node):
         agent.start(wait=0)
         # up (its API starts first) and waiting for the directory
         wait_for(lambda: "event=source_unavailable" in agent.log()
-                 or agent.process.poll() is not None, 60, "the agent waiting for its source")
+                 or agent.process.poll() is not None, "the agent waiting for its source", 60)
         waiting = agent.process.poll() is None
         status = agent.cli("status", "--api", agent.api, check=False)
         pinned = client.tcp(VIPS["alpha"], 80, count=20)

@@ -9,6 +9,7 @@ import pytest
 from lab import manifests
 from lab.agent_runner import AgentRunner
 from tests import reliability_report, reliability_traffic
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,15 +28,6 @@ def publish(directory, ready: list, terminating: list = ()) -> None:
          "conditions": {"ready": False, "serving": True, "terminating": True}}
         for p in terminating]
     manifests.write(directory, "web.yaml", manifests.service("web", VIP, PORTS), endpoint_slice)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.mark.timeout(180)
@@ -57,7 +49,7 @@ def test_terminating_backend_keeps_its_connections_and_gets_no_new_ones(make_lab
         held.wait_round()                   # all 15 open and answered
         publish(directory, [a, b], terminating=[c])
         wait_for(lambda: {x["address"] for s in agent.services() for x in s["backends"]}
-                 == {a.ip, b.ip}, 60, "c out of the backends")
+                 == {a.ip, b.ip}, "c out of the backends", 60)
         marked_at = time.monotonic()
         fresh = client.tcp(VIP, 80, count=60)
         held.wait_round(begun_after=marked_at)  # each held connection asked while c terminates

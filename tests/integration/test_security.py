@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from agent import capabilities
 from lab import manifests
 from lab.agent_runner import BPFPROXY, AgentRunner
 from tests import reliability_report
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -92,13 +92,6 @@ def reflected_methods(api: str) -> dict[str, list[str]]:
 
 def modes(*paths: Path) -> dict[str, int]:
     return {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths}
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_agent_keeps_only_its_capabilities_and_still_works(make_lab, tmp_path):

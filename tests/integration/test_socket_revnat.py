@@ -11,7 +11,6 @@ import select
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -133,13 +132,6 @@ def sock_events(agent: AgentRunner) -> dict[str, int]:
         return out
     finally:
         os.close(fd)
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])

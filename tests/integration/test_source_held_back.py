@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from agent.datapath.maps import BpfServiceMaps
 from lab import manifests
 from lab.agent_runner import AgentRunner
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +35,6 @@ def replace_with(directory, filename: str, text: str) -> None:
     tmp = directory / f".{filename}.tmp"
     tmp.write_text(text)
     os.replace(tmp, directory / filename)
-
-
-def wait_for(predicate, what: str, timeout: float = SYNC_WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def kernel(agent: AgentRunner) -> dict[str, set[str]]:
@@ -71,7 +62,7 @@ def agrees(agent: AgentRunner) -> list[dict]:
     def same():
         services = agent.services()
         return services if listed(services) == kernel(agent) else None
-    return wait_for(same, "the API to list what the kernel holds")
+    return wait_for(same, "the API to list what the kernel holds", timeout=SYNC_WAIT)
 
 
 def not_rewritten(client, name: str) -> bool:
@@ -104,13 +95,15 @@ def test_a_deletion_elsewhere_applies_while_a_file_is_broken(node):
         agent.start()
         assert all(client.tcp(VIPS[n], 80, count=4).errors == {} for n in VIPS)
         replace_with(directory, "gamma.yaml", BROKEN)
-        wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(), "the parse error")
+        wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(), "the parse error",
+                 timeout=SYNC_WAIT)
 
         (directory / "alpha.yaml").unlink()
-        wait_for(lambda: VIPS["alpha"] not in str(agent.services()), "alpha gone from the API")
+        wait_for(lambda: VIPS["alpha"] not in str(agent.services()), "alpha gone from the API",
+                 timeout=SYNC_WAIT)
         services = agrees(agent)
         alpha_after = wait_for(lambda: not_rewritten(client, "alpha"),
-                               "alpha's address no longer rewritten")
+                               "alpha's address no longer rewritten", timeout=SYNC_WAIT)
         gamma = client.tcp(VIPS["gamma"], 80, count=10)
         beta = client.tcp(VIPS["beta"], 80, count=10)
         held = status(agent)["source_state"]["held_back"]
@@ -148,14 +141,14 @@ def test_a_restart_keeps_what_an_unreadable_file_may_own_until_it_reads(node):
         # alpha was listed by this agent and is then deleted: it goes at once
         (directory / "alpha.yaml").unlink()
         alpha_gone = wait_for(lambda: not_rewritten(client, "alpha"),
-                              "alpha's address no longer rewritten")
+                              "alpha's address no longer rewritten", timeout=SYNC_WAIT)
         after_alpha = agrees(agent)
         gamma_still = client.tcp(VIPS["gamma"], 80, count=6)
 
         # gamma's file reads again: gamma is its own again, beta's leftover is reconciled
         publish(directory, "gamma", backends)
         beta_gone = wait_for(lambda: not_rewritten(client, "beta"),
-                             "beta's leftover no longer rewritten")
+                             "beta's leftover no longer rewritten", timeout=SYNC_WAIT)
         reconciled = agrees(agent)
         gamma_named = client.tcp(VIPS["gamma"], 80, count=6)
         log = agent.log()

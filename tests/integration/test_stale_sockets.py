@@ -21,6 +21,7 @@ from agent.datapath.netns_opener import NetnsDoorClosed, NetnsOpener
 from agent.datapath.stale_sockets import destroy_udp_sockets
 from lab import manifests
 from lab.agent_runner import AgentRunner
+from tests.helpers import wait_for
 
 integration = pytest.mark.integration
 pytestmark = pytest.mark.timeout(120)
@@ -308,13 +309,6 @@ def write_dns(directory, addresses: list[str], vip: str) -> None:
                                                      "protocol": "UDP"}]))
 
 
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
-
-
 @integration
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_the_agent_moves_udp_clients_of_a_cluster_ip_off_a_removed_backend(make_lab, tmp_path,
@@ -347,11 +341,11 @@ def test_the_agent_moves_udp_clients_of_a_cluster_ip_off_a_removed_backend(make_
         gone = pods[0]
         write_dns(directory, [address(p) for p in pods[1:]], vip)
         wait_for(lambda: [len(s["backends"]) for s in agent.services()] == [2],
-                 what="backend-a out of the kernel")
+                 what="backend-a out of the kernel", timeout=60.0)
         # the agent closes, by itself, the sockets the LB sent to backend-a for this
         # service, and only those
         wait_for(lambda: "event=stale_udp_sockets_closed" in agent.log(),
-                 what="the agent's stale socket sweep")
+                 what="the agent's stale socket sweep", timeout=60.0)
         assert f"count={len(on_a)}" in agent.log()
         for client in on_a:
             assert aborted(client.do("recv"))
@@ -399,7 +393,7 @@ def test_a_pod_with_many_namespaces_does_not_hold_back_another_pods_stale_socket
     finally:
         lab.processes.stop(many)
         wait_for(lambda: "populated 0" in (hog.cgroup / "cgroup.events").read_text(),
-                 what="hog's 200 processes gone (its cgroup can be removed then)")
+                 what="hog's 200 processes gone (its cgroup can be removed then)", timeout=60.0)
 
     by_owner: dict[str, list] = {}
     for result in results:

@@ -14,27 +14,22 @@ from agent.agent import Agent
 from agent.model.objects import parse_endpoint_slice, parse_service
 from agent.planner import BackendAddr, PutFrontend, plan
 from agent.sources.events import HeldBack, ObjectChange
+from lab import manifests
 from tests.fakes import FakeServiceMaps, InvariantBroken
 
 TIMEOUT = 20.0       # only a hung agent ever reaches it
 
 
 def service(name: str, ips: list[str], port: int = 80, protocol: str = "TCP"):
-    return parse_service({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "ns"},
-        "spec": {"clusterIP": ips[0], "clusterIPs": ips,
-                 "ports": [{"port": port, "protocol": protocol, "targetPort": 8080}]}})
+    ports = [{"port": port, "protocol": protocol, "targetPort": 8080}]
+    return parse_service(manifests.service(name, ips, ports, "ns"))
 
 
 def endpoint_slice(name: str, addresses: list[str], family: str = "IPv4",
                    protocol: str = "TCP"):
-    return parse_endpoint_slice({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": f"{name}-{family}", "namespace": "ns",
-                     "labels": {"kubernetes.io/service-name": name}},
-        "addressType": family, "ports": [{"port": 8080, "protocol": protocol}],
-        "endpoints": [{"addresses": [a]} for a in addresses]})
+    return parse_endpoint_slice(manifests.endpoint_slice(
+        name, addresses, [{"port": 8080, "protocol": protocol}], "ns", name=f"{name}-{family}",
+        address_type=family, node_name=None))
 
 
 def upserts(*objects):

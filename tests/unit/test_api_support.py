@@ -7,29 +7,23 @@ import asyncio
 from agent.agent import Agent, AgentStatus
 from agent.model.objects import parse_endpoint_slice, parse_service
 from agent.sources.events import ObjectChange
+from lab import manifests
 from tests.fakes import FakeServiceMaps
 
 
 def service(name: str, ip: str, ports: list[tuple[str, int]], namespace: str = "ns",
             node_port: bool = False):
-    spec = {"clusterIP": ip, "clusterIPs": [ip],
-            "ports": [{"name": n, "port": p, "protocol": "TCP", "targetPort": 8080,
-                       **({"nodePort": 30000 + p} if node_port else {})} for n, p in ports]}
-    if node_port:
-        spec["type"] = "NodePort"
-    return parse_service({"apiVersion": "v1", "kind": "Service",
-                          "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+    service_ports = [{"name": n, "port": p, "protocol": "TCP", "targetPort": 8080,
+                      **({"nodePort": 30000 + p} if node_port else {})} for n, p in ports]
+    return parse_service(manifests.service(
+        name, ip, service_ports, namespace, service_type="NodePort" if node_port else "ClusterIP"))
 
 
 def endpoint_slice(name: str, addresses: list[str], port_names: list[str],
                    namespace: str = "ns"):
-    return parse_endpoint_slice({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": f"{name}-1", "namespace": namespace,
-                     "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4",
-        "ports": [{"name": n, "port": 8080, "protocol": "TCP"} for n in port_names],
-        "endpoints": [{"addresses": [a], "nodeName": "n1"} for a in addresses]})
+    return parse_endpoint_slice(manifests.endpoint_slice(
+        name, addresses, [{"name": n, "port": 8080, "protocol": "TCP"} for n in port_names],
+        namespace, name=f"{name}-1", node_name="n1"))
 
 
 class OnceSource:

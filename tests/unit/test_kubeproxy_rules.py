@@ -32,28 +32,22 @@ from bench.kubeproxy.nftables import (
     render_nftables,
     service_chain_base,
 )
+from lab import manifests
 
 # --- building inputs the way kube-proxy's tests do (makeTestService / makeTestEndpointSlice)
 
 
 def service(ns: str, name: str, cluster_ip: str, ports: list[tuple[str, int, str]]) -> dict:
-    return {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": ns, "name": name},
-        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip,
-                 "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports]},
-    }  # fmt: skip
+    return manifests.service(name, cluster_ip, _ports(ports), ns)
 
 
 def endpoint_slice(ns: str, name: str, ips: list[str], ports: list[tuple[str, int, str]]) -> dict:
-    return {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"namespace": ns, "name": f"{name}-1",
-                     "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [ip]} for ip in ips],
-        "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
-    }  # fmt: skip
+    return manifests.endpoint_slice(name, ips, _ports(ports), ns, name=f"{name}-1",
+                                    node_name=None)
+
+
+def _ports(ports: list[tuple[str, int, str]]) -> list[dict]:
+    return [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports]
 
 
 def state(services: list[dict], slices: list[dict]):

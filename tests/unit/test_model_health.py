@@ -11,7 +11,7 @@ from agent.model import NodeContext
 from agent.model.health import ServiceHealth, by_port, service_health, service_health_parts
 from agent.model.objects import parse_endpoint_slice, parse_service
 from agent.model.types import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
-from tests.unit.test_model import parsed, worlds
+from tests.unit.test_model_random_objects import parsed, worlds
 
 TEST_HOSTNAME = "test-hostname"        # endpoints_test.go's testHostname
 NODE = NodeContext(TEST_HOSTNAME)
