@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,10 +34,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 MAX_CONCURRENT_RPCS = 128      # beyond: RESOURCE_EXHAUSTED, not an unbounded backlog
-# Walking every map to count its entries costs what the maps hold: a client polling status
-# (during a large sync too) reuses a walk this recent, unless a sync ended since; the
-# datapath counters are read on every call.
-INVENTORY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -132,8 +127,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.executor = executor
         self.watch_limits = watch_limits
         self.sorted_views = queries.SortedViewCache()
-        # (monotonic time, syncs, programs, maps) of the last walk of the kernel inventory
-        self._inventory_walk: tuple[float, int, list, list] | None = None
 
     def _sorted(self) -> queries.SortedView:
         """The applied state in key order, sorted once per sync (in an API thread)."""
@@ -180,33 +173,27 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _kernel_inventory(self):
         """Programs, maps and the programs' counters; a failed read leaves its part empty
-        (counted as kernel_read by the inventory) so that status still answers. Programs
-        and maps come from a walk at most INVENTORY_SECONDS old and of the same sync."""
+        (counted as kernel_read by the inventory) so that status still answers."""
         inv = self.observed.inventory
         if inv is None:
             return [], [], {}
-        try:
-            events = inv.events()
-        except OSError:
-            events = {}
-        now, syncs, walk = time.monotonic(), self.observed.status.syncs, self._inventory_walk
-        if walk is not None and walk[1] == syncs and 0 <= now - walk[0] < INVENTORY_SECONDS:
-            return walk[2], walk[3], events
         try:
             programs = [agent_pb2.Program(name=a.name, hook=a.hook, target=a.target,
                                           attached=a.attached, program_id=a.program_id)
                         for a in inv.programs()]
         except OSError:
-            programs = None
+            programs = []
         try:
             maps = [agent_pb2.MapUsage(name=m.name, type=m.type, entries=m.entries,
                                        max_entries=m.max_entries, memory_bytes=m.memory_bytes)
                     for m in inv.maps()]
         except OSError:
-            maps = None
-        if programs is not None and maps is not None:   # a failed read is tried again
-            self._inventory_walk = (now, syncs, programs, maps)
-        return programs or [], maps or [], events
+            maps = []
+        try:
+            events = inv.events()
+        except OSError:
+            events = {}
+        return programs, maps, events
 
     async def ListServices(self, request, context):
         try:

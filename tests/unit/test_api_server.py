@@ -7,14 +7,12 @@ is right, nor chmod-ed through a link."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import ipaddress
 import logging
 import socket
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -397,47 +395,3 @@ def test_the_cli_watches_on_past_a_stream_s_lifetime(status, tmp_path, capsys):
     code = asyncio.run(serve(Observed(status, hub=hub), address, watch_limits=limits)(body))
     assert code == 0
     assert capsys.readouterr().out.count('"tick"') == wanted
-
-
-class CountingInventory:
-    """The kernel inventory's read side, counting what each status call reads."""
-
-    def __init__(self):
-        self.walks = self.counter_reads = 0
-        self.entries = 7
-
-    def programs(self):
-        return [SimpleNamespace(name="bpfp_connect4", hook="connect4", target="/cg",
-                                attached=True, program_id=1)]
-
-    def maps(self):
-        self.walks += 1
-        return [SimpleNamespace(name="bpfp_svc_v1", type="hash", entries=self.entries,
-                                max_entries=64, memory_bytes=4096)]
-
-    def events(self):
-        self.counter_reads += 1
-        return {("connect4", "refused"): self.counter_reads}
-
-
-def test_status_polled_walks_the_maps_once_a_second_or_per_sync(status, monkeypatch):
-    """Issue 16: a client polling status during a large sync must not walk every map per
-    call; the walk is reused while it is under INVENTORY_SECONDS old and no sync ended,
-    and the datapath counters are read on every call."""
-    clock = [1000.0]
-    monkeypatch.setattr(server, "time", SimpleNamespace(monotonic=lambda: clock[0]),
-                        raising=False)
-    inventory = CountingInventory()
-    observed = Observed(dataclasses.replace(status), inventory=inventory)
-    service = server.AgentService(observed, executor=None)
-    first = service._kernel_inventory()
-    inventory.entries = 9
-    clock[0] += 0.5                                   # INVENTORY_SECONDS is 1 s
-    again = service._kernel_inventory()
-    assert inventory.walks == 1 and again[1][0].entries == first[1][0].entries == 7
-    assert inventory.counter_reads == 2 and again[2] == {("connect4", "refused"): 2}
-    observed.status.syncs += 1                        # a sync ended: read again at once
-    assert service._kernel_inventory()[1][0].entries == 9 and inventory.walks == 2
-    inventory.entries = 11
-    clock[0] += 1.0                                   # too old: read again
-    assert service._kernel_inventory()[1][0].entries == 11 and inventory.walks == 3
