@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 def test_the_smallest_bench_produces_every_row(tmp_path):
     code = run.main(["--quick", "--sizes", "1", "--reps", "1", "--seconds", "0.2",
                      "--cp-sizes", "50", "--cp-changes", "4", "--cp-reach", "2",
+                     "--src-sizes", "20x2", "--src-reps", "1", "--sources", "json,kube",
                      "--no-north-south", "--out", str(tmp_path)])
     assert code == 0
     report = (tmp_path / "quick-latest.md").read_text()
