@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.datapath.config import DEFAULT_PIN_DIR
+from agent.datapath.config import ACCELERATIONS, DEFAULT_PIN_DIR
 from agent.datapath.sizing import DEFAULT_MEMORY_RATIO
 from agent.sources.apiserver.control_plane import (
     DEFAULT_CLUSTER_IP_RANGES,
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--interfaces", default="", metavar="IF[,IF]",
                        help="node interfaces whose traffic from outside the node reaches "
                             "NodePort, ExternalIP and LoadBalancer addresses (TC programs)")
+    agent.add_argument("--acceleration", choices=ACCELERATIONS, default="disabled",
+                       help="XDP on the --interfaces for flows from outside to backends on "
+                            "other nodes: native (fails where the driver has no native "
+                            "XDP), best-effort (falls back to the TC programs there)")
     agent.add_argument("--lb-algorithm", choices=["random", "maglev"], default="random",
                        help="backend choice for traffic from outside the node: maglev picks "
                             "the same backend for a flow whichever node it enters through")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from agent import maglev
+from agent.datapath.config import ACCELERATIONS
 
 API_VERSION = "bpfproxy.io/v1alpha1"
 KIND = "BpfProxyConfiguration"
@@ -140,6 +141,12 @@ def _prime(field: str, value: Any) -> int:
     return number
 
 
+def _acceleration(field: str, value: Any) -> str:
+    if value not in ACCELERATIONS:
+        raise _fail(field, f"must be one of {', '.join(ACCELERATIONS)}", value)
+    return value
+
+
 def _lb_algorithm(field: str, value: Any) -> str:
     if value not in LB_ALGORITHMS:
         raise _fail(field, f"must be one of {', '.join(LB_ALGORITHMS)}", value)
@@ -162,6 +169,7 @@ FIELDS: dict[str, tuple[str, Converter]] = {
     "minSyncPeriod": ("min_sync_period", _non_negative_seconds),
     "syncPeriod": ("sync_period", _positive_seconds),
     "lbAlgorithm": ("lb_algorithm", _lb_algorithm),
+    "acceleration": ("acceleration", _acceleration),
     "maglevTableSize": ("maglev_table_size", _prime),
     "kubeconfig": ("kubeconfig", _path),
     "manifests": ("manifests", _path),

@@ -53,6 +53,7 @@ async def serve(args) -> int:
     log.info("event=map_sizes %s", " ".join(f"{k}={v}" for k, v in sorted(sizes.items())))
     config = DatapathConfig(
         pin_dir=args.bpffs, interfaces=args.interface_names,
+        acceleration=args.acceleration if args.interface_names else "disabled",
         ct_tcp_timeout=round(args.conntrack_tcp_timeout),
         ct_tcp_close_timeout=round(args.conntrack_tcp_close_timeout),
         ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size,

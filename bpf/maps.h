@@ -336,6 +336,7 @@ BPF_TABLE_PINNED("lru_percpu_hash", struct stats_key, struct stats_value, bpfp_s
 #define BPFP_TCEV_TCP_NOT_SYN      1 /* TCP to a service address, no flow, not a SYN: dropped */
 #define BPFP_TCEV_SNAT_PORT_REUSED 2 /* a new flow took the SNAT port of a finished one */
 #define BPFP_TCEV_FLOW_EXPIRED     3 /* a packet found its flow past its time: both gone */
+#define BPFP_TCEV_XDP_FORWARDED    4 /* a packet forwarded by the XDP program (--acceleration) */
 #define BPFP_TCEV_SLOTS            8
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, bpfp_tc_events, BPFP_TCEV_SLOTS,
                  BPFP_PIN("bpfp_tc_events_v1"));

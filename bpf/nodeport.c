@@ -11,25 +11,7 @@
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
-#include "maps.h"
-#include "counters.h"
-#include "lb.h"
-
-#define BPFP_CT_SYN_TIMEOUT 60     /* a flow whose reply never came: like Cilium's */
-
-#define SNAT_PORT_SPAN (BPFP_SNAT_PORT_MAX - BPFP_SNAT_PORT_MIN + 1)
-/* Ports tried for a new SNATed flow, each at random: with 75 % of the ports in use, all
- * 64 taken has odds of 1e-8; with 90 %, 1e-3 (then the range is what is too small) */
-#define SNAT_TRIES 64
-
-#define IP_MF     0x2000
-#define IP_OFFSET 0x1FFF
-#define TH_FIN    0x01
-#define TH_RST    0x04
-#define BPFP_AF_INET  2
-#define BPFP_AF_INET6 10
-#define TH_SYN    0x02
-#define TH_ACK    0x10
+#include "nodeport.h"
 
 /* Not ours: the next program on the hook (tcx), else the stack, sees it unchanged. */
 #define PASS TC_ACT_UNSPEC
@@ -38,14 +20,6 @@
 static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
         (void *)BPF_FUNC_redirect_neigh;
 
-/* A parsed packet: where its headers are and its tuple. */
-struct pkt {
-        struct ct_key t;
-        __u32 l3;               /* offset of the IP header */
-        __u32 l4;               /* offset of the TCP/UDP header */
-        __u32 len;              /* bytes, for counters */
-        __u8  tcp_flags;        /* FIN 1, SYN 2, RST 4, ACK 16 */
-};
 
 /* --- parsing: anything we do not handle passes untouched ----------------------------- */
 
@@ -159,200 +133,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct pkt *p, struct 
         return 0;
 }
 
-/* --- conntrack ------------------------------------------------------------------------ */
 
-static __always_inline __u64 lifetime(struct pkt *p, __u32 flags)
-{
-        if (p->t.proto != IPPROTO_TCP)
-                return BPFP_CT_UDP_TIMEOUT * NSEC;
-        if ((flags & (BPFP_CT_CLOSING | BPFP_CT_SNAT | BPFP_CT_TIME_WAIT)) ==
-            (BPFP_CT_CLOSING | BPFP_CT_SNAT | BPFP_CT_TIME_WAIT) &&
-            BPFP_CT_TIME_WAIT_HOLD > BPFP_CT_TCP_CLOSE_TIMEOUT)
-                return BPFP_CT_TIME_WAIT_HOLD * NSEC;
-        if (flags & BPFP_CT_CLOSING)
-                return BPFP_CT_TCP_CLOSE_TIMEOUT * NSEC;
-        if (flags & BPFP_CT_ESTABLISHED)
-                return BPFP_CT_TCP_TIMEOUT * NSEC;
-        return BPFP_CT_SYN_TIMEOUT * NSEC;
-}
-
-/* The reply's key: the forward rewrite, swapped. */
-static __always_inline void reply_key(struct ct_key *fwd, struct ct_value *v,
-                                      struct ct_key *out)
-{
-        __builtin_memcpy(out->saddr, v->daddr, 16);
-        __builtin_memcpy(out->daddr, v->saddr, 16);
-        out->sport = v->dport;
-        out->dport = v->sport;
-        out->proto = fwd->proto;
-        out->family = fwd->family;
-        out->pad = 0;
-}
-
-static __always_inline void tc_event(__u32 what)
-{
-        __u64 *n = bpfp_tc_events.lookup(&what);
-        if (n)
-                *n += 1;
-}
-
-static __always_inline int same_key(const struct ct_key *a, const struct ct_key *b)
-{
-        const __u32 *x = (const void *)a, *y = (const void *)b;
-#pragma unroll
-        for (int i = 0; i < sizeof(*a) / 4; i++) {
-                if (x[i] != y[i])
-                        return 0;
-        }
-        return 1;
-}
-
-/* The other entry of key's flow, when it is still that flow's: a client tuple reused for
- * a new flow points its entry elsewhere, and the old reply entry is then alone. */
-static __always_inline struct ct_value *partner_of(struct ct_key *key, struct ct_value *v,
-                                                   struct ct_key *other)
-{
-        reply_key(key, v, other);
-        struct ct_value *o = bpfp_ct.lookup(other);
-        if (!o)
-                return NULL;
-        struct ct_key back = {};
-        reply_key(other, o, &back);
-        return same_key(&back, key) ? o : NULL;
-}
-
-/* A flow is over when neither of its entries is alive (a one-way stream refreshes its
- * partner only now and then, so one entry alone may lag). Its entries are removed and
- * 0 returned; a live flow's lagging entry takes its partner's time and 1 is returned. */
-static __always_inline int expire_flow(struct ct_key *key, struct ct_value *v, __u64 now)
-{
-        struct ct_key other = {};
-        struct ct_value *o = partner_of(key, v, &other);
-        if (o && o->expires >= now) {
-                v->expires = o->expires;
-                return 1;
-        }
-        if (o)
-                bpfp_ct.delete(&other);
-        bpfp_ct.delete(key);
-        return 0;
-}
-
-/* Backend of a flow, for counters: the forward entry rewrites to it, the reply comes
- * from it. */
-static __always_inline void count_flow(struct pkt *p, struct ct_value *v,
-                                       struct bpfp_delta *d)
-{
-        if (v->flags & BPFP_CT_REPLY)
-                bpfp_count(v->svc_id, p->t.family, p->t.saddr, p->t.sport, d);
-        else
-                bpfp_count(v->svc_id, p->t.family, v->daddr, v->dport, d);
-}
-
-/* --- backends ------------------------------------------------------------------------- */
-
-static __always_inline __u32 mix32(__u32 h)
-{
-        h ^= h >> 16;
-        h *= 0x85ebca6b;
-        h ^= h >> 13;
-        h *= 0xc2b2ae35;
-        h ^= h >> 16;
-        return h;
-}
-
-/* Maglev hashes what every node sees alike: the client's address and port, the service
- * port and the protocol (not the node address a NodePort client dialled). */
-static __always_inline __u32 flow_hash(struct pkt *p)
-{
-        __u32 h = mix32(p->t.saddr[0] ^ 0x9e3779b9);
-        h = mix32(h ^ p->t.saddr[1]);
-        h = mix32(h ^ p->t.saddr[2]);
-        h = mix32(h ^ p->t.saddr[3]);
-        h = mix32(h ^ (((__u32)p->t.sport << 16) | p->t.dport));
-        return mix32(h ^ p->t.proto);
-}
-
-static __always_inline int pick(struct pkt *p, struct svc_value *svc,
-                                struct lb_backend *out, __u32 *slot_out)
-{
-        __u32 slot = bpf_get_prandom_u32() % svc->count;
-        if (svc->flags & BPFP_SVC_F_MAGLEV) {
-                __u32 idx = flow_hash(p) % BPFP_MAGLEV_M;
-                struct maglev_key key = { .svc_id = svc->svc_id, .row = idx / BPFP_MAGLEV_ROW };
-                struct maglev_row *row = bpfp_maglev.lookup(&key);
-                if (row) {
-                        __u32 col = idx % BPFP_MAGLEV_ROW;
-                        if (col < BPFP_MAGLEV_ROW && row->slot[col] < svc->count)
-                                slot = row->slot[col];
-                }
-        }
-        *slot_out = slot;
-        return lb_slot_backend(p->t.family, svc->svc_id, slot, out);
-}
-
-/* The client's affinity backend while it lasts and is still a backend (its slot may have
- * moved), else a fresh pick remembered: the socket LB's semantics (bpf/lb.h), keyed by
- * source address. */
-static __always_inline int select_backend(struct pkt *p, struct svc_value *svc,
-                                          struct lb_backend *out)
-{
-        struct affinity_ext_key akey = { .svc_id = svc->svc_id, .family = p->t.family };
-        __builtin_memcpy(akey.addr, p->t.saddr, 16);
-        __u64 now = 0;
-        if (svc->affinity_sec) {
-                now = bpf_ktime_get_ns();
-                struct affinity_value *aff = bpfp_affinity_ext.lookup(&akey);
-                if (aff && lb_affinity_alive(aff, svc, now) &&
-                    lb_affinity_refind(p->t.family, svc, aff, now, out))
-                        return 1;
-        }
-        __u32 slot;
-        if (!pick(p, svc, out, &slot))
-                return 0;
-        if (svc->affinity_sec) {
-                struct affinity_value value = {};
-                lb_affinity_set(&value, now, slot, out);
-                bpfp_affinity_ext.update(&akey, &value);
-        }
-        return 1;
-}
-
-/* --- a new flow ----------------------------------------------------------------------- */
-
-static __always_inline struct svc_value *find_service(struct pkt *p)
-{
-        /* scope 1 first: a frontend whose traffic from outside has its own backends
-         * (externalTrafficPolicy Local, source ranges); else the one every path uses */
-        if (p->t.family == 4) {
-                struct svc_key4 key = { .addr = p->t.daddr[0], .port = p->t.dport,
-                                        .proto = p->t.proto, .scope = 1 };
-                struct svc_value *svc = bpfp_svc4.lookup(&key);
-                if (svc)
-                        return svc;
-                key.scope = 0;
-                return bpfp_svc4.lookup(&key);
-        }
-        struct svc_key6 key = { .port = p->t.dport, .proto = p->t.proto, .scope = 1 };
-        __builtin_memcpy(key.addr, p->t.daddr, 16);
-        struct svc_value *svc = bpfp_svc6.lookup(&key);
-        if (svc)
-                return svc;
-        key.scope = 0;
-        return bpfp_svc6.lookup(&key);
-}
-
-static __always_inline int source_allowed(struct pkt *p, struct svc_value *svc)
-{
-        if (!(svc->flags & BPFP_SVC_F_SOURCE_RANGES))
-                return 1;
-        struct srcrange_key key = {
-                .prefixlen = 32 + (p->t.family == 4 ? 32 : 128),
-                .svc_id = svc->svc_id,
-        };
-        __builtin_memcpy(key.addr, p->t.saddr, 16);
-        return bpfp_srcrange.lookup(&key) != NULL;
-}
 
 /* Where the kernel would send a packet for dst: its egress interface; ROUTE_LOCAL for an
  * address of this node (a hostNetwork backend); ROUTE_NONE when nowhere. */
@@ -380,82 +161,14 @@ static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const
         return fib.ifindex;
 }
 
-/* Claim a node port for a SNATed flow: the reply entry is inserted only if no other flow
- * holds that (backend, node address, port). A port whose flow is over (closed and past
- * the close timeout, or idle past its lifetime) is taken back here, at once: waiting for
- * a packet of that flow, or for the LRU to evict it, would leave the port lost.
- * Two plain loops and one take-over between them keep the verifier's work small. */
-static __always_inline int try_port(struct pkt *p, struct ct_value *fwd,
-                                    struct ct_value *rev, struct ct_key *rkey)
-{
-        /* each try at random: probing in a fixed order from one random start piles taken
-         * ports into runs (linear probing's clustering), and a run of SNAT_TRIES is then
-         * far likelier than as many independent misses */
-        fwd->sport = bpf_htons(BPFP_SNAT_PORT_MIN + bpf_get_prandom_u32() % SNAT_PORT_SPAN);
-        reply_key(&p->t, fwd, rkey);
-        return bpfp_ct.insert(rkey, rev) == 0;
-}
-
-static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
-                                      struct ct_value *rev, struct ct_key *rkey, __u64 now)
-{
-        struct ct_value *old = NULL;
-        for (int i = 0; i < SNAT_TRIES; i++) {
-                if (try_port(p, fwd, rev, rkey))
-                        return 1;
-                old = bpfp_ct.lookup(rkey);
-                if (old && old->expires < now)
-                        break;                  /* a finished flow's, perhaps: see below */
-                old = NULL;
-        }
-        if (old) {
-                /* taken when its partner is past its time too; another CPU may take it
-                 * first: then its insert wins and we go on */
-                if (!expire_flow(rkey, old, now) && bpfp_ct.insert(rkey, rev) == 0) {
-                        tc_event(BPFP_TCEV_SNAT_PORT_REUSED);
-                        return 1;
-                }
-                for (int i = 0; i < SNAT_TRIES; i++) {
-                        if (try_port(p, fwd, rev, rkey))
-                                return 1;
-                }
-        }
-        tc_event(BPFP_TCEV_NO_SNAT_PORT);
-        return 0;
-}
-
-#define DROP(p, svc, what) ({                                           \
-        struct bpfp_delta d = { .what = 1 };                            \
-        bpfp_count((svc)->svc_id, (p)->t.family, NULL, 0, &d);          \
-        TC_ACT_SHOT; })
 
 static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 {
-        struct svc_value *svc = find_service(p);
-        if (!svc)
-                return PASS;                    /* not a service address: not ours */
-        /* a TCP flow starts with a SYN; anything else without a flow (a stray ACK or RST,
-         * a flow the LRU forgot) would take a port and a backend for nothing */
-        if (p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TH_SYN | TH_ACK | TH_RST)) != TH_SYN) {
-                tc_event(BPFP_TCEV_TCP_NOT_SYN);
-                return TC_ACT_SHOT;
-        }
-        if (!source_allowed(p, svc))
-                return DROP(p, svc, dropped);
+        struct svc_value *svc = NULL;
         struct lb_backend be = {};
-        /* no backend: dropped (externalTrafficPolicy Local without a local endpoint is
-         * kube-proxy's DROP too; with none anywhere kube-proxy REJECTs) */
-        if (svc->count == 0 || !select_backend(p, svc, &be))
-                return DROP(p, svc, refused);
-
-        __u64 now = bpf_ktime_get_ns();
-        struct ct_value fwd = { .sport = p->t.sport, .dport = be.port, .svc_id = svc->svc_id };
-        __builtin_memcpy(fwd.saddr, p->t.saddr, 16);
-        __builtin_memcpy(fwd.daddr, be.addr, 16);
-        struct ct_value rev = { .sport = p->t.dport, .dport = p->t.sport,
-                                .svc_id = svc->svc_id, .flags = BPFP_CT_REPLY };
-        __builtin_memcpy(rev.saddr, p->t.daddr, 16);
-        __builtin_memcpy(rev.daddr, p->t.saddr, 16);
+        int verdict = np_choose(p, &svc, &be);
+        if (verdict != NP_GO || !svc)
+                return verdict == NP_PASS ? PASS : TC_ACT_SHOT;
 
         /* Where the backend runs is the model's word, carried in its slot: one on this
          * node (a pod here, or the node itself) gets the packet as it came, with the
@@ -468,27 +181,16 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
          * the node has no address the programs know is sent as it is. */
         __u32 out = route_out(skb, p->t.family, p->t.saddr, be.addr);
         if (out == ROUTE_NONE)
-                return DROP(p, svc, refused);
+                return np_count_drop(p, svc, 1), TC_ACT_SHOT;
         struct ifaddr_key ikey = { .ifindex = out, .family = p->t.family };
         struct ifaddr_value *node = NULL;
         if (!(be.flags & BPFP_BE_LOCAL) && out != ROUTE_LOCAL)
                 node = bpfp_ifaddr.lookup(&ikey);
         int snat = node != NULL;
-        __u64 life = p->t.proto == IPPROTO_TCP ? BPFP_CT_SYN_TIMEOUT * NSEC
-                                                : BPFP_CT_UDP_TIMEOUT * NSEC;
-        fwd.expires = rev.expires = now + life;
-        struct ct_key rkey = {};
-        if (node) {
-                __builtin_memcpy(fwd.saddr, node->addr, 16);
-                fwd.flags = rev.flags = BPFP_CT_SNAT;
-                rev.flags |= BPFP_CT_REPLY;
-                if (!claim_snat(p, &fwd, &rev, &rkey, now))
-                        return DROP(p, svc, refused);
-        } else {
-                reply_key(&p->t, &fwd, &rkey);
-                bpfp_ct.update(&rkey, &rev);
-        }
-        bpfp_ct.update(&p->t, &fwd);
+        __u64 now = bpf_ktime_get_ns();
+        struct ct_value fwd = {};
+        if (!np_open_flow(p, svc, &be, node, now, &fwd))
+                return np_count_drop(p, svc, 1), TC_ACT_SHOT;
 
         bpfp_count_connection(svc->svc_id, p->t.family, be.addr, be.port, 1, p->len);
         if (rewrite(skb, p, &fwd))
@@ -498,55 +200,6 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         return snat ? redirect_neigh(out, NULL, 0, 0) : TC_ACT_OK;
 }
 
-/* TCP's progress on both entries of a flow: established once a reply passed, closing
- * after an RST or a FIN each way (then the short close timeout applies, or the backend's
- * TIME_WAIT when it closed first and the flow is SNATed). */
-#define CT_SHARED (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING | BPFP_CT_TIME_WAIT)
-static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 now)
-{
-        __u32 add = 0;
-        if ((v->flags & BPFP_CT_REPLY) && !(v->flags & BPFP_CT_ESTABLISHED))
-                add |= BPFP_CT_ESTABLISHED;
-        if (p->tcp_flags & TH_RST)
-                add |= BPFP_CT_CLOSING;
-        if ((p->tcp_flags & TH_FIN) && !(v->flags & BPFP_CT_FIN)) {
-                v->flags |= BPFP_CT_FIN;
-                add |= BPFP_CT_FIN;     /* tells the other entry, which checks its own */
-        }
-        if (!add)
-                return;
-        struct ct_key other = {};
-        struct ct_value *o = partner_of(&p->t, v, &other);
-        if (o && (add & BPFP_CT_FIN)) {
-                if (o->flags & BPFP_CT_FIN)
-                        add |= BPFP_CT_CLOSING;
-                else if (v->flags & BPFP_CT_REPLY)
-                        add |= BPFP_CT_TIME_WAIT;       /* the backend's FIN came first */
-        }
-        v->flags |= add & CT_SHARED;
-        if (!o)
-                return;
-        o->flags |= add & CT_SHARED;
-        o->expires = now + lifetime(p, o->flags);
-}
-
-/* An entry lives while packets use it. Its partner is refreshed too, at most every
- * quarter of a lifetime: a one-way stream keeps its reply direction (and its SNAT port)
- * alive, and the two entries of a flow expire together. */
-static __always_inline void keep_alive(struct pkt *p, struct ct_value *v, __u64 now)
-{
-        __u64 life = lifetime(p, v->flags);
-        v->expires = now + life;
-        __u32 seconds = now / NSEC;
-        if (seconds - v->partner_refreshed < life / NSEC / 4)
-                return;
-        v->partner_refreshed = seconds;
-        struct ct_key other = {};
-        reply_key(&p->t, v, &other);
-        struct ct_value *o = bpfp_ct.lookup(&other);
-        if (o)
-                o->expires = now + lifetime(p, o->flags);
-}
 
 /* --- ICMP errors about translated flows ------------------------------------------------
  * A "fragmentation needed" / "packet too big" (path MTU), "unreachable" or "time exceeded"
@@ -728,30 +381,13 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
         struct pkt p = {};
         if (!parse(skb, &p))
                 return icmp_error(skb);
-        struct ct_value *v = bpfp_ct.lookup(&p.t);
         __u64 now = bpf_ktime_get_ns();
-        if (v && v->expires < now && !expire_flow(&p.t, v, now)) {
-                tc_event(BPFP_TCEV_FLOW_EXPIRED);
-                v = NULL;
-        }
-        /* a new connection on a tuple whose last one closed: balanced afresh */
-        if (v && ingress && (p.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN &&
-            (v->flags & (BPFP_CT_CLOSING | BPFP_CT_REPLY)) == BPFP_CT_CLOSING) {
-                struct ct_key other = {};
-                if (partner_of(&p.t, v, &other))
-                        bpfp_ct.delete(&other);
-                bpfp_ct.delete(&p.t);
-                v = NULL;
-        }
+        struct ct_value *v = np_find_flow(&p, ingress, now);
         if (!v)
                 return ingress ? new_flow(skb, &p) : PASS;
 
-        if (p.t.proto == IPPROTO_TCP)
-                track_tcp(&p, v, now);
-        keep_alive(&p, v, now);
+        np_flow_packet(&p, v, now);
         __u32 flags = v->flags;
-        struct bpfp_delta d = { .packets = 1, .bytes = p.len };
-        count_flow(&p, v, &d);
         struct ct_value to = *v;
         if (rewrite(skb, &p, &to))
                 return TC_ACT_SHOT;

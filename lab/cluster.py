@@ -122,12 +122,20 @@ class Cluster(Claimed):
         netns.ip("-6", "addr", "add", f"{ip6}/64", "dev", device, "nodad", netns=ns)
         netns.ip("link", "set", UPLINK, "up", netns=ns)
 
-    def take_xdp_tx(self) -> None:
-        """The agents' XDP programs (--acceleration) send packets back out the uplink they
-        came in on (XDP_TX): a veth passes those only when its peer, the wire's port, has a
-        NAPI context, which GRO gives it (a real NIC needs nothing of the sort)."""
+    def prepare_for_xdp(self) -> None:
+        """For agents with --acceleration, whose XDP programs send packets back out the
+        uplink they came in on (XDP_TX): the wire's ports get an XDP program of their own,
+        and the veths that packets start from (the outside client's, the nodes' uplinks,
+        the pods') finish their checksums themselves (see netns.prepare_for_xdp). Call it
+        after adding the pods."""
         for i in self.nodes:
-            netns.set_gro(self.wire_netns, f"bpfpw{i}")
+            netns.prepare_for_xdp(self.wire_netns, f"bpfpw{i}", xdp_pass=True)
+        netns.prepare_for_xdp(self.external_netns, UPLINK)
+        for i, node in self.nodes.items():
+            netns.prepare_for_xdp(node.node_netns, UPLINK)
+        for node in self.nodes.values():
+            for pod in node.pods.values():
+                netns.prepare_for_xdp(pod.netns, "eth0")
 
     def uplink(self, i: int) -> str:
         """Node i's interface on the wire: what its agent's --interfaces names."""

@@ -61,7 +61,8 @@ async def start(args, agent, cgroup, source_name: str, bind=None) -> Observers:
     tls = tls_files(args)
     kind, _, location = source_name.partition(":")
     inventory = Inventory(args.bpffs, cgroup, _interfaces(args),
-                          expect_tc=_tc_datapath_present())
+                          expect_tc=_tc_datapath_present(),
+                          acceleration=getattr(args, "acceleration", "disabled"))
     observed = Observed(agent.status, inventory, source=agent.source, source_kind=kind,
                         source_location=location, sync_period=args.sync_period)
     agent.on_event = observed.hub.publish

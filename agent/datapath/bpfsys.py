@@ -68,6 +68,7 @@ class AttachType(enum.IntEnum):
     CGROUP_INET4_GETPEERNAME = 29
     CGROUP_INET6_GETPEERNAME = 30
     CGROUP_INET_SOCK_RELEASE = 34
+    XDP = 37
     TCX_INGRESS = 46
     TCX_EGRESS = 47
 
@@ -80,8 +81,19 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def link_create(prog_fd: int, target_fd: int, attach_type: AttachType) -> int:
-    return _check(_libbpf.bpf_link_create(prog_fd, target_fd, int(attach_type), None),
+class _LinkCreateOpts(ctypes.Structure):
+    """The head of libbpf's struct bpf_link_create_opts: its size, then flags."""
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+# XDP attach flags (uapi/linux/if_link.h): the driver's own XDP, never the generic one
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: AttachType, flags: int = 0) -> int:
+    opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), flags) if flags else None
+    return _check(_libbpf.bpf_link_create(prog_fd, target_fd, int(attach_type),
+                                          ctypes.byref(opts) if opts else None),
                   f"bpf_link_create({attach_type.name})")
 
 
@@ -213,7 +225,8 @@ def link_program_id(link_fd: int) -> int:
 
 
 def link_ifindex(link_fd: int) -> int:
-    """A tcx link's device: bpf_link_info's tcx.ifindex, after type, id and prog_id."""
+    """A tcx or XDP link's device: bpf_link_info's tcx.ifindex (xdp.ifindex, the same
+    place), after type, id and prog_id."""
     return struct.unpack_from("=I", _info(link_fd), 16)[0]
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/bpfproxy")
 
+# --acceleration: XDP beside the TC programs (bpf/xdp.c), as Cilium names the modes
+ACCELERATIONS = ("disabled", "native", "best-effort")
+
 # DatapathConfig field -> the bpf/maps.h macro it is passed as (-D); layout.MapLayout.size
 # names these fields, and tests/unit/test_datapath_config.py checks both against maps.h
 MACROS = {
@@ -49,6 +52,7 @@ class DatapathConfig:
     maglev_m: int = 1021              # Maglev table size per service port: a prime
     max_maglev_rows: int = 1048576    # rows of 32 table entries over all service ports
     interfaces: tuple[str, ...] = ()  # where the TC programs attach
+    acceleration: str = "disabled"    # XDP on the interfaces too: native, best-effort
 
     def macros(self) -> dict[str, str]:
         """C macro name -> C literal."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent.datapath import bpfsys, layout
 from agent.datapath.bpfsys import PER_CPU_MAP_TYPES, AttachType, possible_cpus
-from agent.datapath.programs import SOCKET_PROGRAMS, TC_PROGRAMS
+from agent.datapath.programs import SOCKET_PROGRAMS, TC_PROGRAMS, XDP_PROGRAM
 from agent.planner import BackendAddr
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,12 @@ class Attachment:
     target: str          # cgroup directory or interface
     attached: bool
     program_id: int = 0
+    required: bool = True  # health fails while a required one is missing
 
 
 def pinned_link_programs(pin_dir: Path) -> dict[int, str]:
     """Program id -> function of each link the loader pinned (links/<function> for the socket
-    hooks, links/tc-<ifname>-<hook> for tcx). Naming a program from its id needs
+    hooks, links/tc-<ifname>-<hook> for tcx, links/xdp-<ifname>). Naming a program from its id needs
     CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID), which the running agent has given up; a pinned
     link's info gives its program's id with CAP_BPF."""
     tc_functions = {"ingress" if hook is AttachType.TCX_INGRESS else "egress": func
@@ -175,7 +176,8 @@ def pinned_link_programs(pin_dir: Path) -> dict[int, str]:
     links = Path(pin_dir) / "links"
     for link in sorted(links.iterdir()) if links.is_dir() else ():
         func = (tc_functions.get(link.name.rsplit("-", 1)[-1], "")
-                if link.name.startswith("tc-") else link.name)
+                if link.name.startswith("tc-") else
+                XDP_PROGRAM if link.name.startswith("xdp-") else link.name)
         try:
             fd = bpfsys.obj_get(str(link))
         except OSError:
@@ -261,6 +263,39 @@ def tc_programs(interfaces: Sequence[str], pinned: dict[int, str] | None = None
     return out
 
 
+XDP_FALLBACK_HOOK = "xdp (best-effort: fell back to tc)"
+
+
+def xdp_programs(interfaces: Sequence[str], pin_dir: Path, acceleration: str
+                 ) -> list[Attachment]:
+    """--acceleration: the XDP program on each interface, found by its pinned link
+    (links/xdp-<ifname>, on that device). Missing under best-effort is the fallback the
+    loader chose and logged: shown as such, not a health failure."""
+    if acceleration == "disabled":
+        return []
+    out = []
+    for ifname in interfaces:
+        program_id = 0
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+            fd = bpfsys.obj_get(str(Path(pin_dir) / "links" / f"xdp-{ifname}"))
+            try:
+                if bpfsys.link_ifindex(fd) == ifindex:
+                    program_id = bpfsys.link_program_id(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass                                       # no interface, or no link
+        if program_id:
+            out.append(Attachment(XDP_PROGRAM, "xdp", ifname, True, program_id))
+        elif acceleration == "best-effort":
+            out.append(Attachment(XDP_PROGRAM, XDP_FALLBACK_HOOK, ifname, False,
+                                  required=False))
+        else:
+            out.append(Attachment(XDP_PROGRAM, "xdp", ifname, False))
+    return out
+
+
 # ---- the programs' own counters ---------------------------------------------------------
 
 # per-CPU arrays of u64 counters: (program, map, slot names)
@@ -297,8 +332,10 @@ class Inventory:
     in its HTTP thread."""
 
     def __init__(self, pin_dir: Path, cgroup_dir: Path, interfaces: Sequence[str] = (),
-                 max_age: float = 1.0, expect_tc: bool = False) -> None:
+                 max_age: float = 1.0, expect_tc: bool = False,
+                 acceleration: str = "disabled") -> None:
         self.pin_dir = pin_dir
+        self.acceleration = acceleration
         self.cgroup_dir = cgroup_dir
         self.interfaces = tuple(interfaces)
         self.expect_tc = expect_tc and bool(self.interfaces)
@@ -327,7 +364,9 @@ class Inventory:
         def read() -> list[Attachment]:
             pinned = pinned_link_programs(self.pin_dir)
             return socket_programs(self.cgroup_dir, pinned) + (
-                tc_programs(self.interfaces, pinned) if self.expect_tc else [])
+                tc_programs(self.interfaces, pinned) if self.expect_tc else []) + (
+                xdp_programs(self.interfaces, self.pin_dir, self.acceleration)
+                if self.expect_tc else [])
         return self._cached("programs", read)
 
     def maps(self) -> list[MapUsage]:
@@ -355,7 +394,7 @@ class Inventory:
         """(all expected programs attached, what is missing) for health."""
         try:
             missing = [f"{a.name or 'bpfp_*'} at {a.hook} on {a.target}"
-                       for a in self.programs() if not a.attached]
+                       for a in self.programs() if a.required and not a.attached]
         except OSError as exc:
             return False, f"cannot query programs: {exc}"
         return not missing, ", ".join(missing)

@@ -139,7 +139,8 @@ CT_REPLY, CT_SNAT, CT_CLOSING, CT_ESTABLISHED, CT_FIN, CT_TIME_WAIT = 1, 2, 4, 8
 
 # bpfp_tc_events slots: what the TC path did, per CPU, as SOCK_EVENTS: slot i is
 # BPFP_TCEV_<TC_EVENTS[i] in capitals>
-TC_EVENTS = ("no_snat_port", "tcp_not_syn", "snat_port_reused", "flow_expired")
+TC_EVENTS = ("no_snat_port", "tcp_not_syn", "snat_port_reused", "flow_expired",
+             "xdp_forwarded")
 TC_EVENT_SLOTS = 8              # BPFP_TCEV_SLOTS
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from agent.datapath import bpfsys, btf, layout, migrate
 from agent.datapath.bpfsys import AttachType
 from agent.datapath.config import DatapathConfig
-from agent.datapath.programs import PROGRAM_FILES, SOCKET_PROGRAMS, TC_PROGRAMS
+from agent.datapath.programs import PROGRAM_FILES, SOCKET_PROGRAMS, TC_PROGRAMS, XDP_PROGRAM
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,8 @@ def load_all_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> No
     if interfaces:
         for func_name, _ in TC_PROGRAMS:
             loaded.bpf.load_func(func_name.encode(), BPF.SCHED_CLS)
+        if loaded.config.acceleration != "disabled":
+            loaded.bpf.load_func(XDP_PROGRAM.encode(), BPF.XDP)
 
 
 def attach_tc_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> None:
@@ -255,6 +257,60 @@ def attach_tc_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> N
         if link.name not in wanted:
             link.unlink()               # unpinning the last reference detaches it
             log.info("event=program_detached link=%s", link.name)
+
+
+def attach_xdp_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> list[str]:
+    """--acceleration: the XDP program on each interface, in the driver (native XDP; the
+    generic kind runs after the stack's own work and would only slow the TC path down),
+    through a pinned link links/xdp-<ifname> swapped atomically by a new agent. Where the
+    driver has none: native stops here, best-effort leaves that interface to the TC
+    programs and says so. Links no longer wanted (acceleration disabled, an interface
+    gone from the list) go. Returns the interfaces left to TC alone."""
+    from bcc import BPF
+
+    mode = loaded.config.acceleration
+    links = loaded.config.pin_dir / "links"
+    wanted, fallback = set(), []
+    if mode != "disabled" and interfaces:
+        fn = loaded.bpf.load_func(XDP_PROGRAM.encode(), BPF.XDP)
+        for ifname in interfaces:
+            ifindex = socket.if_nametoindex(ifname)
+            link_path = links / f"xdp-{ifname}"
+            if link_path.exists():
+                link_fd = bpfsys.obj_get(str(link_path))
+                try:
+                    if bpfsys.link_ifindex(link_fd) == ifindex:
+                        bpfsys.link_update(link_fd, fn.fd)
+                        wanted.add(link_path.name)
+                        log.info("event=program_replaced hook=xdp interface=%s", ifname)
+                        continue
+                finally:
+                    os.close(link_fd)
+                link_path.unlink()      # the device was re-created: a new link
+            try:
+                link_fd = bpfsys.link_create(fn.fd, ifindex, AttachType.XDP,
+                                             bpfsys.XDP_FLAGS_DRV_MODE)
+            except OSError as exc:
+                if mode == "native":
+                    raise DatapathError(
+                        f"--acceleration native: {ifname} takes no native XDP program "
+                        f"({exc}); its driver may have no XDP support: use "
+                        f"--acceleration best-effort or disabled") from exc
+                fallback.append(ifname)
+                log.warning("event=xdp_fallback interface=%s error=%r path=tc", ifname,
+                            str(exc))
+                continue
+            try:
+                bpfsys.obj_pin(link_fd, str(link_path))
+            finally:
+                os.close(link_fd)
+            wanted.add(link_path.name)
+            log.info("event=program_attached hook=xdp interface=%s mode=native", ifname)
+    for link in links.glob("xdp-*"):
+        if link.name not in wanted:
+            link.unlink()               # unpinning the last reference detaches it
+            log.info("event=program_detached link=%s", link.name)
+    return fallback
 
 
 def cleanup(pin_dir: Path) -> list[str]:
@@ -334,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         carried = migrate.fill(config.pin_dir)      # before any new program runs
         attach_socket_programs(loaded, args.cgroup)
         attach_tc_programs(loaded, config.interfaces)
+        attach_xdp_programs(loaded, config.interfaces)
         migrate.finish(config.pin_dir, carried)     # every hook runs the new programs
         restrict_pins(config.pin_dir)
     except (DatapathError, migrate.MigrationError, OSError) as exc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from agent.datapath.bpfsys import AttachType
 
 # compiled together as one object: both programs share the maps
-PROGRAM_FILES = ("socklb.c", "nodeport.c")
+PROGRAM_FILES = ("socklb.c", "nodeport.c", "xdp.c")
 
 # (function in bpf/socklb.c, hook) on the --cgroup directory
 SOCKET_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
@@ -27,3 +27,6 @@ TC_PROGRAMS: tuple[tuple[str, AttachType], ...] = (
     ("bpfp_tc_ingress", AttachType.TCX_INGRESS),
     ("bpfp_tc_egress", AttachType.TCX_EGRESS),
 )
+
+# bpf/xdp.c's program on each --interfaces device with --acceleration native|best-effort
+XDP_PROGRAM = "bpfp_xdp"
