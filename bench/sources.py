@@ -174,15 +174,18 @@ class Trial:
             self.kube.put(*objects, *self.probe(True))
         status = self.client.wait(lambda s: s.backends == want and s.last_sync_unix > begin,
                                   timeout=600)
-        reach = None
-        if running is not None:
-            time.sleep(0.3)             # new connections after the kernel has it
-            result = running.stop()
-            extra = self.bed.extra_pods[0].name
-            seen = [result.started + t for t, answer in result.timeline
-                    if answer.startswith(extra) and result.started + t >= begin]
-            reach = seen[0] - begin if seen else None
+        reach = self._reached_extra(running, begin) if running is not None else None
         return status.last_sync_unix - begin, reach
+
+    def _reached_extra(self, running, begin: float) -> float | None:
+        """Stop the running client once the kernel has the change: seconds from begin until
+        a connection begun after it reached the extra pod (None: none did)."""
+        time.sleep(0.3)             # new connections after the kernel has it
+        result = running.stop()
+        extra = self.bed.extra_pods[0].name
+        seen = [result.started + t for t, answer in result.timeline
+                if answer.startswith(extra) and result.started + t >= begin]
+        return seen[0] - begin if seen else None
 
     def one_change(self, with_extra: bool) -> tuple[float, float, float | None]:
         """The probe service gains or loses its extra pod through the source: (source event
@@ -203,14 +206,7 @@ class Trial:
             begin = time.time()
             _publish(staged)
         status = self.client.wait(lambda s, b=before: s.change_syncs > b, timeout=60)
-        reach = None
-        if running is not None:
-            time.sleep(0.3)             # new connections after the kernel has it
-            result = running.stop()
-            extra = self.bed.extra_pods[0].name
-            seen = [result.started + t for t, answer in result.timeline
-                    if answer.startswith(extra) and result.started + t >= begin]
-            reach = seen[0] - begin if seen else None
+        reach = self._reached_extra(running, begin) if running is not None else None
         return status.last_event_to_kernel_seconds, status.last_sync_unix - begin, reach
 
     def list_services(self) -> float:
