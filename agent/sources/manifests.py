@@ -584,13 +584,15 @@ def _load_yaml(text: str) -> list[Any]:
 # leading or trailing dot, .inf/.nan, timestamps; tags, anchors, aliases, escapes, merge
 # keys, empty and complex keys, block scalars (their edge cases), directives, "=", document
 # end markers. Looked for anywhere, quoted or not: a file holding one is read by PyYAML.
+# Searched in "\n" + text, every branch led by a character (no lookbehind): sre then skips
+# to the positions that can start one, ~3x faster than lookbehinds on manifests.
 _YAML_1_1_ONLY = re.compile(r"""
-      (?<![\w.-])(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)(?![\w.-])
-    | (?<![\w.-])[-+]?0[0-9oObBxX_]   | \d[_:]\d   | \d[eE][-+]?\d   | \+\d
-    | (?<![\w.-])[-+]?\.\d   | \d\.(?!\w)   | \.(?:inf|Inf|INF|nan|NaN|NAN)
-    | \d\d\d\d-\d\d?-\d\d?   | [!&*\\]   | <<   | ^%   | ^\.\.\.
-    | (?:^|[\s\[{,])=(?:$|[\s\]},])   | (?:^[\t\ -]*|[\[{,]\s*)[:?](?:\s|$)
-    | (?:^|\s)[|>][-+1-9]{0,2}[\t\ ]*(?:\#.*)?$
+      [\s\[{,](?:(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)(?![\w.-])
+                | [-+]?0[0-9oObBxX_]   | [-+]?\.\d   | =(?:$|[\s\]},])   | \s*[:?](?:\s|$)
+                | [|>][-+1-9]{0,2}[\t\ ]*(?:\#.*)?$ )
+    | \n(?:[\t\ -]*[:?](?:\s|$) | % | \.\.\.)
+    | [!&*\\]   | <<   | \d(?:[_:]\d | [eE][-+]?\d | \.(?!\w) | \d\d\d-\d\d?-\d\d?)
+    | \+\d   | \.(?:inf|Inf|INF|nan|NaN|NAN)
     """, re.MULTILINE | re.VERBOSE)
 _BEFORE_FIRST_MARKER = re.compile(r"^[ \t]*[^\s#]", re.MULTILINE)
 
@@ -599,7 +601,7 @@ def _load_plain_yaml(text: str) -> list[Any] | None:
     """The documents of a file that YAML 1.1 and 1.2 read alike, parsed by yaml-rs (about
     6x faster than PyYAML's C loader on Kubernetes manifests); None for any other file, or
     any error (PyYAML then reads it, and names the error as before)."""
-    if _YAML_1_1_ONLY.search(text):
+    if _YAML_1_1_ONLY.search("\n" + text):
         return None
     try:
         loaded = yaml_rs.loads(text, parse_datetime=False)
