@@ -1,4 +1,5 @@
-"""Traffic from outside the node, through the TC programs, on a two-node lab with an agent per
+"""Traffic from outside the node, through the TC programs (and, as a second run, with the
+XDP program of --acceleration native in front of them), on a two-node lab with an agent per
 node: NodePort, ExternalIP and LoadBalancer addresses, both traffic policies, conntrack,
 source ranges, affinity, hairpin, over TCP and UDP, IPv4 and IPv6."""
 from __future__ import annotations
@@ -63,10 +64,12 @@ def eventually(check, timeout: float = 10.0):
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+@pytest.fixture(scope="module", params=["disabled", "native"],
+                ids=["tc", "xdp"])
+def world(tmp_path_factory, request):
     """Two nodes with an agent each; pod a on node 1 and pod b on node 2 answer on 8080
-    (TCP and UDP, with the client address they saw)."""
+    (TCP and UDP, with the client address they saw). Every test runs twice: with the TC
+    programs alone, and with --acceleration native (the XDP program in front of them)."""
     from lab.cluster import Cluster
     directory = tmp_path_factory.mktemp("manifests")
     with Cluster(f"np{os.getpid() % 100000}") as cluster:
@@ -87,7 +90,9 @@ def world(tmp_path_factory):
                       external_traffic_policy="Local", health_check_node_port=32100)
         for prefix, family in zip((*LB_IPS, *EXTERNAL_IPS), (4, 6, 4, 6), strict=True):
             route(cluster.external_netns, family, prefix, cluster.node_ip(1, family))
-        cluster.start_agents(directory)
+        if request.param != "disabled":
+            cluster.prepare_for_xdp()
+        cluster.start_agents(directory, extra_args=("--acceleration", request.param))
         yield cluster, a, b, directory
 
 
