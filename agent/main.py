@@ -157,7 +157,7 @@ async def _sweep_flows(table: FlowTable, status, period: float) -> None:
         took = 0.0
         try:
             stats = await loop.run_in_executor(None, table.sweep)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 -- a failed sweep is retried, never fatal
             log.warning("event=flow_sweep_failed error=%r", str(exc))
         else:
             status.flows, took = stats, stats.seconds
