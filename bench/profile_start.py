@@ -7,7 +7,7 @@ PY_SPY = os.environ.get("PY_SPY", "py-spy")
 SITE = '# profiling hook (scratch, not project code): SIGUSR2 dumps a tracemalloc snapshot\nimport os, signal, tracemalloc\nif os.environ.get("BPFP_TRACEMALLOC_OUT"):\n    tracemalloc.start(25)\n    def _dump(*_):\n        snap = tracemalloc.take_snapshot()\n        snap.dump(os.environ["BPFP_TRACEMALLOC_OUT"])\n        open(os.environ["BPFP_TRACEMALLOC_OUT"] + ".done", "w").close()\n    signal.signal(signal.SIGUSR2, _dump)\n'
 from bench import sources, workload
 from bench.topology import AgentClient
-MODE, SOURCE = sys.argv[1], sys.argv[2]        # pyspy|tracemalloc|churn-pyspy, yaml|json|kube
+MODE, SOURCE = sys.argv[1], sys.argv[2]        # plain|pyspy|tracemalloc|churn-pyspy, yaml|json|kube
 N, E = int(sys.argv[3]) if len(sys.argv) > 3 else 10000, 10
 W = Path(f"/tmp/bpfp-profile-{SOURCE}")
 shutil.rmtree(W, ignore_errors=True); (W / "manifests").mkdir(parents=True)
@@ -43,7 +43,16 @@ try:
         time.sleep(0.01)
     c = AgentClient(f"unix://{W}/api.sock")
     st = c.wait(lambda s: s.synced and s.service_ports == 2 * N, timeout=900)
-    print(f"{SOURCE}: ready after {st.last_sync_unix - t0:.2f}s (last sync {st.last_sync_seconds:.2f}s)", flush=True)
+    kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    agent_pid = int(kids[0]) if MODE.endswith("pyspy") and kids else p.pid
+    mem = {l.split(":")[0]: int(l.split()[1]) // 1024 for l in open(f"/proc/{agent_pid}/status") if l.startswith(("VmRSS", "VmHWM"))}
+    polls = []                     # GetStatus as a client polling it sees it, 20 calls 50 ms apart
+    for _ in range(20):
+        b = time.perf_counter(); c.status(); polls.append(time.perf_counter() - b); time.sleep(0.05)
+    polls.sort()
+    print(f"{SOURCE}: ready after {st.last_sync_unix - t0:.2f}s (last sync {st.last_sync_seconds:.2f}s) "
+          f"rss {mem['VmRSS']} MiB peak {mem['VmHWM']} MiB; GetStatus median {polls[10]*1e3:.1f} ms "
+          f"(min {polls[0]*1e3:.1f}, max {polls[-1]*1e3:.1f})", flush=True)
     if MODE == "churn-pyspy" or MODE == "tracemalloc":
         # churn: every slice rewritten
         new = sources.with_extra_endpoint(objects)
