@@ -90,20 +90,33 @@ class LoadedDatapath:
 
 
 def compile_programs(config: DatapathConfig) -> LoadedDatapath:
-    """Compile socklb.c; its maps are created and pinned, or adopted when already pinned."""
+    """Compile the programs this configuration loads; the maps are created and pinned, or
+    adopted when already pinned."""
     from bcc import BPF  # only here: importing bcc is slow and needs root-ish setup
 
     check_kernel_headers()
     ensure_bpffs(config.pin_dir)
-    # one object: both programs share the maps (maps.h's include guard keeps one copy)
-    text = "".join(inline_headers(BPF_DIR / name) for name in PROGRAM_FILES)
+    # one object: the programs share the maps (maps.h's include guard keeps one copy)
+    files = program_files(config)
+    text = "".join(inline_headers(BPF_DIR / name) for name in files)
     try:
         bpf = BPF(text=text.encode(), cflags=config.cflags())
     except Exception as exc:
-        raise DatapathError(f"compiling {', '.join(PROGRAM_FILES)} failed: {exc}") from exc
+        raise DatapathError(f"compiling {', '.join(files)} failed: {exc}") from exc
     _check_pinned_layouts(bpf, config)
     _check_socket_storage(config)
     return LoadedDatapath(bpf, config)
+
+
+def program_files(config: DatapathConfig) -> tuple[str, ...]:
+    """The files this configuration loads programs from: every file costs its compile at
+    each start (xdp.c alone 1.5 s), and maps.h declares every map whichever are compiled."""
+    wanted = {"socklb.c"}
+    if config.interfaces:
+        wanted.add("nodeport.c")
+        if config.acceleration != "disabled":
+            wanted.add("xdp.c")
+    return tuple(name for name in PROGRAM_FILES if name in wanted)
 
 
 def compile_carrying_maps(config: DatapathConfig) -> LoadedDatapath:
