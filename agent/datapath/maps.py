@@ -392,31 +392,47 @@ def _split(ops: Iterable[MapOp], family_of) -> dict[int, list]:
     return by_family
 
 
-def _packer(layout_format: str, mirrored: type) -> struct.Struct:
-    """The struct format of a map's key or value (native order, no padding: fields are
-    given in the byte order the kernel reads), checked against its ctypes layout."""
+# ctypes scalar -> struct code; anything else (arrays, nested structs) is raw bytes
+_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I",
+          ctypes.c_uint64: "Q", ctypes.c_int32: "i"}
+
+
+def _packer(mirrored: type) -> struct.Struct:
+    """The struct format of a map's key or value, derived from its ctypes layout (native
+    order, its padding spelled out): layout.py stays the one Python copy of maps.h."""
+    layout_format, offset = "=", 0
+    for name, ctype, *_ in mirrored._fields_:
+        field = getattr(mirrored, name)
+        if field.offset > offset:
+            layout_format += f"{field.offset - offset}x"
+        layout_format += _CODES.get(ctype, f"{field.size}s")
+        offset = field.offset + field.size
+    if ctypes.sizeof(mirrored) > offset:
+        layout_format += f"{ctypes.sizeof(mirrored) - offset}x"
     packer = struct.Struct(layout_format)
     if packer.size != ctypes.sizeof(mirrored):
         raise LayoutError(f"{layout_format!r} is {packer.size} bytes, {mirrored.__name__} "
-                          f"{ctypes.sizeof(mirrored)}: agent/datapath/maps.py must follow "
-                          "agent/datapath/layout.py")
+                          f"{ctypes.sizeof(mirrored)}")
     return packer
 
 
-_SLOT_KEY = _packer("=II", layout.SlotKey)                      # svc_id, slot
-_BACKEND_VALUE = {4: _packer("=IHH", layout.Backend4),           # addr, port, flags
-                  6: _packer("=16sHH", layout.Backend6)}
-_SVC_KEY_PACKED = {4: _packer("=IHBB", layout.SvcKey4),          # addr, port, proto, scope
-                   6: _packer("=16sHBB", layout.SvcKey6)}
-_SVC_VALUE = _packer("=IIIIQ", layout.SvcValue)   # svc_id, count, flags, affinity, name_hash
+_SLOT_KEY = _packer(layout.SlotKey)                              # svc_id, slot
+_BACKEND_VALUE = {4: _packer(layout.Backend4),                   # addr, port, flags
+                  6: _packer(layout.Backend6)}
+_SVC_KEY_PACKED = {4: _packer(layout.SvcKey4),                   # addr, port, proto, scope
+                   6: _packer(layout.SvcKey6)}
+_SVC_VALUE = _packer(layout.SvcValue)     # svc_id, count, flags, affinity, name_hash
 
 
 def _pack(packer: struct.Struct, rows: list[tuple]) -> bytearray:
-    """rows packed back to back: one buffer for a whole batch."""
+    """rows packed back to back: one buffer for a whole batch. Fields a row leaves out at
+    its end are zero (as a ctypes constructor leaves them): a layout that grew a field
+    still takes this agent's rows."""
     buffer = bytearray(packer.size * len(rows))
     pack_into, size = packer.pack_into, packer.size
+    zero = packer.unpack(bytes(size))
     for i, row in enumerate(rows):
-        pack_into(buffer, i * size, *row)
+        pack_into(buffer, i * size, *row, *zero[len(row):])
     return buffer
 
 
