@@ -25,55 +25,7 @@ static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags
 
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
-        void *data = (void *)(long)skb->data;
-        void *end = (void *)(long)skb->data_end;
-        struct ethhdr *eth = data;
-        if ((void *)(eth + 1) > end)
-                return 0;
-        p->l3 = sizeof(*eth);
-        p->len = skb->len;
-        if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-                struct iphdr *ip = (void *)(eth + 1);
-                if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5)
-                        return 0;
-                if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-                        return 0;       /* fragments: no ports to translate */
-                p->t.family = 4;
-                p->t.proto = ip->protocol;
-                p->t.saddr[0] = ip->saddr;
-                p->t.daddr[0] = ip->daddr;
-                p->l4 = p->l3 + ip->ihl * 4;
-        } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-                struct ipv6hdr *ip6 = (void *)(eth + 1);
-                if ((void *)(ip6 + 1) > end || ip6->version != 6)
-                        return 0;
-                /* extension headers (fragments among them) are not followed */
-                p->t.family = 6;
-                p->t.proto = ip6->nexthdr;
-                __builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
-                __builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
-                p->l4 = p->l3 + sizeof(*ip6);
-        } else {
-                return 0;
-        }
-        if (p->t.proto == IPPROTO_TCP) {
-                struct tcphdr *tcp = data + p->l4;
-                if ((void *)(tcp + 1) > end)
-                        return 0;
-                p->t.sport = tcp->source;
-                p->t.dport = tcp->dest;
-                p->tcp_flags = ((__u8 *)tcp)[13];
-                return 1;
-        }
-        if (p->t.proto == IPPROTO_UDP) {
-                struct udphdr *udp = data + p->l4;
-                if ((void *)(udp + 1) > end)
-                        return 0;
-                p->t.sport = udp->source;
-                p->t.dport = udp->dest;
-                return 1;
-        }
-        return 0;
+        return np_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, 1, p);
 }
 
 /* --- rewriting, with checksums kept right --------------------------------------------- */
