@@ -1,7 +1,7 @@
 /* bpf/nodeport.h: the NodePort path's conntrack and backend choice, shared by the TC
  * program (nodeport.c) and the XDP program (xdp.c): one flow table (bpfp_ct) with one set
  * of semantics (the SNAT port claim, TCP state, expiry) whichever program sees a packet.
- * Nothing here touches a packet: parsing, rewriting and forwarding are each program's. */
+ * Both parse a packet alike (np_parse); rewriting and forwarding are each program's. */
 #ifndef BPFP_NODEPORT_H
 #define BPFP_NODEPORT_H
 
@@ -33,6 +33,66 @@ struct pkt {
         __u32 len;              /* bytes, for counters */
         __u8  tcp_flags;        /* FIN 1, SYN 2, RST 4, ACK 16 */
 };
+
+
+/* --- parsing: one parse for both programs --------------------------------------------
+ * The Ethernet, IP and TCP/UDP headers of a packet in [data, end): its tuple, where its
+ * headers are, and 1 when it is one we may translate. ip_options: IPv4 options are taken
+ * (the TC program's helpers find the L4 header wherever it is); without, only a 20-byte
+ * header is (the XDP program rewrites at fixed offsets). Fragments, other protocols and
+ * IPv6 extension headers are not ours: 0, and the packet passes untouched. */
+static __always_inline int np_parse(void *data, void *end, __u32 len, int ip_options,
+                                    struct pkt *p)
+{
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > end)
+                return 0;
+        p->l3 = sizeof(*eth);
+        p->len = len;
+        if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+                struct iphdr *ip = (void *)(eth + 1);
+                if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5 ||
+                    (!ip_options && ip->ihl != 5))
+                        return 0;
+                if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+                        return 0;       /* fragments: no ports to translate */
+                p->t.family = 4;
+                p->t.proto = ip->protocol;
+                p->t.saddr[0] = ip->saddr;
+                p->t.daddr[0] = ip->daddr;
+                p->l4 = p->l3 + ip->ihl * 4;
+        } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+                struct ipv6hdr *ip6 = (void *)(eth + 1);
+                if ((void *)(ip6 + 1) > end || ip6->version != 6)
+                        return 0;
+                p->t.family = 6;
+                p->t.proto = ip6->nexthdr;
+                __builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
+                __builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
+                p->l4 = p->l3 + sizeof(*ip6);
+        } else {
+                return 0;
+        }
+        /* TCP and UDP both start with the two ports */
+        __be16 *ports = data + p->l4;
+        if ((void *)(ports + 2) > end)
+                return 0;
+        if (p->t.proto == IPPROTO_TCP) {
+                struct tcphdr *tcp = (void *)ports;
+                if ((void *)(tcp + 1) > end)
+                        return 0;
+                p->tcp_flags = ((__u8 *)tcp)[13];
+        } else if (p->t.proto == IPPROTO_UDP) {
+                struct udphdr *udp = (void *)ports;
+                if ((void *)(udp + 1) > end)
+                        return 0;
+        } else {
+                return 0;
+        }
+        p->t.sport = ports[0];
+        p->t.dport = ports[1];
+        return 1;
+}
 
 
 /* --- conntrack ------------------------------------------------------------------------ */

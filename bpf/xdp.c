@@ -19,56 +19,12 @@
 #define XDP_L4_4 (XDP_L3 + 20)                  /* IPv4 without options only */
 #define XDP_L4_6 (XDP_L3 + 40)
 
+/* the shared parse (nodeport.h), without IPv4 options: xdp_rewrite's offsets are fixed */
 static __always_inline int xdp_parse(struct xdp_md *ctx, struct pkt *p)
 {
         void *data = (void *)(long)ctx->data;
         void *end = (void *)(long)ctx->data_end;
-        struct ethhdr *eth = data;
-        if ((void *)(eth + 1) > end)
-                return 0;
-        p->l3 = XDP_L3;
-        p->len = end - data;
-        if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-                struct iphdr *ip = (void *)(eth + 1);
-                if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl != 5 ||
-                    ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-                        return 0;
-                p->t.family = 4;
-                p->t.proto = ip->protocol;
-                p->t.saddr[0] = ip->saddr;
-                p->t.daddr[0] = ip->daddr;
-                p->l4 = XDP_L4_4;
-        } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-                struct ipv6hdr *ip6 = (void *)(eth + 1);
-                if ((void *)(ip6 + 1) > end || ip6->version != 6)
-                        return 0;
-                p->t.family = 6;
-                p->t.proto = ip6->nexthdr;
-                __builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
-                __builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
-                p->l4 = XDP_L4_6;
-        } else {
-                return 0;
-        }
-        void *l4 = data + p->l4;
-        if (p->t.proto == IPPROTO_TCP) {
-                struct tcphdr *tcp = l4;
-                if ((void *)(tcp + 1) > end)
-                        return 0;
-                p->t.sport = tcp->source;
-                p->t.dport = tcp->dest;
-                p->tcp_flags = ((__u8 *)tcp)[13];
-                return 1;
-        }
-        if (p->t.proto == IPPROTO_UDP) {
-                struct udphdr *udp = l4;
-                if ((void *)(udp + 1) > end)
-                        return 0;
-                p->t.sport = udp->source;
-                p->t.dport = udp->dest;
-                return 1;
-        }
-        return 0;
+        return np_parse(data, end, end - data, 0, p);
 }
 
 /* --- checksums: incremental updates (RFC 1624), on the words as they lie in memory ---- */
