@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.datapath.config import ACCELERATIONS, DEFAULT_PIN_DIR
+from agent.datapath.config import ACCELERATIONS, DEFAULT_PIN_DIR, NODEPORT_MODES
 from agent.datapath.sizing import DEFAULT_MEMORY_RATIO
 from agent.sources.apiserver.control_plane import (
     DEFAULT_CLUSTER_IP_RANGES,
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="XDP on the --interfaces for flows from outside to backends on "
                             "other nodes: native (fails where the driver has no native "
                             "XDP), best-effort (falls back to the TC programs there)")
+    agent.add_argument("--nodeport-mode", choices=NODEPORT_MODES, default="snat",
+                       help="flows from outside to backends on other nodes: snat (replies "
+                            "come back through this node), dsr (direct server return: the "
+                            "backend's node replies to the client), hybrid (DSR for TCP, "
+                            "SNAT for UDP)")
     agent.add_argument("--lb-algorithm", choices=["random", "maglev"], default="random",
                        help="backend choice for traffic from outside the node: maglev picks "
                             "the same backend for a flow whichever node it enters through")

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from agent import maglev
-from agent.datapath.config import ACCELERATIONS
+from agent.datapath.config import ACCELERATIONS, NODEPORT_MODES
 
 API_VERSION = "bpfproxy.io/v1alpha1"
 KIND = "BpfProxyConfiguration"
@@ -147,6 +147,12 @@ def _acceleration(field: str, value: Any) -> str:
     return value
 
 
+def _nodeport_mode(field: str, value: Any) -> str:
+    if value not in NODEPORT_MODES:
+        raise _fail(field, f"must be one of {', '.join(NODEPORT_MODES)}", value)
+    return value
+
+
 def _lb_algorithm(field: str, value: Any) -> str:
     if value not in LB_ALGORITHMS:
         raise _fail(field, f"must be one of {', '.join(LB_ALGORITHMS)}", value)
@@ -170,6 +176,7 @@ FIELDS: dict[str, tuple[str, Converter]] = {
     "syncPeriod": ("sync_period", _positive_seconds),
     "lbAlgorithm": ("lb_algorithm", _lb_algorithm),
     "acceleration": ("acceleration", _acceleration),
+    "nodeportMode": ("nodeport_mode", _nodeport_mode),
     "maglevTableSize": ("maglev_table_size", _prime),
     "kubeconfig": ("kubeconfig", _path),
     "manifests": ("manifests", _path),

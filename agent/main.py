@@ -54,6 +54,7 @@ async def serve(args) -> int:
     config = DatapathConfig(
         pin_dir=args.bpffs, interfaces=args.interface_names,
         acceleration=args.acceleration if args.interface_names else "disabled",
+        nodeport_mode=args.nodeport_mode,
         ct_tcp_timeout=round(args.conntrack_tcp_timeout),
         ct_tcp_close_timeout=round(args.conntrack_tcp_close_timeout),
         ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size,

@@ -57,6 +57,14 @@
 #ifndef BPFP_MAX_MAGLEV_ROWS
 #define BPFP_MAX_MAGLEV_ROWS 1048576
 #endif
+/* --nodeport-mode: how a flow from outside reaches a backend on another node (Python:
+ * agent/datapath/config.py NODEPORT_MODES, in this order) */
+#define BPFP_NODEPORT_SNAT   0  /* SNAT to the entry node, whose reverse NAT sees the reply */
+#define BPFP_NODEPORT_DSR    1  /* direct server return: the backend's node replies */
+#define BPFP_NODEPORT_HYBRID 2  /* DSR for TCP, SNAT for UDP */
+#ifndef BPFP_NODEPORT_MODE
+#define BPFP_NODEPORT_MODE 0
+#endif
 
 /* A service address as a socket sees it: ClusterIP:port/protocol. */
 struct svc_key4 {

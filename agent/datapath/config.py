@@ -12,6 +12,9 @@ DEFAULT_PIN_DIR = Path("/sys/fs/bpf/bpfproxy")
 
 # --acceleration: XDP beside the TC programs (bpf/xdp.c), as Cilium names the modes
 ACCELERATIONS = ("disabled", "native", "best-effort")
+# --nodeport-mode: how a flow from outside reaches a backend on another node, as Cilium's
+# bpf.lbMode; passed as BPFP_NODEPORT_MODE, the index here (bpf/maps.h BPFP_NODEPORT_<NAME>)
+NODEPORT_MODES = ("snat", "dsr", "hybrid")
 
 # DatapathConfig field -> the bpf/maps.h macro it is passed as (-D); layout.MapLayout.size
 # names these fields, and tests/unit/test_datapath_config.py checks both against maps.h
@@ -31,6 +34,7 @@ MACROS = {
     "max_source_ranges": "BPFP_MAX_SOURCE_RANGES",
     "maglev_m": "BPFP_MAGLEV_M",
     "max_maglev_rows": "BPFP_MAX_MAGLEV_ROWS",
+    "nodeport_mode": "BPFP_NODEPORT_MODE",
 }
 
 
@@ -53,11 +57,15 @@ class DatapathConfig:
     max_maglev_rows: int = 1048576    # rows of 32 table entries over all service ports
     interfaces: tuple[str, ...] = ()  # where the TC programs attach
     acceleration: str = "disabled"    # XDP on the interfaces too: native, best-effort
+    nodeport_mode: str = "snat"       # remote backends: snat, dsr, hybrid (DSR for TCP)
 
     def macros(self) -> dict[str, str]:
         """C macro name -> C literal."""
-        return {macro: f'"{value}"' if isinstance(value, Path) else str(value)
-                for macro, value in ((m, getattr(self, f)) for f, m in MACROS.items())}
+        def literal(field: str, value) -> str:
+            if field == "nodeport_mode":
+                return str(NODEPORT_MODES.index(value))
+            return f'"{value}"' if isinstance(value, Path) else str(value)
+        return {macro: literal(field, getattr(self, field)) for field, macro in MACROS.items()}
 
     def to_json(self) -> str:
         return json.dumps({k: str(v) if isinstance(v, Path) else v

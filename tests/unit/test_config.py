@@ -22,6 +22,7 @@ FULL = {
     "api": "unix:///run/bpfproxy/api.sock", "metrics": "0.0.0.0:10249",
     "healthz": "0.0.0.0:10256", "minSyncPeriod": "1s", "syncPeriod": "1m30s",
     "lbAlgorithm": "maglev", "maglevTableSize": 16381, "acceleration": "best-effort",
+    "nodeportMode": "hybrid",
     "conntrack": {"maxEntries": 131072, "tcpTimeout": "24h", "tcpCloseTimeout": 5,
                   "udpTimeout": "500ms"},
     "kubeconfig": "/etc/kubernetes/kubeconfig",
@@ -53,6 +54,7 @@ def test_every_field_reaches_its_flag(tmp_path):
     assert (args.min_sync_period, args.sync_period) == (1.0, 90.0)
     assert (args.lb_algorithm, args.maglev_table_size) == ("maglev", 16381)
     assert args.acceleration == "best-effort"
+    assert args.nodeport_mode == "hybrid"
     assert args.conntrack_max == 131072
     assert args.conntrack_tcp_timeout == 86400.0
     assert args.conntrack_tcp_close_timeout == 5.0
@@ -72,6 +74,14 @@ def test_acceleration_is_disabled_unless_asked_and_a_bad_mode_is_refused(tmp_pat
     with pytest.raises(config.ConfigError, match="acceleration: must be one of disabled, "
                                                  "native, best-effort"):
         parse_agent(tmp_path, {**FULL, "acceleration": "generic"})
+
+
+def test_nodeport_mode_is_snat_unless_asked_and_a_bad_mode_is_refused(tmp_path):
+    assert build_parser().parse_args(["agent"]).nodeport_mode == "snat"
+    assert build_parser().parse_args(["agent", "--nodeport-mode", "dsr"]).nodeport_mode == "dsr"
+    with pytest.raises(config.ConfigError, match="nodeportMode: must be one of snat, dsr, "
+                                                 "hybrid"):
+        parse_agent(tmp_path, {**FULL, "nodeportMode": "opt"})
 
 
 def test_flags_on_the_command_line_win(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.datapath import layout
-from agent.datapath.config import MACROS, DatapathConfig
+from agent.datapath.config import MACROS, NODEPORT_MODES, DatapathConfig
 from agent.planner import kernel
 from agent.planner.capacity import BUDGETED_MAPS
 
@@ -137,3 +137,12 @@ def test_a_disagreeing_header_is_caught(monkeypatch, tmp_path):
                                                           layout.TC_EVENT_SLOTS)
     with pytest.raises(AssertionError, match="bpfp_affinity_ext"):
         test_map_names_pins_and_sizes_are_the_ones_maps_h_declares()
+
+
+def test_nodeport_modes_are_passed_as_maps_h_numbers_them():
+    """--nodeport-mode NAME reaches the programs as BPFP_NODEPORT_MODE, the value of maps.h's
+    BPFP_NODEPORT_<NAME>."""
+    numbers = c_numbers()
+    for mode in NODEPORT_MODES:
+        macros = DatapathConfig(nodeport_mode=mode).macros()
+        assert int(macros["BPFP_NODEPORT_MODE"]) == numbers[f"BPFP_NODEPORT_{mode.upper()}"]
