@@ -44,16 +44,11 @@ import hashlib
 
 from agent.model.types import DesiredState, FrontendKind, ServicePortName
 from bench.kubeproxy.names import (
-    check_cluster_policy,
-    cluster_ips,
     endpoint_string,
-    external_frontends,
-    node_ports,
-    ordered_states,
     port_name_string,
+    port_views,
     protocol_lower,
     service_order,
-    sorted_backends,
 )
 
 __all__ = [
@@ -69,6 +64,9 @@ __all__ = [
 ]
 
 MASQUERADE_MARK = "0x4000"  # 1 << masqueradeBit (default 14)
+# the KUBE-SERVICES comment of an external destination: "<port name> <label>"
+EXTERNAL_LABELS = {FrontendKind.EXTERNAL_IP: "external IP",
+                   FrontendKind.LOAD_BALANCER: "loadbalancer IP"}
 
 # kube-proxy's largeClusterEndpointsThreshold: above it, per-endpoint comments are dropped.
 LARGE_CLUSTER_ENDPOINTS_THRESHOLD = 1000
@@ -150,8 +148,8 @@ def render_iptables(
     """The `iptables-restore --noflush` input of one full kube-proxy sync (filter, then nat).
 
     cluster_cidr=None means no local-traffic detector (no `! -s CIDR` masquerade rule)."""
-    states = ordered_states(desired)
-    total_endpoints = sum(len(s.backends) for s in states)
+    views = port_views(desired)
+    total_endpoints = sum(len(v.backends) for v in views)
     large_cluster = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
     mark = masquerade_mark
 
@@ -175,13 +173,10 @@ def render_iptables(
             " -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
         )
 
-    for state in states:
-        name = state.name
-        proto = protocol_lower(name)
-        port_name = port_name_string(name)
-        backends = sorted_backends(state)
+    for view in views:
+        name, proto, port_name, backends = view.name, view.proto, view.port_name, view.backends
         svc_chain = service_chain_name(name)
-        for frontend in cluster_ips(state):
+        for frontend in view.cluster_ips:
             match = (
                 f'-m comment --comment "{port_name} cluster IP" -m {proto} -p {proto}'
                 f" -d {frontend.address} --dport {frontend.port}"
@@ -195,20 +190,15 @@ def render_iptables(
                 continue
             nat_rules.append(f"-A KUBE-SERVICES {match} -j {svc_chain}")
         ext_chain = external_chain_name(name)
-        has_external = any(f.kind.external for f in state.frontends)
-        if has_external:
-            check_cluster_policy(state)
-        for kind, label in ((FrontendKind.EXTERNAL_IP, "external IP"),
-                            (FrontendKind.LOAD_BALANCER, "loadbalancer IP")):
-            for frontend in external_frontends(state, kind):
-                dest = f"-m {proto} -p {proto} -d {frontend.address} --dport {frontend.port}"
-                if backends:
-                    nat_rules.append(f'-A KUBE-SERVICES -m comment --comment "{port_name} '
-                                     f'{label}" {dest} -j {ext_chain}')
-                else:
-                    filter_rules.append(f'-A KUBE-EXTERNAL-SERVICES -m comment --comment '
-                                        f'"{port_name} has no endpoints" {dest} -j REJECT')
-        for node_port in node_ports(state):
+        for frontend in view.externals:
+            dest = f"-m {proto} -p {proto} -d {frontend.address} --dport {frontend.port}"
+            if backends:
+                nat_rules.append(f'-A KUBE-SERVICES -m comment --comment "{port_name} '
+                                 f'{EXTERNAL_LABELS[frontend.kind]}" {dest} -j {ext_chain}')
+            else:
+                filter_rules.append(f'-A KUBE-EXTERNAL-SERVICES -m comment --comment '
+                                    f'"{port_name} has no endpoints" {dest} -j REJECT')
+        for node_port in view.node_ports:
             if backends:
                 nat_rules.append(f"-A KUBE-NODEPORTS -m comment --comment {port_name}"
                                  f" -m {proto} -p {proto} --dport {node_port} -j {ext_chain}")
@@ -221,7 +211,7 @@ def render_iptables(
             continue
 
         nat_chains.append(f":{svc_chain} - [0:0]")
-        for frontend in cluster_ips(state):
+        for frontend in view.cluster_ips:
             match = (
                 f'-m comment --comment "{port_name} cluster IP" -m {proto} -p {proto}'
                 f" -d {frontend.address} --dport {frontend.port}"
@@ -231,7 +221,7 @@ def render_iptables(
             elif cluster_cidr:
                 # Off-cluster sources reaching a service VIP through this node get SNAT.
                 nat_rules.append(f"-A {svc_chain} {match} ! -s {cluster_cidr} -j KUBE-MARK-MASQ")
-        if has_external:
+        if view.has_external:
             # externalTrafficPolicy Cluster: the backend may be on another node, so every
             # packet to an external destination is masqueraded (the client address is lost).
             nat_chains.append(f":{ext_chain} - [0:0]")

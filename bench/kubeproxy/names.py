@@ -1,11 +1,15 @@
 """Names kube-proxy derives from a service port: its ServicePortName string, the ordering the
-bench renders in, and usable IPv4 backends as kube-proxy lists them. Pure functions."""
+bench renders in, and usable IPv4 backends as kube-proxy lists them; port_views gives both
+renderers (iptables.py, nftables.py) each port as they walk it. Pure functions."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from agent.model.types import (
     Backend,
     DesiredState,
+    Frontend,
     FrontendKind,
     ServicePortName,
     ServicePortState,
@@ -69,3 +73,35 @@ def sorted_backends(state: ServicePortState) -> list[Backend]:
     """Endpoints in kube-proxy's order: EndpointsMap sorts them by their "ip:port" string
     (byEndpoint), not numerically, and that order decides the probability ladder."""
     return sorted(state.backends, key=endpoint_string)
+
+
+@dataclass(frozen=True)
+class PortView:
+    """One IPv4 service port as both proxiers walk it in syncProxyRules."""
+
+    name: ServicePortName
+    proto: str                              # protocol_lower
+    port_name: str                          # port_name_string
+    backends: list[Backend]                 # sorted_backends
+    cluster_ips: list[Frontend]
+    externals: list[Frontend]               # external IPs, then load balancer IPs
+    node_ports: list[int]
+    has_external: bool                      # any NodePort, ExternalIP or LoadBalancer
+
+
+def port_views(desired: DesiredState) -> list[PortView]:
+    """The IPv4 service ports in service_order; one with external destinations is checked
+    first (check_cluster_policy), as the bench renders externalTrafficPolicy Cluster only."""
+    views = []
+    for state in ordered_states(desired):
+        has_external = any(f.kind.external for f in state.frontends)
+        if has_external:
+            check_cluster_policy(state)
+        views.append(PortView(
+            name=state.name, proto=protocol_lower(state.name),
+            port_name=port_name_string(state.name), backends=sorted_backends(state),
+            cluster_ips=cluster_ips(state),
+            externals=[*external_frontends(state, FrontendKind.EXTERNAL_IP),
+                       *external_frontends(state, FrontendKind.LOAD_BALANCER)],
+            node_ports=node_ports(state), has_external=has_external))
+    return views

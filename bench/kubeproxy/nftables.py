@@ -45,19 +45,8 @@ import base64
 import hashlib
 from collections.abc import Iterable
 
-from agent.model.types import DesiredState, FrontendKind, ServicePortName
-from bench.kubeproxy.names import (
-    check_cluster_policy,
-    cluster_ips,
-    endpoint_string,
-    external_frontends,
-    node_ports,
-    ordered_states,
-    port_name_string,
-    protocol_lower,
-    service_order,
-    sorted_backends,
-)
+from agent.model.types import DesiredState, ServicePortName
+from bench.kubeproxy.names import endpoint_string, port_views, protocol_lower, service_order
 
 __all__ = [
     "TABLE",
@@ -203,10 +192,8 @@ def render_nftables(
     for ip in node_ips:
         add("element", f"nodeport-ips {{ {ip} }}")
 
-    for state in ordered_states(desired):
-        name = state.name
-        proto = protocol_lower(name)
-        backends = sorted_backends(state)
+    for view in port_views(desired):
+        name, proto, backends = view.name, view.proto, view.backends
         svc_chain = "service-" + service_chain_base(name)
         ep_chains = ["endpoint-" + endpoint_chain_base(name, endpoint_string(b))
                      for b in backends]  # fmt: skip
@@ -214,7 +201,7 @@ def render_nftables(
             add("chain", chain)
         if backends:
             add("chain", svc_chain)
-        for frontend in cluster_ips(state):
+        for frontend in view.cluster_ips:
             add("element", f"cluster-ips {{ {frontend.address} }}")
             key = f"{frontend.address} . {proto} . {frontend.port}"
             if backends:
@@ -222,37 +209,33 @@ def render_nftables(
             else:
                 add(
                     "element",
-                    f'no-endpoint-services {{ {key} comment "{port_name_string(name)}"'
+                    f'no-endpoint-services {{ {key} comment "{view.port_name}"'
                     " : goto reject-chain }",
                 )
         ext_chain = "external-" + service_chain_base(name)
-        has_external = any(f.kind.external for f in state.frontends)
-        if has_external:
-            check_cluster_policy(state)
-            if backends:
-                add("chain", ext_chain)
-        for frontend in (*external_frontends(state, FrontendKind.EXTERNAL_IP),
-                         *external_frontends(state, FrontendKind.LOAD_BALANCER)):
+        if view.has_external and backends:
+            add("chain", ext_chain)
+        for frontend in view.externals:
             key = f"{frontend.address} . {proto} . {frontend.port}"
             if backends:
                 add("element", f"service-ips {{ {key} : goto {ext_chain} }}")
             else:
                 add("element", f'no-endpoint-services {{ {key} comment '
-                               f'"{port_name_string(name)}" : goto reject-chain }}')
-        for node_port in node_ports(state):
+                               f'"{view.port_name}" : goto reject-chain }}')
+        for node_port in view.node_ports:
             if backends:
                 add("element", f"service-nodeports {{ {proto} . {node_port} : goto {ext_chain} }}")
             else:
                 add("element", f'no-endpoint-nodeports {{ {proto} . {node_port} comment '
-                               f'"{port_name_string(name)}" : goto reject-chain }}')
+                               f'"{view.port_name}" : goto reject-chain }}')
         if not backends:
             continue
-        if has_external:
+        if view.has_external:
             # externalTrafficPolicy Cluster: every packet to an external destination is
             # masqueraded (the backend may be on another node).
             add("rule", f"{ext_chain} jump mark-for-masquerade")
             add("rule", f"{ext_chain} goto {svc_chain}")
-        for frontend in cluster_ips(state):
+        for frontend in view.cluster_ips:
             if masquerade_all:
                 add("rule", f"{svc_chain} ip daddr {frontend.address} jump mark-for-masquerade")
             elif cluster_cidr:
