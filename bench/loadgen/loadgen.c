@@ -730,26 +730,26 @@ static void run_tcp_stream(struct client_worker *w)
 	w->bytes = delivered > 0 ? (uint64_t)delivered : 0;
 }
 
+static void run_udp_rr(struct client_worker *w)
+{
+	run_udp(w, false);
+}
+
+static void run_udp_crr(struct client_worker *w)
+{
+	run_udp(w, true);
+}
+
+/* What a client thread runs, by enum mode (the names are mode_names) */
+static void (*const mode_runs[])(struct client_worker *) = {
+	[TCP_CRR] = run_tcp_crr, [TCP_RR] = run_tcp_rr, [UDP_RR] = run_udp_rr,
+	[UDP_CRR] = run_udp_crr, [TCP_STREAM] = run_tcp_stream,
+};
+
 static void *client_run(void *arg)
 {
 	struct client_worker *w = arg;
-	switch (w->cfg->mode) {
-	case TCP_CRR:
-		run_tcp_crr(w);
-		break;
-	case TCP_RR:
-		run_tcp_rr(w);
-		break;
-	case UDP_RR:
-		run_udp(w, false);
-		break;
-	case UDP_CRR:
-		run_udp(w, true);
-		break;
-	case TCP_STREAM:
-		run_tcp_stream(w);
-		break;
-	}
+	mode_runs[w->cfg->mode](w);
 	return NULL;
 }
 
@@ -770,6 +770,21 @@ static const char *error_name(int slot, char *spare, size_t size)
 #endif
 	snprintf(spare, size, "ERRNO_%d", slot);
 	return spare;
+}
+
+/* "errors": {"<name>": count, ...} of the slots that counted any (JSON, no newline) */
+static void print_errors(const uint64_t errors[ERRNO_SLOTS])
+{
+	printf("\"errors\": {");
+	const char *sep = "";
+	for (int e = 0; e < ERRNO_SLOTS; e++) {
+		if (!errors[e])
+			continue;
+		char spare[32];
+		printf("%s\"%s\": %" PRIu64, sep, error_name(e, spare, sizeof(spare)), errors[e]);
+		sep = ", ";
+	}
+	printf("}");
 }
 
 static void print_us(const char *key, double ns, bool any)
@@ -830,16 +845,9 @@ static int cmd_client(struct client_config *cfg, int nthreads, double duration, 
 	double seconds = (double)(last_end - cfg->measure_from) / 1e9;
 
 	printf("{\"mode\": \"%s\", \"threads\": %d", mode_names[cfg->mode], nthreads);
-	printf(", \"errors\": {");
-	const char *sep = "";
-	for (int e = 0; e < ERRNO_SLOTS; e++) {
-		if (!errors[e])
-			continue;
-		char spare[32];
-		printf("%s\"%s\": %" PRIu64, sep, error_name(e, spare, sizeof(spare)), errors[e]);
-		sep = ", ";
-	}
-	printf("}, \"seconds\": %.6f", seconds);
+	printf(", ");
+	print_errors(errors);
+	printf(", \"seconds\": %.6f", seconds);
 	if (cfg->mode == TCP_STREAM) {
 		printf(", \"bytes\": %" PRIu64 ", \"bits_per_second\": %.0f", bytes,
 		       (double)bytes * 8.0 / seconds);
@@ -922,17 +930,10 @@ static int cmd_udp_flood(const struct flood_config *cfg)
 	double seconds = (double)(now_ns() - begin) / 1e9;
 	for (int f = 0; f < cfg->flows; f++)
 		close(fds[f]);
-	printf("{\"mode\": \"udp_flood\", \"threads\": 1, \"flows\": %d, \"size\": %d, \"errors\": {",
+	printf("{\"mode\": \"udp_flood\", \"threads\": 1, \"flows\": %d, \"size\": %d, ",
 	       cfg->flows, cfg->size);
-	const char *sep = "";
-	for (int e = 0; e < ERRNO_SLOTS; e++) {
-		if (!errors[e])
-			continue;
-		char spare[32];
-		printf("%s\"%s\": %" PRIu64, sep, error_name(e, spare, sizeof(spare)), errors[e]);
-		sep = ", ";
-	}
-	printf("}, \"seconds\": %.6f, \"packets\": %" PRIu64 ", \"batches\": %" PRIu64
+	print_errors(errors);
+	printf(", \"seconds\": %.6f, \"packets\": %" PRIu64 ", \"batches\": %" PRIu64
 	       ", \"rate\": %.1f, \"asked_rate\": %.1f}\n",
 	       seconds, sent, batches, (double)sent / seconds, cfg->rate);
 	fflush(stdout);
