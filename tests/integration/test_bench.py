@@ -6,15 +6,17 @@ import json
 
 import pytest
 
-from bench import north_south, run
+from bench import north_south, run, sources
 
 pytestmark = pytest.mark.integration
+CHANGES = 4             # single changes per source trial; every other one adds the pod
 
 
 def test_the_smallest_bench_produces_every_row(tmp_path):
     code = run.main(["--quick", "--sizes", "1", "--reps", "1", "--seconds", "0.2",
                      "--cp-sizes", "50", "--cp-changes", "4", "--cp-reach", "2",
                      "--src-sizes", "20x2", "--src-reps", "1", "--sources", "json,kube",
+                     "--src-changes", str(CHANGES),
                      "--no-north-south", "--out", str(tmp_path)])
     assert code == 0
     report = (tmp_path / "quick-latest.md").read_text()
@@ -34,6 +36,20 @@ def test_the_smallest_bench_produces_every_row(tmp_path):
     assert all(sum(v["errors"]) == 0 for v in data["figures"].values())
     changes = data["control"]["endpoint_changes"]
     assert changes["changes"] == 4 and changes["reach_samples"] == 2
+    # the control plane from both sources: every row for each, and new connections
+    # followed every change that gave the probe service a pod (churn and single changes)
+    assert "Control plane from both sources" in report and "No service at all" in report
+    for _, title, _ in sources.ROWS:
+        assert any(r.startswith(f"| {title} |") for r in rows), title
+    src = data["sources"]
+    assert set(src["empty"]) == {"json|defaults", "json|2 GiB node", "kube|defaults"}
+    assert all(len(v) == 1 for row in src["empty"].values() for v in row.values()), src["empty"]
+    for source in ("json", "kube"):
+        figures = src["trials"][f"{source}|20|2"]
+        for name, _, _ in sources.ROWS:
+            assert figures.get(name), (source, name, figures)
+        assert len(figures["churn_reach_s"]) == 1 and figures["churn_reach_s"][0] > 0
+        assert len(figures["change_reach_s"]) == CHANGES // 2, (source, figures)
     assert (tmp_path / "quick-latest.png").stat().st_size > 10_000
 
 
