@@ -127,12 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the private key of --api-tls-cert (PEM)")
     agent.add_argument("--api-tls-ca", type=Path, metavar="FILE",
                        help="mutual TLS: only clients with a certificate this CA signed")
-    agent.add_argument("--metrics", default="127.0.0.1:10249", metavar="ADDR",
-                       help="Prometheus /metrics on HOST:PORT (kube-proxy's port); "
-                            "'off' to disable")
-    agent.add_argument("--healthz", default="0.0.0.0:10256", metavar="ADDR",
-                       help="/healthz and /livez on HOST:PORT (kube-proxy's port); "
-                            "'off' to disable")
+    for flag, default, serves in (("--metrics", "127.0.0.1:10249", "Prometheus /metrics"),
+                                  ("--healthz", "0.0.0.0:10256", "/healthz and /livez")):
+        agent.add_argument(flag, default=default, metavar="ADDR",
+                           help=f"{serves} on HOST:PORT (kube-proxy's port); 'off' to disable")
     agent.add_argument("--min-sync-period", type=float, default=0.1, metavar="SECONDS")
     agent.add_argument("--sync-period", type=float, default=30.0, metavar="SECONDS")
 

@@ -141,25 +141,16 @@ def _prime(field: str, value: Any) -> int:
     return number
 
 
-def _acceleration(field: str, value: Any) -> str:
-    if value not in ACCELERATIONS:
-        raise _fail(field, f"must be one of {', '.join(ACCELERATIONS)}", value)
-    return value
-
-
-def _nodeport_mode(field: str, value: Any) -> str:
-    if value not in NODEPORT_MODES:
-        raise _fail(field, f"must be one of {', '.join(NODEPORT_MODES)}", value)
-    return value
-
-
-def _lb_algorithm(field: str, value: Any) -> str:
-    if value not in LB_ALGORITHMS:
-        raise _fail(field, f"must be one of {', '.join(LB_ALGORITHMS)}", value)
-    return value
-
-
 Converter = Callable[[str, Any], Any]
+
+
+def _one_of(choices: tuple[str, ...]) -> Converter:
+    """The converter of a field that takes one of choices (its flag's argparse choices)."""
+    def convert(field: str, value: Any) -> str:
+        if value not in choices:
+            raise _fail(field, f"must be one of {', '.join(choices)}", value)
+        return value
+    return convert
 
 # file field -> (agent flag dest, converter)
 FIELDS: dict[str, tuple[str, Converter]] = {
@@ -174,9 +165,9 @@ FIELDS: dict[str, tuple[str, Converter]] = {
     "healthz": ("healthz", _string),
     "minSyncPeriod": ("min_sync_period", _non_negative_seconds),
     "syncPeriod": ("sync_period", _positive_seconds),
-    "lbAlgorithm": ("lb_algorithm", _lb_algorithm),
-    "acceleration": ("acceleration", _acceleration),
-    "nodeportMode": ("nodeport_mode", _nodeport_mode),
+    "lbAlgorithm": ("lb_algorithm", _one_of(LB_ALGORITHMS)),
+    "acceleration": ("acceleration", _one_of(ACCELERATIONS)),
+    "nodeportMode": ("nodeport_mode", _one_of(NODEPORT_MODES)),
     "maglevTableSize": ("maglev_table_size", _prime),
     "kubeconfig": ("kubeconfig", _path),
     "manifests": ("manifests", _path),
