@@ -177,30 +177,31 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         inv = self.observed.inventory
         if inv is None:
             return [], [], {}
-        try:
-            programs = [agent_pb2.Program(name=a.name, hook=a.hook, target=a.target,
-                                          attached=a.attached, program_id=a.program_id)
-                        for a in inv.programs()]
-        except OSError:
-            programs = []
-        try:
-            maps = [agent_pb2.MapUsage(name=m.name, type=m.type, entries=m.entries,
-                                       max_entries=m.max_entries, memory_bytes=m.memory_bytes)
-                    for m in inv.maps()]
-        except OSError:
-            maps = []
-        try:
-            events = inv.events()
-        except OSError:
-            events = {}
-        return programs, maps, events
 
-    async def ListServices(self, request, context):
+        def read(part, empty):
+            try:
+                return part()
+            except OSError:
+                return empty
+        programs = [agent_pb2.Program(name=a.name, hook=a.hook, target=a.target,
+                                      attached=a.attached, program_id=a.program_id)
+                    for a in read(inv.programs, [])]
+        maps = [agent_pb2.MapUsage(name=m.name, type=m.type, entries=m.entries,
+                                   max_entries=m.max_entries, memory_bytes=m.memory_bytes)
+                for m in read(inv.maps, [])]
+        return programs, maps, read(inv.events, {})
+
+    async def _list(self, request, context, method: str, page):
+        """A paged list RPC: page(filter, page size, page token) in a thread, for the
+        request's filter and paging; a request that does not parse is refused."""
         try:
             flt, size = _filter(request), queries.page_size(request.page_size)
-            return await self._in_thread(self._services_page, flt, size, request.page_token)
+            return await self._in_thread(page, flt, size, request.page_token)
         except InvalidRequest as exc:
-            await self._refuse(context, exc, "ListServices")
+            await self._refuse(context, exc, method)
+
+    async def ListServices(self, request, context):
+        return await self._list(request, context, "ListServices", self._services_page)
 
     def _services_page(self, flt: Filter, size: int, token: str):
         ports, next_token = queries.select_services(self._sorted(), flt, size, token)
@@ -226,11 +227,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                    for sp in sorted(ports, key=queries.service_key)])
 
     async def ListBackends(self, request, context):
-        try:
-            flt, size = _filter(request), queries.page_size(request.page_size)
-            return await self._in_thread(self._backends_page, flt, size, request.page_token)
-        except InvalidRequest as exc:
-            await self._refuse(context, exc, "ListBackends")
+        return await self._list(request, context, "ListBackends", self._backends_page)
 
     def _backends_page(self, flt: Filter, size: int, token: str):
         rows, next_token = queries.select_backends(self._sorted(), flt, size, token)
@@ -243,10 +240,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if self.observed.inventory is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no kernel counters here")
         try:
-            flt, size = _filter(request), queries.page_size(request.page_size)
-            return await self._in_thread(self._stats_page, flt, size, request.page_token)
-        except InvalidRequest as exc:
-            await self._refuse(context, exc, "GetStats")
+            return await self._list(request, context, "GetStats", self._stats_page)
         except OSError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"reading the counters map failed: {exc}")

@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 from agent.datapath import bpfsys, layout
 from agent.datapath.bpfsys import PER_CPU_MAP_TYPES, AttachType, possible_cpus
 from agent.datapath.programs import SOCKET_PROGRAMS, TC_PROGRAMS, XDP_PROGRAM
 from agent.planner import BackendAddr
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -351,14 +354,18 @@ class Inventory:
             hit = self._cache.get(kind)
             if hit is not None and time.monotonic() - hit[0] < self.max_age:
                 return hit[1]
-            try:
-                value = read()
-            except OSError as exc:
-                self.read_errors += 1
-                log.warning("event=kernel_read_failed what=%s error=%r", kind, str(exc))
-                raise
+            value = self._read(kind, read)
             self._cache[kind] = (time.monotonic(), value)
             return value
+
+    def _read(self, what: str, read: Callable[[], T]) -> T:
+        """read(); a failure is counted (read_errors) and logged, then raised."""
+        try:
+            return read()
+        except OSError as exc:
+            self.read_errors += 1
+            log.warning("event=kernel_read_failed what=%s error=%r", what, str(exc))
+            raise
 
     def programs(self) -> list[Attachment]:
         def read() -> list[Attachment]:
@@ -374,21 +381,11 @@ class Inventory:
 
     def events(self) -> dict[tuple[str, str], int]:
         """The programs' own counters (read_events); never cached, a few syscalls."""
-        try:
-            return read_events(self.pin_dir)
-        except OSError as exc:
-            self.read_errors += 1
-            log.warning("event=kernel_read_failed what=events error=%r", str(exc))
-            raise
+        return self._read("events", lambda: read_events(self.pin_dir))
 
     def stats(self) -> StatsTable:
         """Never cached: whoever asks right after sending traffic must see it counted."""
-        try:
-            return read_stats(self.pin_dir)
-        except OSError as exc:
-            self.read_errors += 1
-            log.warning("event=kernel_read_failed what=stats error=%r", str(exc))
-            raise
+        return self._read("stats", lambda: read_stats(self.pin_dir))
 
     def programs_attached(self) -> tuple[bool, str]:
         """(all expected programs attached, what is missing) for health."""
