@@ -15,24 +15,10 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from agent import planner
 from agent.datapath import bpfsys, layout
 from agent.model.types import IPAddress, IPNetwork, Protocol
-from agent.planner import (
-    AppliedState,
-    BackendAddr,
-    DeleteFrontend,
-    DeleteMaglev,
-    DeleteRange,
-    DeleteSlot,
-    FrontendKey,
-    MapFullError,
-    MapOp,
-    PutFrontend,
-    PutMaglev,
-    PutRange,
-    PutSlot,
-    kernel_state,
-)
+from agent.planner import MapFullError
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +165,8 @@ class BpfServiceMaps:
                        *self._revnat.values(), self.ranges, self.maglev, self.ct, self.ifaddr):
             pinned.close()
 
-    def socket_service(self, cookie: int, backend: BackendAddr,
-                       protocol: Protocol) -> FrontendKey | None:
+    def socket_service(self, cookie: int, backend: planner.BackendAddr,
+                       protocol: Protocol) -> planner.FrontendKey | None:
         """The service address a balanced socket asked for: the socket LB's reverse NAT
         entry for (socket cookie, backend). None for a socket the LB did not balance."""
         address = backend.address
@@ -189,11 +175,11 @@ class BpfServiceMaps:
         if address.version == 4:
             key = layout.Revnat4Key(cookie, _be32(address), socket.htons(backend.port), 0)
             value = self._revnat[4].lookup(key)
-            return None if value is None else FrontendKey(
+            return None if value is None else planner.FrontendKey(
                 _from_be32(value.addr), socket.ntohs(value.port), protocol)
         key = layout.Revnat6Key(cookie, _addr6(address), socket.htons(backend.port), 0, 0)
         value = self._revnat[6].lookup(key)
-        return None if value is None else FrontendKey(
+        return None if value is None else planner.FrontendKey(
             _from_addr6(value.addr), socket.ntohs(value.port), protocol)
 
     def supports(self, family: int, protocol: Protocol) -> bool:
@@ -207,54 +193,51 @@ class BpfServiceMaps:
         pinned = (self.svc4, self.slots4, self.svc6, self.slots6, self.ranges, self.maglev)
         return {m.spec.table: m.max_entries for m in pinned}
 
-    def apply(self, ops: Sequence[MapOp]) -> None:
+    def apply(self, ops: Sequence[planner.MapOp]) -> None:
         """Ops are applied in their order; consecutive ops of one kind go in one batch per
         family (the two families' maps are independent of each other)."""
         for kind, group in itertools.groupby(ops, key=type):
             if kind in _TC_OPS:
                 _TC_OPS[kind](self, list(group))
                 continue
-            if kind is PutSlot or kind is DeleteSlot:
+            if kind is planner.PutSlot or kind is planner.DeleteSlot:
                 by_family = _split(group, lambda o: o.family)
             else:
                 by_family = _split(group, lambda o: o.frontend.address.version)
             for family, batch in by_family.items():
                 # each batch packed into one buffer of keys and one of values
-                if kind is PutSlot:
+                if kind is planner.PutSlot:
                     backend = _BACKEND_ROW[family]
                     self.slots[family].update_packed(
                         _pack(_SLOT_KEY, [(o.svc_id, o.slot) for o in batch]),
                         _pack(_BACKEND_VALUE[family],
                               [backend(o.backend, o.flags) for o in batch]))
-                elif kind is PutFrontend:
+                elif kind is planner.PutFrontend:
                     key = _SVC_KEY_ROW[family]
                     self.svc[family].update_packed(
                         _pack(_SVC_KEY_PACKED[family], [key(o.frontend) for o in batch]),
                         _pack(_SVC_VALUE, [(o.svc_id, o.count, o.flags, o.affinity,
                                             o.name_hash) for o in batch]))
-                elif kind is DeleteFrontend:
+                elif kind is planner.DeleteFrontend:
                     key = _SVC_KEY_ROW[family]
                     self.svc[family].delete(
                         _pack(_SVC_KEY_PACKED[family], [key(o.frontend) for o in batch]))
-                elif kind is DeleteSlot:
+                elif kind is planner.DeleteSlot:
                     self.slots[family].delete(
                         _pack(_SLOT_KEY, [(o.svc_id, o.slot) for o in batch]))
 
-    def read_back(self) -> AppliedState:
+    def read_back(self) -> planner.AppliedState:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
-        frontends = itertools.chain(
-            ((FrontendKey(_from_be32(k.addr), socket.ntohs(k.port),
-                          _PROTOCOLS.get(k.proto, Protocol.TCP), k.scope), v.svc_id, v.count,
-              v.name_hash, v.affinity_sec, v.flags) for k, v in self.svc4.items()),
-            ((FrontendKey(_from_addr6(k.addr), socket.ntohs(k.port),
-                          _PROTOCOLS.get(k.proto, Protocol.TCP), k.scope), v.svc_id, v.count,
-              v.name_hash, v.affinity_sec, v.flags) for k, v in self.svc6.items()))
-        slots = itertools.chain(
-            ((k.svc_id, k.slot, 4, BackendAddr(_from_be32(v.addr), socket.ntohs(v.port)),
-              v.flags) for k, v in self.slots4.items()),
-            ((k.svc_id, k.slot, 6, BackendAddr(_from_addr6(v.addr), socket.ntohs(v.port)),
-              v.flags) for k, v in self.slots6.items()))
-        frontends, slots = list(frontends), list(slots)
+        frontends, slots = [], []
+        for version, svc, slot_map, addr in ((4, self.svc4, self.slots4, _from_be32),
+                                             (6, self.svc6, self.slots6, _from_addr6)):
+            frontends += [(planner.FrontendKey(addr(k.addr), socket.ntohs(k.port),
+                                               _PROTOCOLS.get(k.proto, Protocol.TCP), k.scope),
+                           v.svc_id, v.count, v.name_hash, v.affinity_sec, v.flags)
+                          for k, v in svc.items()]
+            slots += [(k.svc_id, k.slot, version,
+                       planner.BackendAddr(addr(v.addr), socket.ntohs(v.port)), v.flags)
+                      for k, v in slot_map.items()]
         family = {svc_id: fam for svc_id, _, fam, *_ in slots}
         family.update({svc_id: f.address.version for f, svc_id, *_ in frontends})
         ranges: dict[int, list] = {}
@@ -264,11 +247,11 @@ class BpfServiceMaps:
         maglev: dict[int, int] = {}
         for k, _ in self.maglev.items():
             maglev[k.svc_id] = max(maglev.get(k.svc_id, 0), k.row + 1)
-        return kernel_state(frontends, slots, ranges, maglev)
+        return planner.kernel_state(frontends, slots, ranges, maglev)
 
     # --- the TC path's maps ------------------------------------------------------------
 
-    def _put_ranges(self, ops: list[PutRange]) -> None:
+    def _put_ranges(self, ops: list[planner.PutRange]) -> None:
         for o in ops:       # LPM tries take no batches
             try:
                 bpfsys.map_update(self.ranges.fd, _range_key(o.svc_id, o.network),
@@ -279,11 +262,11 @@ class BpfServiceMaps:
                 raise MapFullError(self.ranges.spec.table, f"map {self.ranges.spec.table} "
                                    f"is full ({self.ranges.max_entries} entries)") from exc
 
-    def _delete_ranges(self, ops: list[DeleteRange]) -> None:
+    def _delete_ranges(self, ops: list[planner.DeleteRange]) -> None:
         for o in ops:       # already gone (an interrupted write) is fine
             bpfsys.map_delete(self.ranges.fd, _range_key(o.svc_id, o.network))
 
-    def _put_maglev(self, ops: list[PutMaglev]) -> None:
+    def _put_maglev(self, ops: list[planner.PutMaglev]) -> None:
         keys, rows = [], []
         for o in ops:
             for row in range(0, len(o.table), layout.MAGLEV_ROW):
@@ -292,7 +275,7 @@ class BpfServiceMaps:
                 rows.append(layout.MaglevRow((ctypes.c_uint16 * layout.MAGLEV_ROW)(*part)))
         self.maglev.update(keys, rows)
 
-    def _delete_maglev(self, ops: list[DeleteMaglev]) -> None:
+    def _delete_maglev(self, ops: list[planner.DeleteMaglev]) -> None:
         self.maglev.delete([layout.MaglevKey(o.svc_id, row) for o in ops
                             for row in range(-(-o.size // layout.MAGLEV_ROW))])
 
@@ -321,7 +304,7 @@ class BpfServiceMaps:
     def flows(self) -> Iterator[tuple[layout.CtKey, layout.CtValue]]:
         return self.ct.items()
 
-    def forget_flows(self, lost: dict[int, set[BackendAddr]]) -> int:
+    def forget_flows(self, lost: dict[int, set[planner.BackendAddr]]) -> int:
         """Delete both entries of every tracked UDP flow whose service port lost its
         backend ({svc_id: backends}): its next datagram picks anew, as kube-proxy's
         conntrack cleanup makes it. Returns the entries deleted."""
@@ -330,10 +313,11 @@ class BpfServiceMaps:
             if key.proto != socket.IPPROTO_UDP or value.svc_id not in lost:
                 continue
             if value.flags & layout.CT_REPLY:
-                backend = BackendAddr(_ct_addr(key.family, key.saddr), socket.ntohs(key.sport))
+                backend = planner.BackendAddr(_ct_addr(key.family, key.saddr),
+                                              socket.ntohs(key.sport))
             else:
-                backend = BackendAddr(_ct_addr(key.family, value.daddr),
-                                      socket.ntohs(value.dport))
+                backend = planner.BackendAddr(_ct_addr(key.family, value.daddr),
+                                              socket.ntohs(value.dport))
             if backend in lost[value.svc_id]:
                 doomed.append(layout.CtKey.from_buffer_copy(key))
         if doomed:
@@ -384,7 +368,7 @@ _PROBE_KEYS = {
 }
 
 
-def _split(ops: Iterable[MapOp], family_of) -> dict[int, list]:
+def _split(ops: Iterable[planner.MapOp], family_of) -> dict[int, list]:
     """ops by family, each family's in their order."""
     by_family: dict[int, list] = {}
     for op in ops:
@@ -450,8 +434,10 @@ _SVC_KEY_ROW = {
     6: lambda f: (_packed6(f.address), socket.htons(f.port), f.protocol.number, f.scope)}
 
 
-_TC_OPS = {PutRange: BpfServiceMaps._put_ranges, DeleteRange: BpfServiceMaps._delete_ranges,
-           PutMaglev: BpfServiceMaps._put_maglev, DeleteMaglev: BpfServiceMaps._delete_maglev}
+_TC_OPS = {planner.PutRange: BpfServiceMaps._put_ranges,
+           planner.DeleteRange: BpfServiceMaps._delete_ranges,
+           planner.PutMaglev: BpfServiceMaps._put_maglev,
+           planner.DeleteMaglev: BpfServiceMaps._delete_maglev}
 
 
 def _addr16(address: IPAddress) -> layout.Addr6:
