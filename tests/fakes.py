@@ -10,26 +10,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 
+from agent import planner
 from agent.model.types import Protocol
-from agent.planner import (
-    MAGLEV_ROW,
-    SVC_F_MAGLEV,
-    SVC_F_SOURCE_RANGES,
-    AppliedState,
-    BackendAddr,
-    DeleteFrontend,
-    DeleteMaglev,
-    DeleteRange,
-    DeleteSlot,
-    FrontendKey,
-    MapFullError,
-    MapOp,
-    PutFrontend,
-    PutMaglev,
-    PutRange,
-    PutSlot,
-    kernel_state,
-)
 from agent.planner.capacity import MAGLEV_MAP, RANGE_MAP, frontend_map, slot_map
 
 
@@ -50,12 +32,12 @@ class FakeServiceMaps:
         self.sizes = dict(sizes or {})
         self.peak: dict[str, int] = {}              # the most entries each map held
         # frontend -> (svc_id, count, name hash, affinity seconds, flags)
-        self.frontends: dict[FrontendKey, tuple[int, int, int, int, int]] = {}
+        self.frontends: dict[planner.FrontendKey, tuple[int, int, int, int, int]] = {}
         self.ranges: set[tuple[int, object]] = set()        # (svc_id, network)
         # (svc_id, row) -> MAGLEV_ROW slot numbers, the last row zero-padded (bpfp_maglev)
         self.maglev_rows: dict[tuple[int, int], tuple[int, ...]] = {}
         # (svc_id, slot) -> (family, backend, BE_* flags)
-        self.slots: dict[tuple[int, int], tuple[int, BackendAddr, int]] = {}
+        self.slots: dict[tuple[int, int], tuple[int, planner.BackendAddr, int]] = {}
         self.ops_applied = 0
         self.broken: list[InvariantBroken] = []     # raised by check(), caught or not
         self.counters_forgotten: set[int] = set()   # svc_ids given to forget_counters
@@ -99,30 +81,30 @@ class FakeServiceMaps:
     def _room_for(self, op) -> None:
         """MapFullError when op would add a key to a map already at its size."""
         match op:
-            case PutSlot():
+            case planner.PutSlot():
                 name, new = f"bpfp_slot{op.family}", (op.svc_id, op.slot) not in self.slots
-            case PutFrontend():
+            case planner.PutFrontend():
                 name = f"bpfp_svc{op.frontend.address.version}"
                 new = op.frontend not in self.frontends
-            case PutRange():
+            case planner.PutRange():
                 name, new = "bpfp_srcrange", (op.svc_id, op.network) not in self.ranges
             case _MaglevRow():
                 name, new = "bpfp_maglev", (op.svc_id, op.row) not in self.maglev_rows
             case _:
                 return
         if new and name in self.sizes and self.entries().get(name, 0) >= self.sizes[name]:
-            raise MapFullError(name, f"map {name} is full ({self.sizes[name]} entries)")
+            raise planner.MapFullError(name, f"map {name} is full ({self.sizes[name]} entries)")
 
-    def apply(self, ops: Sequence[MapOp]) -> None:
+    def apply(self, ops: Sequence[planner.MapOp]) -> None:
         """In the order the real door (agent/datapath/maps.py) writes them: consecutive ops
         of one kind form a batch, split by family, each family's batch in turn; a Maglev
         table goes row by row. The kernel's batch update stops at the first entry it
         refuses and keeps those before it: so does this, whatever the map."""
         for kind, group in itertools.groupby(ops, key=type):
             group = list(group)
-            if kind in (PutSlot, DeleteSlot):
+            if kind in (planner.PutSlot, planner.DeleteSlot):
                 batches = _by_family(group, lambda o: o.family)
-            elif kind in (PutFrontend, DeleteFrontend):
+            elif kind in (planner.PutFrontend, planner.DeleteFrontend):
                 batches = _by_family(group, lambda o: o.frontend.address.version)
             else:
                 batches = [group]
@@ -137,29 +119,29 @@ class FakeServiceMaps:
         if self.sizes:
             self._room_for(op)
         match op:
-            case PutSlot():
+            case planner.PutSlot():
                 self.slots[(op.svc_id, op.slot)] = (op.family, op.backend, op.flags)
-            case DeleteSlot():
+            case planner.DeleteSlot():
                 self.slots.pop((op.svc_id, op.slot), None)
-            case PutFrontend():
+            case planner.PutFrontend():
                 self.frontends[op.frontend] = (op.svc_id, op.count, op.name_hash,
                                                op.affinity, op.flags)
-            case PutRange():
+            case planner.PutRange():
                 self.ranges.add((op.svc_id, op.network))
-            case DeleteRange():
+            case planner.DeleteRange():
                 self.ranges.discard((op.svc_id, op.network))
             case _MaglevRow():
                 if op.slots is None:
                     self.maglev_rows.pop((op.svc_id, op.row), None)
                 else:
                     self.maglev_rows[(op.svc_id, op.row)] = op.slots
-            case DeleteFrontend():
+            case planner.DeleteFrontend():
                 self.frontends.pop(op.frontend, None)
         if self.sizes:
             for name, n in self.entries().items():
                 self.peak[name] = max(self.peak.get(name, 0), n)
 
-    def check(self, after: MapOp | None = None) -> None:
+    def check(self, after: planner.MapOp | None = None) -> None:
         try:
             self._check(after)
         except InvariantBroken as broken:
@@ -167,7 +149,7 @@ class FakeServiceMaps:
             FakeServiceMaps.broken_anywhere.append(broken)
             raise
 
-    def _check(self, after: MapOp | None = None) -> None:
+    def _check(self, after: planner.MapOp | None = None) -> None:
         tables = self.maglev if self.maglev_rows else {}
         for fkey, (svc_id, count, _, _, flags) in self.frontends.items():
             for slot in range(count):
@@ -175,26 +157,26 @@ class FakeServiceMaps:
                     raise InvariantBroken(f"after {after}: {fkey} -> svc {svc_id} count "
                                           f"{count} but slot {slot} is missing")
             # a firewalled frontend without its ranges would drop every client
-            if flags & SVC_F_SOURCE_RANGES and not any(i == svc_id for i, _ in self.ranges):
+            if flags & planner.SVC_F_SOURCE_RANGES and not any(i == svc_id for i, _ in self.ranges):
                 raise InvariantBroken(f"after {after}: {fkey} filters sources, none written")
             # a Maglev table names only slots that exist (the TC program also ignores
             # entries at or past the frontend's count: a table and a count written in
             # either order are safe)
             table = tables.get(svc_id)
-            if flags & SVC_F_MAGLEV and table and any((svc_id, slot) not in self.slots
+            if flags & planner.SVC_F_MAGLEV and table and any((svc_id, slot) not in self.slots
                                                       for slot in set(table)):
                 raise InvariantBroken(f"after {after}: {fkey} Maglev table names a slot "
                                       f"that is not there")
 
-    def read_back(self) -> AppliedState:
+    def read_back(self) -> planner.AppliedState:
         ranges: dict[int, list] = {}
         for svc_id, network in self.ranges:
             ranges.setdefault(svc_id, []).append(network)
-        return kernel_state(((f, *entry) for f, entry in self.frontends.items()),
-                            ((svc_id, slot, *entry)
-                             for (svc_id, slot), entry in self.slots.items()), ranges,
-                            {svc_id: len(table) // MAGLEV_ROW
-                             for svc_id, table in self.maglev.items()})
+        return planner.kernel_state(((f, *entry) for f, entry in self.frontends.items()),
+                                    ((svc_id, slot, *entry)
+                                     for (svc_id, slot), entry in self.slots.items()), ranges,
+                                    {svc_id: len(table) // planner.MAGLEV_ROW
+                                     for svc_id, table in self.maglev.items()})
 
 
 class _MaglevRow:
@@ -206,15 +188,15 @@ class _MaglevRow:
         self.svc_id, self.row, self.slots = svc_id, row, slots
 
 
-def _steps(op: MapOp) -> list:
+def _steps(op: planner.MapOp) -> list:
     """The kernel entries one op writes: a Maglev table is several rows, the rest one."""
-    if isinstance(op, PutMaglev):
-        return [_MaglevRow(op.svc_id, r // MAGLEV_ROW,
-                           tuple(op.table[r:r + MAGLEV_ROW]) + (0,) * max(
-                               0, r + MAGLEV_ROW - len(op.table)))
-                for r in range(0, len(op.table), MAGLEV_ROW)]
-    if isinstance(op, DeleteMaglev):
-        return [_MaglevRow(op.svc_id, r, None) for r in range(-(-op.size // MAGLEV_ROW))]
+    if isinstance(op, planner.PutMaglev):
+        return [_MaglevRow(op.svc_id, r // planner.MAGLEV_ROW,
+                           tuple(op.table[r:r + planner.MAGLEV_ROW]) + (0,) * max(
+                               0, r + planner.MAGLEV_ROW - len(op.table)))
+                for r in range(0, len(op.table), planner.MAGLEV_ROW)]
+    if isinstance(op, planner.DeleteMaglev):
+        return [_MaglevRow(op.svc_id, r, None) for r in range(-(-op.size // planner.MAGLEV_ROW))]
     return [op]
 
 
