@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent import capabilities
@@ -22,6 +21,7 @@ from agent.datapath.sizing import sizes_for
 from agent.datapath.stale_sockets import udp_cleanup_for
 from agent.datapath.tc import check_snat_ports, interface_addresses, reserve_snat_ports
 from agent.model.types import NodeContext
+from agent.read_ahead import ReadAhead
 from agent.sources.apiserver import store
 from agent.sources.apiserver.control_plane import ControlPlane
 from agent.sources.manifests import ManifestSource
@@ -60,27 +60,20 @@ async def serve(args) -> int:
         ct_udp_timeout=round(args.conntrack_udp_timeout), maglev_m=args.maglev_table_size,
         snat_port_min=args.snat_ports[0], snat_port_max=args.snat_ports[1],
         max_source_ranges=args.max_source_ranges, **sizes)
+    # The loader child compiles, pins and attaches with this process's capabilities (it is
+    # started before the drop below and keeps them); the agent drops its own at once and
+    # reads its source meanwhile: the compile takes seconds of a second core.
     try:
-        # A thread that ends before the capability drop below: threads keep their own.
-        with ThreadPoolExecutor(1, thread_name_prefix="load") as loading:
-            await loop.run_in_executor(loading, loader.load_in_child, config, cgroup)
-            maps = BpfServiceMaps(config.pin_dir)
-            # pyroute2's synchronous API runs its own event loop: not on ours
-            addresses = await loop.run_in_executor(loading, interface_addresses,
-                                                   config.interfaces, args.node_ips)
-        maps.set_interface_addresses(addresses)
-    except (loader.DatapathError, LayoutError, OSError) as exc:
+        loading = loader.LoaderChild(config, cgroup)
+    except OSError as exc:
         log.error("event=datapath_failed error=%r", str(exc))
         return 1
-    # a reserved SNAT port is never a local socket's; where it cannot be, say so
-    if config.interfaces and not reserve_snat_ports(config.snat_port_min, config.snat_port_max):
-        check_snat_ports(config.snat_port_min, config.snat_port_max)
-    # Loading and attaching are done (in the loader child): keep only what serving needs.
     # Entering pods' network namespaces is left to a child started before the drop, the
     # only part that keeps CAP_SYS_ADMIN and CAP_SYS_PTRACE (agent/datapath/netns_opener.py).
     try:
         opener = NetnsOpener.start(cgroup)
     except NetnsDoorClosed as exc:
+        loading.kill()
         log.error("event=netns_opener_failed error=%r action=exiting", str(exc))
         return 1
     # Ports below 1024 are bound by a thread that alone keeps CAP_NET_BIND_SERVICE until
@@ -94,6 +87,7 @@ async def serve(args) -> int:
         if binder is not None:
             binder.close()
         opener.close()
+        loading.kill()
         log.error("event=capabilities_drop_failed error=%r action=exiting", str(exc))
         return 1
     if args.manifests is None:
@@ -104,9 +98,27 @@ async def serve(args) -> int:
         source = ManifestSource(args.manifests, control_plane=ControlPlane(
             args.cluster_ip_ranges, args.node_port_range, store.path_for(args.bpffs)))
         source_name = f"manifests:{args.manifests}"
+    reading = ReadAhead(source)
+    try:
+        await loop.run_in_executor(None, loading.wait)
+        maps = await loop.run_in_executor(None, BpfServiceMaps, config.pin_dir)
+        # pyroute2's synchronous API runs its own event loop: not on ours
+        addresses = await loop.run_in_executor(None, interface_addresses,
+                                               config.interfaces, args.node_ips)
+        maps.set_interface_addresses(addresses)
+    except (loader.DatapathError, LayoutError, OSError) as exc:
+        if binder is not None:
+            binder.close()
+        await reading.close()
+        opener.close()
+        log.error("event=datapath_failed error=%r", str(exc))
+        return 1
+    # a reserved SNAT port is never a local socket's; where it cannot be, say so
+    if config.interfaces and not reserve_snat_ports(config.snat_port_min, config.snat_port_max):
+        check_snat_ports(config.snat_port_min, config.snat_port_max)
     # healthCheckNodePorts: on the --node-ip addresses, else on all of them
     health_checks = ServiceHealthServer(args.node_ips)
-    agent = Agent(source=source, maps=maps,
+    agent = Agent(source=reading, maps=maps,
                   min_sync_period=args.min_sync_period, sync_period=args.sync_period,
                   node=NodeContext(args.node_name, args.node_ips, args.nodeport_cidrs),
                   udp_cleanup=udp_cleanup_for(cgroup, maps, door=opener),
@@ -119,6 +131,7 @@ async def serve(args) -> int:
         observers = await observe.start(args, agent, cgroup, source_name,
                                         binder.run if binder else None)
     except (OSError, ValueError) as exc:
+        await reading.close()
         log.error("event=api_failed error=%r", str(exc))
         return 1
     finally:
@@ -143,6 +156,7 @@ async def serve(args) -> int:
             sweeper.cancel()
         await observers.stop()
         await health_checks.close()
+        await reading.close()
         opener.close()
         log.info(
             "event=agent_stopped programs=left_attached maps=left_pinned")

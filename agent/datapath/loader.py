@@ -372,19 +372,47 @@ def wait_detached(cgroup_dir: Path, timeout: float) -> list[str]:
 # runs the compile and attach in a child that exits; what it made is pinned, so the agent
 # works on the pins alone and stays small.
 
+class LoaderChild:
+    """The compile-and-attach child, started now and waited for later: the agent reads its
+    source meanwhile (agent/main.py). Started with this process's capabilities (before the
+    agent drops them), it keeps them after the parent's drop: capabilities are per task."""
+
+    def __init__(self, config: DatapathConfig, cgroup_dir: Path, timeout: float = 300.0
+                 ) -> None:
+        argv = [sys.executable, "-m", "agent.datapath.loader", "--cgroup", str(cgroup_dir),
+                "--config", config.to_json()]
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
+        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> None:
+        """Until the child is done (blocks: call it from a thread); raises DatapathError
+        when it failed or took longer than the timeout (then it is killed)."""
+        try:
+            _, stderr = self._process.communicate(
+                timeout=max(0.0, self._deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as exc:
+            self.kill()
+            raise DatapathError(f"compiling and attaching took over {self._timeout:.0f}s"
+                                ) from exc
+        for line in stderr.splitlines():
+            if line.strip():
+                log.info("event=loader_output line=%r", line)
+        if self._process.returncode != 0:
+            last = stderr.strip().splitlines()[-1:] or [
+                f"exit code {self._process.returncode}"]
+            raise DatapathError(f"loading the BPF programs failed: {last[0]}")
+
+    def kill(self) -> None:
+        """Stop a child still running (the agent gave up) and reap it."""
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.communicate()
+
+
 def load_in_child(config: DatapathConfig, cgroup_dir: Path, timeout: float = 300.0) -> None:
-    argv = [sys.executable, "-m", "agent.datapath.loader", "--cgroup", str(cgroup_dir),
-            "--config", config.to_json()]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise DatapathError(f"compiling and attaching took over {timeout:.0f}s") from exc
-    for line in done.stderr.splitlines():
-        if line.strip():
-            log.info("event=loader_output line=%r", line)
-    if done.returncode != 0:
-        last = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        raise DatapathError(f"loading the BPF programs failed: {last[0]}")
+    LoaderChild(config, cgroup_dir, timeout).wait()
 
 
 def main(argv: list[str] | None = None) -> int:
