@@ -1,6 +1,7 @@
-"""What several test files share: waiting on a condition, and kube-proxy's test conventions
+"""What several test files share: waiting on a condition, kube-proxy's test conventions
 for the model (NewFakeProxier's node and addresses, makeTestService / makeTestEndpointSlice
-through the border, runPacketFlowTests' answer). The lab's YAML builders are lab.manifests."""
+through the border, runPacketFlowTests' answer), and a manifest-source lab of two HTTP
+backends and a client. The lab's YAML builders are lab.manifests."""
 from __future__ import annotations
 
 import ipaddress
@@ -11,6 +12,7 @@ from typing import TypeVar
 from agent.model import NodeContext
 from agent.model.objects import parse_endpoint_slice, parse_service
 from agent.model.types import EndpointSlice, FrontendKind, Service
+from lab import manifests
 
 T = TypeVar("T")
 
@@ -103,3 +105,27 @@ def frontends(state) -> dict[str, list[str]]:
     return {f"{name} v{family}": [f"{f.kind.value} {join_host_port(f.address, f.port)}"
                                   for f in sps.frontends]
             for (name, family), sps in state.items()}
+
+
+# One HTTP service port, 80 -> the pods' server on 8080 (Pod.start_server), and its slice port
+HTTP_PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+HTTP_SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+
+
+def http_world(make_lab, tmp_path, name: str):
+    """(lab, [backend-a, backend-b] serving :8080, a client pod, the manifest directory an
+    agent is to read): the world of the manifest source's fault tests."""
+    lab = make_lab(name=name)
+    backends = [lab.add_pod(f"backend-{c}") for c in "ab"]
+    for pod in backends:
+        pod.start_server([8080])
+    return lab, backends, lab.add_pod("client"), tmp_path / "manifests"
+
+
+def publish_http(directory, name: str, vip: str, backends: list,
+                 filename: str | None = None) -> None:
+    """Service `name` on vip:80 and its EndpointSlice to the backends' :8080, in one manifest
+    file (default: <name>.yaml)."""
+    manifests.write(directory, filename or f"{name}.yaml",
+                    manifests.service(name, vip, HTTP_PORTS),
+                    manifests.endpoint_slice(name, [p.ip for p in backends], HTTP_SLICE_PORTS))

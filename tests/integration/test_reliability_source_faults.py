@@ -8,31 +8,22 @@ import signal
 
 import pytest
 
-from lab import manifests
 from lab.agent_runner import AgentRunner
 from tests import reliability_report
-from tests.helpers import wait_for
+from tests.helpers import http_world, publish_http, wait_for
 
 pytestmark = pytest.mark.integration
 
-HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
-SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 VIPS = {"alpha": "10.96.0.51", "beta": "10.96.0.52", "gamma": "10.96.0.53"}
 
 
 def publish(directory, name: str, backends: list, filename: str | None = None) -> None:
-    manifests.write(directory, filename or f"{name}.yaml",
-                    manifests.service(name, VIPS[name], HTTP),
-                    manifests.endpoint_slice(name, [p.ip for p in backends], SLICE_PORTS))
+    publish_http(directory, name, VIPS[name], backends, filename)
 
 
 @pytest.fixture
 def node(make_lab, tmp_path):
-    lab = make_lab(name="r9src")
-    backends = [lab.add_pod(f"backend-{c}") for c in "ab"]
-    for pod in backends:
-        pod.start_server([8080])
-    return lab, backends, lab.add_pod("client"), tmp_path / "manifests"
+    return http_world(make_lab, tmp_path, "r9src")
 
 
 @pytest.mark.timeout(180)

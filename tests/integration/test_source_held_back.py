@@ -12,22 +12,18 @@ import signal
 import pytest
 
 from agent.datapath.maps import BpfServiceMaps
-from lab import manifests
 from lab.agent_runner import AgentRunner
-from tests.helpers import wait_for
+from tests.helpers import http_world, publish_http, wait_for
 
 pytestmark = pytest.mark.integration
 
-HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
-SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 VIPS = {"alpha": "10.96.0.61", "beta": "10.96.0.62", "gamma": "10.96.0.63"}
 SYNC_WAIT = 10.0     # seconds: a bound on the usual sync time (file watch + one sync)
 BROKEN = "apiVersion: v1\nkind: Service\nmetadata: {name: gamma\nspec: ["
 
 
 def publish(directory, name: str, backends: list) -> None:
-    manifests.write(directory, f"{name}.yaml", manifests.service(name, VIPS[name], HTTP),
-                    manifests.endpoint_slice(name, [p.ip for p in backends], SLICE_PORTS))
+    publish_http(directory, name, VIPS[name], backends)
 
 
 def replace_with(directory, filename: str, text: str) -> None:
@@ -77,39 +73,35 @@ def status(agent: AgentRunner) -> dict:
 
 
 @pytest.fixture
-def node(make_lab, tmp_path):
-    lab = make_lab(name="i14held")
-    backends = [lab.add_pod(f"backend-{c}") for c in "ab"]
-    for pod in backends:
-        pod.start_server([8080])
-    return lab, backends, lab.add_pod("client"), tmp_path / "manifests"
+def started(make_lab, tmp_path):
+    """alpha, beta and gamma published, and an agent started on them:
+    (agent, backends, client, directory); the agent is closed at teardown."""
+    lab, backends, client, directory = http_world(make_lab, tmp_path, "i14held")
+    for name in VIPS:
+        publish(directory, name, backends)
+    with AgentRunner(lab, directory) as agent:
+        agent.start()
+        yield agent, backends, client, directory
 
 
 @pytest.mark.timeout(240)
-def test_a_deletion_elsewhere_applies_while_a_file_is_broken(node):
-    lab, backends, client, directory = node
-    for name in VIPS:
-        publish(directory, name, backends)
-    agent = AgentRunner(lab, directory)
-    try:
-        agent.start()
-        assert all(client.tcp(VIPS[n], 80, count=4).errors == {} for n in VIPS)
-        replace_with(directory, "gamma.yaml", BROKEN)
-        wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(), "the parse error",
-                 timeout=SYNC_WAIT)
+def test_a_deletion_elsewhere_applies_while_a_file_is_broken(started):
+    agent, backends, client, directory = started
+    assert all(client.tcp(VIPS[n], 80, count=4).errors == {} for n in VIPS)
+    replace_with(directory, "gamma.yaml", BROKEN)
+    wait_for(lambda: "event=parse_error file=gamma.yaml" in agent.log(), "the parse error",
+             timeout=SYNC_WAIT)
 
-        (directory / "alpha.yaml").unlink()
-        wait_for(lambda: VIPS["alpha"] not in str(agent.services()), "alpha gone from the API",
-                 timeout=SYNC_WAIT)
-        services = agrees(agent)
-        alpha_after = wait_for(lambda: not_rewritten(client, "alpha"),
-                               "alpha's address no longer rewritten", timeout=SYNC_WAIT)
-        gamma = client.tcp(VIPS["gamma"], 80, count=10)
-        beta = client.tcp(VIPS["beta"], 80, count=10)
-        held = status(agent)["source_state"]["held_back"]
-        log = agent.log()
-    finally:
-        agent.close()
+    (directory / "alpha.yaml").unlink()
+    wait_for(lambda: VIPS["alpha"] not in str(agent.services()), "alpha gone from the API",
+             timeout=SYNC_WAIT)
+    services = agrees(agent)
+    alpha_after = wait_for(lambda: not_rewritten(client, "alpha"),
+                           "alpha's address no longer rewritten", timeout=SYNC_WAIT)
+    gamma = client.tcp(VIPS["gamma"], 80, count=10)
+    beta = client.tcp(VIPS["beta"], 80, count=10)
+    held = status(agent)["source_state"]["held_back"]
+    log = agent.log()
 
     assert alpha_after
     assert {s["name"] for s in services} == {"beta", "gamma"}
@@ -122,38 +114,31 @@ def test_a_deletion_elsewhere_applies_while_a_file_is_broken(node):
 
 
 @pytest.mark.timeout(300)
-def test_a_restart_keeps_what_an_unreadable_file_may_own_until_it_reads(node):
-    lab, backends, client, directory = node
-    for name in VIPS:
-        publish(directory, name, backends)
-    agent = AgentRunner(lab, directory)
-    try:
-        agent.start()
-        assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
-        # while no agent runs: gamma's file breaks and beta's goes; the kernel keeps all
-        replace_with(directory, "gamma.yaml", BROKEN)
-        (directory / "beta.yaml").unlink()
-        agent.start()
-        at_start = agrees(agent)
-        held = status(agent)["source_state"]["held_back"]
-        kept = {n: client.tcp(VIPS[n], 80, count=6) for n in ("beta", "gamma")}
+def test_a_restart_keeps_what_an_unreadable_file_may_own_until_it_reads(started):
+    agent, backends, client, directory = started
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    # while no agent runs: gamma's file breaks and beta's goes; the kernel keeps all
+    replace_with(directory, "gamma.yaml", BROKEN)
+    (directory / "beta.yaml").unlink()
+    agent.start()
+    at_start = agrees(agent)
+    held = status(agent)["source_state"]["held_back"]
+    kept = {n: client.tcp(VIPS[n], 80, count=6) for n in ("beta", "gamma")}
 
-        # alpha was listed by this agent and is then deleted: it goes at once
-        (directory / "alpha.yaml").unlink()
-        alpha_gone = wait_for(lambda: not_rewritten(client, "alpha"),
-                              "alpha's address no longer rewritten", timeout=SYNC_WAIT)
-        after_alpha = agrees(agent)
-        gamma_still = client.tcp(VIPS["gamma"], 80, count=6)
+    # alpha was listed by this agent and is then deleted: it goes at once
+    (directory / "alpha.yaml").unlink()
+    alpha_gone = wait_for(lambda: not_rewritten(client, "alpha"),
+                          "alpha's address no longer rewritten", timeout=SYNC_WAIT)
+    after_alpha = agrees(agent)
+    gamma_still = client.tcp(VIPS["gamma"], 80, count=6)
 
-        # gamma's file reads again: gamma is its own again, beta's leftover is reconciled
-        publish(directory, "gamma", backends)
-        beta_gone = wait_for(lambda: not_rewritten(client, "beta"),
-                             "beta's leftover no longer rewritten", timeout=SYNC_WAIT)
-        reconciled = agrees(agent)
-        gamma_named = client.tcp(VIPS["gamma"], 80, count=6)
-        log = agent.log()
-    finally:
-        agent.close()
+    # gamma's file reads again: gamma is its own again, beta's leftover is reconciled
+    publish(directory, "gamma", backends)
+    beta_gone = wait_for(lambda: not_rewritten(client, "beta"),
+                         "beta's leftover no longer rewritten", timeout=SYNC_WAIT)
+    reconciled = agrees(agent)
+    gamma_named = client.tcp(VIPS["gamma"], 80, count=6)
+    log = agent.log()
 
     adopted = [s for s in at_start if s.get("held_back")]
     assert {s["name"] for s in at_start if not s.get("held_back")} == {"alpha"}
