@@ -382,6 +382,9 @@ def show_services(args) -> int:
         stats = _stats_by_port(stub, flt) if args.output == "table" else None
     if args.output == "table":
         print(cli_output.services_table([client.to_plain(p) for p in ports], stats))
+    elif args.output == "json":     # json.dumps' text, without its pure-Python indenting
+        sys.stdout.writelines(client.services_json(ports))
+        sys.stdout.write("\n")
     else:
         print(cli_output.dump([client.service_entry(p) for p in ports], args.output))
     return client.EXIT_NOT_FOUND if not ports and _filtered(args) else client.EXIT_OK

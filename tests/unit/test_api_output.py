@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import cli_output
 from agent.agent import AgentStatus
+from agent.api import client
+from agent.api.generated import agent_pb2
 from agent.api.healthz import LOOP_STALE, Health
 from agent.api.observed import Observed
 
@@ -36,6 +40,26 @@ def test_structured_output_parses_back_to_the_same_data():
     data = [PORT]
     assert json.loads(cli_output.dump(data, "json")) == data
     assert yaml.safe_load(cli_output.dump(data, "yaml")) == data
+
+
+_TEXT = st.text(max_size=12)          # any character: quotes, controls, non-ASCII
+_PORTS = st.integers(0, 2**32 - 1)
+_SERVICE_PORT = st.builds(
+    agent_pb2.ServicePort, namespace=_TEXT, name=_TEXT, port_name=_TEXT, protocol=_TEXT,
+    family=st.sampled_from([4, 6]), type=_TEXT, held_back=_TEXT,
+    frontends=st.lists(st.builds(agent_pb2.Frontend, address=_TEXT, port=_PORTS, kind=_TEXT,
+                                 allocated=st.booleans()), max_size=3),
+    backends=st.lists(st.builds(agent_pb2.Backend, address=_TEXT, port=_PORTS, state=_TEXT),
+                      max_size=4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_SERVICE_PORT, max_size=4))
+def test_services_json_is_json_dumps_of_the_entries_character_for_character(ports):
+    """`services -o json` writes its text without json's pure-Python indenting encoder:
+    the same text as json.dumps(indent=2) of the documented entries, whatever they hold."""
+    expected = json.dumps([client.service_entry(p) for p in ports], indent=2)
+    assert "".join(client.services_json(ports)) == expected
 
 
 def test_stats_table_indents_backends_under_their_port():

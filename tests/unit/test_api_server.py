@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import logging
 import socket
 import stat
@@ -395,3 +396,36 @@ def test_the_cli_watches_on_past_a_stream_s_lifetime(status, tmp_path, capsys):
     code = asyncio.run(serve(Observed(status, hub=hub), address, watch_limits=limits)(body))
     assert code == 0
     assert capsys.readouterr().out.count('"tick"') == wanted
+
+
+def test_services_reads_a_page_larger_than_grpc_s_default_receive_limit(tmp_path, capsys):
+    """A page of service ports with many backends each is more than gRPC's default 4 MiB
+    per message (the server sends it): the command line still reads it."""
+    address = f"unix://{tmp_path}/api.sock"
+    backends = [agent_pb2.Backend(address=f"10.244.{i // 250}.{i % 250}", port=8080,
+                                  state="ready") for i in range(1000)]
+    page = agent_pb2.ListServicesResponse(services=[agent_pb2.ServicePort(
+        namespace="ns", name=f"svc-{n}", port_name="http", protocol="TCP", family=4,
+        type="ClusterIP", frontends=[agent_pb2.Frontend(address="10.96.0.1", port=80,
+                                                        kind="ClusterIP")],
+        backends=backends) for n in range(200)])
+    assert page.ByteSize() > 4 << 20
+
+    class Servicer(agent_pb2_grpc.AgentServicer):
+        async def ListServices(self, request, context):
+            return page
+
+    async def run():
+        srv = grpc.aio.server()
+        agent_pb2_grpc.add_AgentServicer_to_server(Servicer(), srv)
+        srv.add_insecure_port(address)
+        await srv.start()
+        try:
+            return await asyncio.to_thread(cli.main, ["services", "--api", address, "-o",
+                                                      "json"])
+        finally:
+            await srv.stop(grace=None)
+
+    assert asyncio.run(run()) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert len(entries) == 200 and all(len(e["backends"]) == 1000 for e in entries)
