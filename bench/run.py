@@ -150,7 +150,8 @@ def measure_east_west(plan: Plan, results: Results, binary, args) -> None:
     """Pods to services on one node per contestant, then the control plane."""
     beds: dict[str, topology.Bed] = {}
     try:
-        for kind in CONTESTANTS:
+        # the source trials need only the bpfproxy node (its client pod and backends)
+        for kind in ("bpfproxy",) if args.only_sources else CONTESTANTS:
             beds[kind] = topology.build(kind, binary, extra_backends=1 if kind == "bpfproxy"
                                         else 0)
         agent = topology.AgentClient(beds["bpfproxy"].agent.api)
