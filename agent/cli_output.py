@@ -95,8 +95,7 @@ def status_text(s: dict) -> str:
                         if events else ""))
     if s["programs"]:
         lines += ["", table(["PROGRAM", "HOOK", "ATTACHED TO", "STATE"], [
-            (p["name"] or "-", p["hook"], p["target"],
-             f"attached (id {p['program_id']})" if p["attached"] else "MISSING")
+            (p["name"] or "-", p["hook"], p["target"], _program_state(p))
             for p in s["programs"]])]
     if s["maps"]:
         memory = sum(int(m.get("memory_bytes") or 0) for m in s["maps"])
@@ -106,6 +105,14 @@ def status_text(s: dict) -> str:
              human_bytes(int(m.get("memory_bytes") or 0))) for m in s["maps"]]),
                   f"maps hold {human_bytes(memory)} of kernel memory"]
     return "\n".join(lines)
+
+
+def _program_state(p: dict) -> str:
+    if p["attached"]:
+        return f"attached (id {p['program_id']})"
+    if p.get("state") == "fallback":        # on purpose: say what serves instead, and why
+        return f"not attached: {p['detail']}"
+    return "MISSING"
 
 
 # ---- services, backends, stats ---------------------------------------------------------

@@ -100,7 +100,7 @@ async def serve(args) -> int:
         source_name = f"manifests:{args.manifests}"
     reading = ReadAhead(source)
     try:
-        await loop.run_in_executor(None, loading.wait)
+        xdp_fallback = await loop.run_in_executor(None, loading.wait)
         maps = await loop.run_in_executor(None, BpfServiceMaps, config.pin_dir)
         # pyroute2's synchronous API runs its own event loop: not on ours
         addresses = await loop.run_in_executor(None, interface_addresses,
@@ -129,7 +129,8 @@ async def serve(args) -> int:
     agent.status.node_name = args.node_name
     try:
         observers = await observe.start(args, agent, cgroup, source_name,
-                                        binder.run if binder else None)
+                                        binder.run if binder else None,
+                                        xdp_fallback=xdp_fallback)
     except (OSError, ValueError) as exc:
         await reading.close()
         log.error("event=api_failed error=%r", str(exc))

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from agent.api import queries
 from agent.api.events import Event
 from agent.api.observed import Observed
-from agent.datapath.inventory import Counters
+from agent.datapath.inventory import Counters, acceleration_states
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,14 @@ class StateCollector(Collector):
         for p in programs:
             attached.add_metric([p.name, p.hook, p.target], int(p.attached))
         yield attached
+        acceleration = GaugeMetricFamily(
+            f"{PREFIX}_acceleration", "1 for each --interfaces device with --acceleration on: "
+            "state xdp (the XDP program attached), tc_fallback (best-effort left it to the TC "
+            "programs: no native XDP) or missing.", labels=["interface", "mode", "state"])
+        mode = o.inventory.acceleration
+        for interface, state in acceleration_states(mode, programs):
+            acceleration.add_metric([interface, mode, state], 1)
+        yield acceleration
         try:
             counted = o.inventory.events()
         except OSError:

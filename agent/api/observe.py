@@ -52,9 +52,12 @@ class Observers:
         await self.api.stop(grace=0.5)
 
 
-async def start(args, agent, cgroup, source_name: str, bind=None) -> Observers:
+async def start(args, agent, cgroup, source_name: str, bind=None,
+                xdp_fallback: dict[str, str] | None = None) -> Observers:
     """Raises ValueError for bad flags, OSError when the API cannot listen. bind(fn, *args)
-    binds the ports (capabilities.PortBinder.run: below 1024 after the capability drop)."""
+    binds the ports (capabilities.PortBinder.run: below 1024 after the capability drop).
+    xdp_fallback: interfaces the loader left to TC under --acceleration best-effort, and
+    why (status and metrics show it)."""
     for flag in ("metrics", "healthz"):
         if _enabled(getattr(args, flag)):
             metrics.split_address(getattr(args, flag), f"--{flag}")    # ValueError early
@@ -62,7 +65,8 @@ async def start(args, agent, cgroup, source_name: str, bind=None) -> Observers:
     kind, _, location = source_name.partition(":")
     inventory = Inventory(args.bpffs, cgroup, _interfaces(args),
                           expect_tc=_tc_datapath_present(),
-                          acceleration=getattr(args, "acceleration", "disabled"))
+                          acceleration=getattr(args, "acceleration", "disabled"),
+                          xdp_fallback=xdp_fallback)
     observed = Observed(agent.status, inventory, source=agent.source, source_kind=kind,
                         source_location=location, sync_period=args.sync_period)
     agent.on_event = observed.hub.publish

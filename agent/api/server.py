@@ -184,7 +184,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             except OSError:
                 return empty
         programs = [agent_pb2.Program(name=a.name, hook=a.hook, target=a.target,
-                                      attached=a.attached, program_id=a.program_id)
+                                      attached=a.attached, program_id=a.program_id,
+                                      state=a.state, detail=a.fallback)
                     for a in read(inv.programs, [])]
         maps = [agent_pb2.MapUsage(name=m.name, type=m.type, entries=m.entries,
                                    max_entries=m.max_entries, memory_bytes=m.memory_bytes)

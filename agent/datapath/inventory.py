@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
@@ -166,6 +166,12 @@ class Attachment:
     attached: bool
     program_id: int = 0
     required: bool = True  # health fails while a required one is missing
+    fallback: str = ""     # not attached on purpose, and why (best-effort XDP: TC serves)
+
+    @property
+    def state(self) -> str:
+        """attached, fallback (not attached on purpose, see fallback) or missing."""
+        return "attached" if self.attached else "fallback" if self.fallback else "missing"
 
 
 def pinned_link_programs(pin_dir: Path) -> dict[int, str]:
@@ -266,14 +272,12 @@ def tc_programs(interfaces: Sequence[str], pinned: dict[int, str] | None = None
     return out
 
 
-XDP_FALLBACK_HOOK = "xdp (best-effort: fell back to tc)"
-
-
-def xdp_programs(interfaces: Sequence[str], pin_dir: Path, acceleration: str
-                 ) -> list[Attachment]:
+def xdp_programs(interfaces: Sequence[str], pin_dir: Path, acceleration: str,
+                 fallback: Mapping[str, str] | None = None) -> list[Attachment]:
     """--acceleration: the XDP program on each interface, found by its pinned link
-    (links/xdp-<ifname>, on that device). Missing under best-effort is the fallback the
-    loader chose and logged: shown as such, not a health failure."""
+    (links/xdp-<ifname>, on that device). An interface the loader left to TC under
+    best-effort (fallback: interface -> why) is shown as that, not as missing; neither
+    is a health failure under best-effort (the TC programs serve either way)."""
     if acceleration == "disabled":
         return []
     out = []
@@ -291,12 +295,22 @@ def xdp_programs(interfaces: Sequence[str], pin_dir: Path, acceleration: str
             pass                                       # no interface, or no link
         if program_id:
             out.append(Attachment(XDP_PROGRAM, "xdp", ifname, True, program_id))
-        elif acceleration == "best-effort":
-            out.append(Attachment(XDP_PROGRAM, XDP_FALLBACK_HOOK, ifname, False,
-                                  required=False))
+        elif acceleration == "best-effort" and ifname in (fallback or {}):
+            out.append(Attachment(XDP_PROGRAM, "xdp", ifname, False, required=False,
+                                  fallback=f"the TC programs handle {ifname} (--acceleration "
+                                           f"best-effort fell back: {fallback[ifname]})"))
         else:
-            out.append(Attachment(XDP_PROGRAM, "xdp", ifname, False))
+            out.append(Attachment(XDP_PROGRAM, "xdp", ifname, False,
+                                  required=acceleration == "native"))
     return out
+
+
+def acceleration_states(acceleration: str, programs: Sequence[Attachment]
+                        ) -> list[tuple[str, str]]:
+    """(interface, state) for each XDP entry: xdp (attached), tc_fallback or missing."""
+    names = {"attached": "xdp", "fallback": "tc_fallback", "missing": "missing"}
+    return [(a.target, names[a.state]) for a in programs
+            if acceleration != "disabled" and a.hook == "xdp"]
 
 
 # ---- the programs' own counters ---------------------------------------------------------
@@ -336,9 +350,11 @@ class Inventory:
 
     def __init__(self, pin_dir: Path, cgroup_dir: Path, interfaces: Sequence[str] = (),
                  max_age: float = 1.0, expect_tc: bool = False,
-                 acceleration: str = "disabled") -> None:
+                 acceleration: str = "disabled",
+                 xdp_fallback: Mapping[str, str] | None = None) -> None:
         self.pin_dir = pin_dir
         self.acceleration = acceleration
+        self.xdp_fallback = dict(xdp_fallback or {})
         self.cgroup_dir = cgroup_dir
         self.interfaces = tuple(interfaces)
         self.expect_tc = expect_tc and bool(self.interfaces)
@@ -372,8 +388,8 @@ class Inventory:
             pinned = pinned_link_programs(self.pin_dir)
             return socket_programs(self.cgroup_dir, pinned) + (
                 tc_programs(self.interfaces, pinned) if self.expect_tc else []) + (
-                xdp_programs(self.interfaces, self.pin_dir, self.acceleration)
-                if self.expect_tc else [])
+                xdp_programs(self.interfaces, self.pin_dir, self.acceleration,
+                             self.xdp_fallback) if self.expect_tc else [])
         return self._cached("programs", read)
 
     def maps(self) -> list[MapUsage]:

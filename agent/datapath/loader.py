@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import re
@@ -29,6 +30,9 @@ BPF_DIR = Path(os.environ.get("BPFPROXY_BPF_DIR", Path(__file__).resolve().paren
 PINNED_MAPS = {spec.table: spec.pin for spec in (*layout.MAPS.values(), layout.SOCKET_STORAGE)}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+RESULT = "bpfp-loader-result "   # the child's one stdout line: what the agent must know
 
 
 class DatapathError(RuntimeError):
@@ -272,18 +276,19 @@ def attach_tc_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> N
             log.info("event=program_detached link=%s", link.name)
 
 
-def attach_xdp_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> list[str]:
+def attach_xdp_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]
+                        ) -> dict[str, str]:
     """--acceleration: the XDP program on each interface, in the driver (native XDP; the
     generic kind runs after the stack's own work and would only slow the TC path down),
     through a pinned link links/xdp-<ifname> swapped atomically by a new agent. Where the
     driver has none: native stops here, best-effort leaves that interface to the TC
     programs and says so. Links no longer wanted (acceleration disabled, an interface
-    gone from the list) go. Returns the interfaces left to TC alone."""
+    gone from the list) go. Returns the interfaces left to TC alone, each with why."""
     from bcc import BPF
 
     mode = loaded.config.acceleration
     links = loaded.config.pin_dir / "links"
-    wanted, fallback = set(), []
+    wanted, fallback = set(), {}
     if mode != "disabled" and interfaces:
         fn = loaded.bpf.load_func(XDP_PROGRAM.encode(), BPF.XDP)
         for ifname in interfaces:
@@ -309,7 +314,7 @@ def attach_xdp_programs(loaded: LoadedDatapath, interfaces: tuple[str, ...]) -> 
                         f"--acceleration native: {ifname} takes no native XDP program "
                         f"({exc}); its driver may have no XDP support: use "
                         f"--acceleration best-effort or disabled") from exc
-                fallback.append(ifname)
+                fallback[ifname] = f"no native XDP on {ifname}: {exc}"
                 log.warning("event=xdp_fallback interface=%s error=%r path=tc", ifname,
                             str(exc))
                 continue
@@ -386,23 +391,32 @@ class LoaderChild:
         self._process = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True)
 
-    def wait(self) -> None:
+    def wait(self) -> dict[str, str]:
         """Until the child is done (blocks: call it from a thread); raises DatapathError
-        when it failed or took longer than the timeout (then it is killed)."""
+        when it failed or took longer than the timeout (then it is killed). Returns the
+        interfaces --acceleration best-effort left to the TC programs, each with why
+        (logged here, once)."""
         try:
-            _, stderr = self._process.communicate(
+            stdout, stderr = self._process.communicate(
                 timeout=max(0.0, self._deadline - time.monotonic()))
         except subprocess.TimeoutExpired as exc:
             self.kill()
             raise DatapathError(f"compiling and attaching took over {self._timeout:.0f}s"
                                 ) from exc
         for line in stderr.splitlines():
-            if line.strip():
+            if line.strip() and not line.startswith("event=xdp_fallback "):   # said below
                 log.info("event=loader_output line=%r", line)
         if self._process.returncode != 0:
             last = stderr.strip().splitlines()[-1:] or [
                 f"exit code {self._process.returncode}"]
             raise DatapathError(f"loading the BPF programs failed: {last[0]}")
+        results = [json.loads(line[len(RESULT):]) for line in stdout.splitlines()
+                   if line.startswith(RESULT)]
+        fallback = results[-1]["xdp_fallback"] if results else {}
+        for ifname, why in sorted(fallback.items()):
+            log.warning("event=xdp_fallback interface=%s xdp=not_attached traffic=tc "
+                        "acceleration=best-effort reason=%r", ifname, why)
+        return fallback
 
     def kill(self) -> None:
         """Stop a child still running (the agent gave up) and reap it."""
@@ -411,8 +425,9 @@ class LoaderChild:
         self._process.communicate()
 
 
-def load_in_child(config: DatapathConfig, cgroup_dir: Path, timeout: float = 300.0) -> None:
-    LoaderChild(config, cgroup_dir, timeout).wait()
+def load_in_child(config: DatapathConfig, cgroup_dir: Path, timeout: float = 300.0
+                  ) -> dict[str, str]:
+    return LoaderChild(config, cgroup_dir, timeout).wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,9 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         carried = migrate.fill(config.pin_dir)      # before any new program runs
         attach_socket_programs(loaded, args.cgroup)
         attach_tc_programs(loaded, config.interfaces)
-        attach_xdp_programs(loaded, config.interfaces)
+        fallback = attach_xdp_programs(loaded, config.interfaces)
         migrate.finish(config.pin_dir, carried)     # every hook runs the new programs
         restrict_pins(config.pin_dir)
+        print(RESULT + json.dumps({"xdp_fallback": fallback}), flush=True)
     except (DatapathError, migrate.MigrationError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
