@@ -429,3 +429,22 @@ def test_services_reads_a_page_larger_than_grpc_s_default_receive_limit(tmp_path
     assert asyncio.run(run()) == 0
     entries = json.loads(capsys.readouterr().out)
     assert len(entries) == 200 and all(len(e["backends"]) == 1000 for e in entries)
+
+
+def test_service_port_messages_mark_what_the_manifest_source_allocated(status):
+    """The frontends the manifest source allocated (a cluster IP, a node port) are marked;
+    one the manifest gave is not, nor a Service it allocated nothing for."""
+    from types import SimpleNamespace
+    allocations = {("other", "np"): SimpleNamespace(cluster_ips={"10.96.0.30"},
+                                                    node_ports={30080})}
+    response = agent_pb2.ListServicesResponse()
+    server.add_service_ports(response.services, status.view.service_ports, allocations)
+    marked = {(p.name, f.kind): f.allocated for p in response.services for f in p.frontends}
+    assert marked[("np", "ClusterIP")] and marked[("np", "NodePort")]
+    assert not marked[("web", "ClusterIP")] and not marked[("db", "ClusterIP")]
+    assert sorted(b.address for p in response.services
+                  if p.name == "web" and p.port_name == "http"
+                  for b in p.backends) == ["10.244.1.2", "10.244.1.3", "10.244.1.4"]
+    one = server.service_port_message(next(sp for sp in status.view.service_ports
+                                           if sp.name.name == "np"), allocations)
+    assert one.name == "np" and all(f.allocated for f in one.frontends)
