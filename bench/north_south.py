@@ -6,16 +6,26 @@ identical in shape; a contestant is only how node 1 forwards (CONTESTANTS). Figu
 target and rep, interleaved contestant by contestant, reported beside the same run's direct
 routing:
   - packet rate: loadgen udp_flood (64 flows of 64-byte frames by sendmmsg) at full speed,
-    counted at the backend pod's ingress (an nft netdev counter that drops them there);
-    node 1's receive processing is steered to FORWARD_CPU by RPS and everything else to the
-    other CPU, so node 1's busy time per packet on that core is its per-core cost;
+    counted at the backend pod's ingress (an nft netdev counter that drops them there).
+    Everything runs on one core (CORE): the sender, and, as veth hands a packet to its peer
+    in the sender's own softirq, every hop after it (wire, node 1, node 2, the pod). The
+    sender's CPU time (rusage, softirq work included) plus that core's ksoftirqd time, per
+    packet delivered, is the path's cost on one core; a contestant's own cost is its
+    difference to direct routing's in the same rep. No second CPU: handing packets to one
+    (RPS) costs the sending core an IPI whenever the other had drained its queue, and that
+    cost, larger the faster node 1 is, swamped the proxies' own (bench/README.md);
+  - the bpfproxy programs' own time per packet (run_time_ns of
+    node 1's TC and XDP programs, counted while the bench holds BPF_ENABLE_STATS);
   - loss below capacity: the same flood paced at LOSS_FRACTION of the rate just measured;
   - TCP_CRR (rate, p50/p99) and bulk TCP from outside."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import ipaddress
 import json
 import os
+import resource
 import subprocess
 import time
 from collections import defaultdict
@@ -30,7 +40,7 @@ from lab.agent_runner import AgentRunner
 from lab.cluster import Cluster
 from lab.pod import Pod
 
-FORWARD_CPU, OTHER_CPU = 1, 0    # node 1's forwarding / the sender, the wire, node 2, pods
+CORE = 1                         # the sender, the servers, and so every hop's softirq
 TCP_PORT, FLOOD_PORT = 8080, 8081   # backend ports: loadgen server / the counting sink
 LOSS_FRACTION = 0.5              # the paced flood runs at this share of measured capacity
 FLOWS = 64
@@ -145,7 +155,7 @@ class NsBed:
         return self.cluster.node_ip(NODE1), tcp_np if protocol == "tcp" else udp_np
 
     def client(self, argv: list[str], seconds: float) -> dict:
-        done = self.cluster.external.run(["taskset", "-c", str(OTHER_CPU), str(self.loadgen),
+        done = self.cluster.external.run(["taskset", "-c", str(CORE), str(self.loadgen),
                                           *argv], timeout=seconds + 30, check=True)
         return loadgen.parse_result(done.stdout)
 
@@ -189,14 +199,6 @@ def _in_netns(namespace: str, argv: list[str], stdin: str | None = None) -> None
         raise RuntimeError(f"{namespace}: {' '.join(argv)}: {done.stderr.strip()}")
 
 
-def _rps(namespace: str, device: str, cpu: int) -> None:
-    """Steer device's receive processing in namespace to cpu (RPS on its one rx queue).
-    sysfs shows a namespace's devices only when mounted in it: `ip netns exec` does that."""
-    path = f"/sys/class/net/{device}/queues/rx-0/rps_cpus"
-    _in_netns(namespace, ["ip", "netns", "exec", namespace, "sh", "-c",
-                          f"echo {1 << cpu:x} > {path}"])
-
-
 def _start_sink(pod: Pod) -> None:
     """An nft netdev ingress counter that drops the flood at the pod's door: what node 1
     delivered is counted, and the pod spends nothing more on it (no socket, no ICMP)."""
@@ -207,7 +209,7 @@ def _start_sink(pod: Pod) -> None:
 
 
 def _start_server(pod: Pod, binary: Path) -> None:
-    server = pod.popen(["taskset", "-c", str(OTHER_CPU), str(binary), "server", "--port",
+    server = pod.popen(["taskset", "-c", str(CORE), str(binary), "server", "--port",
                         str(TCP_PORT), "--threads", "1"], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True)
     if not loadgen.wait_ready(server, timeout=10):
@@ -222,11 +224,6 @@ def build(contestant: Contestant, binary: Path, index: int) -> NsBed:
         for pod in pods.values():
             _start_server(pod, binary)
             _start_sink(pod)
-            _rps(pod.netns, "eth0", OTHER_CPU)        # what node 1 delivers locally
-        node1 = cluster.nodes[NODE1]
-        _rps(node1.node_netns, cluster.uplink(NODE1), FORWARD_CPU)     # node 1 receives
-        _rps(node1.node_netns, pods["local"].node_veth, FORWARD_CPU)   # ...from its pod too
-        _rps(cluster.wire_netns, "bpfpw1", OTHER_CPU)                # what node 1 sends out
         netns.ip("route", "replace", "192.0.2.0/24", "via", cluster.node_ip(NODE1),
                  netns=cluster.external_netns)      # the load balancer sends to node 1
         directory = cluster.workdir / "manifests"
@@ -267,13 +264,54 @@ class NorthSouth:
     seconds: float = 0.0
 
 
-def _idle_seconds(cpu: int) -> float:
-    """idle + iowait of one CPU from /proc/stat (nohz keeps them exact), in seconds."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
-            fields = line.split()
-            return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
-    raise RuntimeError(f"/proc/stat has no cpu{cpu}")
+def _children_cpu() -> float:
+    """User + system seconds of this process's finished children (the sender, once run)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def _ksoftirqd_cpu(cpu: int) -> float:
+    """Seconds ksoftirqd/cpu has run: softirq work the kernel deferred from the sender."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == f"ksoftirqd/{cpu}":
+                return int((comm.parent / "schedstat").read_text().split()[0]) / 1e9
+        except OSError:
+            continue
+    return 0.0
+
+
+def _enable_bpf_stats() -> int:
+    """BPF_ENABLE_STATS (libbpf's bpf_enable_stats, BPF_STATS_RUN_TIME): the kernel counts
+    each program's run time while the returned fd is open; other holders (and the sysctl
+    kernel.bpf_stats_enabled) are not disturbed."""
+    libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    fd = libbpf.bpf_enable_stats(0)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "bpf_enable_stats")
+    return fd
+
+
+def _program_ids(bed: NsBed) -> list[int]:
+    """Node 1's bpfproxy programs on its interface (TC and XDP), by their pinned links."""
+    links = bed.agent.bpffs / "links" if bed.agent else None
+    ids = []
+    for link in sorted(links.glob("*-*")) if links and links.is_dir() else ():
+        if link.name.startswith(("tc-", "xdp-")):
+            shown = subprocess.run(["bpftool", "-j", "link", "show", "pinned", str(link)],
+                                   capture_output=True, text=True, timeout=10, check=True)
+            ids.append(json.loads(shown.stdout)["prog_id"])
+    return ids
+
+
+def _program_ns(ids: list[int]) -> int:
+    """Sum of run_time_ns of these programs (counted while _enable_bpf_stats holds)."""
+    total = 0
+    for prog_id in ids:
+        shown = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
+                               capture_output=True, text=True, timeout=10, check=True)
+        total += json.loads(shown.stdout).get("run_time_ns", 0)
+    return total
 
 
 def _settled_count(bed: NsBed, where: str, before: int) -> int:
@@ -291,13 +329,16 @@ def _settled_count(bed: NsBed, where: str, before: int) -> int:
 def flood(bed: NsBed, where: str, frontend: str, seconds: float, rate: float = 0.0) -> dict:
     addr, port = bed.address(where, frontend, "udp")
     before = bed.sink_count(where)
-    idle0, wall0 = _idle_seconds(FORWARD_CPU), time.monotonic()
+    programs = _program_ids(bed)
+    ns0 = _program_ns(programs)
+    cpu0 = _children_cpu() + _ksoftirqd_cpu(CORE)
     sent = bed.client(["udp_flood", "--addr", addr, "--port", str(port), "--duration",
                        str(seconds), "--flows", str(FLOWS), "--rate", str(rate)], seconds)
-    busy = (time.monotonic() - wall0) - (_idle_seconds(FORWARD_CPU) - idle0)
+    cpu = _children_cpu() + _ksoftirqd_cpu(CORE) - cpu0
     received = _settled_count(bed, where, before)
     return {"sent": sent["packets"], "received": received, "seconds": sent["seconds"],
-            "pps": received / sent["seconds"], "busy_s": max(busy, 0.0),
+            "pps": received / sent["seconds"], "cpu_s": cpu,
+            "program_ns": _program_ns(programs) - ns0 if programs else None,
             "errors": sum(sent["errors"].values())}
 
 
@@ -307,7 +348,9 @@ def measure_target(bed: NsBed, where: str, frontend: str, plan: Plan, out: North
     full = flood(bed, where, frontend, plan.seconds)
     figures["pps"].add(full["pps"])
     if full["received"]:
-        figures["core_us_per_pkt"].add(1e6 * full["busy_s"] / full["received"])
+        figures["core_us_per_pkt"].add(1e6 * full["cpu_s"] / full["received"])
+        if full["program_ns"] is not None:
+            figures["program_ns_per_pkt"].add(full["program_ns"] / full["received"])
     paced = flood(bed, where, frontend, plan.seconds, rate=LOSS_FRACTION * full["pps"])
     figures["paced_sent"].add(paced["sent"])
     figures["paced_lost"].add(paced["sent"] - paced["received"])
@@ -330,6 +373,7 @@ def measure(binary: Path, plan: Plan, say) -> NorthSouth:
     start = time.monotonic()
     playing = [BY_NAME[n] for n in plan.contestants if BY_NAME[n].setup is not None]
     beds: dict[str, NsBed] = {}
+    stats = _enable_bpf_stats()          # the programs' run_time_ns while this runs
     try:
         for i, contestant in enumerate(playing):
             beds[contestant.name] = build(contestant, binary, i)
@@ -345,6 +389,7 @@ def measure(binary: Path, plan: Plan, say) -> NorthSouth:
                             measure_target(beds[contestant.name], where, "pod", plan, out)
             say(f"  north-south rep {rep + 1}/{plan.reps} done")
     finally:
+        os.close(stats)
         for bed in beds.values():
             bed.close()
     out.seconds = time.monotonic() - start
@@ -406,26 +451,31 @@ def markdown(out: NorthSouth | None) -> list[str]:
         f"An outside client namespace sends to node 1 of a two-node lab; the backend is on "
         f"node 1 (*local*) or node 2 (*remote*). {plan.reps} interleaved reps of "
         f"{plan.seconds}s per figure (median, [min, max] or ±spread); {out.seconds:.0f}s in "
-        f"all. Node 1's receive work is steered by RPS to CPU {FORWARD_CPU}; the sender, the "
-        f"wire, node 2 and the pods to CPU {OTHER_CPU}. The machine is shared (2 CPUs, other "
-        "engineers' tests): figures are noisy, compare within a run. *direct* sends to the "
+        f"all. Everything runs on CPU {CORE}: the sender, and every hop after it in the "
+        "sender's softirq (veth), so a packet's whole path is paid by one core. The machine "
+        "is shared (2 CPUs, other engineers' tests): rates are noisy, the CPU time per packet "
+        "much less so; compare within a run. *direct* sends to the "
         "pod's own address through node 1 (plain routing; the remote pod answers straight "
         "from node 2), the limit.", "",
         f"### Packet rate (UDP, {FLOWS} flows, 64-byte frames, sendmmsg)", "",
-        "*received pps*: counted at the backend pod's ingress, sender at full speed. *node-1 "
-        f"core µs/pkt*: CPU {FORWARD_CPU}'s busy time per packet delivered (includes whatever "
-        "else ran there). *own cost*: µs per packet over direct routing, paired per rep, from "
-        "the node-1 core and end to end (1/pps). *lost at "
+        "*received pps*: counted at the backend pod's ingress, sender at full speed. *core "
+        "µs/pkt*: the sender's CPU time (rusage: its softirqs, i.e. every hop, included) plus "
+        f"ksoftirqd/{CORE}'s, per packet delivered: the whole path on one core. *own cost*: µs "
+        "per packet over direct routing, paired per rep, from that CPU time and end to end "
+        "(1/pps). *programs ns/pkt*: node 1's bpfproxy programs (TC and XDP) by "
+        "BPF_ENABLE_STATS (run_time_ns; includes the ~70 ns the statistics add per "
+        "run on this VM). *lost at "
         f"{LOSS_FRACTION:.0%}*: packets sent but not received when paced at "
         f"{LOSS_FRACTION:.0%} of the rate just measured.", "",
-        "| contestant | backend | frontend | received pps | vs direct | node-1 core µs/pkt "
-        "| own cost, core µs | own cost, end to end µs | lost at "
-        f"{LOSS_FRACTION:.0%} (of sent) |", "|---|---|---|---|---|---|---|---|---|"]
+        "| contestant | backend | frontend | received pps | vs direct | core µs/pkt "
+        "| own cost, core µs | own cost, end to end µs | programs ns/pkt | lost at "
+        f"{LOSS_FRACTION:.0%} (of sent) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for contestant, where, frontend in _rows(out):
         if where is None:
-            lines.append(f"| {contestant.name} | - | - | {contestant.not_built} | | | | | |")
+            lines.append(f"| {contestant.name} | - | - | {contestant.not_built} | | | | | | |")
             continue
         pps = _get(out, contestant.name, where, frontend, "pps")
+        programs = _get(out, contestant.name, where, frontend, "program_ns_per_pkt")
         base = _get(out, "direct", where, "pod", "pps").median
         core = _get(out, contestant.name, where, frontend, "core_us_per_pkt")
         direct = contestant.name == "direct"
@@ -437,6 +487,7 @@ def markdown(out: NorthSouth | None) -> list[str]:
             f"{'-' if core.median is None else f'{core.median:.2f}'} | "
             f"{'-' if direct else _us(_paired_costs(out, contestant.name, where, frontend, 'core_us_per_pkt', False))} | "  # noqa: E501
             f"{'-' if direct else _us(_paired_costs(out, contestant.name, where, frontend, 'pps', True))} | "  # noqa: E501
+            f"{'-' if programs.median is None else f'{programs.median:,.0f}'} | "
             f"{lost:,.0f} of {sent:,.0f} |")
     lines += ["", "### Connections and bulk throughput from outside", "",
               "TCP_CRR: connect, 1-byte request and answer, close, one client thread. Bulk: "
@@ -484,14 +535,20 @@ def target_rows(out: NorthSouth) -> list[tuple[str, str, str, bool | None]]:
     for frontend in out.plan.frontends:
         name = (f"XDP forwards >= {XDP_REMOTE_GAIN}x the packets/s of kernel routing "
                 f"(remote backend, {FRONTEND_NAMES[frontend]})")
-        xdp = _get(out, "bpfproxy-xdp", "remote", frontend, "pps")
-        direct = _get(out, "direct", "remote", "pod", "pps")
-        if xdp.median is None or not direct.median:
+        # packets/s one core carries = 1 / its CPU time per packet, paired per rep
+        xdp = _get(out, "bpfproxy-xdp", "remote", frontend, "core_us_per_pkt").values
+        direct = _get(out, "direct", "remote", "pod", "core_us_per_pkt").values
+        gains = Series()
+        for mine, base in zip(xdp, direct, strict=False):
+            if mine and base:
+                gains.add(base / mine)
+        if gains.median is None:
             rows.append((name, f">= {XDP_REMOTE_GAIN}x", "not measured", None))
             continue
-        gain = xdp.median / direct.median
-        rows.append((name, f">= {XDP_REMOTE_GAIN}x", f"{xdp.median:,.0f} vs "
-                     f"{direct.median:,.0f} pkt/s ({gain:.2f}x)", gain >= XDP_REMOTE_GAIN))
+        rows.append((name, f">= {XDP_REMOTE_GAIN}x", f"{1e6 / Series(xdp).median:,.0f} vs "
+                     f"{1e6 / Series(direct).median:,.0f} pkt/s per core ({gains.median:.2f}x"
+                     f" [{min(gains.values):.2f}, {max(gains.values):.2f}])",
+                     gains.median >= XDP_REMOTE_GAIN))
     for contestant in CONTESTANTS:
         if contestant.setup is None or contestant.name not in out.plan.contestants:
             continue
