@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -65,6 +66,28 @@ def memory(pid: int) -> tuple[int, int]:
     return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of every child it started (running or reaped): on a shared
+    machine a wall-clock figure also holds other people's work, this one only ours."""
+    total = 0.0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            # utime, stime, cutime, cstime (fields 14-17; 3 is fields[0] here)
+            total += sum(int(x) for x in fields[11:15]) / _TICK
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue            # gone meanwhile: its time is in its parent's cutime
+    return total
+
+
 def with_extra_endpoint(objects: list[dict]) -> list[dict]:
     """Every EndpointSlice rewritten: one endpoint more (an address no pod has)."""
     out = []
@@ -82,9 +105,10 @@ def with_extra_endpoint(objects: list[dict]) -> list[dict]:
 
 class _Moment:
     """Now on both clocks: the wall clock (the agent's status reports last_sync_unix) and
-    the monotonic one (a pod client's timeline)."""
+    the monotonic one (a pod client's timeline); and the agent's CPU time so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, agent_pid: int | None = None) -> None:
+        self.agent_cpu = cpu_seconds(agent_pid) if agent_pid else 0.0
         self.wall, self.mono = time.time(), time.monotonic()
 
 
@@ -171,15 +195,16 @@ class Trial:
         if self.source != "kube":
             staged = write_objects(self.work / "manifests", objects, self.source) + \
                 write_objects(self.work / "manifests", self.probe(True), self.probe_form)
-            begin = _Moment()
+            begin = _Moment(self.process.pid)
             _publish(staged)
         else:
             # the test server deep-copies every object under its lock: no watch event
             # leaves before put() returns, so the clock starts there
             self.kube.put(*objects, *self.probe(True))
-            begin = _Moment()
+            begin = _Moment(self.process.pid)
         status = self.client.wait(
             lambda s: s.backends == want and s.last_sync_unix > begin.wall, timeout=600)
+        self.churn_cpu_s = cpu_seconds(self.process.pid) - begin.agent_cpu
         return status.last_sync_unix - begin.wall, self._reached_extra(running, begin)
 
     def _probe_client(self, duration: float):
@@ -219,15 +244,21 @@ class Trial:
         reach = self._reached_extra(running, begin) if running is not None else None
         return status.last_event_to_kernel_seconds, status.last_sync_unix - begin.wall, reach
 
-    def list_services(self) -> float:
+    def list_services(self) -> tuple[float, float]:
+        """One `services -o json`: (wall seconds, CPU seconds of the command and the agent)."""
+        agent_cpu, children = cpu_seconds(self.process.pid), resource.getrusage(
+            resource.RUSAGE_CHILDREN)
         begin = time.monotonic()
         done = subprocess.run([*BPFPROXY, "services", "--api", self.api_sock, "-o", "json"],
                               capture_output=True, text=True, timeout=600,
                               cwd=Path(__file__).resolve().parents[1])
         took = time.monotonic() - begin
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+               + cpu_seconds(self.process.pid) - agent_cpu)
         if done.returncode != 0 or len(json.loads(done.stdout)) != 2 * (self.services + 1):
             raise RuntimeError(f"services -o json: {done.returncode} {done.stderr[-500:]}")
-        return took
+        return took, cpu
 
     def close(self) -> None:
         if self.client is not None:
@@ -251,9 +282,10 @@ def run_trial(bed, source: str, services: int, endpoints: int, work: Path,
         trial.prepare()
         figures["start_s"] = trial.start()
         pid = trial.process.pid
+        figures["start_cpu_s"] = cpu_seconds(pid)
         figures["rss"], figures["peak"] = memory(pid)
         figures["map_bytes"] = topology.agent_memory(pid)[1]
-        figures["services_json_s"] = trial.list_services()
+        figures["services_json_s"], figures["services_json_cpu_s"] = trial.list_services()
         event, written, reach = [], [], []
         for i in range(changes):
             e, w, r = trial.one_change(with_extra=i % 2 == 0)
@@ -267,6 +299,7 @@ def run_trial(bed, source: str, services: int, endpoints: int, work: Path,
         figures["change_event_s"], figures["change_write_s"] = event, written
         figures["change_reach_s"] = reach
         figures["churn_s"], figures["churn_reach_s"] = trial.churn()
+        figures["churn_cpu_s"] = trial.churn_cpu_s
         figures["rss_churn"], figures["peak_churn"] = memory(pid)
     finally:
         trial.close()
@@ -279,7 +312,8 @@ def empty_start(bed, source: str, work: Path, size_flags: tuple[str, ...]) -> di
     try:
         trial.prepare()
         start = trial.start()
-        return {"start_s": start, "map_bytes": topology.agent_memory(trial.process.pid)[1],
+        return {"start_s": start, "start_cpu_s": cpu_seconds(trial.process.pid),
+                "map_bytes": topology.agent_memory(trial.process.pid)[1],
                 "rss": memory(trial.process.pid)[0]}
     finally:
         trial.close()
@@ -297,8 +331,9 @@ def measure(bed, sizes: list[tuple[int, int]], reps: int, changes: int, sources,
         ("max_revnat", "--max-reverse-nat"), ("max_affinity", "--max-affinity"),
         ("max_stats", "--max-stats")) for x in (flag, str(small[field])))
     results: dict = {"sizes": [list(s) for s in sizes], "sources": list(sources), "reps": reps,
-                     "empty": {}, "trials": {}}
-    series = lambda: {"start_s": Series(), "map_bytes": Series(), "rss": Series()}  # noqa: E731
+                     "empty": {}, "trials": {}, "load": {"start": os.getloadavg()}}
+    series = lambda: {"start_s": Series(), "start_cpu_s": Series(),  # noqa: E731
+                      "map_bytes": Series(), "rss": Series()}
     for rep in range(reps):
         for source in sources:
             for label, flags in (("defaults", ()), ("2 GiB node", small_flags)):
@@ -319,9 +354,12 @@ def measure(bed, sizes: list[tuple[int, int]], reps: int, changes: int, sources,
                     for v in values:
                         series_.add(v)
                 say(f"  rep {rep + 1}/{reps} {source} {services:,} x {endpoints}: start "
-                    f"{figures['start_s']:.2f}s, churn {figures['churn_s']:.2f}s, rss "
+                    f"{figures['start_s']:.2f}s (cpu {figures['start_cpu_s']:.2f}s), churn "
+                    f"{figures['churn_s']:.2f}s (cpu {figures['churn_cpu_s']:.2f}s), rss "
                     f"{figures['rss'] / 2**20:.0f} MiB (peak {figures['peak'] / 2**20:.0f}), "
-                    f"services -o json {figures['services_json_s']:.2f}s")
+                    f"services -o json {figures['services_json_s']:.2f}s "
+                    f"(cpu {figures['services_json_cpu_s']:.2f}s)")
+    results["load"]["end"] = os.getloadavg()
     return results
 
 
@@ -335,6 +373,11 @@ def as_json(results: dict) -> dict:
 # --- the report ---------------------------------------------------------------------------
 
 MiB = 2**20
+
+
+def _loads(results: dict) -> str:
+    loads = results.get("load") or {}
+    return ", ".join(f"{round(v[0], 1)} at the {k}" for k, v in loads.items()) or "-"
 
 
 def _cell(s: Series, unit: str) -> str:
@@ -354,7 +397,8 @@ def _p99(s: Series) -> float | None:
     return values[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))]
 
 
-def _targets(services: int, source: str, empty_start: float | None):
+def _targets(services: int, source: str, empty_start: float | None,
+             empty_cpu: float | None = None):
     """figure -> (goal text, predicate on the median) from issue 16's table."""
     files = source != "kube"
     big = services >= 50000
@@ -364,6 +408,9 @@ def _targets(services: int, source: str, empty_start: float | None):
     out = {
         "start_s": (f"<= empty start + {start_extra:.1f} s",
                     lambda v: empty_start is not None and v <= empty_start + start_extra),
+        # the same target in CPU time: what a start costs whatever else the machine runs
+        "start_cpu_s": (f"<= empty start's + {start_extra:.1f} s",
+                        lambda v: empty_cpu is not None and v <= empty_cpu + start_extra),
         "churn_s": (f"<= {churn_goal:.0f} s", lambda v: v <= churn_goal),
         "churn_reach_s": (f"<= {churn_goal:.0f} s", lambda v: v <= churn_goal),
         "rss": (f"<= {rss_goal} MiB", lambda v: v <= rss_goal * MiB),
@@ -381,16 +428,19 @@ def _targets(services: int, source: str, empty_start: float | None):
 
 
 ROWS = (("start_s", "agent start -> ready", "s"),
+        ("start_cpu_s", "agent CPU time, start -> ready (loader child included)", "s"),
         ("rss", "agent RSS after the sync", "MiB"),
         ("peak", "agent peak RSS after the sync", "MiB"),
         ("churn_s", "every EndpointSlice rewritten -> kernel", "s"),
         ("churn_reach_s", "every EndpointSlice rewritten -> new connections follow", "s"),
+        ("churn_cpu_s", "agent CPU time, rewrite -> kernel", "s"),
         ("rss_churn", "agent RSS after the churn", "MiB"),
         ("peak_churn", "agent peak RSS after the churn", "MiB"),
         ("change_event_s", "one change, source event -> kernel (p50; p99)", "s"),
         ("change_write_s", "one change, written -> kernel (p50)", "s"),
         ("change_reach_s", "one change -> new connections reach the new pod (p50; max)", "s"),
         ("services_json_s", "one `bpfproxy services -o json`", "s"),
+        ("services_json_cpu_s", "its CPU time (the command and the agent)", "s"),
         ("map_bytes", "BPF map memory (sizes for 262144 frontends, 2M slots)", "MiB"))
 
 
@@ -406,17 +456,22 @@ def markdown(results: dict) -> list[str]:
            "the agent with --kubeconfig). Sources interleaved rep by rep "
            f"({results['reps']} reps); median ±spread ((max-min)/median, ⚠ above 10 %). "
            "Churn on the API is timed from the end of the server's put of every slice. "
+           "CPU time rows: the agent's CPU seconds (its loader child's included) over the "
+           "same span, and for `services -o json` the command's and the agent's: a wall "
+           "figure also holds whatever else the machine ran, the CPU time does not "
+           f"(load average {_loads(results)}). "
            "Target met: ✅, not met: ❌ (issue 16).", ""]
     empty = results["empty"]
     out += ["### No service at all", "",
-            "| source | sizes | start -> ready | agent RSS | BPF map memory | target | met |",
-            "|---|---|---|---|---|---|---|"]
+            "| source | sizes | start -> ready | its CPU time | agent RSS | BPF map memory "
+            "| target | met |", "|---|---|---|---|---|---|---|---|"]
     for key, row in empty.items():
         source, label = key.split("|")
         maps = row["map_bytes"]
         goal, met = ("<= 32 MiB", "✅" if maps.median <= 32 * MiB else "❌") \
             if label == "2 GiB node" else ("(this node's derived sizes)", "")
         out.append(f"| {source} | {label} | {_cell(row['start_s'], 's')} | "
+                   f"{_cell(row.get('start_cpu_s'), 's')} | "
                    f"{_cell(row['rss'], 'MiB')} | {_cell(maps, 'MiB')} | {goal} | {met} |")
     out.append("")
     for services, endpoints in results["sizes"]:
@@ -434,8 +489,10 @@ def markdown(results: dict) -> list[str]:
                 if name == "change_reach_s" and s and s.values:
                     cell += f"; max {max(s.values) * 1000:.0f} ms"
                 empty_row = empty.get(f"{source}|defaults")
-                goal, test = _targets(services, source, empty_row["start_s"].median
-                                      if empty_row else None).get(name, ("-", None))
+                goal, test = _targets(
+                    services, source, empty_row["start_s"].median if empty_row else None,
+                    empty_row["start_cpu_s"].median if empty_row and "start_cpu_s" in empty_row
+                    else None).get(name, ("-", None))
                 judged = None if s is None or not s.values else (
                     _p99(s) if name == "change_event_s" else
                     max(s.values) if name == "change_reach_s" else s.median)
