@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Mapping
+from ipaddress import IPv4Address, IPv6Address
+from operator import attrgetter
 
 from agent import maglev
 from agent.planner.kernel import (
@@ -65,16 +67,32 @@ def maglev_rows(maglev_m: int) -> int:
     return -(-(maglev_m or maglev.M_MAX) // MAGLEV_ROW)
 
 
+_FRONTEND_MAP = {IPv4Address: frontend_map(4), IPv6Address: frontend_map(6)}
+_ADDRESS = attrgetter("address")
+
+
 def map_usage(services: Iterable[KernelService], maglev_m: int) -> dict[str, int]:
     """Entries the service ports take in each budgeted map."""
     used: Counter = Counter()
+    slots: dict[int, int] = {}         # keys as before: a family once a port has it
+    ranges = maglev_entries = 0
+    seen = False
+    rows = maglev_rows(maglev_m)
     for s in services:
-        used.update(frontend_map(f.address.version) for f in s.frontends)
-        used[slot_map(s.family)] += len(s.backends) + len(s.stray_slots)
-        used[RANGE_MAP] += len(s.source_ranges)
+        # the frontends' maps by their address type, counted in C (a full plan counts
+        # every frontend twice)
+        used.update(map(_FRONTEND_MAP.__getitem__, map(type, map(_ADDRESS, s.frontends))))
+        slots[s.family] = slots.get(s.family, 0) + len(s.backends) + len(s.stray_slots)
+        seen = True
+        ranges += len(s.source_ranges)
         if s.flags & SVC_F_MAGLEV:
-            used[MAGLEV_MAP] += maglev_rows(maglev_m)
-        used[MAGLEV_MAP] += s.stray_maglev_rows
+            maglev_entries += rows
+        maglev_entries += s.stray_maglev_rows
+    for family, count in slots.items():
+        used[slot_map(family)] += count
+    if seen:
+        used[RANGE_MAP] += ranges
+        used[MAGLEV_MAP] += maglev_entries
     return dict(used)
 
 

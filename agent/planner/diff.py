@@ -41,7 +41,8 @@ def diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServic
     for svc_id in sorted(svc_ids):
         old, new = applied.get(svc_id), result.get(svc_id)
         old_slots = old.backends if old else ()
-        if old is not None and any(f.protocol is Protocol.UDP for f in old.frontends):
+        if old is not None and any(f.protocol is Protocol.UDP for f in old.frontends) \
+                and (new is None or new.backends is not old_slots):
             removed.update(set(old_slots) - set(new.backends if new else ()))
         if old is not None:
             released.update(f for f in old.frontends if f not in owners)
@@ -60,7 +61,9 @@ def diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServic
             continue
         new_local, old_local = new.local, old.local if old else NO_BACKENDS
         flagged = new_local or old_local    # else no lookups: most ports have no local one
-        for i, backend in enumerate(new.backends):
+        # slots unchanged (the planner keeps the old tuple then) need no look unless flagged
+        for i, backend in enumerate(() if new.backends is old_slots and not flagged
+                                    else new.backends):
             local = bool(new_local) and backend in new_local
             # a slot whose backend stays but whose BE_LOCAL is wrong (written by an agent
             # that knew no flags, or the node's name or IPs changed) is rewritten too

@@ -19,6 +19,12 @@ class FrontendKey:
     protocol: Protocol
     scope: int = 0
 
+    def __hash__(self) -> int:
+        # ipaddress hashes through hex() in Python and Enum through its name: a full sync
+        # hashes every key several times. Equal keys have equal addresses, so equal _ip
+        # (the address as an int); the protocol only splits what the port rarely does.
+        return hash((self.address._ip, self.port, self.scope))
+
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
         return f"{host}:{self.port}/{self.protocol.value}" + (" (outside)" if self.scope else "")
@@ -28,6 +34,9 @@ class FrontendKey:
 class BackendAddr:
     address: IPAddress
     port: int
+
+    def __hash__(self) -> int:
+        return hash((self.address._ip, self.port))      # as FrontendKey's
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,3 +324,56 @@ def test_port_hash_is_what_the_pinned_maps_of_earlier_agents_hold(name, want):
     assert port_hash(key if scope is None else (*key, scope)) == want
     if scope is None:            # the internal scope (0) is the name without a scope
         assert port_hash((*key, 0)) == want
+
+
+# --- the hot paths a full sync takes (issue 16) ---------------------------------------------
+
+def test_keys_hash_alike_when_equal_and_families_stay_apart():
+    """FrontendKey and BackendAddr hash by the address's integer: equal keys (from
+    different objects) meet in a set, and the same integer in two families does not."""
+    from agent.planner import BackendAddr, FrontendKey
+    v4, v6 = ipaddress.ip_address("0.0.0.7"), ipaddress.ip_address("::7")
+    assert len({FrontendKey(v4, 80, Protocol.TCP), FrontendKey(ipaddress.ip_address(
+        "0.0.0.7"), 80, Protocol.TCP), FrontendKey(v6, 80, Protocol.TCP),
+        FrontendKey(v4, 80, Protocol.UDP), FrontendKey(v4, 80, Protocol.TCP, 1)}) == 4
+    assert len({BackendAddr(v4, 80), BackendAddr(ipaddress.ip_address("0.0.0.7"), 80),
+                BackendAddr(v6, 80)}) == 2
+
+
+def _stable_slots_rule(old, wanted):
+    """entries.stable_slots as it was before its shortcuts: the rule they must agree with."""
+    wanted_set = set(wanted)
+    slots = [b if b in wanted_set else None for b in old]
+    present = {b for b in slots if b is not None}
+    newcomers = iter([b for b in wanted if b not in present])
+    for i, b in enumerate(slots):
+        if b is None:
+            slots[i] = next(newcomers, None)
+    slots.extend(newcomers)
+    hole, end = 0, len(slots)
+    while True:
+        while hole < end and slots[hole] is not None:
+            hole += 1
+        while end > hole and slots[end - 1] is None:
+            end -= 1
+        if hole >= end:
+            break
+        slots[hole], slots[end - 1] = slots[end - 1], None
+    return tuple(slots[:end])
+
+
+@given(st.lists(st.integers(0, 6), max_size=6), st.lists(st.integers(0, 6), max_size=6),
+       st.booleans())
+def test_stable_slots_shortcuts_agree_with_the_rule(old, wanted, same):
+    """A new port (no old slots) and an unchanged one (equal backends in the same order,
+    then the old tuple itself) skip the rule's hashing; the result is the rule's."""
+    from agent.planner import BackendAddr
+    from agent.planner.entries import stable_slots
+
+    def addrs(numbers):         # new objects each time, as the planner makes them
+        return [BackendAddr(ipaddress.ip_address(f"10.0.0.{i}"), 8080) for i in numbers]
+
+    old_slots = tuple(addrs(wanted if same else old))
+    assert stable_slots(old_slots, addrs(wanted)) == _stable_slots_rule(old_slots,
+                                                                        addrs(wanted))
+    assert stable_slots((), addrs(wanted)) == _stable_slots_rule((), addrs(wanted))
