@@ -248,6 +248,10 @@ struct ct_key {
 #define BPFP_CT_ESTABLISHED 8   /* TCP: the reply direction was seen */
 #define BPFP_CT_FIN         16  /* TCP: this direction sent FIN */
 #define BPFP_CT_TIME_WAIT   32  /* TCP: the backend closed first, so it holds TIME_WAIT */
+#define BPFP_CT_DSR         64  /* entry node of a DSR flow: the reply goes to the client
+                                 * from the backend's node (the reply entry: ICMP only) */
+#define BPFP_CT_DSR_BACKEND 128 /* backend's node of a DSR flow: the forward entry keeps
+                                 * the packet, the reply entry answers from the service */
 
 /* How long a SNATed flow the backend closed first keeps its port: the backend's
  * TIME_WAIT (Linux's TCP_TIMEWAIT_LEN). A new flow on that port before then meets the

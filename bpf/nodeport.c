@@ -16,6 +16,14 @@
 /* Not ours: the next program on the hook (tcx), else the stack, sees it unchanged. */
 #define PASS TC_ACT_UNSPEC
 
+/* ICMP types (and ICMP's header size) this file reads or writes */
+#define ICMP_DEST_UNREACH   3
+#define ICMP_TIME_EXCEEDED  11
+#define ICMP6_DEST_UNREACH  1
+#define ICMP6_PKT_TOOBIG    2
+#define ICMP6_TIME_EXCEED   3
+#define ICMP_HDR            8
+
 /* BCC's declaration predates the helper's params argument (Linux 5.11) */
 static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
         (void *)BPF_FUNC_redirect_neigh;
@@ -23,9 +31,9 @@ static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags
 
 /* --- parsing: anything we do not handle passes untouched ----------------------------- */
 
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, struct np_dsr *dsr)
 {
-        return np_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, 1, p);
+        return np_parse((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, dsr, p);
 }
 
 /* --- rewriting, with checksums kept right --------------------------------------------- */
@@ -88,14 +96,18 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct pkt *p, struct 
 
 
 /* Where the kernel would send a packet for dst: its egress interface; ROUTE_LOCAL for an
- * address of this node (a hostNetwork backend); ROUTE_NONE when nowhere. */
-#define ROUTE_NONE  0
-#define ROUTE_LOCAL 0xffffffff
-static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const __be32 *src,
-                                       const __be32 *dst)
+ * address of this node (a hostNetwork backend); ROUTE_NONE when nowhere. With tot_len (the
+ * packet's IP length), ROUTE_TOO_BIG when that exceeds the way's MTU, then in *mtu. */
+#define ROUTE_NONE    0
+#define ROUTE_LOCAL   0xffffffff
+#define ROUTE_TOO_BIG 0xfffffffe
+static __always_inline __u32 route_mtu(struct __sk_buff *skb, __u8 family, const __be32 *src,
+                                       const __be32 *dst, __u16 tot_len, __u32 *mtu,
+                                       __be32 *hop)
 {
         struct bpf_fib_lookup fib = {};
         fib.ifindex = skb->ingress_ifindex;
+        fib.tot_len = tot_len;
         if (family == 4) {
                 fib.family = BPFP_AF_INET;
                 fib.ipv4_src = src[0];
@@ -108,12 +120,180 @@ static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const
         long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
         if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
                 return ROUTE_LOCAL;
+        if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && mtu) {
+                *mtu = fib.mtu_result;
+                return ROUTE_TOO_BIG;
+        }
         if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
                 return ROUTE_NONE;
+        if (hop && family == 4)                 /* the next hop: a gateway, or dst */
+                hop[0] = fib.ipv4_dst;
+        else if (hop)
+                __builtin_memcpy(hop, fib.ipv6_dst, 16);
         return fib.ifindex;
 }
 
+static __always_inline __u32 route_out(struct __sk_buff *skb, __u8 family, const __be32 *src,
+                                       const __be32 *dst)
+{
+        return route_mtu(skb, family, src, dst, 0, NULL, NULL);
+}
 
+
+/* --- direct server return: the entry node's side (nodeport.h has the format) --------- */
+
+/* The DSR option after the IP header, naming the service address and port the client sent
+ * to (p's tuple as it came): room made with bpf_skb_adjust_room, then the header's length
+ * fields (and IPv4's checksum, computed anew) say so. The L4 checksums do not cover it. */
+static __always_inline int dsr_add_option(struct __sk_buff *skb, struct pkt *p)
+{
+        if (p->t.family == 4) {
+                struct {
+                        struct iphdr ip;
+                        struct dsr_opt4 opt;
+                } h = {};
+                if (bpf_skb_load_bytes(skb, p->l3, &h.ip, sizeof(h.ip)) ||
+                    h.ip.ihl > 15 - DSR_OPT4_LEN / 4)
+                        return -1;
+                if (bpf_skb_adjust_room(skb, DSR_OPT4_LEN, BPF_ADJ_ROOM_NET, 0))
+                        return -1;
+                h.opt.type = DSR_OPT4_TYPE;
+                h.opt.len = DSR_OPT4_LEN;
+                h.opt.port = p->t.dport;
+                h.opt.addr = p->t.daddr[0];
+                h.ip.ihl += DSR_OPT4_LEN / 4;
+                h.ip.tot_len = bpf_htons(bpf_ntohs(h.ip.tot_len) + DSR_OPT4_LEN);
+                h.ip.check = 0;
+                __u32 sum = bpf_csum_diff(NULL, 0, &h, sizeof(h), 0);
+                sum = (sum & 0xffff) + (sum >> 16);
+                sum = (sum & 0xffff) + (sum >> 16);
+                h.ip.check = ~sum;
+                return bpf_skb_store_bytes(skb, p->l3, &h, sizeof(h), 0);
+        }
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, p->l3, &ip6, sizeof(ip6)))
+                return -1;
+        struct dsr_ext6 ext = { .nexthdr = ip6.nexthdr, .hdrlen = (DSR_EXT6_LEN - 8) / 8,
+                                .type = DSR_OPT6_TYPE, .len = DSR_OPT6_LEN,
+                                .port = p->t.dport };
+        __builtin_memcpy(ext.addr, p->t.daddr, 16);
+        if (bpf_skb_adjust_room(skb, DSR_EXT6_LEN, BPF_ADJ_ROOM_NET, 0))
+                return -1;
+        ip6.nexthdr = IPV6_NEXTHDR_DEST;
+        ip6.payload_len = bpf_htons(bpf_ntohs(ip6.payload_len) + DSR_EXT6_LEN);
+        if (bpf_skb_store_bytes(skb, p->l3, &ip6, 8, 0))       /* up to the addresses */
+                return -1;
+        return bpf_skb_store_bytes(skb, p->l3 + sizeof(ip6), &ext, sizeof(ext), 0);
+}
+
+static __always_inline __u16 csum_fold(__u32 sum)
+{
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        return ~sum;
+}
+
+/* A packet that the DSR option would make too big for the way to the backend's node: the
+ * packet becomes a "fragmentation needed" (IPv4) / "packet too big" (IPv6) to its sender,
+ * from the address it was sent to, quoting it as it came (so the client's socket finds it)
+ * and giving the MTU less the option: the client's next packets fit with it. Sent back
+ * out where it came in. */
+#define ICMP_FRAG_NEEDED 4
+static __always_inline int dsr_too_big(struct __sk_buff *skb, struct pkt *p, __u32 mtu)
+{
+        __u8 macs[12];
+        if (bpf_skb_load_bytes(skb, 0, macs, 12))
+                return TC_ACT_SHOT;
+        if (p->t.family == 4) {
+                struct {
+                        struct iphdr ip;
+                        __u8   type, code;
+                        __u16  check;
+                        __u16  unused;
+                        __be16 mtu;
+                        __u8   quote[28];       /* its IP header and 8 bytes more */
+                } m = {};
+                if (p->l4 != p->l3 + 20 ||
+                    bpf_skb_load_bytes(skb, p->l3, m.quote, sizeof(m.quote)))
+                        return TC_ACT_SHOT;     /* with IPv4 options: not quoted here */
+                m.type = ICMP_DEST_UNREACH;
+                m.code = ICMP_FRAG_NEEDED;
+                m.mtu = bpf_htons(mtu - DSR_OPT4_LEN);
+                m.check = csum_fold(bpf_csum_diff(NULL, 0, &m.type, sizeof(m) - sizeof(m.ip),
+                                                  0));
+                m.ip.version = 4;
+                m.ip.ihl = 5;
+                m.ip.tot_len = bpf_htons(sizeof(m));
+                m.ip.ttl = 64;
+                m.ip.protocol = IPPROTO_ICMP;
+                m.ip.saddr = p->t.daddr[0];
+                m.ip.daddr = p->t.saddr[0];
+                m.ip.check = csum_fold(bpf_csum_diff(NULL, 0, &m.ip, sizeof(m.ip), 0));
+                if (bpf_skb_change_tail(skb, p->l3 + sizeof(m), 0) ||
+                    bpf_skb_store_bytes(skb, p->l3, &m, sizeof(m), 0))
+                        return TC_ACT_SHOT;
+        } else {
+                struct {
+                        __be32 saddr[4];        /* ICMPv6's pseudo-header ... */
+                        __be32 daddr[4];
+                        __be32 len;
+                        __u8   zero[3];
+                        __u8   nexthdr;
+                        __u8   type, code;      /* ... and the message */
+                        __u16  check;
+                        __be32 mtu;
+                        __u8   quote[48];       /* its IPv6 header and 8 bytes more */
+                } m = {};
+                if (bpf_skb_load_bytes(skb, p->l3, m.quote, sizeof(m.quote)))
+                        return TC_ACT_SHOT;
+                __u32 icmp_len = sizeof(m) - 40;
+                __builtin_memcpy(m.saddr, p->t.daddr, 16);
+                __builtin_memcpy(m.daddr, p->t.saddr, 16);
+                m.len = bpf_htonl(icmp_len);
+                m.nexthdr = IPPROTO_ICMPV6;
+                m.type = ICMP6_PKT_TOOBIG;
+                m.mtu = bpf_htonl(mtu - DSR_EXT6_LEN);
+                m.check = csum_fold(bpf_csum_diff(NULL, 0, &m, sizeof(m), 0));
+                struct ipv6hdr ip6 = { .version = 6, .nexthdr = IPPROTO_ICMPV6,
+                                       .hop_limit = 64, .payload_len = bpf_htons(icmp_len) };
+                __builtin_memcpy(&ip6.saddr, p->t.daddr, 16);
+                __builtin_memcpy(&ip6.daddr, p->t.saddr, 16);
+                if (bpf_skb_change_tail(skb, p->l3 + sizeof(ip6) + icmp_len, 0) ||
+                    bpf_skb_store_bytes(skb, p->l3, &ip6, sizeof(ip6), 0) ||
+                    bpf_skb_store_bytes(skb, p->l3 + sizeof(ip6), &m.type, icmp_len, 0))
+                        return TC_ACT_SHOT;
+        }
+        if (bpf_skb_store_bytes(skb, 0, macs + 6, 6, 0) ||
+            bpf_skb_store_bytes(skb, 6, macs, 6, 0))
+                return TC_ACT_SHOT;
+        return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Whether a packet of a DSR flow carries the option: the first packet of a TCP flow (its
+ * SYN) and every UDP datagram, the backend's node needing it to open the flow. */
+static __always_inline int dsr_needs_option(struct pkt *p)
+{
+        return p->t.proto == IPPROTO_UDP || (p->tcp_flags & TH_SYN);
+}
+
+/* The way out for a packet of a DSR flow on the entry node (the flow's forward entry
+ * `to`): DNATed to its backend, keeping the client's address, straight out towards the
+ * backend's node. ROUTE_NONE: no way there (dropped); ROUTE_TOO_BIG with *mtu. */
+static __always_inline __u32 dsr_route(struct __sk_buff *skb, struct pkt *p,
+                                       struct ct_value *to, __u32 *mtu)
+{
+        __u32 extra = 0;
+        if (dsr_needs_option(p))
+                extra = p->t.family == 4 ? DSR_OPT4_LEN : DSR_EXT6_LEN;
+        __u16 tot_len = 0;
+        if (extra && skb->gso_segs <= 1)
+                tot_len = skb->len - p->l3 + extra;
+        __u32 out = route_mtu(skb, p->t.family, to->saddr, to->daddr, tot_len, mtu, NULL);
+        return out == ROUTE_LOCAL ? ROUTE_NONE : out;
+}
+
+
+#define NEW_DSR_FLOW (-1000)            /* no TC_ACT_* */
 static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 {
         struct svc_value *svc = NULL;
@@ -131,20 +311,29 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
          * the path: a bridge holding both the uplink and the pods is one of the
          * --interfaces, and a pod behind it is still here. A remote backend reached where
          * the node has no address the programs know is sent as it is. */
-        __u32 out = route_out(skb, p->t.family, p->t.saddr, be.addr);
+        __be32 hop[4] = {};
+        __u32 out = route_mtu(skb, p->t.family, p->t.saddr, be.addr, 0, NULL, hop);
         if (out == ROUTE_NONE)
                 return np_count_drop(p, svc, 1), TC_ACT_SHOT;
         struct ifaddr_key ikey = { .ifindex = out, .family = p->t.family };
         struct ifaddr_value *node = NULL;
-        if (!(be.flags & BPFP_BE_LOCAL) && out != ROUTE_LOCAL)
-                node = bpfp_ifaddr.lookup(&ikey);
+        int dsr = 0;
+        if (!(be.flags & BPFP_BE_LOCAL) && out != ROUTE_LOCAL) {
+                /* --nodeport-mode dsr|hybrid: the reply comes from the backend's node */
+                if (np_dsr_wanted(skb, skb->ingress_ifindex, p, hop))
+                        dsr = 1;
+                else
+                        node = bpfp_ifaddr.lookup(&ikey);
+        }
         int snat = node != NULL;
         __u64 now = bpf_ktime_get_ns();
         struct ct_value fwd = {};
-        if (!np_open_flow(p, svc, &be, node, now, &fwd))
+        if (!np_open_flow(p, svc, &be, node, dsr, now, &fwd))
                 return np_count_drop(p, svc, 1), TC_ACT_SHOT;
 
         bpfp_count_connection(svc->svc_id, p->t.family, be.addr, be.port, 1, p->len);
+        if (dsr)
+                return NEW_DSR_FLOW;            /* handle() forwards it, as any DSR packet */
         if (rewrite(skb, p, &fwd))
                 return TC_ACT_SHOT;
         /* the new source is the node's own address: the input path would drop it as a
@@ -161,12 +350,6 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
  * quote is rewritten to that and the error sent to whoever sent it there (kube-proxy gets
  * the same from conntrack's RELATED NAT). */
 
-#define ICMP_DEST_UNREACH   3
-#define ICMP_TIME_EXCEEDED  11
-#define ICMP6_DEST_UNREACH  1
-#define ICMP6_PKT_TOOBIG    2
-#define ICMP6_TIME_EXCEED   3
-#define ICMP_HDR            8
 
 /* Rewrite `words` 32-bit words at off to new (old read from the packet), keeping the
  * ICMP checksum at csum right; pseudo: the words are in ICMPv6's pseudo-header. */
@@ -326,23 +509,64 @@ static __always_inline int icmp_error(struct __sk_buff *skb)
         return TC_ACT_OK;
 }
 
+/* --- direct server return: the backend's node ------------------------------------------
+ * A packet that came with the DSR option is already DNATed to a backend here: it goes on
+ * as it is. The first opens the flow (np_dsr_arrived), so that the reply, which leaves
+ * through the egress program, is answered from the service address; the option stays in
+ * the packet (IPv4 ignores an option it does not know on the way in, IPv6 skips one whose
+ * type says so). A path of its own: the headers' offsets differ from the other paths'. */
+static __always_inline int dsr_backend(struct pkt *p, struct np_dsr *dsr, __u64 now)
+{
+        struct ct_value *v = np_find_flow(p, 1, now);
+        if (!v)
+                np_dsr_arrived(p, dsr, now);
+        else if (v->flags & BPFP_CT_DSR_BACKEND)
+                np_flow_packet(p, v, now);
+        return TC_ACT_OK;
+}
+
 /* --- entry points --------------------------------------------------------------------- */
 
 static __always_inline int handle(struct __sk_buff *skb, int ingress)
 {
         struct pkt p = {};
-        if (!parse(skb, &p))
+        struct np_dsr dsr = {};
+        if (!parse(skb, &p, &dsr))
                 return icmp_error(skb);
         __u64 now = bpf_ktime_get_ns();
+        if (ingress && dsr.found)
+                return dsr_backend(&p, &dsr, now);
         struct ct_value *v = np_find_flow(&p, ingress, now);
-        if (!v)
-                return ingress ? new_flow(skb, &p) : PASS;
-
-        np_flow_packet(&p, v, now);
+        if (!v) {
+                if (!ingress)
+                        return PASS;
+                int verdict = new_flow(skb, &p);
+                if (verdict != NEW_DSR_FLOW)
+                        return verdict;
+                v = bpfp_ct.lookup(&p.t);       /* opened by new_flow, counted there */
+                if (!v)
+                        return TC_ACT_SHOT;
+        } else {
+                np_flow_packet(&p, v, now);
+        }
         __u32 flags = v->flags;
         struct ct_value to = *v;
+        __u32 dsr_out = ROUTE_NONE;
+        if (ingress && (flags & (BPFP_CT_DSR | BPFP_CT_REPLY)) == BPFP_CT_DSR) {
+                __u32 mtu = 0;
+                dsr_out = dsr_route(skb, &p, &to, &mtu);
+                if (dsr_out == ROUTE_TOO_BIG)
+                        return dsr_too_big(skb, &p, mtu);
+                if (dsr_out == ROUTE_NONE)
+                        return TC_ACT_SHOT;
+        }
         if (rewrite(skb, &p, &to))
                 return TC_ACT_SHOT;
+        if (dsr_out) {
+                if (dsr_needs_option(&p) && dsr_add_option(skb, &p))
+                        return TC_ACT_SHOT;
+                return redirect_neigh(dsr_out, NULL, 0, 0);
+        }
         if (ingress && (flags & (BPFP_CT_SNAT | BPFP_CT_REPLY))) {
                 /* both directions of a SNATed flow carry a node address as source or
                  * destination, and so does the reply of a backend on this node that comes

@@ -34,14 +34,90 @@ struct pkt {
         __u8  tcp_flags;        /* FIN 1, SYN 2, RST 4, ACK 16 */
 };
 
+/* A packet's DSR option, when it has one: the service address and port it was sent to. */
+struct np_dsr {
+        __be32 addr[4];
+        __be16 port;
+        __u8   found;
+};
+
+/* --- direct server return (--nodeport-mode dsr|hybrid) --------------------------------
+ * The entry node DNATs a flow to a backend on another node keeping the client's address,
+ * and tells the backend's node the service address and port the client dialled in an IP
+ * option: the IPv4 option below, or an IPv6 destination options header. The backend's
+ * node opens the flow from it and its reverse NAT answers the client straight from that
+ * address. Type numbers are RFC 4727's experimental ones: IPv4 30 with the copy bit (in
+ * every fragment), IPv6 0x1e (the high bits 00: a node that does not know it skips it). */
+#define DSR_OPT4_TYPE 0x9e
+#define DSR_OPT4_LEN  8
+#define DSR_OPT6_TYPE 0x1e
+#define DSR_OPT6_LEN  18         /* the option's data: address and port */
+#define DSR_EXT6_LEN  24         /* the whole header, 8-byte aligned (two Pad1 at its end) */
+#define IPV6_NEXTHDR_DEST 60
+
+struct dsr_opt4 {
+        __u8   type;
+        __u8   len;
+        __be16 port;
+        __be32 addr;
+};
+
+struct dsr_ext6 {
+        __u8   nexthdr;
+        __u8   hdrlen;          /* 8-byte units after the first 8: 2 */
+        __u8   type;
+        __u8   len;
+        __be32 addr[4];
+        __be16 port;
+        __u8   pad[2];          /* two Pad1 options */
+};
+
+/* Whether a new flow of proto to a backend on another node goes by DSR. */
+static __always_inline int np_uses_dsr(__u8 proto)
+{
+        return BPFP_NODEPORT_MODE == BPFP_NODEPORT_DSR ||
+               (BPFP_NODEPORT_MODE == BPFP_NODEPORT_HYBRID && proto == IPPROTO_TCP);
+}
+
+/* DSR for a new flow of p to a backend on another node, whose next hop from here is
+ * be_hop (bpf_fib_lookup's, the program's ctx), unless the client is behind that same hop
+ * (a pod of the backend's node, or that node itself): the reply would not leave that node
+ * through the interface whose program translates it, so that flow is SNATed as in snat
+ * mode and its reply comes back here. */
+static __always_inline int np_dsr_wanted(void *ctx, __u32 ifindex, struct pkt *p,
+                                         const __be32 *be_hop)
+{
+        if (!np_uses_dsr(p->t.proto))
+                return 0;
+        struct bpf_fib_lookup fib = {};
+        fib.ifindex = ifindex;
+        if (p->t.family == 4) {
+                fib.family = BPFP_AF_INET;
+                fib.ipv4_src = p->t.daddr[0];
+                fib.ipv4_dst = p->t.saddr[0];
+        } else {
+                fib.family = BPFP_AF_INET6;
+                __builtin_memcpy(fib.ipv6_src, p->t.daddr, 16);
+                __builtin_memcpy(fib.ipv6_dst, p->t.saddr, 16);
+        }
+        long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+        if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+                return 1;
+        if (p->t.family == 4)
+                return fib.ipv4_dst != be_hop[0];
+        return fib.ipv6_dst[0] != be_hop[0] || fib.ipv6_dst[1] != be_hop[1] ||
+               fib.ipv6_dst[2] != be_hop[2] || fib.ipv6_dst[3] != be_hop[3];
+}
+
 
 /* --- parsing: one parse for both programs --------------------------------------------
  * The Ethernet, IP and TCP/UDP headers of a packet in [data, end): its tuple, where its
- * headers are, and 1 when it is one we may translate. ip_options: IPv4 options are taken
- * (the TC program's helpers find the L4 header wherever it is); without, only a 20-byte
- * header is (the XDP program rewrites at fixed offsets). Fragments, other protocols and
- * IPv6 extension headers are not ours: 0, and the packet passes untouched. */
-static __always_inline int np_parse(void *data, void *end, __u32 len, int ip_options,
+ * headers are, and 1 when it is one we may translate. With dsr (the TC program), IPv4
+ * options are taken (its helpers find the L4 header wherever it is) and a DSR option is
+ * read into *dsr; without (XDP), only a 20-byte IPv4 header is (its rewrite has fixed
+ * offsets). Fragments, other protocols and other IPv6 extension headers are not ours: 0,
+ * and the packet passes untouched. */
+static __always_inline int np_parse(void *data, void *end, __u32 len, struct np_dsr *dsr,
                                     struct pkt *p)
 {
         struct ethhdr *eth = data;
@@ -52,7 +128,7 @@ static __always_inline int np_parse(void *data, void *end, __u32 len, int ip_opt
         if (eth->h_proto == bpf_htons(ETH_P_IP)) {
                 struct iphdr *ip = (void *)(eth + 1);
                 if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5 ||
-                    (!ip_options && ip->ihl != 5))
+                    (!dsr && ip->ihl != 5))
                         return 0;
                 if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
                         return 0;       /* fragments: no ports to translate */
@@ -61,6 +137,15 @@ static __always_inline int np_parse(void *data, void *end, __u32 len, int ip_opt
                 p->t.saddr[0] = ip->saddr;
                 p->t.daddr[0] = ip->daddr;
                 p->l4 = p->l3 + ip->ihl * 4;
+                /* DSR: our option first (the entry node puts it there) */
+                struct dsr_opt4 *opt = (void *)(ip + 1);
+                if (dsr && BPFP_NODEPORT_MODE != BPFP_NODEPORT_SNAT &&
+                    ip->ihl >= 5 + DSR_OPT4_LEN / 4 && (void *)(opt + 1) <= end &&
+                    opt->type == DSR_OPT4_TYPE && opt->len == DSR_OPT4_LEN) {
+                        dsr->found = 1;
+                        dsr->port = opt->port;
+                        dsr->addr[0] = opt->addr;
+                }
         } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
                 struct ipv6hdr *ip6 = (void *)(eth + 1);
                 if ((void *)(ip6 + 1) > end || ip6->version != 6)
@@ -70,6 +155,19 @@ static __always_inline int np_parse(void *data, void *end, __u32 len, int ip_opt
                 __builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
                 __builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
                 p->l4 = p->l3 + sizeof(*ip6);
+                /* DSR: our destination options header; other extension headers (fragments
+                 * among them) are not followed */
+                struct dsr_ext6 *ext = (void *)(ip6 + 1);
+                if (dsr && BPFP_NODEPORT_MODE != BPFP_NODEPORT_SNAT &&
+                    p->t.proto == IPV6_NEXTHDR_DEST && (void *)(ext + 1) <= end &&
+                    ext->hdrlen == (DSR_EXT6_LEN - 8) / 8 && ext->type == DSR_OPT6_TYPE &&
+                    ext->len == DSR_OPT6_LEN) {
+                        dsr->found = 1;
+                        dsr->port = ext->port;
+                        __builtin_memcpy(dsr->addr, ext->addr, 16);
+                        p->t.proto = ext->nexthdr;
+                        p->l4 += DSR_EXT6_LEN;
+                }
         } else {
                 return 0;
         }
@@ -125,6 +223,25 @@ static __always_inline void reply_key(struct ct_key *fwd, struct ct_value *v,
         out->pad = 0;
 }
 
+/* The key of an entry's partner. A flow's entries name each other through their rewrites
+ * (reply_key), except on a DSR backend's node, where the forward direction is not
+ * rewritten and the reply is rewritten from the service: there each is the other reversed. */
+static __always_inline void partner_key(struct ct_key *key, struct ct_value *v,
+                                        struct ct_key *out)
+{
+        if (!(v->flags & BPFP_CT_DSR_BACKEND)) {
+                reply_key(key, v, out);
+                return;
+        }
+        __builtin_memcpy(out->saddr, key->daddr, 16);
+        __builtin_memcpy(out->daddr, key->saddr, 16);
+        out->sport = key->dport;
+        out->dport = key->sport;
+        out->proto = key->proto;
+        out->family = key->family;
+        out->pad = 0;
+}
+
 static __always_inline void tc_event(__u32 what)
 {
         __u64 *n = bpfp_tc_events.lookup(&what);
@@ -148,12 +265,12 @@ static __always_inline int same_key(const struct ct_key *a, const struct ct_key 
 static __always_inline struct ct_value *partner_of(struct ct_key *key, struct ct_value *v,
                                                    struct ct_key *other)
 {
-        reply_key(key, v, other);
+        partner_key(key, v, other);
         struct ct_value *o = bpfp_ct.lookup(other);
         if (!o)
                 return NULL;
         struct ct_key back = {};
-        reply_key(other, o, &back);
+        partner_key(other, o, &back);
         return same_key(&back, key) ? o : NULL;
 }
 
@@ -347,6 +464,15 @@ static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 n
                 add |= BPFP_CT_ESTABLISHED;
         if (p->tcp_flags & TH_RST)
                 add |= BPFP_CT_CLOSING;
+        if (v->flags & BPFP_CT_DSR) {
+                /* the entry node of a DSR flow sees the client's side alone: its ACK of the
+                 * backend's SYN-ACK establishes the flow, its FIN closes it */
+                if ((p->tcp_flags & (TH_SYN | TH_ACK)) == TH_ACK &&
+                    !(v->flags & BPFP_CT_ESTABLISHED))
+                        add |= BPFP_CT_ESTABLISHED;
+                if (p->tcp_flags & TH_FIN)
+                        add |= BPFP_CT_CLOSING;
+        }
         if ((p->tcp_flags & TH_FIN) && !(v->flags & BPFP_CT_FIN)) {
                 v->flags |= BPFP_CT_FIN;
                 add |= BPFP_CT_FIN;     /* tells the other entry, which checks its own */
@@ -380,7 +506,7 @@ static __always_inline void keep_alive(struct pkt *p, struct ct_value *v, __u64 
                 return;
         v->partner_refreshed = seconds;
         struct ct_key other = {};
-        reply_key(&p->t, v, &other);
+        partner_key(&p->t, v, &other);
         struct ct_value *o = bpfp_ct.lookup(&other);
         if (o)
                 o->expires = now + lifetime(p, o->flags);
@@ -445,10 +571,11 @@ static __always_inline int np_choose(struct pkt *p, struct svc_value **svc_out,
 }
 
 /* The flow's two entries: fwd (returned) rewrites the packet to the backend, from node
- * (SNAT) when given; the reply entry rewrites back. 0 when no SNAT port was free. */
+ * (SNAT) when given; the reply entry rewrites back. 0 when no SNAT port was free. dsr: a
+ * DSR flow (no node), whose reply entry only ICMP errors use: its replies go elsewhere. */
 static __always_inline int np_open_flow(struct pkt *p, struct svc_value *svc,
                                         struct lb_backend *be, struct ifaddr_value *node,
-                                        __u64 now, struct ct_value *fwd)
+                                        int dsr, __u64 now, struct ct_value *fwd)
 {
         fwd->sport = p->t.sport;
         fwd->dport = be->port;
@@ -470,11 +597,40 @@ static __always_inline int np_open_flow(struct pkt *p, struct svc_value *svc,
                 if (!claim_snat(p, fwd, &rev, &rkey, now))
                         return 0;
         } else {
+                if (dsr) {
+                        fwd->flags = rev.flags = BPFP_CT_DSR;
+                        rev.flags |= BPFP_CT_REPLY;
+                }
                 reply_key(&p->t, fwd, &rkey);
                 bpfp_ct.update(&rkey, &rev);
         }
         bpfp_ct.update(&p->t, fwd);
         return 1;
+}
+
+/* The backend's node of a DSR flow: a packet that came with the option opens the flow
+ * unless it is open. Its forward entry keeps the packet as it is (the entry node DNATed
+ * it), its reply entry answers from the service address and port the option names. The
+ * service is not looked up: a NodePort names the entry node's address, which is no
+ * frontend here; so these entries have no svc_id (0) and count nothing (the entry node
+ * counts the flow). */
+static __always_inline void np_dsr_arrived(struct pkt *p, struct np_dsr *dsr, __u64 now)
+{
+        __u64 life = p->t.proto == IPPROTO_TCP ? BPFP_CT_SYN_TIMEOUT * NSEC
+                                                : BPFP_CT_UDP_TIMEOUT * NSEC;
+        struct ct_value fwd = { .sport = p->t.sport, .dport = p->t.dport,
+                                .expires = now + life, .flags = BPFP_CT_DSR_BACKEND };
+        __builtin_memcpy(fwd.saddr, p->t.saddr, 16);
+        __builtin_memcpy(fwd.daddr, p->t.daddr, 16);
+        struct ct_value rev = { .sport = dsr->port, .dport = p->t.sport,
+                                .expires = now + life,
+                                .flags = BPFP_CT_DSR_BACKEND | BPFP_CT_REPLY };
+        __builtin_memcpy(rev.saddr, dsr->addr, 16);
+        __builtin_memcpy(rev.daddr, p->t.saddr, 16);
+        struct ct_key rkey = {};
+        partner_key(&p->t, &fwd, &rkey);
+        bpfp_ct.update(&rkey, &rev);
+        bpfp_ct.update(&p->t, &fwd);
 }
 
 /* A packet of a known flow: TCP state, lifetimes and counters (the caller rewrites). */
@@ -483,6 +639,8 @@ static __always_inline void np_flow_packet(struct pkt *p, struct ct_value *v, __
         if (p->t.proto == IPPROTO_TCP)
                 track_tcp(p, v, now);
         keep_alive(p, v, now);
+        if (v->flags & BPFP_CT_DSR_BACKEND)
+                return;                         /* no service here (np_dsr_arrived) */
         struct bpfp_delta d = { .packets = 1, .bytes = p->len };
         count_flow(p, v, &d);
 }

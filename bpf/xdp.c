@@ -24,7 +24,7 @@ static __always_inline int xdp_parse(struct xdp_md *ctx, struct pkt *p)
 {
         void *data = (void *)(long)ctx->data;
         void *end = (void *)(long)ctx->data_end;
-        return np_parse(data, end, end - data, 0, p);
+        return np_parse(data, end, end - data, NULL, p);
 }
 
 /* --- checksums: incremental updates (RFC 1624), on the words as they lie in memory ---- */
@@ -172,18 +172,24 @@ static __always_inline int xdp_new_flow(struct xdp_md *ctx, struct pkt *p, __u64
         }
         long rc = bpf_fib_lookup(ctx, &route, sizeof(route), 0);
         struct ifaddr_value *node = NULL;
+        int dsr = 0;
         if (rc == BPF_FIB_LKUP_RET_NOT_FWDED) {
                 node = NULL;                    /* the node itself: as it came */
         } else if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
                 struct ifaddr_key ikey = { .ifindex = route.ifindex, .family = p->t.family };
-                if (!(be.flags & BPFP_BE_LOCAL))
+                /* a DSR flow is opened here and passed: the TC program adds the option */
+                __be32 *hop = p->t.family == 4 ? &route.ipv4_dst : route.ipv6_dst;
+                if (!(be.flags & BPFP_BE_LOCAL) &&
+                    np_dsr_wanted(ctx, ctx->ingress_ifindex, p, hop))
+                        dsr = 1;
+                else if (!(be.flags & BPFP_BE_LOCAL))
                         node = bpfp_ifaddr.lookup(&ikey);
         } else {
                 np_count_drop(p, svc, 1);
                 return XDP_DROP;
         }
         struct ct_value fwd = {};
-        if (!np_open_flow(p, svc, &be, node, now, &fwd)) {
+        if (!np_open_flow(p, svc, &be, node, dsr, now, &fwd)) {
                 np_count_drop(p, svc, 1);
                 return XDP_DROP;
         }

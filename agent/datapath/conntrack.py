@@ -46,7 +46,11 @@ class FlowTableStats:
 
 
 def reply_key(key: layout.CtKey, value: layout.CtValue) -> layout.CtKey:
-    """The key of the other entry of key's flow: value's rewrite, swapped (maps.h)."""
+    """The key of the other entry of key's flow: value's rewrite, swapped (maps.h); on a
+    DSR backend's node, key itself reversed (bpf/nodeport.h partner_key)."""
+    if value.flags & layout.CT_DSR_BACKEND:
+        return layout.CtKey(key.daddr, key.saddr, key.dport, key.sport, key.proto,
+                            key.family, 0)
     return layout.CtKey(value.daddr, value.saddr, value.dport, value.sport, key.proto,
                         key.family, 0)
 

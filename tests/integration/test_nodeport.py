@@ -21,7 +21,8 @@ FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 MODES = pytest.mark.parametrize("mode", ["tcp", "udp"])
 CLUSTER_IPS = {"web": ("10.96.0.10", "fd00:10:96::10"), "local": ("10.96.0.11", "fd00:10:96::11"),
                "lb": ("10.96.0.12", "fd00:10:96::12"), "sticky": ("10.96.0.13", "fd00:10:96::13"),
-               "lblocal": ("10.96.0.15", "fd00:10:96::15")}
+               "lblocal": ("10.96.0.15", "fd00:10:96::15"), "far": ("10.96.0.17", "fd00:10:96::17")}
+FAR = (30085, 30059)        # NodePorts (TCP, UDP) of `far`, whose only backend is b (node 2)
 LB_IPS = ("192.0.2.10", "2001:db8::10")          # the load balancer's addresses, routed to node 1
 EXTERNAL_IPS = ("192.0.2.20", "2001:db8::20")
 
@@ -64,12 +65,27 @@ def eventually(check, timeout: float = 10.0):
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module", params=["disabled", "native"],
-                ids=["tc", "xdp"])
+# The worlds: the TC programs alone, with --acceleration native (the XDP program in front
+# of them), and with --nodeport-mode dsr (TC). Every test runs in the first two; the tests
+# where a remote backend's flow differs by mode run in the third too (ALL_MODES), and the
+# direct server return ones there alone (DSR): pytest keeps each world for its tests.
+WORLDS = {"tc": ("--acceleration", "disabled"), "xdp": ("--acceleration", "native"),
+          "dsr": ("--nodeport-mode", "dsr")}
+ALL_MODES = pytest.mark.parametrize("world", ["tc", "xdp", "dsr"], indirect=True)
+DSR = pytest.mark.parametrize("world", ["dsr"], indirect=True)
+
+
+def dsr(cluster) -> bool:
+    """Whether the world's agents run --nodeport-mode dsr."""
+    return "dsr" in cluster.agents[1].extra_args
+
+
+@pytest.fixture(scope="module", params=["tc", "xdp"])
 def world(tmp_path_factory, request):
     """Two nodes with an agent each; pod a on node 1 and pod b on node 2 answer on 8080
     (TCP and UDP, with the client address they saw). Every test runs twice: with the TC
-    programs alone, and with --acceleration native (the XDP program in front of them)."""
+    programs alone, and with --acceleration native (the XDP program in front of them);
+    some in a third world, --nodeport-mode dsr (WORLDS)."""
     from lab.cluster import Cluster
     directory = tmp_path_factory.mktemp("manifests")
     with Cluster(f"np{os.getpid() % 100000}") as cluster:
@@ -88,11 +104,12 @@ def world(tmp_path_factory, request):
         write_service(directory, "lblocal", [a], service_type="LoadBalancer",
                       node_ports=(30084, 30057), load_balancer_ingress=("192.0.2.30",),
                       external_traffic_policy="Local", health_check_node_port=32100)
+        write_service(directory, "far", [b], node_ports=FAR)
         for prefix, family in zip((*LB_IPS, *EXTERNAL_IPS), (4, 6, 4, 6), strict=True):
             route(cluster.external_netns, family, prefix, cluster.node_ip(1, family))
-        if request.param != "disabled":
+        if request.param == "xdp":
             cluster.prepare_for_xdp()
-        cluster.start_agents(directory, extra_args=("--acceleration", request.param))
+        cluster.start_agents(directory, extra_args=WORLDS[request.param])
         yield cluster, a, b, directory
 
 
@@ -105,6 +122,7 @@ def who(result) -> Counter:
     return out
 
 
+@ALL_MODES
 @FAMILIES
 @MODES
 def test_cluster_policy_reaches_backends_on_both_nodes_with_snat_for_the_remote_one(
@@ -118,10 +136,12 @@ def test_cluster_policy_reaches_backends_on_both_nodes_with_snat_for_the_remote_
     seen = who(result)
     client, node1 = cluster.external.ip if family == 4 else cluster.external.ip6, \
         cluster.node_ip(1, family)
-    # a is local to node 1: it sees the client; b on node 2 sees node 1 (SNAT)
-    assert set(seen) == {("a", client), ("b", node1)}, seen
+    # a is local to node 1: it sees the client; b on node 2 sees node 1 (SNAT), or the
+    # client too with direct server return
+    assert set(seen) == {("a", client), ("b", client if dsr(cluster) else node1)}, seen
 
 
+@ALL_MODES
 @FAMILIES
 def test_through_the_other_node_too(world, family):
     cluster, a, b, _ = world
@@ -129,7 +149,7 @@ def test_through_the_other_node_too(world, family):
     assert result.errors == {}
     node2 = cluster.node_ip(2, family)
     client = cluster.external.ip if family == 4 else cluster.external.ip6
-    assert set(who(result)) == {("a", node2), ("b", client)}
+    assert set(who(result)) == {("a", client if dsr(cluster) else node2), ("b", client)}
 
 
 @FAMILIES
@@ -147,6 +167,7 @@ def test_local_policy_keeps_the_client_address_and_only_local_backends(world, mo
     assert result.answers == {} and sum(result.errors.values()) == 2, result
 
 
+@ALL_MODES
 @FAMILIES
 def test_load_balancer_and_external_ips_within_source_ranges(world, family):
     cluster, _, _, _ = world
@@ -184,6 +205,7 @@ def test_source_ranges_drop_other_sources_on_the_load_balancer_address_only(worl
     assert eventually(lambda: cluster.external.tcp(LB_IPS[0], 80, count=1).errors == {})
 
 
+@ALL_MODES
 @FAMILIES
 def test_conntrack_keeps_a_flow_on_its_backend(world, family):
     cluster, _, _, _ = world
@@ -247,6 +269,7 @@ def test_an_established_flow_keeps_its_backend_while_backends_change(world, fami
         cluster.nodes[1].remove_pod(c)
 
 
+@ALL_MODES
 @FAMILIES
 def test_a_flow_whose_backend_is_removed_moves_on(world, family):
     """UDP to a backend that left: the agent forgets the flow (kube-proxy clears its
@@ -254,8 +277,10 @@ def test_a_flow_whose_backend_is_removed_moves_on(world, family):
     cluster, a, b, directory = world
     write_service(directory, "sticky", [b], node_ports=(30083, 30056))   # no affinity now
     try:
+        b_sees = cluster.external.ip if family == 4 else cluster.external.ip6
+        b_sees = b_sees if dsr(cluster) else cluster.node_ip(1, family)
         assert eventually(lambda: set(who(cluster.external.udp(
-            cluster.node_ip(1, family), 30056, count=3))) <= {("b", cluster.node_ip(1, family))})
+            cluster.node_ip(1, family), 30056, count=3))) <= {("b", b_sees)})
         flow = cluster.external.start_client("udp-one-socket", cluster.node_ip(1, family),
                                              30056, count=10**6, interval=0.05, duration=60,
                                              timeline=True, until_stopped=True)
@@ -286,6 +311,7 @@ def test_a_flow_whose_backend_is_removed_moves_on(world, family):
                       external_traffic_policy="Local", health_check_node_port=32100)
 
 
+@ALL_MODES
 def test_flow_lifetimes_follow_protocol_and_tcp_state(world):
     cluster, _, _, _ = world
     agent = cluster.agents[1]
@@ -313,10 +339,12 @@ def test_flow_lifetimes_follow_protocol_and_tcp_state(world):
     assert left and left[-1] <= 60 * 10**9 and left[-1] > 50 * 10**9, left
 
 
+@ALL_MODES
 @FAMILIES
 def test_from_a_pod_on_another_node(world, family):
     """Pod b on node 2 dials node 1's NodePort: its packets cross the wire into node 1's TC
-    program; a (local there) sees b's address, b itself comes back SNATed to node 1."""
+    program; a (local there) sees b's address, b itself comes back SNATed to node 1 (also
+    with direct server return: b's reply to itself would never leave node 2)."""
     cluster, a, b, _ = world
     result = b.tcp(cluster.node_ip(1, family), 30080, count=40)
     assert result.errors == {} and result.wrong_peer == 0
@@ -491,3 +519,128 @@ def test_a_backends_port_unreachable_reaches_the_client_from_the_service_address
         assert done.stdout.split() == ["refused", node], done.stdout
     finally:
         (directory / "closed.yaml").unlink()
+
+
+# --- direct server return (--nodeport-mode dsr|hybrid) -------------------------------------
+
+def link_counts(namespace: str, ifname: str = "eth0") -> tuple[int, int]:
+    """(received, sent) packets of an interface."""
+    stats = json.loads(netns.ip("-j", "-s", "link", "show", ifname, netns=namespace))[0]
+    return stats["stats64"]["rx"]["packets"], stats["stats64"]["tx"]["packets"]
+
+
+@DSR
+@FAMILIES
+def test_direct_server_return_replies_bypass_the_entry_node(world, family):
+    """Pod b on node 2 answers the client itself, from the NodePort address the client
+    dialled on node 1: node 1's uplink sees the client's packets go in and out (DNATed to b,
+    still from the client) and none of b's replies, as a capture there and its counters
+    show (it received what the client sent, no more); b sees the client's address."""
+    from lab.capture import Capture
+    cluster, _, b, _ = world
+    client = cluster.external.ip if family == 4 else cluster.external.ip6
+    node1, backend = cluster.node_ip(1, family), b.ip if family == 4 else b.ip6
+    ns1 = cluster.nodes[1].node_netns
+    before = link_counts(ns1), link_counts(cluster.external_netns)
+    with Capture(cluster.nodes[1].processes, ns1, "eth0") as capture:
+        results = [cluster.external.start_client(mode, node1, port, count=10).result()
+                   for mode, port in zip(("tcp", "udp"), FAR, strict=True)]
+    after = link_counts(ns1), link_counts(cluster.external_netns)
+    for result in results:
+        assert result.errors == {} and result.wrong_source == 0, result
+        assert who(result) == Counter({("b", client): 10})
+    frames = capture.frames
+    came = [f for f in frames if not f.outgoing and f.src == client and f.dst == node1]
+    went = [f for f in frames if f.outgoing and f.src == client and f.dst == backend]
+    assert {f.proto for f in came} == {6, 17} and len(went) == len(came), frames
+    replies = [f for f in frames if f.dst == client or f.src == backend]
+    assert replies == [], replies
+    node1_received = after[0][0] - before[0][0]
+    client_sent, client_received = (after[1][i] - before[1][i] for i in (1, 0))
+    # ARP or neighbour discovery may add a few packets, b's replies would add 30 and more
+    assert node1_received <= client_sent + 4, (node1_received, client_sent)
+    assert client_received >= 10 + 10 + 10, client_received   # SYN-ACKs, data, datagrams
+
+
+# PMTU, then a second datagram CUT bytes smaller: prints the answer to it. (The error
+# reached a connected socket: its first send after it reports EMSGSIZE once.)
+PMTU_RETRY = PMTU + """
+sock.settimeout(2)
+for attempt in range(2):
+    try:
+        sock.send(b"y" * (size - int(sys.argv[4])))
+        break
+    except OSError:
+        pass
+print(sock.recv(100).decode())
+"""
+
+
+@DSR
+@FAMILIES
+def test_direct_server_return_too_big_for_the_option_tells_the_client_the_mtu_left(
+        world, family):
+    """A datagram that fills the path's MTU leaves no room for the DSR option (8 bytes in
+    IPv4, a 24-byte IPv6 destination options header): node 1 answers it with a
+    "fragmentation needed" / "packet too big" from the NodePort address, quoting what the
+    client sent and giving the MTU less the option; the client's socket learns it, and a
+    datagram that much smaller goes through."""
+    cluster, _, _, _ = world
+    overhead, headers = (8, 28) if family == 4 else (24, 48)
+    done = cluster.external.run([sys.executable, "-c", PMTU_RETRY, cluster.node_ip(1, family),
+                                 str(FAR[1]), str(1500 - headers), str(overhead)])
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    mtu, answer = done.stdout.split()
+    assert int(mtu) == 1500 - overhead, done.stdout
+    assert answer.startswith("b:8080@"), done.stdout
+
+
+@DSR
+def test_hybrid_after_a_restart_keeps_dsr_flows_and_cleanup_leaves_nothing(world):
+    """Node 1's agent restarted into --nodeport-mode hybrid: TCP connections opened by DSR
+    before keep working (pinned flows, programs swapped in place); new flows to a backend
+    on node 2 go by DSR for TCP and are SNATed to node 1 for UDP, both families. Then
+    `bpfproxy cleanup` on node 1 takes away its programs, links and pinned maps (the DSR
+    flows' entries among them) as in snat mode, and the NodePort no longer answers; node 2,
+    which answered those flows, still serves. The dsr world's last test: node 1 is left
+    without its agent (starting one costs the suite seconds for nothing)."""
+    from tests import reliability_traffic
+    cluster, _, b, directory = world
+    agent = cluster.agents[1]
+    node1 = cluster.node_ip(1, 4)
+    reliability_traffic.start_server(b, 9091)
+    manifests.write(directory, "farhold.yaml", manifests.service(
+        "farhold", "10.96.0.18", [{"name": "hold", "port": 91, "targetPort": 9091,
+                                   "nodePort": 30091, "protocol": "TCP"}],
+        service_type="NodePort"), manifests.endpoint_slice(
+        "farhold", [b.ip], [{"name": "hold", "port": 9091, "protocol": "TCP"}],
+        name="farhold-v4", node_name="node2"))
+    agent.wait_until(lambda: agent.kernel_backends(node1, 30091), "farhold in the kernel")
+    held = reliability_traffic.start_hold(cluster.external, node1, 30091, connections=2,
+                                          duration=150, until_stopped=True)
+    held.wait_round()
+    assert any(v.flags & 64 for _, v in read_flows(agent, 6))          # layout.CT_DSR
+    agent.stop()
+    args = list(agent.extra_args)
+    args[args.index("--nodeport-mode") + 1] = "hybrid"
+    agent.extra_args = tuple(args)
+    agent.start()
+    held.wait_round(time.monotonic())
+    conns = held.stop()["connections"]
+    assert {c["backend"] for c in conns} == {"b"} and min(c["requests"] for c in conns) > 2, \
+        conns
+    assert all(c["error"] is None and c["wrong_answers"] == 0 for c in conns), conns
+    for family in (4, 6):
+        client = cluster.external.ip if family == 4 else cluster.external.ip6
+        address = cluster.node_ip(1, family)
+        tcp = cluster.external.tcp(address, FAR[0], count=5)
+        udp = cluster.external.udp(address, FAR[1], count=5)
+        assert tcp.errors == {} and who(tcp) == Counter({("b", client): 5}), tcp
+        assert udp.errors == {} and who(udp) == Counter({("b", address): 5}), udp
+
+    agent.stop()
+    assert agent.cleanup().returncode == 0
+    assert not agent.bpffs.exists() or not any(agent.bpffs.iterdir())
+    gone = cluster.external.start_client("tcp", node1, FAR[0], count=1, timeout=0.5).result()
+    assert gone.answers == {} and sum(gone.errors.values()) == 1, gone
+    assert cluster.external.tcp(cluster.node_ip(2, 4), FAR[0], count=3).errors == {}
