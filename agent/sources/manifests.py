@@ -108,7 +108,8 @@ class ManifestSource:
         self._next_held: tuple[HeldBack, ...] = ()
         self._files: dict[str, _FileRecord] = {}
         self._listed: dict[ObjectKey, Object] = {}   # what the consumer has been given
-        self._key_files: dict[ObjectKey, set[str]] = {}   # which files define a key
+        # which files define a key: its one file's name (nearly every key), else a set
+        self._key_files: dict[ObjectKey, str | set[str]] = {}
         self._touched: set[str] = set()              # names the watcher reported
         # Progress, read by the health server's thread: the file being read (or "" for the
         # listing) and since when, while a pass runs; when the last pass ended, once watching.
@@ -320,7 +321,7 @@ class ManifestSource:
                 not fresh.readable or record.signature[2] != fresh.signature[2]:
             return fresh
         dropped = frozenset(key for key in record.objects.keys() - fresh.objects.keys()
-                            if not self._key_files.get(key, set()) - {name})
+                            if all(f == name for f in self._defining(key)))
         if not dropped:
             return fresh
         now = time.monotonic()
@@ -339,14 +340,36 @@ class ManifestSource:
 
     def _index(self, name: str, old: dict, new: dict | None) -> None:
         """Which files define each key, so a key's winner is found without a scan."""
+        key_files = self._key_files
         for key in old.keys() - (new or {}).keys():
-            files = self._key_files.get(key)
-            if files is not None:
-                files.discard(name)
-                if not files:
-                    del self._key_files[key]
+            files = key_files.get(key)
+            if files is None:
+                continue
+            if files.__class__ is str:
+                if files == name:
+                    del key_files[key]
+                continue
+            files.discard(name)
+            if len(files) == 1:
+                key_files[key] = next(iter(files))
+            elif not files:
+                del key_files[key]
         for key in new or ():
-            self._key_files.setdefault(key, set()).add(name)
+            files = key_files.get(key)
+            if files is None:
+                key_files[key] = name       # a str, not a set per key (~200 bytes each)
+            elif files.__class__ is str:
+                if files != name:
+                    key_files[key] = {files, name}
+            else:
+                files.add(name)
+
+    def _defining(self, key: ObjectKey) -> tuple[str, ...] | set[str]:
+        """The files that define key (none, one or several)."""
+        files = self._key_files.get(key)
+        if files is None:
+            return ()
+        return (files,) if files.__class__ is str else files
 
     def _list_directory(self, directory_fd: int
                         ) -> tuple[dict[str, Signature], dict[str, tuple[str, str]]]:
@@ -448,7 +471,7 @@ class ManifestSource:
         earlier one."""
         changes = []
         for key in affected:
-            files = self._key_files.get(key)
+            files = self._defining(key)
             winner = self._files[max(files)].objects[key] if files else None
             before = self._listed.get(key)
             if winner is None:

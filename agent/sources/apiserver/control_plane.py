@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,14 @@ class _Admitted:
     ips: dict[int, tuple[int, bool]] = field(default_factory=dict)   # family -> (ip, alloc.)
     ports: dict[int, tuple[int, bool]] = field(default_factory=dict)  # port -> (nodePort, al.)
     health_check: tuple[int, bool] | None = None
-    raw: dict | None = None          # the admitted object, kept when a new version is refused
+    # the admitted object, served again when a new version is refused: pickled (a few
+    # hundred bytes, not the parsed document's dicts and strings, which every Service
+    # would keep beside its typed object), and the exact values and types back
+    raw_pickle: bytes | None = None
+
+    @property
+    def raw(self) -> dict | None:
+        return None if self.raw_pickle is None else pickle.loads(self.raw_pickle)
 
     def held_ips(self) -> set[tuple[int, int]]:
         return {(family, ip) for family, (ip, _) in self.ips.items()}
@@ -163,7 +171,10 @@ class ControlPlane:
                 self._release(key, file)
             self._refused.pop(key, None)
             self._shared.pop(key, None)
-        self._file_services[file] = seen
+        if seen:
+            self._file_services[file] = seen
+        else:              # most files hold no Service (one object per file): no empty set
+            self._file_services.pop(file, None)
         seen = set()
         for i, where, raw in endpoints:
             key = _key(raw)
@@ -181,7 +192,10 @@ class ControlPlane:
         for key in self._file_endpoints.get(file, set()) - seen:
             if self._endpoints_file.get(key) == file:
                 del self._endpoints_file[key]
-        self._file_endpoints[file] = seen
+        if seen:
+            self._file_endpoints[file] = seen
+        else:
+            self._file_endpoints.pop(file, None)
         return [pair for i in sorted(out) for pair in out[i]]
 
     def settled(self, changes: list, files: Callable[[], Iterable[str]],
@@ -204,7 +218,8 @@ class ControlPlane:
             for key in self._file_services.pop(file):
                 if self._services.get(key) is not None and self._services[key].file == file:
                     self._release(key, None)
-            self._file_endpoints.pop(file, None)
+        for file in list(self._file_endpoints.keys() - present):
+            del self._file_endpoints[file]
         for problems in (self._refused, self._shared):
             for key, (file, _) in list(problems.items()):
                 if file not in present:
@@ -238,7 +253,7 @@ class ControlPlane:
             self._undo(key, previous, record)
             return self._refuse(file, key, raw, str(e))
         admitted = {**raw, "spec": spec}
-        record.raw = admitted
+        record.raw_pickle = pickle.dumps(admitted, pickle.HIGHEST_PROTOCOL)
         self._commit(key, previous, record, file)
         return admitted
 
