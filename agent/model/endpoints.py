@@ -70,13 +70,17 @@ def endpoints_by_service_port(slices: Iterable[EndpointSlice],
         if family is None or endpoint_slice.excluded_by_label:
             continue
         address_class = _ADDRESS_CLASSES[family]
+        # ports of one slice with the same number (TCP and UDP 53) get the same endpoint
+        # as one Backend object: equal values, kept once in the desired state
+        shared: dict[tuple[int, int], Backend] | None = \
+            {} if len(endpoint_slice.ports) > 1 else None
         for port in endpoint_slice.ports:
             key = (ServicePortName(endpoint_slice.namespace, endpoint_slice.service_name,
                                    port.name, port.protocol), family)
             found = chosen[key]
             number = port.port
             own_ips = node_ips[family]
-            for endpoint in endpoint_slice.endpoints:
+            for index, endpoint in enumerate(endpoint_slice.endpoints):
                 # Kubernetes uses only the first address (endpointslicecache.go addEndpoints).
                 if not endpoint.addresses:
                     continue
@@ -89,10 +93,14 @@ def endpoints_by_service_port(slices: Iterable[EndpointSlice],
                 # node itself whatever its slice says (the kernel delivers it locally)
                 local = (bool(node_name) and endpoint.node_name == node_name) \
                     or as_int in own_ips
+                backend = shared.get((index, number)) if shared is not None else None
+                if backend is None:
+                    backend = Backend(address, number, _READY if ready else _TERMINATING,
+                                      endpoint.node_name, endpoint.zone, local)
+                    if shared is not None:
+                        shared[index, number] = backend
                 info = EndpointInfo(
-                    Backend(address, number, _READY if ready else _TERMINATING,
-                            endpoint.node_name, endpoint.zone, local),
-                    ready, endpoint.serving, endpoint.terminating,
+                    backend, ready, endpoint.serving, endpoint.terminating,
                     endpoint.zone_hints, endpoint.node_hints)
                 if info.zone_hints or info.node_hints:
                     hinted.add(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from typing import Any, NoReturn
 
 from agent.model.types import (
@@ -203,6 +204,12 @@ def fast_ipv4(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(value)
 
 
+def _shared(text: str) -> str:
+    """One copy of a string that many objects repeat (namespaces, node and zone names, port
+    names, a Service's name and its slices' label): the decoder makes a new one each time."""
+    return sys.intern(text) if text.__class__ is str else text
+
+
 def _show(value: Any) -> str:
     # Never repr a container: it may be huge or nested past the recursion limit.
     if isinstance(value, dict):
@@ -226,7 +233,7 @@ def _metadata(d: dict, kind: str, consequence: str) -> tuple[str, str]:
     if not name:
         where.fail("metadata.name", "required")
     namespace = where.string(metadata.get("namespace"), "metadata.namespace") or "default"
-    return namespace, name
+    return _shared(namespace), _shared(name)
 
 
 def _cluster_scoped_name(d: dict, kind: str, consequence: str) -> str:
@@ -278,7 +285,8 @@ def parse_service(d: dict) -> Service:
     where = _Where(f"Service {namespace}/{name}", "service skipped")
     excluded = where.excluded_by(where.labels(where.mapping(d.get("metadata"), "metadata")))
     spec = where.mapping(d.get("spec"), "spec")
-    service_type = where.string(spec.get("type"), "spec.type", "ClusterIP") or "ClusterIP"
+    service_type = _shared(where.string(spec.get("type"), "spec.type", "ClusterIP") or
+                           "ClusterIP")
     if service_type not in SERVICE_TYPES:
         where.fail("spec.type",
                    f"{service_type!r} is not one of {', '.join(sorted(SERVICE_TYPES))}")
@@ -311,7 +319,7 @@ def _service_ports(where: _Where, raw_ports: list, service_type: str
     for i, raw in enumerate(raw_ports):
         field = f"spec.ports[{i}]"
         entry = where.mapping(raw, field)
-        name = where.string(entry.get("name"), f"{field}.name")
+        name = _shared(where.string(entry.get("name"), f"{field}.name"))
         # The API server requires names once there are two ports: endpoints are matched to
         # service ports by name, so two unnamed ports could not be told apart.
         if len(raw_ports) > 1 and not name:
@@ -323,7 +331,7 @@ def _service_ports(where: _Where, raw_ports: list, service_type: str
         if target is None or target == "" or (target == 0 and not isinstance(target, bool)):
             target_port: int | str = port
         elif isinstance(target, str):
-            target_port = target
+            target_port = _shared(target)
         else:
             target_port = where.port(target, f"{field}.targetPort")
         node_port = _node_port(where, entry.get("nodePort"), f"{field}.nodePort", service_type)
@@ -457,7 +465,7 @@ def _traffic_policy(where: _Where, spec: dict, key: str) -> str:
     policy = where.string(spec.get(key), f"spec.{key}", "Cluster") or "Cluster"
     if policy not in TRAFFIC_POLICIES:
         where.fail(f"spec.{key}", f"{policy!r} is not one of Cluster, Local")
-    return policy
+    return _shared(policy)
 
 
 def _source_ranges(where: _Where, spec: dict) -> tuple[IPNetwork, ...]:
@@ -559,7 +567,8 @@ def parse_endpoint_slice(d: dict) -> EndpointSlice:
     endpoints = tuple([_endpoint(where, raw, i, family) for i, raw in enumerate(raw_endpoints)])
     if family is None:
         endpoints = ()
-    return EndpointSlice(namespace, name, service_name, address_type, ports, endpoints,
+    return EndpointSlice(namespace, name, _shared(service_name), _shared(address_type),
+                         ports, endpoints,
                          excluded_by_label=excluded)
 
 
@@ -571,7 +580,7 @@ def _slice_ports(where: _Where, raw_ports: list) -> tuple[EndpointPort, ...]:
         entry = where.mapping(raw, field)
         # kube-proxy drops a port whose name is nil; the EndpointSlice controller always
         # writes one ("" when unnamed), so a missing name here means "".
-        name = where.string(entry.get("name"), f"{field}.name")
+        name = _shared(where.string(entry.get("name"), f"{field}.name"))
         protocol = where.protocol(entry.get("protocol"), f"{field}.protocol")
         if name in seen:
             where.fail(f"{field}.name", f"duplicate port name {name!r} (also ports[{seen[name]}])")
@@ -637,7 +646,8 @@ def _endpoint(where: _Where, raw: Any, index: int, family: int | None) -> Endpoi
         hints = where.mapping(entry["hints"], field)
         zone_hints = _hint_names(where, hints.get("forZones"), f"{field}.forZones")
         node_hints = _hint_names(where, hints.get("forNodes"), f"{field}.forNodes")
-    return Endpoint(addresses, ready, serving, terminating, node_name, zone, zone_hints,
+    return Endpoint(addresses, ready, serving, terminating, _shared(node_name), _shared(zone),
+                    zone_hints,
                     node_hints)
 
 
@@ -658,7 +668,7 @@ def _hint_names(where: _Where, raw: Any, field: str) -> frozenset[str]:
                             f"{field}[{i}].name")
         if not name:
             where.fail(f"{field}[{i}].name", "required")
-        names.append(name)
+        names.append(_shared(name))
     return frozenset(names) if names else NO_HINTS
 
 
