@@ -71,17 +71,57 @@ class Resource:
 
 
 def resources(api_client: k8s.ApiClient, node_name: str) -> tuple[Resource, ...]:
-    core, discovery = k8s.CoreV1Api(api_client), k8s.DiscoveryV1Api(api_client)
+    if hasattr(api_client, "param_serialize"):
+        services, slices, nodes = (_ListCall(api_client, path) for path in (
+            "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices", "/api/v1/nodes"))
+    else:                             # a client before 37: its generated list calls
+        core, discovery = k8s.CoreV1Api(api_client), k8s.DiscoveryV1Api(api_client)
+        services, slices, nodes = (core.list_service_for_all_namespaces,
+                                   discovery.list_endpoint_slice_for_all_namespaces,
+                                   core.list_node)
     return (
-        Resource("Service", "v1", core.list_service_for_all_namespaces, parse_service,
-                 label_selector=NOT_FOR_US),
-        Resource("EndpointSlice", "discovery.k8s.io/v1",
-                 discovery.list_endpoint_slice_for_all_namespaces, parse_endpoint_slice,
+        Resource("Service", "v1", services, parse_service, label_selector=NOT_FOR_US),
+        Resource("EndpointSlice", "discovery.k8s.io/v1", slices, parse_endpoint_slice,
                  label_selector=NOT_FOR_US),
         # only this node's Node: its zone and addresses; a fleet of heartbeats is not ours
-        Resource("Node", "v1", core.list_node, parse_node,
-                 field_selector=f"metadata.name={node_name}"),
+        Resource("Node", "v1", nodes, parse_node, field_selector=f"metadata.name={node_name}"),
     )
+
+
+class _ListCall:
+    """A list or watch GET of one resource path, answered as the client's generated
+    list_* method answers it with _preload_content=False (the raw urllib3 response;
+    ApiException for a status other than 2xx), through the same ApiClient (its
+    configuration, authentication and connection pool). The generated API classes are
+    not imported: CoreV1Api and DiscoveryV1Api, with the models and validators they load,
+    add ~22 MiB to the agent's resident memory, for three GETs."""
+
+    # the generated methods' query parameter names, in their order
+    _QUERY = (("allow_watch_bookmarks", "allowWatchBookmarks"), ("_continue", "continue"),
+              ("field_selector", "fieldSelector"), ("label_selector", "labelSelector"),
+              ("limit", "limit"), ("resource_version", "resourceVersion"),
+              ("timeout_seconds", "timeoutSeconds"), ("watch", "watch"))
+
+    def __init__(self, api_client: k8s.ApiClient, path: str) -> None:
+        self.api_client, self.path = api_client, path
+
+    def __call__(self, *, _preload_content: bool = False, _request_timeout: Any = None,
+                 **params: Any) -> urllib3.BaseHTTPResponse:
+        if _preload_content:
+            raise ValueError("only raw responses (_preload_content=False) are read here")
+        unknown = params.keys() - {name for name, _ in self._QUERY}
+        if unknown:
+            raise TypeError(f"unexpected parameters {sorted(unknown)}")
+        query = [(wire, params[name]) for name, wire in self._QUERY
+                 if params.get(name) is not None]
+        request = self.api_client.param_serialize(
+            method="GET", resource_path=self.path, query_params=query,
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        response = self.api_client.call_api(*request, _request_timeout=_request_timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
 
 
 class Gone(Exception):

@@ -609,3 +609,68 @@ def test_list_items_are_typed_in_place_and_keyed_only_when_refused(api, tmp_path
     reflector = kube._Reflector(None, resource, None, threading.Event())
     item = {"metadata": {"name": "a"}}
     assert reflector._typed(item) is item and item["kind"] == "Service"
+
+
+# --- the list and watch requests, without the generated API classes ---------------------
+
+class _Recorded(Exception):
+    """Raised by the recording transport: the request is all the test wants."""
+
+
+def _requests(call, **params) -> tuple:
+    """(method, url, headers) that one list/watch call sends."""
+    client = kube.k8s.ApiClient(kube.k8s.Configuration(host="http://127.0.0.1:1"))
+    seen = []
+
+    def request(method, url, headers=None, body=None, post_params=None,
+                _request_timeout=None):
+        seen.append((method, url, dict(headers or {}), body, _request_timeout))
+        raise _Recorded
+
+    client.rest_client.request = request
+    with pytest.raises(_Recorded):
+        call(client)(_preload_content=False, _request_timeout=(1.0, 2.0), **params)
+    return seen[0]
+
+
+@pytest.mark.parametrize("params", [
+    {"label_selector": kube.NOT_FOR_US, "limit": 500},
+    {"label_selector": kube.NOT_FOR_US, "limit": 2, "_continue": "abc=/&x"},
+    {"field_selector": "metadata.name=node-a", "watch": True, "resource_version": "17",
+     "allow_watch_bookmarks": True, "timeout_seconds": 301},
+])
+def test_list_and_watch_requests_are_the_generated_clients(params):
+    """The source GETs each resource as the client's generated list_* methods would (same
+    URL, query, headers and timeout), without importing them (tens of MiB resident)."""
+    generated = {
+        SERVICES: lambda c: kube.k8s.CoreV1Api(c).list_service_for_all_namespaces,
+        SLICES: lambda c: kube.k8s.DiscoveryV1Api(c).list_endpoint_slice_for_all_namespaces,
+        NODES: lambda c: kube.k8s.CoreV1Api(c).list_node}
+    for path, make in generated.items():
+        ours = _requests(lambda c: kube._ListCall(c, path), **params)
+        assert ours == _requests(make, **params)
+        assert ours[1].split("?")[0].endswith(path)
+
+
+def test_the_source_never_loads_the_generated_api_classes():
+    """The kube source's requests go through the ApiClient alone: CoreV1Api and
+    DiscoveryV1Api (and the models they import) stay out of the agent's memory."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom agent.sources import kube\n"
+            "from kubernetes import client as k8s\n"
+            "kube.resources(k8s.ApiClient(k8s.Configuration(host='http://127.0.0.1:1')), 'n')\n"
+            "print(sorted(m for m in sys.modules if m.endswith(('core_v1_api', "
+            "'discovery_v1_api'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_refused_list_raises_the_clients_api_exception(api, tmp_path):
+    """A status other than 2xx is the client's ApiException with that status, as the
+    generated methods raise it (the reflector's 410 and 401/403 handling read it)."""
+    client = api_client_for(str(api.write_kubeconfig(tmp_path / "kubeconfig")))
+    with pytest.raises(kube.ApiException) as raised:
+        kube._ListCall(client, "/api/v1/nosuchresource")(_preload_content=False)
+    assert raised.value.status == 404
