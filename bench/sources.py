@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -285,7 +286,11 @@ def run_trial(bed, source: str, services: int, endpoints: int, work: Path,
         figures["start_cpu_s"] = cpu_seconds(pid)
         figures["rss"], figures["peak"] = memory(pid)
         figures["map_bytes"] = topology.agent_memory(pid)[1]
-        figures["services_json_s"], figures["services_json_cpu_s"] = trial.list_services()
+        try:
+            figures["services_json_s"], figures["services_json_cpu_s"] = trial.list_services()
+        except RuntimeError as exc:     # a row of "-", not a lost run: say why
+            print(f"  {source} {services:,} x {endpoints}: {exc}", file=sys.stderr)
+            figures["services_json_s"] = figures["services_json_cpu_s"] = None
         event, written, reach = [], [], []
         for i in range(changes):
             e, w, r = trial.one_change(with_extra=i % 2 == 0)
@@ -357,8 +362,8 @@ def measure(bed, sizes: list[tuple[int, int]], reps: int, changes: int, sources,
                     f"{figures['start_s']:.2f}s (cpu {figures['start_cpu_s']:.2f}s), churn "
                     f"{figures['churn_s']:.2f}s (cpu {figures['churn_cpu_s']:.2f}s), rss "
                     f"{figures['rss'] / 2**20:.0f} MiB (peak {figures['peak'] / 2**20:.0f}), "
-                    f"services -o json {figures['services_json_s']:.2f}s "
-                    f"(cpu {figures['services_json_cpu_s']:.2f}s)")
+                    f"services -o json {figures['services_json_s'] or float('nan'):.2f}s "
+                    f"(cpu {figures['services_json_cpu_s'] or float('nan'):.2f}s)")
     results["load"]["end"] = os.getloadavg()
     return results
 
