@@ -38,7 +38,7 @@ from agent.runner import SyncRunner
 from agent.service_maps import ServiceMaps
 from agent.sources.events import HeldBack, ObjectChange
 from agent.status import AgentStatus, AppliedServicePort, AppliedView
-from agent.sync_step import SyncStep
+from agent.sync_step import SyncStep, freeze_after_full_sync
 
 __all__ = ["Agent", "AgentStatus", "AppliedServicePort", "AppliedView", "ServiceMaps",
            "Source"]
@@ -83,6 +83,9 @@ class Agent:
     # given, after each sync the kernel accepted, on the loop: every healthCheckNodePort
     # with the service it reports on and its ready endpoints here (model.health)
     service_health: Callable[[dict[int, ServiceHealth]], None] | None = None
+    # after each full sync, what it left in memory leaves the collector's walks
+    # (sync_step.freeze_after_full_sync; the agent process's, not a test's)
+    freeze_heap: bool = False
 
     def __post_init__(self) -> None:
         # the parts, wired with what they were given at construction
@@ -222,6 +225,8 @@ class Agent:
                    event_to_kernel_seconds=(self.status.last_event_to_kernel_seconds
                                             if since is not None else 0.0),
                    service_ports=len(result.result))
+        if full and self.freeze_heap:
+            freeze_after_full_sync()
         await self._cleaner.after_sync(gone, lost, result.removed_udp)
         return True
 

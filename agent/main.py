@@ -25,6 +25,7 @@ from agent.read_ahead import ReadAhead
 from agent.sources.apiserver import store
 from agent.sources.apiserver.control_plane import ControlPlane
 from agent.sources.manifests import ManifestSource
+from agent.sync_step import pause_collector_for_start
 
 log = logging.getLogger("agent")
 
@@ -98,6 +99,7 @@ async def serve(args) -> int:
         source = ManifestSource(args.manifests, control_plane=ControlPlane(
             args.cluster_ip_ranges, args.node_port_range, store.path_for(args.bpffs)))
         source_name = f"manifests:{args.manifests}"
+    pause_collector_for_start()      # ended by the first full sync (Agent.freeze_heap)
     reading = ReadAhead(source)
     try:
         xdp_fallback = await loop.run_in_executor(None, loading.wait)
@@ -124,7 +126,7 @@ async def serve(args) -> int:
                   udp_cleanup=udp_cleanup_for(cgroup, maps, door=opener),
                   maglev_m=args.maglev_table_size if args.lb_algorithm == "maglev" else 0,
                   flow_cleanup=maps.forget_flows if config.interfaces else None,
-                  service_health=health_checks.update)
+                  service_health=health_checks.update, freeze_heap=True)
     agent.status.source = source_name
     agent.status.node_name = args.node_name
     try:

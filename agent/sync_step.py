@@ -3,6 +3,7 @@ Service or only the changed ones, and the desired state the kernel holds once it
 compute() runs in a thread on the snapshot; commit() on the loop, after the kernel took it."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -129,6 +130,42 @@ class SyncStep:
                 log.warning("event=service_port_unsupported service_port=%s family=IPv%d "
                             "reason=%r", name, family, "not in this datapath yet; skipped")
         return out
+
+
+# --- the collector around large syncs --------------------------------------------------
+# A 10k x 10 world is ~1.5M objects with hardly a cycle among them (a gen-2 collection at
+# that size finds 0-50), yet every gen-2 collection walks them all: 0.3-1.2 s each, two
+# while the first listing is read and three while every EndpointSlice is rewritten.
+
+START_PAUSE_LONGEST = 120.0    # s: a source that never lists does not keep it off longer
+_start_pause: list = []        # the timer that ends the start pause, while it runs
+
+
+def pause_collector_for_start() -> None:
+    """No cyclic collection while the first listing is read and synced (on the loop):
+    freeze_after_full_sync() ends the pause, or START_PAUSE_LONGEST does."""
+    if gc.isenabled() and not _start_pause:
+        gc.disable()
+        _start_pause.append(asyncio.get_running_loop().call_later(
+            START_PAUSE_LONGEST, _end_start_pause))
+
+
+def _end_start_pause() -> None:
+    if _start_pause:
+        _start_pause.pop().cancel()
+        gc.enable()
+
+
+def freeze_after_full_sync() -> None:
+    """What a full sync left in memory is long-lived: out of the collector's walks
+    (gc.freeze; reference counting still frees it when a later sync drops it). Young
+    cycles are collected first; after the start pause, whose few cycles stay, not (every
+    object since the start is young then: a walk over all of them)."""
+    if _start_pause:
+        _end_start_pause()
+    elif gc.isenabled():
+        gc.collect(1)
+    gc.freeze()
 
 
 @contextlib.contextmanager
