@@ -106,6 +106,9 @@ class ManifestSource:
         # as of the last pass handed on, and of the last pass (published with its batch)
         self._held_back: tuple[HeldBack, ...] = ()
         self._next_held: tuple[HeldBack, ...] = ()
+        # every file readable, as of the last pass: read from other threads (status,
+        # health) while a pass fills _files, which they must not iterate
+        self._complete = True
         self._files: dict[str, _FileRecord] = {}
         self._listed: dict[ObjectKey, Object] = {}   # what the consumer has been given
         # which files define a key: its one file's name (nearly every key), else a set
@@ -219,8 +222,9 @@ class ManifestSource:
 
     @property
     def complete(self) -> bool:
-        """False while a file cannot be read (held_back says which, and what it keeps)."""
-        return all(record.readable for record in self._files.values())
+        """False while a file cannot be read (held_back says which, and what it keeps),
+        as of the last pass: another thread may ask while a pass fills the file records."""
+        return self._complete
 
     @property
     def held_back(self) -> tuple[HeldBack, ...]:
@@ -257,6 +261,7 @@ class ManifestSource:
                                               self._rescan)
         finally:
             self._next_held = self._holds()
+            self._complete = all(record.readable for record in self._files.values())
             self._busy = None
             if self._last_pass is not None:
                 self._last_pass = time.monotonic()

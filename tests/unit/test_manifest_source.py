@@ -443,6 +443,22 @@ def test_listing_is_incomplete_while_a_file_cannot_be_parsed(tmp_path):
     assert source.complete is True
 
 
+def test_complete_is_answered_while_a_pass_fills_the_file_records(tmp_path):
+    """The API's and the health server's threads ask `complete` while a pass (in its own
+    thread) adds file records: the answer is the last pass's, read without iterating the
+    records (a dict changing size under an iteration raised RuntimeError in GetStatus)."""
+    write(tmp_path, "a.yaml", svc("a"))
+    write(tmp_path, "b.yaml", "kind: Service\nmetadata: [unclosed\n")
+    source = ManifestSource(tmp_path)
+    source.rescan()
+
+    class Filling(dict):
+        """The records as another thread sees them mid-pass."""
+        def values(self):
+            raise RuntimeError("dictionary changed size during iteration")
+
+    source._files = Filling(source._files)
+    assert source.complete is False
 def test_held_back_names_each_file_and_object_waiting_and_why(tmp_path):
     """Issue 14.1: a file broken after a good read holds back its last good objects only;
     a file never read is `unknown` (its content cannot be named); an invalid object kept
