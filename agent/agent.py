@@ -166,8 +166,12 @@ class Agent:
                 self._kernel_stale = False
                 self._budget.after_reread(self._applied, periodic)
             # the model and the planner run in a thread on a snapshot of the objects: a
-            # large sync takes seconds of CPU, and the API must answer meanwhile
-            inputs = self._changes.snapshot(full, dirty, self.node)
+            # large sync takes seconds of CPU, and the API must answer meanwhile. A full
+            # sync with nothing changed since the last one the kernel took (the periodic
+            # re-read) plans the kernel against that sync's desired state: no model.
+            again = (full and not dirty and not changes.node_changed and not keep
+                     and not reconcile and self._plan is not None)
+            inputs = None if again else self._changes.snapshot(full, dirty, self.node)
             computed = await loop.run_in_executor(
                 None, self._step.compute, full, inputs, keep, self._applied, self._plan,
                 self._budget.limits())

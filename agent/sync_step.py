@@ -53,8 +53,14 @@ class SyncStep:
     def compute(self, full: bool, inputs, keep: frozenset[int], applied: AppliedState,
                 previous: Plan | None, budget: dict[str, int] | None) -> Computed:
         """Everything (a full plan against `applied`), or only what the changed services
-        of the snapshot produce, planned against `previous`, the plan the kernel holds."""
+        of the snapshot produce, planned against `previous`, the plan the kernel holds.
+        inputs None (full only): nothing changed since the last commit; the desired
+        state the kernel took then is planned against `applied` again."""
         with _gc_paused():
+            if inputs is None:
+                return Computed(plan(self.desired, applied, keep_unclaimed=keep,
+                                     maglev_m=self._maglev_m, capacity=budget),
+                                self.desired, self.parts, None)
             # from the same snapshot, same thread
             health = self._health_for(full, inputs) if self._with_health else None
             if full:

@@ -457,3 +457,30 @@ def test_removed_udp_backends_are_handed_to_the_socket_cleanup():
     kept = BackendAddr(ipaddress.ip_address("10.0.0.2"), 8080)
     gone = BackendAddr(ipaddress.ip_address("10.0.0.1"), 8080)
     assert still_served(frontend, kept) and not still_served(frontend, gone)
+
+
+def test_a_periodic_sync_with_nothing_changed_replans_without_the_model(monkeypatch):
+    """The periodic re-read plans the kernel against the desired state the kernel took
+    last (issue 16): the model runs for the listing only, and drift is still repaired."""
+    from agent import model
+    calls = []
+    desired_state = model.desired_state
+    monkeypatch.setattr(model, "desired_state",
+                        lambda *a, **k: calls.append(1) or desired_state(*a, **k))
+    maps = FakeServiceMaps()
+    source = ScriptedSource([upserts(service("web", ["10.96.0.1"]),
+                                     endpoint_slice("web", ["10.0.0.1", "10.0.0.2"]))])
+    agent = Agent(source, maps, min_sync_period=0.01, sync_period=0.1)
+    deleted_at = []
+
+    def repaired() -> bool:
+        if not deleted_at:
+            if not (source.delivered and agent.status.synced):
+                return False
+            maps.frontends.clear()           # someone deletes the frontend from outside
+            deleted_at.append(agent.status.syncs)
+        return agent.status.syncs > deleted_at[0] + 1 and bool(maps.frontends)
+
+    run(agent, repaired, "the frontend written again, and one more periodic sync")
+    assert {str(f) for f in maps.frontends} == {"10.96.0.1:80/TCP"}
+    assert len(calls) == 1 and agent.status.full_syncs >= 3
