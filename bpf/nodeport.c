@@ -269,22 +269,13 @@ static __always_inline int dsr_too_big(struct __sk_buff *skb, struct pkt *p, __u
         return bpf_redirect(skb->ifindex, 0);
 }
 
-/* Whether a packet of a DSR flow carries the option: the first packet of a TCP flow (its
- * SYN) and every UDP datagram, the backend's node needing it to open the flow. */
-static __always_inline int dsr_needs_option(struct pkt *p)
-{
-        return p->t.proto == IPPROTO_UDP || (p->tcp_flags & TH_SYN);
-}
-
 /* The way out for a packet of a DSR flow on the entry node (the flow's forward entry
  * `to`): DNATed to its backend, keeping the client's address, straight out towards the
  * backend's node. ROUTE_NONE: no way there (dropped); ROUTE_TOO_BIG with *mtu. */
 static __always_inline __u32 dsr_route(struct __sk_buff *skb, struct pkt *p,
                                        struct ct_value *to, __u32 *mtu)
 {
-        __u32 extra = 0;
-        if (dsr_needs_option(p))
-                extra = p->t.family == 4 ? DSR_OPT4_LEN : DSR_EXT6_LEN;
+        __u32 extra = np_dsr_option_len(p);
         __u16 tot_len = 0;
         if (extra && skb->gso_segs <= 1)
                 tot_len = skb->len - p->l3 + extra;
@@ -320,7 +311,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
         int dsr = 0;
         if (!(be.flags & BPFP_BE_LOCAL) && out != ROUTE_LOCAL) {
                 /* --nodeport-mode dsr|hybrid: the reply comes from the backend's node */
-                if (np_dsr_wanted(skb, skb->ingress_ifindex, p, hop))
+                struct bpf_fib_lookup fib = {};
+                if (np_dsr_wanted(skb, skb->ingress_ifindex, p, hop, &fib))
                         dsr = 1;
                 else
                         node = bpfp_ifaddr.lookup(&ikey);
@@ -514,14 +506,25 @@ static __always_inline int icmp_error(struct __sk_buff *skb)
  * as it is. The first opens the flow (np_dsr_arrived), so that the reply, which leaves
  * through the egress program, is answered from the service address; the option stays in
  * the packet (IPv4 ignores an option it does not know on the way in, IPv6 skips one whose
- * type says so). A path of its own: the headers' offsets differ from the other paths'. */
+ * type says so). A path of its own: the headers' offsets differ from the other paths'.
+ * The client's tuple to this backend is the same whichever service address it dialled:
+ * a flow open here that answers from another one than the option names (a client port
+ * reused for another service) is opened anew. */
 static __always_inline int dsr_backend(struct pkt *p, struct np_dsr *dsr, __u64 now)
 {
         struct ct_value *v = np_find_flow(p, 1, now);
-        if (!v)
-                np_dsr_arrived(p, dsr, now);
-        else if (v->flags & BPFP_CT_DSR_BACKEND)
-                np_flow_packet(p, v, now);
+        if (v && (v->flags & BPFP_CT_DSR_BACKEND)) {
+                struct ct_key rkey = {};
+                partner_key(&p->t, v, &rkey);
+                struct ct_value *r = bpfp_ct.lookup(&rkey);
+                if (r && r->sport == dsr->port && r->saddr[0] == dsr->addr[0] &&
+                    r->saddr[1] == dsr->addr[1] && r->saddr[2] == dsr->addr[2] &&
+                    r->saddr[3] == dsr->addr[3]) {
+                        np_flow_packet(p, v, now);
+                        return TC_ACT_OK;
+                }
+        }
+        np_dsr_arrived(p, dsr, now);
         return TC_ACT_OK;
 }
 
@@ -563,7 +566,7 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
         if (rewrite(skb, &p, &to))
                 return TC_ACT_SHOT;
         if (dsr_out) {
-                if (dsr_needs_option(&p) && dsr_add_option(skb, &p))
+                if (np_dsr_option_len(&p) && dsr_add_option(skb, &p))
                         return TC_ACT_SHOT;
                 return redirect_neigh(dsr_out, NULL, 0, 0);
         }

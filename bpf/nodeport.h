@@ -79,34 +79,44 @@ static __always_inline int np_uses_dsr(__u8 proto)
                (BPFP_NODEPORT_MODE == BPFP_NODEPORT_HYBRID && proto == IPPROTO_TCP);
 }
 
+/* The bytes the DSR option adds to a packet of a DSR flow on the entry node: a TCP flow's
+ * first packet (its SYN) and every UDP datagram carry it, the backend's node needing it to
+ * open the flow; 0 for the others. */
+static __always_inline __u32 np_dsr_option_len(struct pkt *p)
+{
+        if (p->t.proto != IPPROTO_UDP && !(p->tcp_flags & TH_SYN))
+                return 0;
+        return p->t.family == 4 ? DSR_OPT4_LEN : DSR_EXT6_LEN;
+}
+
 /* DSR for a new flow of p to a backend on another node, whose next hop from here is
  * be_hop (bpf_fib_lookup's, the program's ctx), unless the client is behind that same hop
  * (a pod of the backend's node, or that node itself): the reply would not leave that node
  * through the interface whose program translates it, so that flow is SNATed as in snat
- * mode and its reply comes back here. */
+ * mode and its reply comes back here. fib: room for the lookup (the XDP stack is tight). */
 static __always_inline int np_dsr_wanted(void *ctx, __u32 ifindex, struct pkt *p,
-                                         const __be32 *be_hop)
+                                         const __be32 *be_hop, struct bpf_fib_lookup *fib)
 {
         if (!np_uses_dsr(p->t.proto))
                 return 0;
-        struct bpf_fib_lookup fib = {};
-        fib.ifindex = ifindex;
+        __builtin_memset(fib, 0, sizeof(*fib));
+        fib->ifindex = ifindex;
         if (p->t.family == 4) {
-                fib.family = BPFP_AF_INET;
-                fib.ipv4_src = p->t.daddr[0];
-                fib.ipv4_dst = p->t.saddr[0];
+                fib->family = BPFP_AF_INET;
+                fib->ipv4_src = p->t.daddr[0];
+                fib->ipv4_dst = p->t.saddr[0];
         } else {
-                fib.family = BPFP_AF_INET6;
-                __builtin_memcpy(fib.ipv6_src, p->t.daddr, 16);
-                __builtin_memcpy(fib.ipv6_dst, p->t.saddr, 16);
+                fib->family = BPFP_AF_INET6;
+                __builtin_memcpy(fib->ipv6_src, p->t.daddr, 16);
+                __builtin_memcpy(fib->ipv6_dst, p->t.saddr, 16);
         }
-        long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+        long rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
         if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
                 return 1;
         if (p->t.family == 4)
-                return fib.ipv4_dst != be_hop[0];
-        return fib.ipv6_dst[0] != be_hop[0] || fib.ipv6_dst[1] != be_hop[1] ||
-               fib.ipv6_dst[2] != be_hop[2] || fib.ipv6_dst[3] != be_hop[3];
+                return fib->ipv4_dst != be_hop[0];
+        return fib->ipv6_dst[0] != be_hop[0] || fib->ipv6_dst[1] != be_hop[1] ||
+               fib->ipv6_dst[2] != be_hop[2] || fib->ipv6_dst[3] != be_hop[3];
 }
 
 

@@ -1,11 +1,13 @@
 /* bpf/xdp.c: --acceleration: NodePort, ExternalIP and LoadBalancer flows to backends on
- * other nodes, forwarded entirely in XDP on each --interfaces device (both directions:
- * DNAT + SNAT to the backend, reverse NAT to the client), out through bpf_fib_lookup's
- * interface and neighbour (XDP_TX when that is where it came in). Conntrack, backend choice
- * and counters are the TC program's own (nodeport.h), on the same maps. Everything else
- * passes (XDP_PASS) to the stack, where the TC program handles it as without XDP: a flow
- * to a backend on this node (opened here, rewritten there), a neighbour not yet resolved,
- * IPv4 with options, ICMP errors, a packet too big for the way out. */
+ * other nodes, forwarded entirely in XDP on each --interfaces device (SNAT: both
+ * directions, DNAT + SNAT to the backend and reverse NAT to the client; DSR, with
+ * --nodeport-mode dsr|hybrid: DNAT with the option, the reply going elsewhere), out through
+ * bpf_fib_lookup's interface and neighbour (XDP_TX when that is where it came in).
+ * Conntrack, backend choice and counters are the TC program's own (nodeport.h), on the same
+ * maps. Everything else passes (XDP_PASS) to the stack, where the TC program handles it as
+ * without XDP: a flow to a backend on this node (opened here, rewritten there), a
+ * neighbour not yet resolved, IPv4 with options, ICMP errors, a packet too big for the way
+ * out (with the DSR option: the TC program answers it), a DSR packet for this node. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
@@ -107,11 +109,66 @@ static __always_inline int xdp_rewrite(struct xdp_md *ctx, struct pkt *p, struct
         return 0;
 }
 
-/* The way out for the packet's new tuple, with both MACs: its interface, or 0 when XDP
- * cannot take it there (local, no route, neighbour unresolved, too big: the stack can). */
-static __always_inline __u32 xdp_route(struct xdp_md *ctx, struct pkt *p, struct ct_value *to,
-                                       struct bpf_fib_lookup *fib)
+/* --- direct server return: the option after the IP header (nodeport.h has its format) --
+ * Room made in front (bpf_xdp_adjust_head), the Ethernet and IP headers moved into it,
+ * the option written where they ended; the header's lengths (and IPv4's checksum, summed
+ * anew) say so. The L4 checksum does not cover it. */
+static __always_inline int xdp_dsr_option(struct xdp_md *ctx, struct pkt *p)
 {
+        int room = p->t.family == 4 ? DSR_OPT4_LEN : DSR_EXT6_LEN;
+        if (bpf_xdp_adjust_head(ctx, -room))
+                return -1;
+        __u8 *data = (void *)(long)ctx->data;
+        void *end = (void *)(long)ctx->data_end;
+        if (p->t.family == 4) {
+                if ((void *)(data + XDP_L4_4 + DSR_OPT4_LEN) > end)
+                        return -1;
+#pragma unroll
+                for (int i = 0; i < XDP_L4_4; i++)     /* forwards: nothing unread is hit */
+                        data[i] = data[i + DSR_OPT4_LEN];
+                struct iphdr *ip = (void *)(data + XDP_L3);
+                struct dsr_opt4 *opt = (void *)(ip + 1);
+                opt->type = DSR_OPT4_TYPE;
+                opt->len = DSR_OPT4_LEN;
+                opt->port = p->t.dport;
+                opt->addr = p->t.daddr[0];
+                ip->ihl = 5 + DSR_OPT4_LEN / 4;
+                ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + DSR_OPT4_LEN);
+                ip->check = 0;
+                __u16 *word = (void *)ip;
+                __u32 sum = 0;
+#pragma unroll
+                for (int i = 0; i < (20 + DSR_OPT4_LEN) / 2; i++)
+                        sum += word[i];
+                ip->check = ~csum_fold32(sum);
+                return 0;
+        }
+        if ((void *)(data + XDP_L4_6 + DSR_EXT6_LEN) > end)
+                return -1;
+#pragma unroll
+        for (int i = 0; i < XDP_L4_6; i++)
+                data[i] = data[i + DSR_EXT6_LEN];
+        struct ipv6hdr *ip6 = (void *)(data + XDP_L3);
+        struct dsr_ext6 *ext = (void *)(ip6 + 1);
+        ext->nexthdr = ip6->nexthdr;
+        ext->hdrlen = (DSR_EXT6_LEN - 8) / 8;
+        ext->type = DSR_OPT6_TYPE;
+        ext->len = DSR_OPT6_LEN;
+        __builtin_memcpy(ext->addr, p->t.daddr, 16);
+        ext->port = p->t.dport;
+        ext->pad[0] = ext->pad[1] = 0;
+        ip6->nexthdr = IPV6_NEXTHDR_DEST;
+        ip6->payload_len = bpf_htons(bpf_ntohs(ip6->payload_len) + DSR_EXT6_LEN);
+        return 0;
+}
+
+/* The way out for the packet's new tuple (extra: bytes it gains), with both MACs: its
+ * interface, or 0 when XDP cannot take it there (local, no route, neighbour unresolved,
+ * too big: the stack can, and the TC program answers a DSR packet too big). */
+static __always_inline __u32 xdp_route(struct xdp_md *ctx, struct pkt *p, struct ct_value *to,
+                                       __u32 extra, struct bpf_fib_lookup *fib)
+{
+        __builtin_memset(fib, 0, sizeof(*fib));         /* a lookup's answers are gone */
         fib->ifindex = ctx->ingress_ifindex;
         fib->l4_protocol = p->t.proto;
         fib->sport = to->sport;
@@ -120,13 +177,12 @@ static __always_inline __u32 xdp_route(struct xdp_md *ctx, struct pkt *p, struct
                 fib->family = BPFP_AF_INET;
                 fib->ipv4_src = to->saddr[0];
                 fib->ipv4_dst = to->daddr[0];
-                fib->tot_len = p->len - XDP_L3;
         } else {
                 fib->family = BPFP_AF_INET6;
                 __builtin_memcpy(fib->ipv6_src, to->saddr, 16);
                 __builtin_memcpy(fib->ipv6_dst, to->daddr, 16);
-                fib->tot_len = p->len - XDP_L3;
         }
+        fib->tot_len = p->len - XDP_L3 + extra;
         if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
                 return 0;
         return fib->ifindex;
@@ -177,10 +233,13 @@ static __always_inline int xdp_new_flow(struct xdp_md *ctx, struct pkt *p, __u64
                 node = NULL;                    /* the node itself: as it came */
         } else if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
                 struct ifaddr_key ikey = { .ifindex = route.ifindex, .family = p->t.family };
-                /* a DSR flow is opened here and passed: the TC program adds the option */
-                __be32 *hop = p->t.family == 4 ? &route.ipv4_dst : route.ipv6_dst;
+                __be32 hop[4] = {};
+                if (p->t.family == 4)
+                        hop[0] = route.ipv4_dst;
+                else
+                        __builtin_memcpy(hop, route.ipv6_dst, 16);
                 if (!(be.flags & BPFP_BE_LOCAL) &&
-                    np_dsr_wanted(ctx, ctx->ingress_ifindex, p, hop))
+                    np_dsr_wanted(ctx, ctx->ingress_ifindex, p, hop, &route))
                         dsr = 1;
                 else if (!(be.flags & BPFP_BE_LOCAL))
                         node = bpfp_ifaddr.lookup(&ikey);
@@ -193,17 +252,18 @@ static __always_inline int xdp_new_flow(struct xdp_md *ctx, struct pkt *p, __u64
                 np_count_drop(p, svc, 1);
                 return XDP_DROP;
         }
-        struct bpf_fib_lookup fib = {};
-        __u32 out = node ? xdp_route(ctx, p, &fwd, &fib) : 0;
+        struct bpf_fib_lookup *fib = &route;            /* the stack is tight */
+        __u32 extra = dsr ? np_dsr_option_len(p) : 0;
+        __u32 out = node || dsr ? xdp_route(ctx, p, &fwd, extra, fib) : 0;
         if (!out) {
                 /* the TC program counts this packet on the flow it finds */
                 bpfp_count_connection(svc->svc_id, p->t.family, be.addr, be.port, 0, 0);
                 return XDP_PASS;
         }
         bpfp_count_connection(svc->svc_id, p->t.family, be.addr, be.port, 1, p->len);
-        if (xdp_rewrite(ctx, p, &fwd))
+        if (xdp_rewrite(ctx, p, &fwd) || (extra && xdp_dsr_option(ctx, p)))
                 return XDP_ABORTED;
-        return xdp_send(ctx, &fib, out);
+        return xdp_send(ctx, fib, out);
 }
 
 int bpfp_xdp(struct xdp_md *ctx)
@@ -216,15 +276,17 @@ int bpfp_xdp(struct xdp_md *ctx)
         if (!v)
                 return xdp_new_flow(ctx, &p, now);
         /* a flow of a backend on this node is the TC program's: it leaves towards a pod */
-        if (!(v->flags & BPFP_CT_SNAT))
+        int dsr = (v->flags & (BPFP_CT_DSR | BPFP_CT_REPLY)) == BPFP_CT_DSR;
+        if (!(v->flags & BPFP_CT_SNAT) && !dsr)
                 return XDP_PASS;
         struct ct_value to = *v;
         struct bpf_fib_lookup fib = {};
-        __u32 out = xdp_route(ctx, &p, &to, &fib);
+        __u32 extra = dsr ? np_dsr_option_len(&p) : 0;
+        __u32 out = xdp_route(ctx, &p, &to, extra, &fib);
         if (!out)
                 return XDP_PASS;
         np_flow_packet(&p, v, now);
-        if (xdp_rewrite(ctx, &p, &to))
+        if (xdp_rewrite(ctx, &p, &to) || (extra && xdp_dsr_option(ctx, &p)))
                 return XDP_ABORTED;
         return xdp_send(ctx, &fib, out);
 }

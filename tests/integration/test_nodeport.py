@@ -25,6 +25,7 @@ CLUSTER_IPS = {"web": ("10.96.0.10", "fd00:10:96::10"), "local": ("10.96.0.11", 
 FAR = (30085, 30059)        # NodePorts (TCP, UDP) of `far`, whose only backend is b (node 2)
 LB_IPS = ("192.0.2.10", "2001:db8::10")          # the load balancer's addresses, routed to node 1
 EXTERNAL_IPS = ("192.0.2.20", "2001:db8::20")
+FAR_IPS = ("192.0.2.40", "2001:db8::40")         # `far`'s external IPs, routed to node 1
 
 
 def ports(http: int, dns: int) -> list[dict]:
@@ -104,8 +105,8 @@ def world(tmp_path_factory, request):
         write_service(directory, "lblocal", [a], service_type="LoadBalancer",
                       node_ports=(30084, 30057), load_balancer_ingress=("192.0.2.30",),
                       external_traffic_policy="Local", health_check_node_port=32100)
-        write_service(directory, "far", [b], node_ports=FAR)
-        for prefix, family in zip((*LB_IPS, *EXTERNAL_IPS), (4, 6, 4, 6), strict=True):
+        write_service(directory, "far", [b], node_ports=FAR, external_ips=FAR_IPS)
+        for prefix, family in zip((*LB_IPS, *EXTERNAL_IPS, *FAR_IPS), (4, 6) * 3, strict=True):
             route(cluster.external_netns, family, prefix, cluster.node_ip(1, family))
         if request.param == "xdp":
             cluster.prepare_for_xdp()
@@ -562,6 +563,35 @@ def test_direct_server_return_replies_bypass_the_entry_node(world, family):
     assert client_received >= 10 + 10 + 10, client_received   # SYN-ACKs, data, datagrams
 
 
+# One UDP socket (one source port) asks ADDR PORT, then ADDR2 PORT2: prints where each
+# answer came from.
+TWO_ADDRESSES = """
+import socket, sys
+first, second = (sys.argv[1], int(sys.argv[2])), (sys.argv[3], int(sys.argv[4]))
+sock = socket.socket(socket.AF_INET6 if ":" in first[0] else socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(2)
+for target in (first, second):
+    sock.sendto(b"hello", target)
+    data, source = sock.recvfrom(100)
+    print(source[0], source[1])
+"""
+
+
+@DSR
+@FAMILIES
+def test_direct_server_return_answers_from_the_address_each_flow_dialled(world, family):
+    """One client port asks b through node 1's NodePort, then through the service's
+    external IP: to b these are one tuple (client:port -> b:8080), yet each answer comes
+    from the address that flow dialled (the backend's node follows the option)."""
+    cluster, _, _, _ = world
+    node1, external_ip = cluster.node_ip(1, family), FAR_IPS[family == 6]
+    done = cluster.external.run([sys.executable, "-c", TWO_ADDRESSES, node1, str(FAR[1]),
+                                 external_ip, "53"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [f"{node1} {FAR[1]}", f"{external_ip} 53"], \
+        done.stdout
+
+
 # PMTU, then a second datagram CUT bytes smaller: prints the answer to it. (The error
 # reached a connected socket: its first send after it reports EMSGSIZE once.)
 PMTU_RETRY = PMTU + """
@@ -597,9 +627,10 @@ def test_direct_server_return_too_big_for_the_option_tells_the_client_the_mtu_le
 
 @DSR
 def test_hybrid_after_a_restart_keeps_dsr_flows_and_cleanup_leaves_nothing(world):
-    """Node 1's agent restarted into --nodeport-mode hybrid: TCP connections opened by DSR
-    before keep working (pinned flows, programs swapped in place); new flows to a backend
-    on node 2 go by DSR for TCP and are SNATed to node 1 for UDP, both families. Then
+    """Node 1's agent restarted into --nodeport-mode hybrid with --acceleration native: TCP
+    connections opened by DSR before keep working (pinned flows, programs swapped in place,
+    the XDP program taking them over); new flows to a backend on node 2 go by DSR for TCP,
+    forwarded in XDP with the option, and are SNATed to node 1 for UDP, both families. Then
     `bpfproxy cleanup` on node 1 takes away its programs, links and pinned maps (the DSR
     flows' entries among them) as in snat mode, and the NodePort no longer answers; node 2,
     which answered those flows, still serves. The dsr world's last test: node 1 is left
@@ -623,17 +654,22 @@ def test_hybrid_after_a_restart_keeps_dsr_flows_and_cleanup_leaves_nothing(world
     agent.stop()
     args = list(agent.extra_args)
     args[args.index("--nodeport-mode") + 1] = "hybrid"
-    agent.extra_args = tuple(args)
+    agent.extra_args = (*args, "--acceleration", "native")
+    cluster.prepare_for_xdp()
     agent.start()
     held.wait_round(time.monotonic())
     conns = held.stop()["connections"]
     assert {c["backend"] for c in conns} == {"b"} and min(c["requests"] for c in conns) > 2, \
         conns
     assert all(c["error"] is None and c["wrong_answers"] == 0 for c in conns), conns
+    from agent.datapath.inventory import read_events
     for family in (4, 6):
         client = cluster.external.ip if family == 4 else cluster.external.ip6
         address = cluster.node_ip(1, family)
+        before = read_events(agent.bpffs)[("tc", "xdp_forwarded")]
         tcp = cluster.external.tcp(address, FAR[0], count=5)
+        # the client's SYN (with the option added in XDP), request and last ACK at least
+        assert read_events(agent.bpffs)[("tc", "xdp_forwarded")] - before >= 3 * 5
         udp = cluster.external.udp(address, FAR[1], count=5)
         assert tcp.errors == {} and who(tcp) == Counter({("b", client): 5}), tcp
         assert udp.errors == {} and who(udp) == Counter({("b", address): 5}), udp
