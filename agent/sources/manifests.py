@@ -13,7 +13,7 @@ import re
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,8 @@ class _FileRecord:
     withheld_since: float = 0.0
     known: bool = True                 # False: never read in this run, content unknown
     # objects its last read found invalid, kept at their previous version: key -> why
-    kept: dict[ObjectKey, str] = field(default_factory=dict)
+    # (None while there is none: no empty dict per file)
+    kept: dict[ObjectKey, str] | None = None
     # the version whose documents that are not objects were reported (once per version)
     reported: Signature | None = None
 
@@ -248,7 +249,7 @@ class ManifestSource:
                                      "deleted when a second read agrees",
                                      tuple(sorted(record.withheld, key=str))))
             held.extend(HeldBack(name, why, (key,)) for key, why in sorted(
-                record.kept.items(), key=lambda item: str(item[0])))
+                (record.kept or {}).items(), key=lambda item: str(item[0])))
         return tuple(held)
 
     def rescan(self, touched: set[str] | frozenset[str] = frozenset()) -> list[ObjectChange]:
@@ -463,6 +464,8 @@ class ManifestSource:
         previous = (kept.get(key) or self._listed.get(key)) if key else None
         if previous is not None:
             fresh.objects[key] = previous
+            if fresh.kept is None:
+                fresh.kept = {}
             fresh.kept[key] = f"invalid, previous version kept: {_one_line(error)}"
         level = logging.WARNING if isinstance(error, InvalidObject) else logging.ERROR
         action = "kept_previous" if previous else "skipped"

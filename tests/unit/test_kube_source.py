@@ -647,7 +647,7 @@ def test_list_and_watch_requests_are_the_generated_clients(params):
         SLICES: lambda c: kube.k8s.DiscoveryV1Api(c).list_endpoint_slice_for_all_namespaces,
         NODES: lambda c: kube.k8s.CoreV1Api(c).list_node}
     for path, make in generated.items():
-        ours = _requests(lambda c: kube._ListCall(c, path), **params)
+        ours = _requests(lambda c, path=path: kube._ListCall(c, path), **params)
         assert ours == _requests(make, **params)
         assert ours[1].split("?")[0].endswith(path)
 

@@ -114,7 +114,7 @@ class ControlPlane:
                      for family in (4, 6)}
         self._ports = RangeAllocator.for_ports(*node_port_range)
         self._services: dict[str, _Admitted] = {}
-        self._file_services: dict[str, set[str]] = {}
+        self._file_services: dict[str, tuple[str, ...]] = {}   # file -> its Service keys
         self._endpoints_file: dict[str, str] = {}       # Endpoints key -> its file
         self._file_endpoints: dict[str, set[str]] = {}
         self._refused: dict[str, tuple[str, str]] = {}  # key -> (file, why): not served
@@ -166,13 +166,13 @@ class ControlPlane:
                 log.exception(kv(event="admission_failed", file=file, object=f"Service {key}"))
                 admitted = raw
             out[i] = [(where, admitted)] if admitted is not None else []
-        for key in self._file_services.get(file, set()) - seen:
+        for key in set(self._file_services.get(file, ())) - seen:
             if self._services.get(key) is not None and self._services[key].file == file:
                 self._release(key, file)
             self._refused.pop(key, None)
             self._shared.pop(key, None)
-        if seen:
-            self._file_services[file] = seen
+        if seen:           # a tuple: a set of one key costs four times as much
+            self._file_services[file] = tuple(seen)
         else:              # most files hold no Service (one object per file): no empty set
             self._file_services.pop(file, None)
         seen = set()
