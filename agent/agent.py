@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol as TypingProtocol
 
 from agent.budget import MapBudget
@@ -204,6 +204,8 @@ class Agent:
         if self.service_health is not None:
             self._report_health()
         self._report_refused(result)
+        if result.ops:     # the kernel took them: the plan is kept without its op objects
+            self._plan = replace(result, ops=())     # (220k at 10k x 10: ~17 MiB)
         kept = ()
         if keep:     # claimed now, or gone from the kernel: no longer kept on suspicion
             self._adopted.intersection_update(result.result)

@@ -484,3 +484,26 @@ def test_a_periodic_sync_with_nothing_changed_replans_without_the_model(monkeypa
     run(agent, repaired, "the frontend written again, and one more periodic sync")
     assert {str(f) for f in maps.frontends} == {"10.96.0.1:80/TCP"}
     assert len(calls) == 1 and agent.status.full_syncs >= 3
+
+
+def test_the_plan_kept_between_syncs_holds_no_map_operations():
+    """Issue 16: the operations of a sync are written and done; the plan the agent keeps
+    for the next one (ids, owners, what the kernel holds) does not keep them (one object
+    per map entry: 220k at 10k services x 10 endpoints). The next sync still plans from it."""
+    maps = FakeServiceMaps()
+    source = ScriptedSource([upserts(service("web", ["10.96.0.1"]),
+                                     endpoint_slice("web", ["10.0.0.1", "10.0.0.2"])),
+                             upserts(endpoint_slice("web", ["10.0.0.3"]))])
+    agent = Agent(source, maps, min_sync_period=0.01)
+    watch = Watch(agent)
+    kept = []
+
+    def on_event(kind: str, fields: dict) -> None:
+        if kind == "sync":
+            kept.append(agent._plan.ops)
+        watch._on_event(kind, fields)
+
+    agent.on_event = on_event
+    run(agent, watch=watch)
+    assert len(kept) >= 2 and all(ops == () for ops in kept)
+    assert {f"{b.address}:{b.port}" for _, b, _ in maps.slots.values()} == {"10.0.0.3:8080"}
