@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from agent.datapath.config import ACCELERATIONS, DEFAULT_PIN_DIR, NODEPORT_MODES
-from agent.datapath.sizing import DEFAULT_MEMORY_RATIO
+from agent.datapath import sizing
+from agent.datapath.config import ACCELERATIONS, DEFAULT_PIN_DIR, LB_ALGORITHMS, NODEPORT_MODES
 from agent.sources.apiserver.control_plane import (
     DEFAULT_CLUSTER_IP_RANGES,
     DEFAULT_NODE_PORT_RANGE,
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "come back through this node), dsr (direct server return: the "
                             "backend's node replies to the client), hybrid (DSR for TCP, "
                             "SNAT for UDP)")
-    agent.add_argument("--lb-algorithm", choices=["random", "maglev"], default="random",
+    agent.add_argument("--lb-algorithm", choices=LB_ALGORITHMS, default="random",
                        help="backend choice for traffic from outside the node: maglev picks "
                             "the same backend for a flow whichever node it enters through")
     agent.add_argument("--maglev-table-size", type=int, default=1021, metavar="PRIME",
@@ -92,29 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     # map sizes: a Service whose change would not fit is refused whole and kept as the
     # kernel had it (event=service_refused); a map pinned earlier keeps its size. A size
     # not given is derived from the node's memory (agent/datapath/sizing.py).
-    agent.add_argument("--map-memory-ratio", type=float, default=DEFAULT_MEMORY_RATIO,
+    agent.add_argument("--map-memory-ratio", type=float, default=sizing.DEFAULT_MEMORY_RATIO,
                        metavar="FRACTION",
                        help="share of the node's memory that sizes every map whose size "
                             "is not given (each between a floor and its largest default)")
-    agent.add_argument("--max-frontends", type=int, metavar="N",
-                       help="service address:port/protocol entries, per address family")
-    agent.add_argument("--max-backend-slots", type=int, metavar="N",
-                       help="backend slots over all service ports, per address family (a "
-                            "pod behind two service ports takes two)")
-    agent.add_argument("--max-source-ranges", type=int, default=65536, metavar="N",
-                       help="loadBalancerSourceRanges entries over all services")
-    agent.add_argument("--max-maglev-rows", type=int, metavar="N",
-                       help="Maglev table rows (32 entries each) over all service ports")
-    agent.add_argument("--max-reverse-nat", type=int, metavar="N",
-                       help="(socket, backend) pairs of balanced sockets, per address family, "
-                            "that the agent's stale UDP socket sweep looks up (LRU; a "
-                            "socket's pairs leave with it, and replies read its own copy)")
-    agent.add_argument("--max-affinity", type=int, metavar="N",
-                       help="(client, service port) pairs remembered for sessionAffinity "
-                            "ClientIP, from inside and from outside the node (LRU)")
-    agent.add_argument("--max-stats", type=int, metavar="N",
-                       help="service ports and backends counted (LRU: the coldest are "
-                            "forgotten when full)")
+    for size in sizing.SIZE_FLAGS:
+        agent.add_argument(size.flag, type=int, default=size.default, metavar="N",
+                           help=size.help)
     agent.add_argument("--cgroup", type=Path, metavar="CGROUP2_DIR",
                        help="cgroup v2 directory the socket programs attach to "
                             "(default: the cgroup2 mount, i.e. every process)")
@@ -226,11 +210,10 @@ def _check_tc_flags(args) -> str:
         return f"--conntrack-max {args.conntrack_max}: at least 1024"
     if not 0 < args.map_memory_ratio <= 0.5:
         return f"--map-memory-ratio {args.map_memory_ratio}: must be above 0 and at most 0.5"
-    for flag in ("max_frontends", "max_backend_slots", "max_source_ranges", "max_maglev_rows",
-                 "max_reverse_nat", "max_affinity", "max_stats"):
-        value = getattr(args, flag)
+    for size in sizing.SIZE_FLAGS:
+        value = getattr(args, size.dest)
         if value is not None and not 1 <= value <= MAX_MAP_ENTRIES:   # the kernel's limit
-            return f"--{flag.replace('_', '-')} {value}: must be 1 to {MAX_MAP_ENTRIES}"
+            return f"{size.flag} {value}: must be 1 to {MAX_MAP_ENTRIES}"
     for flag in ("tcp_timeout", "tcp_close_timeout", "udp_timeout"):
         value = getattr(args, f"conntrack_{flag}")
         if not 1 <= value <= 7 * 86400:

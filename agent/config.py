@@ -17,12 +17,12 @@ from typing import Any
 import yaml
 
 from agent import maglev
-from agent.datapath.config import ACCELERATIONS, NODEPORT_MODES
+from agent.datapath.config import ACCELERATIONS, LB_ALGORITHMS, NODEPORT_MODES
+from agent.datapath.sizing import SIZE_FLAGS
 
 API_VERSION = "bpfproxy.io/v1alpha1"
 KIND = "BpfProxyConfiguration"
 MAX_FILE_BYTES = 1024 * 1024
-LB_ALGORITHMS = ("random", "maglev")
 
 
 class ConfigError(ValueError):
@@ -176,13 +176,7 @@ FIELDS: dict[str, tuple[str, Converter]] = {
 }
 # map sizes (the agent's --max-* flags)
 MAPS_FIELDS: dict[str, tuple[str, Converter]] = {
-    "frontends": ("max_frontends", _positive_int),
-    "backendSlots": ("max_backend_slots", _positive_int),
-    "sourceRanges": ("max_source_ranges", _positive_int),
-    "maglevRows": ("max_maglev_rows", _positive_int),
-    "reverseNat": ("max_reverse_nat", _positive_int),
-    "affinity": ("max_affinity", _positive_int),
-    "stats": ("max_stats", _positive_int),
+    **{size.key: (size.dest, _positive_int) for size in SIZE_FLAGS},
     "memoryRatio": ("map_memory_ratio", _fraction),
 }
 CONNTRACK_FIELDS: dict[str, tuple[str, Converter]] = {

@@ -15,6 +15,9 @@ ACCELERATIONS = ("disabled", "native", "best-effort")
 # --nodeport-mode: how a flow from outside reaches a backend on another node, as Cilium's
 # bpf.lbMode; passed as BPFP_NODEPORT_MODE, the index here (bpf/maps.h BPFP_NODEPORT_<NAME>)
 NODEPORT_MODES = ("snat", "dsr", "hybrid")
+# --lb-algorithm: backend choice for flows from outside the node; maglev is passed as
+# BPFP_MAGLEV_M (the table size), random as 0
+LB_ALGORITHMS = ("random", "maglev")
 
 # DatapathConfig field -> the bpf/maps.h macro it is passed as (-D); layout.MapLayout.size
 # names these fields, and tests/unit/test_datapath_config.py checks both against maps.h

@@ -5,7 +5,8 @@ Why: the sizes were fixed for a large node (316 MiB of kernel memory before any 
 mostly preallocated LRU maps) and every node pays them. Cilium sizes its flow maps the same
 way (--bpf-map-dynamic-size-ratio, a share of total memory). The memory of a map is the
 kernel's own accounting (what fdinfo's memlock reports on 6.x), modelled in map_bytes and
-checked against the kernel by tests/integration/test_map_sizing.py."""
+checked against the kernel by tests/integration/test_map_sizing.py. SIZE_FLAGS declares the
+--max-* flags that give a size by hand, for the command line and the config file's maps:."""
 from __future__ import annotations
 
 import ctypes
@@ -52,6 +53,43 @@ SIZED = (
     SizedMap("max_stats", "max_stats", 0.10, 2048, True),   # per CPU
 )
 PER_CPU = {"bpfp_stats"}
+
+
+@dataclass(frozen=True, slots=True)
+class SizeFlag:
+    """One of the agent's --max-* flags: a map size given by hand (a flag left out is
+    derived, as SIZED says, unless it has a default); the config file's maps.<key>."""
+    dest: str                 # the flag's dest: --max-reverse-nat is max_reverse_nat
+    key: str                  # its field in the config file's maps: section
+    help: str
+    default: int | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+
+# the --max-* flags, in their --help order (conntrack's size is --conntrack-max)
+SIZE_FLAGS = (
+    SizeFlag("max_frontends", "frontends",
+             "service address:port/protocol entries, per address family"),
+    SizeFlag("max_backend_slots", "backendSlots",
+             "backend slots over all service ports, per address family (a pod behind two "
+             "service ports takes two)"),
+    SizeFlag("max_source_ranges", "sourceRanges",
+             "loadBalancerSourceRanges entries over all services", default=65536),
+    SizeFlag("max_maglev_rows", "maglevRows",
+             "Maglev table rows (32 entries each) over all service ports"),
+    SizeFlag("max_reverse_nat", "reverseNat",
+             "(socket, backend) pairs of balanced sockets, per address family, that the "
+             "agent's stale UDP socket sweep looks up (LRU; a socket's pairs leave with it, "
+             "and replies read its own copy)"),
+    SizeFlag("max_affinity", "affinity",
+             "(client, service port) pairs remembered for sessionAffinity ClientIP, from "
+             "inside and from outside the node (LRU)"),
+    SizeFlag("max_stats", "stats",
+             "service ports and backends counted (LRU: the coldest are forgotten when full)"),
+)
 
 
 def _aligned(size: int) -> int:

@@ -64,8 +64,8 @@ def test_every_field_reaches_its_flag(tmp_path):
 
 def test_every_field_is_one_the_agent_has():
     agent_dests = {a.dest for a in config._subparser(build_parser(), "agent")._actions}
-    dests = {dest for dest, _ in config.FIELDS.values()} | \
-        {dest for dest, _ in config.CONNTRACK_FIELDS.values()}
+    dests = {dest for table in (config.FIELDS, config.MAPS_FIELDS, config.CONNTRACK_FIELDS)
+             for dest, _ in table.values()}
     assert dests <= agent_dests, dests - agent_dests
 
 
