@@ -220,17 +220,25 @@ static __always_inline __u64 lifetime(struct pkt *p, __u32 flags)
         return BPFP_CT_SYN_TIMEOUT * NSEC;
 }
 
+/* The key of the tuple saddr:sport -> daddr:dport (of key's protocol) seen the other way. */
+static __always_inline void key_swapped(struct ct_key *key, const __be32 *saddr,
+                                        const __be32 *daddr, __be16 sport, __be16 dport,
+                                        struct ct_key *out)
+{
+        __builtin_memcpy(out->saddr, daddr, 16);
+        __builtin_memcpy(out->daddr, saddr, 16);
+        out->sport = dport;
+        out->dport = sport;
+        out->proto = key->proto;
+        out->family = key->family;
+        out->pad = 0;
+}
+
 /* The reply's key: the forward rewrite, swapped. */
 static __always_inline void reply_key(struct ct_key *fwd, struct ct_value *v,
                                       struct ct_key *out)
 {
-        __builtin_memcpy(out->saddr, v->daddr, 16);
-        __builtin_memcpy(out->daddr, v->saddr, 16);
-        out->sport = v->dport;
-        out->dport = v->sport;
-        out->proto = fwd->proto;
-        out->family = fwd->family;
-        out->pad = 0;
+        key_swapped(fwd, v->saddr, v->daddr, v->sport, v->dport, out);
 }
 
 /* The key of an entry's partner. A flow's entries name each other through their rewrites
@@ -239,17 +247,10 @@ static __always_inline void reply_key(struct ct_key *fwd, struct ct_value *v,
 static __always_inline void partner_key(struct ct_key *key, struct ct_value *v,
                                         struct ct_key *out)
 {
-        if (!(v->flags & BPFP_CT_DSR_BACKEND)) {
+        if (v->flags & BPFP_CT_DSR_BACKEND)
+                key_swapped(key, key->saddr, key->daddr, key->sport, key->dport, out);
+        else
                 reply_key(key, v, out);
-                return;
-        }
-        __builtin_memcpy(out->saddr, key->daddr, 16);
-        __builtin_memcpy(out->daddr, key->saddr, 16);
-        out->sport = key->dport;
-        out->dport = key->sport;
-        out->proto = key->proto;
-        out->family = key->family;
-        out->pad = 0;
 }
 
 static __always_inline void tc_event(__u32 what)
