@@ -38,6 +38,24 @@ def test_the_start_pause_ends_with_the_first_full_sync():
     assert gc.isenabled() and gc.get_freeze_count() > 0
 
 
+def test_garbage_cycles_of_the_start_are_collected_not_frozen():
+    import weakref
+
+    class Node:
+        pass
+
+    async def scenario():
+        sync_step.pause_collector_for_start()
+        cycle = Node()
+        cycle.itself = cycle
+        gone = weakref.ref(cycle)
+        del cycle                     # garbage, but only the collector can free it
+        sync_step.freeze_after_full_sync()
+        return gone
+
+    assert asyncio.run(scenario())() is None
+
+
 def test_the_start_pause_ends_by_itself_when_no_sync_comes(monkeypatch):
     monkeypatch.setattr(sync_step, "START_PAUSE_LONGEST", 0.05)
 
