@@ -422,53 +422,32 @@ static __always_inline void reverse_translate6(struct bpf_sock_addr *ctx)
 
 /* --- entry points ------------------------------------------------------------------- */
 
-int bpfp_connect4(struct bpf_sock_addr *ctx)
-{
-        return balance4(ctx);
-}
+/* connect and sendmsg send the socket to a backend (balance); recvmsg and getpeername show
+ * the service's address in place of the backend's (reverse_translate). The IPv4 sendmsg
+ * hook also sees an AF_INET6 socket's unconnected send to ::ffff:a.b.c.d (udpv6_sendmsg
+ * hands it to udp_sendmsg, which runs the IPv4 hook), so the IPv6 one sees IPv6
+ * destinations only. agent/datapath/programs.py attaches these functions by name. */
+#define BALANCE_HOOK(name, balance)                                     \
+        int name(struct bpf_sock_addr *ctx)                             \
+        {                                                               \
+                return balance(ctx);                                    \
+        }
+#define REVERSE_HOOK(name, reverse_translate)                           \
+        int name(struct bpf_sock_addr *ctx)                             \
+        {                                                               \
+                reverse_translate(ctx);                                 \
+                return SOCK_ALLOW;                                      \
+        }
 
-int bpfp_sendmsg4(struct bpf_sock_addr *ctx)
-{
-        /* also an AF_INET6 socket's unconnected send to ::ffff:a.b.c.d: the kernel hands
-         * it to udp_sendmsg, which runs this hook with the IPv4 address */
-        return balance4(ctx);
-}
+BALANCE_HOOK(bpfp_connect4, balance4)
+BALANCE_HOOK(bpfp_sendmsg4, balance4)
+REVERSE_HOOK(bpfp_recvmsg4, reverse_translate4)
+REVERSE_HOOK(bpfp_getpeername4, reverse_translate4)
 
-int bpfp_recvmsg4(struct bpf_sock_addr *ctx)
-{
-        reverse_translate4(ctx);
-        return SOCK_ALLOW;
-}
-
-int bpfp_getpeername4(struct bpf_sock_addr *ctx)
-{
-        reverse_translate4(ctx);
-        return SOCK_ALLOW;
-}
-
-int bpfp_connect6(struct bpf_sock_addr *ctx)
-{
-        return balance6(ctx);
-}
-
-int bpfp_sendmsg6(struct bpf_sock_addr *ctx)
-{
-        /* IPv6 destinations only in practice: udpv6_sendmsg hands ::ffff:a.b.c.d to
-         * udp_sendmsg (sendmsg4) before this hook runs */
-        return balance6(ctx);
-}
-
-int bpfp_recvmsg6(struct bpf_sock_addr *ctx)
-{
-        reverse_translate6(ctx);
-        return SOCK_ALLOW;
-}
-
-int bpfp_getpeername6(struct bpf_sock_addr *ctx)
-{
-        reverse_translate6(ctx);
-        return SOCK_ALLOW;
-}
+BALANCE_HOOK(bpfp_connect6, balance6)
+BALANCE_HOOK(bpfp_sendmsg6, balance6)
+REVERSE_HOOK(bpfp_recvmsg6, reverse_translate6)
+REVERSE_HOOK(bpfp_getpeername6, reverse_translate6)
 
 /* cgroup sock_release: the socket's entries leave the shared maps with it, so a pod that
  * opens and closes sockets in a loop never fills them (and never pushes out other pods'). */
