@@ -68,7 +68,9 @@ def by_scope(desired: DesiredState) -> dict[PartKey, ServicePortState]:
                        and f.kind is FrontendKind.LOAD_BALANCER)
         external = tuple(f for f in external if f not in walled)
         if internal or not (external or walled):
-            out[PartKey(name, family, INTERNAL)] = replace(state, frontends=internal)
+            # most ports have ClusterIPs only: then the part is the state as it is
+            out[PartKey(name, family, INTERNAL)] = state if len(internal) == len(
+                state.frontends) else replace(state, frontends=internal)
         if external:
             out[PartKey(name, family, EXTERNAL)] = replace(
                 state, frontends=external, backends=state.external_backends)
