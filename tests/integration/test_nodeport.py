@@ -1,7 +1,10 @@
 """Traffic from outside the node, through the TC programs (and, as a second run, with the
 XDP program of --acceleration native in front of them), on a two-node lab with an agent per
 node: NodePort, ExternalIP and LoadBalancer addresses, both traffic policies, conntrack,
-source ranges, affinity, hairpin, over TCP and UDP, IPv4 and IPv6."""
+source ranges, affinity, hairpin, over TCP and UDP, IPv4 and IPv6. A third world runs the
+agents with --nodeport-mode dsr: the tests where a remote backend's flow differs by mode,
+and direct server return's own (the reply bypassing the entry node, MTU both ways, hybrid,
+XDP, restart, cleanup)."""
 from __future__ import annotations
 
 import json
@@ -590,6 +593,53 @@ def test_direct_server_return_answers_from_the_address_each_flow_dialled(world, 
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == [f"{node1} {FAR[1]}", f"{external_ip} 53"], \
         done.stdout
+
+
+# A UDP flow from the client to SERVICE PORT, answered; then the client, as a router on the
+# reply's way, sends the service address a "fragmentation needed" / "packet too big"
+# (MTU) about that reply, as a router between the backend's node and the client would.
+REPLY_TOO_BIG = """
+import socket, struct, sys
+from lab import packets as pk
+service, port, mtu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+v6 = ":" in service
+family = socket.AF_INET6 if v6 else socket.AF_INET
+sock = socket.socket(family, socket.SOCK_DGRAM)
+sock.settimeout(2)
+sock.connect((service, port))
+sock.send(b"hello")
+answer = sock.recv(100)
+client, cport = sock.getsockname()[:2]
+reply = struct.pack("!HHHH", port, cport, 8 + 1400, 0) + bytes(1400)
+if v6:
+    message = struct.pack("!BBHI", 2, 0, 0, mtu) + pk.ipv6(service, client, pk.UDP, reply)[:48]
+    raw = socket.socket(family, socket.SOCK_RAW, 58)       # the kernel sums ICMPv6
+else:
+    message = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + pk.ipv4(service, client, pk.UDP,
+                                                               reply)[:28]
+    message = message[:2] + struct.pack("!H", pk.checksum(message)) + message[4:]
+    raw = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+raw.sendto(message, (service, 0))
+print(answer.decode())
+"""
+
+
+@DSR
+@FAMILIES
+def test_direct_server_return_path_mtu_errors_about_replies_reach_the_backend(
+        world, family):
+    """A reply leaves from the service address on node 1, so a path MTU error about it
+    comes to node 1: node 1 rewrites the quote to the reply as b sent it and forwards the
+    error to b, and b's kernel learns the smaller MTU towards the client."""
+    cluster, _, b, _ = world
+    client = cluster.external.ip if family == 4 else cluster.external.ip6
+    done = cluster.external.run([sys.executable, "-c", REPLY_TOO_BIG,
+                                 cluster.node_ip(1, family), str(FAR[1]), "1300"])
+    assert done.returncode == 0 and done.stdout.startswith("b:8080@"), (done.stdout,
+                                                                       done.stderr)
+    ip = ["ip", "-6"] if family == 6 else ["ip"]
+    assert eventually(lambda: " mtu 1300 " in b.run([*ip, "route", "get", client]).stdout), \
+        b.run([*ip, "route", "get", client]).stdout
 
 
 # PMTU, then a second datagram CUT bytes smaller: prints the answer to it. (The error
