@@ -103,6 +103,22 @@ def _setup_bpfproxy_xdp(bed: NsBed) -> None:
     bed.agent.start()
 
 
+def _setup_bpfproxy_dsr(bed: NsBed) -> None:
+    """Direct server return: node 1 forwards the request to node 2 with the service address
+    in an IP option, node 2's agent delivers it to the pod and sends the answer straight to
+    the client from the service address, so every node runs the agent."""
+    for i in (NODE1, 2):
+        args = ("--node-ip", bed.cluster.node_ip(i), "--interfaces", bed.cluster.uplink(i),
+                "--nodeport-mode", "dsr")
+        runner = AgentRunner(bed.cluster.nodes[i], bed.manifests, extra_args=args,
+                             node_name=f"node{i}")
+        if i == NODE1:
+            bed.agent = runner
+        else:
+            bed.others.append(runner)
+        runner.start()
+
+
 CONTESTANTS: tuple[Contestant, ...] = (
     Contestant("direct", "routing to the pod's own address (no NAT): the limit",
                _setup_direct, via_service=False),
@@ -113,8 +129,9 @@ CONTESTANTS: tuple[Contestant, ...] = (
     Contestant("bpfproxy-tc", "bpfproxy's TC NodePort programs", _setup_bpfproxy_tc),
     Contestant("bpfproxy-xdp", "bpfproxy with --acceleration native: XDP forwards the "
                "remote backend's flows, the TC programs the rest", _setup_bpfproxy_xdp),
-    Contestant("bpfproxy-dsr", "bpfproxy with --nodeport-mode dsr (issue 18.3)", None,
-               not_built="not built yet (issue 18.3)"),
+    Contestant("bpfproxy-dsr", "bpfproxy with --nodeport-mode dsr on both nodes (TC "
+               "programs): node 2 delivers and answers the client itself",
+               _setup_bpfproxy_dsr),
 )
 BY_NAME = {c.name: c for c in CONTESTANTS}
 
@@ -128,7 +145,8 @@ class NsBed:
     pods: dict[str, Pod]                     # "local"/"remote" -> the backend pod
     manifests: Path
     loadgen: Path
-    agent: AgentRunner | None = None
+    agent: AgentRunner | None = None           # node 1's
+    others: list[AgentRunner] = field(default_factory=list)   # other nodes' agents
 
     def desired(self):
         """The model's desired state for node 1, from the manifests (as kube-proxy sees it)."""
@@ -169,8 +187,9 @@ class NsBed:
         raise RuntimeError(f"{self.pods[where].name}: no counter in the sink table")
 
     def close(self) -> None:
-        if self.agent is not None:
-            self.agent.close()
+        for agent in (self.agent, *self.others):
+            if agent is not None:
+                agent.close()
         self.cluster.close()
 
 

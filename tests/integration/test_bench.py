@@ -63,7 +63,8 @@ def test_the_smallest_north_south_bench_measures_every_contestant_from_outside(t
         assert heading in report
     rows = [line for line in report.splitlines() if line.startswith("| ")]
     built = [c.name for c in north_south.CONTESTANTS if c.setup is not None]
-    assert {"direct", "iptables", "nftables", "bpfproxy-tc", "bpfproxy-xdp"} <= set(built)
+    assert {"direct", "iptables", "nftables", "bpfproxy-tc", "bpfproxy-xdp",
+            "bpfproxy-dsr"} <= set(built)
     for name in built:
         frontends = ("NodePort", "LoadBalancer IP") if name != "direct" else ("pod address",)
         for where in ("local", "remote"):
@@ -71,13 +72,12 @@ def test_the_smallest_north_south_bench_measures_every_contestant_from_outside(t
                 # one row in the packet table and one in the connection table
                 assert sum(r.startswith(f"| {name} | {where} | {frontend} |")
                            for r in rows) == 2, (name, where, frontend)
-    assert any(r.startswith("| bpfproxy-dsr | - | - | not built yet") for r in rows)
     assert any(r.startswith("| TC's own cost per packet") for r in rows)
     assert any(r.startswith("| iptables loses no packet") for r in rows)
     assert any(r.startswith("| XDP forwards >= 1.5x the packets/s of kernel routing (remote "
                             "backend, NodePort) |") and "not measured" not in r for r in rows)
     data = json.loads((tmp_path / "quick-latest.json").read_text())["north_south"]
-    assert len(data["figures"]) == 2 + 4 * 2 * 2   # direct per backend; 4 proxies x 2 x 2
+    assert len(data["figures"]) == 2 + 5 * 2 * 2   # direct per backend; 5 proxies x 2 x 2
     for key, metrics in data["figures"].items():
         for metric in ("pps", "paced_sent", "crr", "bits_per_second"):
             assert len(metrics[metric]) == 1 and metrics[metric][0] > 0, (key, metric)
