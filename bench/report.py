@@ -175,9 +175,13 @@ def markdown(results) -> str:
             f"Drift of the baseline (direct TCP_CRR): {fmt_rate(drift_start)} at the start, "
             f"{fmt_rate(drift_end)} at the end "
             f"({fmt_ratio(ratio(drift_end.median, drift_start.median))}).", ""]
-    traffic = targets_table(results) if plan.sizes else []
-    return "\n".join(head + traffic + connection_tables(results)
-                     + throughput_table(results) + program_table(results)
+    if not plan.sizes:          # --only-sources / --only-north-south: no traffic phase
+        head = head[:2] + [f"Machine: {platform.node()}, Linux {platform.release()}, "
+                           f"{len(os.sched_getaffinity(0))} CPUs. No east-west traffic "
+                           f"phase in this run.", ""]
+    traffic = (targets_table(results) + connection_tables(results)
+               + throughput_table(results) + program_table(results)) if plan.sizes else []
+    return "\n".join(head + traffic
                      + control_tables(results) + sources.markdown(results.sources)
                      + north_south.markdown(results.north_south))
 
