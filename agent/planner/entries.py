@@ -81,6 +81,12 @@ def stable_slots(old: tuple[BackendAddr, ...], wanted: list[BackendAddr]
         return tuple(wanted)
     if len(old) == len(wanted) and all(map(operator.eq, old, wanted)):
         return old
+    return placed_slots(old, wanted)
+
+
+def placed_slots(old: tuple[BackendAddr, ...], wanted: list[BackendAddr]
+                 ) -> tuple[BackendAddr, ...]:
+    """stable_slots' rule without its shortcuts (the tests hold the shortcuts to it)."""
     wanted_set = set(wanted)
     slots: list[BackendAddr | None] = [b if b in wanted_set else None for b in old]
     present = {b for b in slots if b is not None}

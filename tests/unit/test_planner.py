@@ -340,40 +340,17 @@ def test_keys_hash_alike_when_equal_and_families_stay_apart():
                 BackendAddr(v6, 80)}) == 2
 
 
-def _stable_slots_rule(old, wanted):
-    """entries.stable_slots as it was before its shortcuts: the rule they must agree with."""
-    wanted_set = set(wanted)
-    slots = [b if b in wanted_set else None for b in old]
-    present = {b for b in slots if b is not None}
-    newcomers = iter([b for b in wanted if b not in present])
-    for i, b in enumerate(slots):
-        if b is None:
-            slots[i] = next(newcomers, None)
-    slots.extend(newcomers)
-    hole, end = 0, len(slots)
-    while True:
-        while hole < end and slots[hole] is not None:
-            hole += 1
-        while end > hole and slots[end - 1] is None:
-            end -= 1
-        if hole >= end:
-            break
-        slots[hole], slots[end - 1] = slots[end - 1], None
-    return tuple(slots[:end])
-
-
 @given(st.lists(st.integers(0, 6), max_size=6), st.lists(st.integers(0, 6), max_size=6),
        st.booleans())
 def test_stable_slots_shortcuts_agree_with_the_rule(old, wanted, same):
     """A new port (no old slots) and an unchanged one (equal backends in the same order,
     then the old tuple itself) skip the rule's hashing; the result is the rule's."""
     from agent.planner import BackendAddr
-    from agent.planner.entries import stable_slots
+    from agent.planner.entries import placed_slots, stable_slots
 
     def addrs(numbers):         # new objects each time, as the planner makes them
         return [BackendAddr(ipaddress.ip_address(f"10.0.0.{i}"), 8080) for i in numbers]
 
     old_slots = tuple(addrs(wanted if same else old))
-    assert stable_slots(old_slots, addrs(wanted)) == _stable_slots_rule(old_slots,
-                                                                        addrs(wanted))
-    assert stable_slots((), addrs(wanted)) == _stable_slots_rule((), addrs(wanted))
+    assert stable_slots(old_slots, addrs(wanted)) == placed_slots(old_slots, addrs(wanted))
+    assert stable_slots((), addrs(wanted)) == placed_slots((), addrs(wanted))
