@@ -285,6 +285,9 @@ class NorthSouth:
     # (contestant, where, frontend) -> metric -> Series; direct's frontend is "pod"
     figures: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(Series)))
     errors: dict = field(default_factory=lambda: defaultdict(int))
+    # (contestant, where, frontend) -> "phase error" (flood/paced/crr/bulk, loadgen's errno
+    # name: ETIMEDOUT, ECONNRESET, EOF...) -> count: what went wrong, not only how often
+    error_kinds: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     seconds: float = 0.0
 
 
@@ -363,7 +366,7 @@ def flood(bed: NsBed, where: str, frontend: str, seconds: float, rate: float = 0
     return {"sent": sent["packets"], "received": received, "seconds": sent["seconds"],
             "pps": received / sent["seconds"], "cpu_s": cpu,
             "program_ns": _program_ns(programs) - ns0 if programs else None,
-            "errors": sum(sent["errors"].values())}
+            "errors": sent["errors"]}
 
 
 def measure_target(bed: NsBed, where: str, frontend: str, plan: Plan, out: NorthSouth) -> None:
@@ -388,8 +391,11 @@ def measure_target(bed: NsBed, where: str, frontend: str, plan: Plan, out: North
     figures["crr_p99_us"].add(crr["p99_us"])
     stream = bed.client(["tcp_stream", *common], plan.seconds)
     figures["bits_per_second"].add(stream["bits_per_second"])
-    out.errors[key] += (full["errors"] + paced["errors"] + sum(crr["errors"].values())
-                        + sum(stream["errors"].values()))
+    out.errors[key] += 0                  # a row without errors says 0
+    for phase, result in (("flood", full), ("paced", paced), ("crr", crr), ("bulk", stream)):
+        for kind, n in result["errors"].items():
+            out.errors[key] += n
+            out.error_kinds[key][f"{phase} {kind}"] += n
 
 
 def measure(binary: Path, plan: Plan, say) -> NorthSouth:
@@ -466,6 +472,15 @@ def _rows(out: NorthSouth):
                 yield contestant, where, frontend
 
 
+def _errors_cell(out: NorthSouth, key: tuple[str, str, str]) -> str:
+    """The count, and what they were when any: "2 (crr ETIMEDOUT 1, bulk ECONNRESET 1)"."""
+    total = out.errors.get(key, 0)
+    kinds = out.error_kinds.get(key, {})
+    if not total:
+        return "0"
+    return f"{total:,} ({', '.join(f'{k} {n:,}' for k, n in sorted(kinds.items()))})"
+
+
 def markdown(out: NorthSouth | None) -> list[str]:
     if out is None:
         return []
@@ -536,7 +551,7 @@ def markdown(out: NorthSouth | None) -> list[str]:
             f"{fmt_ratio(ratio(crr.median, base_crr))} | "
             f"{'-' if p50 is None else f'{p50:,.0f}'} | {'-' if p99 is None else f'{p99:,.0f}'} "
             f"| {bulk_cell} | {fmt_ratio(ratio(bulk.median, base_bulk))} | "
-            f"{out.errors.get((contestant.name, where, frontend), 0):,} |")
+            f"{_errors_cell(out, (contestant.name, where, frontend))} |")
     return lines + [""] + targets_markdown(out)
 
 
@@ -608,5 +623,7 @@ def as_json(out: NorthSouth | None) -> dict:
             "figures": {"|".join(key): {m: s.values for m, s in metrics.items()}
                         for key, metrics in out.figures.items()},
             "errors": {"|".join(key): n for key, n in out.errors.items()},
+            "error_kinds": {"|".join(key): dict(kinds) for key, kinds in out.error_kinds.items()
+                            if kinds},
             "targets": [{"target": n, "goal": g, "measured": m, "met": met}
                         for n, g, m, met in target_rows(out)]}
