@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import watchfiles
 import yaml
 import yaml_rs
 from yaml.events import CollectionEndEvent, CollectionStartEvent
@@ -27,6 +26,7 @@ from agent.logfmt import kv
 from agent.model.objects import HANDLED_KINDS, check_names, object_key, parse_object
 from agent.model.types import EndpointSlice, InvalidObject, ObjectKey, Service
 from agent.sources.apiserver.control_plane import ControlPlane
+from agent.sources.dirwatch import DirectoryWatch
 from agent.sources.events import HeldBack, ObjectChange
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ class _FileRecord:
     reported: Signature | None = None
 
 
+def _notable(record: _FileRecord) -> bool:
+    """Whether the file holds something back (held_back names it)."""
+    return not record.readable or bool(record.withheld) or bool(record.kept)
+
+
 class _Refused(Exception):
     """A file not parsed at all (too large, not a regular file, a symlink out of the
     directory, excessive aliasing): its previous objects stay."""
@@ -95,7 +100,7 @@ class ManifestSource:
         self.max_json_bytes = max_json_bytes
         self.stall_seconds = stall_seconds
         self.shrink_confirm_seconds = shrink_confirm_seconds
-        # a change reaches us one quiet step after it happens: 10 ms, not watchfiles' 50
+        # a change reaches us one quiet step after it happens (10 ms), at most debounce
         self.watch_step_ms = watch_step_ms
         self.watch_debounce_ms = watch_debounce_ms
         self.invalid_objects = 0
@@ -115,6 +120,15 @@ class ManifestSource:
         # which files define a key: its one file's name (nearly every key), else a set
         self._key_files: dict[ObjectKey, str | set[str]] = {}
         self._touched: set[str] = set()              # names the watcher reported
+        self._whole = False        # the watcher saw what only a whole pass can tell
+        # manifests that are symlinks (a ConfigMap volume's keys): what they point at can
+        # change with no event on their own name, so every watcher-woken pass stats them
+        self._links: set[str] = set()
+        self._withholding: set[str] = set()          # files with withheld deletions
+        # files unreadable, withholding or keeping objects: what held_back and complete
+        # are made of (a pass costs its names, not the directory)
+        self._notable: set[str] = set()
+        self._last_full = 0.0                        # when the last whole pass began
         # Progress, read by the health server's thread: the file being read (or "" for the
         # listing) and since when, while a pass runs; when the last pass ended, once watching.
         self._busy: tuple[str, float] | None = None
@@ -149,11 +163,19 @@ class ManifestSource:
                 # or sooner a second read of a file that lost objects (_withhold)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), self._next_read_in())
+                woken = wake.is_set()
                 wake.clear()
                 touched, self._touched = self._touched, set()
+                whole, self._whole = self._whole, False
+                # A pass the watcher woke reads the names it reported (a one-file change
+                # costs that file, not the directory); the periodic pass, an overflow or a
+                # directory event lists everything.
+                names_only = woken and not whole and \
+                    time.monotonic() - self._last_full < self.resync_seconds
                 unknown_before = self._unknown()
                 try:
-                    batch = await asyncio.to_thread(self.rescan, touched)
+                    batch = await asyncio.to_thread(
+                        self.rescan_names if names_only else self.rescan, touched)
                 except Exception as e:
                     # Directory unreadable (or our bug): keep serving what was listed.
                     log.error(kv(event="rescan_failed", directory=self.directory, error=e),
@@ -166,10 +188,9 @@ class ManifestSource:
                     yield batch
         finally:
             self._last_pass = None
-            stop.set()   # awatch's thread checks it every step; cancelling alone waits 5 s
-            _, pending = await asyncio.wait({watcher}, timeout=2)
-            for task in pending:
-                task.cancel()
+            stop.set()
+            watcher.cancel()
+            await asyncio.wait({watcher}, timeout=2)
 
     def _unknown(self) -> bool:
         return any(held.unknown for held in self._held_back)
@@ -186,23 +207,38 @@ class ManifestSource:
                 log.exception(kv(event="observer_failed", kind="source_input"))
 
     async def _watch(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        watch = None
         try:
-            async for batch in watchfiles.awatch(
-                    self.directory, watch_filter=None, recursive=False, stop_event=stop,
-                    step=self.watch_step_ms, debounce=self.watch_debounce_ms):
-                self._touched.update(Path(path).name for _, path in batch)
+            # armed before changes() lists the directory: no edit falls between
+            watch = DirectoryWatch(self.directory, self.watch_step_ms / 1000,
+                                   self.watch_debounce_ms / 1000)
+            while not stop.is_set():
+                events = await watch.changed()
+                self._touched |= events.names
+                self._whole |= events.whole
                 wake.set()
+                if events.ended:
+                    raise OSError(f"the watch on {self.directory} ended (the directory "
+                                  "was moved, deleted or unmounted)")
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 -- the periodic resync still runs
             log.warning(kv(event="watch_failed", directory=self.directory, error=e,
                            fallback=f"rescan every {self.resync_seconds}s"))
+        finally:
+            if watch is not None:
+                watch.close()
 
     def _next_read_in(self) -> float:
-        """Seconds until the periodic resync, or until a withheld shrink is due a read."""
-        due = [record.withheld_since + self.shrink_confirm_seconds
-               for record in self._files.values() if record.withheld]
+        """Seconds until the periodic resync (a resync period after the last whole pass),
+        or until a withheld shrink is due a read."""
+        now = time.monotonic()
+        periodic = max(0.0, self._last_full + self.resync_seconds - now)
+        due = [self._files[name].withheld_since + self.shrink_confirm_seconds
+               for name in self._withholding]
         if not due:
-            return self.resync_seconds
-        return min(self.resync_seconds, max(0.0, min(due) - time.monotonic()))
+            return periodic
+        return min(periodic, max(0.0, min(due) - now))
 
     @property
     def stalled(self) -> str:
@@ -238,8 +274,7 @@ class ManifestSource:
     def _holds(self) -> tuple[HeldBack, ...]:
         held = []
         # most passes hold nothing back: only the few files that do are sorted
-        for name, record in sorted((name, record) for name, record in self._files.items()
-                                   if not record.readable or record.withheld or record.kept):
+        for name, record in sorted((name, self._files[name]) for name in self._notable):
             if not record.readable:
                 held.append(HeldBack(name, record.problem, tuple(sorted(
                     record.objects, key=str)), unknown=not record.known))
@@ -253,16 +288,30 @@ class ManifestSource:
         return tuple(held)
 
     def rescan(self, touched: set[str] | frozenset[str] = frozenset()) -> list[ObjectChange]:
-        """Re-reads new files, files whose signature changed, files the watcher named (a
-        same-size rewrite within one timestamp tick keeps the signature) and files whose
-        withheld deletions are due a second read; returns the diff."""
+        """A whole pass: lists the directory and re-reads new files, files whose
+        signature changed, files the watcher named (a same-size rewrite within one
+        timestamp tick keeps the signature) and files whose withheld deletions are due a
+        second read; returns the diff."""
+        self._last_full = time.monotonic()
+        return self._pass(self._rescan, touched)
+
+    def rescan_names(self, names: set[str] | frozenset[str]) -> list[ObjectChange]:
+        """A pass the watcher woke: only the names it reported (created, written, moved
+        or gone), the manifests that are symlinks (their targets change under other
+        names) and files whose withheld deletions are due are looked at; no listing, so a
+        one-file change costs that file, not the directory. The rules are rescan()'s."""
+        return self._pass(self._rescan_names, names)
+
+    def _pass(self, scan: Callable[[set[str] | frozenset[str]], list[ObjectChange]],
+              names: set[str] | frozenset[str]) -> list[ObjectChange]:
         self._busy = ("", time.monotonic())
         try:
-            return self.control_plane.settled(self._rescan(touched), lambda: self._files,
-                                              self._rescan)
+            return self.control_plane.settled(scan(names), lambda: self._files, scan)
         finally:
+            self._notable = {name for name in self._notable if name in self._files and
+                             _notable(self._files[name])}
             self._next_held = self._holds()
-            self._complete = all(record.readable for record in self._files.values())
+            self._complete = all(self._files[name].readable for name in self._notable)
             self._busy = None
             if self._last_pass is not None:
                 self._last_pass = time.monotonic()
@@ -276,12 +325,38 @@ class ManifestSource:
         finally:
             os.close(directory_fd)
 
+    def _rescan_names(self, names: set[str] | frozenset[str]) -> list[ObjectChange]:
+        directory_fd = os.open(self.directory, _DIRECTORY_FLAGS)
+        try:
+            now = time.monotonic()
+            looked = {name for name in names
+                      if not name.startswith(".") and name.endswith(SUFFIXES)}
+            looked |= self._links
+            looked.update(name for name in self._withholding if
+                          now - self._files[name].withheld_since >= self.shrink_confirm_seconds)
+            entries, problems = self._stat_names(directory_fd, looked)
+            gone = {name for name in looked if name in self._files} - entries.keys() - \
+                problems.keys()
+            return self._apply(directory_fd, entries, problems, gone, names)
+        finally:
+            os.close(directory_fd)
+
     def _rescan_in(self, directory_fd: int,
                    touched: set[str] | frozenset[str]) -> list[ObjectChange]:
         entries, problems = self._list_directory(directory_fd)
+        gone = self._files.keys() - entries.keys() - problems.keys()
+        return self._apply(directory_fd, entries, problems, gone, touched)
+
+    def _apply(self, directory_fd: int, entries: dict[str, Signature],
+               problems: dict[str, tuple[str, str]], gone_names: set[str],
+               touched: set[str] | frozenset[str]) -> list[ObjectChange]:
+        """Files gone, unreadable, and listed (read again when new, changed, touched or
+        due a second read): the diff of the keys they define."""
         affected: set[ObjectKey] = set()      # keys whose winning definition may change
-        for name in self._files.keys() - entries.keys() - problems.keys():
+        for name in gone_names:
             gone = self._files.pop(name)
+            self._withholding.discard(name)
+            self._notable.discard(name)
             self._index(name, gone.objects, None)
             affected.update(gone.objects)
             log.info(kv(event="file_removed", file=name, objects=len(gone.objects)))
@@ -302,6 +377,12 @@ class ManifestSource:
                     affected.update(record.objects)
                 affected.update(fresh.objects)
                 self._files[name] = fresh
+                if fresh.withheld:
+                    self._withholding.add(name)
+                else:
+                    self._withholding.discard(name)
+                if _notable(fresh):
+                    self._notable.add(name)
         return self._diff(affected)
 
     def _unreadable(self, name: str, counter: str, problem: str) -> None:
@@ -316,6 +397,8 @@ class ManifestSource:
                                  f"{len(record.objects)} objects kept as last read")
         record.signature, record.readable, record.problem = None, False, problem
         record.withheld = frozenset()   # its objects stay anyway, until it reads again
+        self._withholding.discard(name)
+        self._notable.add(name)
 
     def _withhold(self, name: str, record: _FileRecord | None,
                   fresh: _FileRecord) -> _FileRecord:
@@ -382,12 +465,15 @@ class ManifestSource:
         """(signature by file, (counter, problem) by file that cannot be read now)."""
         entries: dict[str, Signature] = {}
         problems: dict[str, tuple[str, str]] = {}
+        links = set()
         with os.scandir(directory_fd) as scan:
             for entry in scan:
                 # Dot files are editors' locks and backups (.#web.yaml), and a ConfigMap
                 # volume's ..data and ..<timestamp> entries.
                 if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
                     continue
+                if entry.is_symlink():
+                    links.add(entry.name)
                 try:
                     st = entry.stat()   # fstatat, following symlinks: a ConfigMap key is one
                 except FileNotFoundError:
@@ -399,6 +485,32 @@ class ManifestSource:
                     entries[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
                 elif not stat.S_ISDIR(st.st_mode):   # directories: not recursive
                     problems[entry.name] = ("refused_files", _NOT_REGULAR)
+        self._links = links
+        return entries, problems
+
+    def _stat_names(self, directory_fd: int, names: set[str]
+                    ) -> tuple[dict[str, Signature], dict[str, tuple[str, str]]]:
+        """_list_directory() for these names only (each a manifest's name): absent ones,
+        dangling symlinks and directories are in neither answer."""
+        entries: dict[str, Signature] = {}
+        problems: dict[str, tuple[str, str]] = {}
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    self._links.add(name)
+                    st = os.stat(name, dir_fd=directory_fd)   # as the listing: followed
+                else:
+                    self._links.discard(name)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                problems[name] = ("parse_errors", f"stat failed: {e.strerror}")
+                continue
+            if stat.S_ISREG(st.st_mode):
+                entries[name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            elif not stat.S_ISDIR(st.st_mode):
+                problems[name] = ("refused_files", _NOT_REGULAR)
         return entries, problems
 
     def _read(self, name: str, signature: Signature, previous: _FileRecord | None,

@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import struct
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,6 +429,117 @@ def test_only_changed_or_touched_files_are_reread(tmp_path, monkeypatch):
     assert source.rescan() == []
     assert ports(source.rescan({"a.yaml"})) == {"Service default/web": 81}
     assert reads == ["a.yaml"]
+
+
+
+def test_a_watcher_woken_pass_looks_only_at_the_names_reported(tmp_path, monkeypatch):
+    """Issue 16: a pass the watcher woke for one file stats and reads that file only: no
+    listing, and another file broken meanwhile is neither read nor reported until a pass
+    names it (or the periodic pass lists the directory)."""
+    reads = []
+    real = manifests._load_documents
+
+    def counting(path, *args):
+        reads.append(path.name)
+        return real(path, *args)
+
+    monkeypatch.setattr(manifests, "_load_documents", counting)
+    write(tmp_path, "a.yaml", svc("web"))
+    write(tmp_path, "b.yaml", svc("api", ip="10.96.0.11"))
+    write(tmp_path, "c.yaml", svc("db", ip="10.96.0.12"))
+    source = ManifestSource(tmp_path)
+    source.rescan()
+    reads.clear()
+    write(tmp_path, "a.yaml", svc("web", 81))
+    write(tmp_path, "b.yaml", "kind: Service\nmetadata: [unclosed\n")
+    real_scandir = os.scandir
+
+    def no_listing(*args):
+        raise AssertionError("a watcher-woken pass listed the directory")
+
+    monkeypatch.setattr(manifests.os, "scandir", no_listing)
+    assert ports(source.rescan_names({"a.yaml"})) == {"Service default/web": 81}
+    assert reads == ["a.yaml"]
+    assert source.parse_errors == 0 and source.held_back == () and source.complete
+    # deleted, renamed, a name that is no manifest: the names alone tell
+    (tmp_path / "c.yaml").rename(tmp_path / "d.yaml")
+    assert source.rescan_names({"c.yaml", "d.yaml", ".d.yaml.swp", "notes.txt"}) == []
+    (tmp_path / "d.yaml").unlink()
+    assert ports(source.rescan_names({"d.yaml"})) == {"Service default/db": None}
+    # the broken file holds back only itself once a pass looks at it
+    monkeypatch.setattr(manifests.os, "scandir", real_scandir)
+    reads.clear()
+    assert source.rescan() == [] and reads == ["b.yaml"]
+    assert source.parse_errors == 1 and not source.complete
+    assert [held.origin for held in source.held_back] == ["b.yaml"]
+
+
+def test_a_watcher_woken_pass_restats_symlinked_manifests(tmp_path):
+    """A manifest that is a symlink changes when its target does, under another name:
+    a watcher-woken pass stats it too (a ConfigMap volume's keys, a link to a file)."""
+    write(tmp_path, "real.yaml", svc("web"))
+    (tmp_path / "web.yaml").symlink_to("real.yaml")
+    write(tmp_path, "other.yaml", svc("api", ip="10.96.0.11"))
+    source = ManifestSource(tmp_path)
+    source.rescan()
+    write(tmp_path, "real.yaml", svc("web", 81))
+    # both names define web: the last in name order (web.yaml, the link) wins
+    assert ports(source.rescan_names({"real.yaml"})) == {"Service default/web": 81}
+
+
+class _Counting:
+    """os.scandir, counted: how many passes listed the directory."""
+
+    def __init__(self):
+        self.calls, self.real = 0, os.scandir
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.real(*args)
+
+
+def test_the_watcher_wakes_a_pass_over_its_names_and_a_directory_event_a_whole_one(
+        tmp_path, monkeypatch):
+    write(tmp_path, "a.yaml", svc("web"))
+    write(tmp_path, "b.yaml", svc("api", ip="10.96.0.11"))
+    listings = _Counting()
+    monkeypatch.setattr(manifests.os, "scandir", listings)
+
+    async def scenario():
+        changes = ManifestSource(tmp_path, resync_seconds=3600).changes()
+        try:
+            await next_batch(changes)
+            assert listings.calls == 1
+            write(tmp_path, "a.yaml", svc("web", 81))
+            assert ports(await next_batch(changes)) == {"Service default/web": 81}
+            assert listings.calls == 1                  # the one name, no listing
+            (tmp_path / "sub").mkdir()                  # a directory event: a whole pass
+            write(tmp_path, "b.yaml", svc("api", 82, ip="10.96.0.11"))
+            assert ports(await next_batch(changes)) == {"Service default/api": 82}
+            assert listings.calls == 2
+        finally:
+            await changes.aclose()
+
+    run(scenario())
+
+
+def test_an_overflowed_or_directory_event_asks_for_a_whole_pass():
+    from agent.sources import dirwatch
+
+    def event(mask, name=b"", wd=1):
+        padded = name + b"\0" * (16 - len(name) % 16) if name else b""
+        return struct.pack("iIII", wd, mask, 0, len(padded)) + padded
+
+    plain = dirwatch.parse_events(event(dirwatch.IN_MOVED_TO, b"web.yaml")
+                                  + event(dirwatch.IN_DELETE, b"api.json"))
+    assert (plain.names, plain.whole, plain.ended) == ({"web.yaml", "api.json"}, False, False)
+    overflow = dirwatch.parse_events(event(dirwatch.IN_MODIFY, b"web.yaml")
+                                     + event(dirwatch.IN_Q_OVERFLOW, wd=-1))
+    assert overflow.whole and not overflow.ended
+    directory = dirwatch.parse_events(event(dirwatch.IN_CREATE | dirwatch.IN_ISDIR, b"x.yaml"))
+    assert directory.whole and directory.names == set()
+    gone = dirwatch.parse_events(event(dirwatch.IN_DELETE_SELF) + event(dirwatch.IN_IGNORED))
+    assert gone.whole and gone.ended
 
 
 def test_listing_is_incomplete_while_a_file_cannot_be_parsed(tmp_path):

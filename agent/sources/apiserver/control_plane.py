@@ -213,12 +213,14 @@ class ControlPlane:
     def settle(self, files: Iterable[str]) -> set[str]:
         """Ends a pass: forgets files gone, releases what an earlier run remembered for
         Services not read, saves the allocations, and returns the files to read again."""
-        present = set(files)
-        for file in list(self._file_services.keys() - present):
+        # the source's own record of its files (a dict) is not copied: a one-file pass
+        # costs that file
+        present = files if isinstance(files, (dict, set, frozenset)) else set(files)
+        for file in [f for f in self._file_services if f not in present]:
             for key in self._file_services.pop(file):
                 if self._services.get(key) is not None and self._services[key].file == file:
                     self._release(key, None)
-        for file in list(self._file_endpoints.keys() - present):
+        for file in [f for f in self._file_endpoints if f not in present]:
             del self._file_endpoints[file]
         for problems in (self._refused, self._shared):
             for key, (file, _) in list(problems.items()):
@@ -231,7 +233,7 @@ class ControlPlane:
             for key in [k for k, s in self._services.items() if s.file is None]:
                 self._release(key, None)
         self._publish()
-        stale, self._stale = self._stale & present, set()
+        stale, self._stale = {f for f in self._stale if f in present}, set()
         return stale
 
     # --- a Service -------------------------------------------------------------------
