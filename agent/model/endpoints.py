@@ -71,8 +71,8 @@ def endpoints_by_service_port(slices: Iterable[EndpointSlice],
             continue
         address_class = _ADDRESS_CLASSES[family]
         # ports of one slice with the same number (TCP and UDP 53) get the same endpoint
-        # as one Backend object: equal values, kept once in the desired state
-        shared: dict[tuple[int, int], Backend] | None = \
+        # as one EndpointInfo and Backend: equal values, kept once in the desired state
+        shared: dict[tuple[int, int], EndpointInfo] | None = \
             {} if len(endpoint_slice.ports) > 1 else None
         for port in endpoint_slice.ports:
             key = (ServicePortName(endpoint_slice.namespace, endpoint_slice.service_name,
@@ -87,21 +87,21 @@ def endpoints_by_service_port(slices: Iterable[EndpointSlice],
                 address = endpoint.addresses[0]
                 if address.__class__ is not address_class:
                     continue
-                ready = endpoint.ready
-                as_int = int(address)
-                # kube-proxy's isLocal is the nodeName alone; a hostNetwork endpoint is the
-                # node itself whatever its slice says (the kernel delivers it locally)
-                local = (bool(node_name) and endpoint.node_name == node_name) \
-                    or as_int in own_ips
-                backend = shared.get((index, number)) if shared is not None else None
-                if backend is None:
-                    backend = Backend(address, number, _READY if ready else _TERMINATING,
-                                      endpoint.node_name, endpoint.zone, local)
+                as_int = address._ip
+                info = shared.get((index, number)) if shared is not None else None
+                if info is None:
+                    ready = endpoint.ready
+                    # kube-proxy's isLocal is the nodeName alone; a hostNetwork endpoint is
+                    # the node itself whatever its slice says (the kernel delivers it locally)
+                    local = (bool(node_name) and endpoint.node_name == node_name) \
+                        or as_int in own_ips
+                    info = EndpointInfo(
+                        Backend(address, number, _READY if ready else _TERMINATING,
+                                endpoint.node_name, endpoint.zone, local),
+                        ready, endpoint.serving, endpoint.terminating,
+                        endpoint.zone_hints, endpoint.node_hints)
                     if shared is not None:
-                        shared[index, number] = backend
-                info = EndpointInfo(
-                    backend, ready, endpoint.serving, endpoint.terminating,
-                    endpoint.zone_hints, endpoint.node_hints)
+                        shared[index, number] = info
                 if info.zone_hints or info.node_hints:
                     hinted.add(key)
                 dedup = (as_int, number)

@@ -49,10 +49,21 @@ def frontend_key(f, key: ServiceKey) -> FrontendKey:
 
 def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
           frontends: frozenset[FrontendKey], old: KernelService | None,
-          maglev_m: int = 0) -> KernelService:
+          maglev_m: int = 0, addrs: dict[int, BackendAddr] | None = None) -> KernelService:
     """The service port part as the kernel will hold it: surviving backends keep their
-    slots; flags from its scope (source ranges when firewalled, Maglev from outside)."""
-    wanted = [BackendAddr(b.address, b.port) for b in state.backends]
+    slots; flags from its scope (source ranges when firewalled, Maglev from outside).
+    addrs: the BackendAddr made for each Backend object so far in this plan, by id(): the
+    parts and same-number ports that share a Backend share its slot value too (one
+    object per endpoint, not per slot). The caller keeps the Backends alive meanwhile."""
+    if addrs is None:
+        wanted = [BackendAddr(b.address, b.port) for b in state.backends]
+    else:
+        wanted = []
+        for b in state.backends:
+            addr = addrs.get(id(b))
+            if addr is None:
+                addr = addrs[id(b)] = BackendAddr(b.address, b.port)
+            wanted.append(addr)
     scope = key.scope
     flags = 0
     if scope == FIREWALLED:
@@ -62,7 +73,7 @@ def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
     # across nodes.
     if maglev_m and scope != INTERNAL and len(wanted) < min(maglev_m, 65536):
         flags |= SVC_F_MAGLEV
-    local = [BackendAddr(b.address, b.port) for b in state.backends if b.local]
+    local = [addr for b, addr in zip(state.backends, wanted) if b.local]
     return KernelService(svc_id, key.family, frontends,
                          stable_slots(old.backends if old else (), wanted),
                          name_hash=port_hash(key),
