@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field, replace
 
 from agent.model.types import DesiredState, Protocol, ServicePortName, ServicePortState
@@ -60,15 +61,71 @@ class AppliedView:
 
     @functools.cached_property
     def service_ports(self) -> tuple[AppliedServicePort, ...]:
+        return self.service_ports_reusing(PortMemo())
+
+    def service_ports_reusing(self, memo: PortMemo) -> tuple[AppliedServicePort, ...]:
+        """service_ports (cached as it), each named one taken from memo (an earlier view's,
+        by its name and family) when its parts are the same as then: a new view per sync
+        merges only the service ports that sync changed. memo is brought up to date."""
+        with memo.lock:          # one builder at a time: the others find its result
+            found = self.__dict__.get("service_ports")
+            if found is None:
+                found = self._merge(memo)
+                self.__dict__["service_ports"] = found     # where cached_property keeps it
+            return found
+
+    def _merge(self, memo: PortMemo) -> tuple[AppliedServicePort, ...]:
         parts: dict[tuple[ServicePortName, int], list] = {}
+        applied, desired = self.applied, self.desired
         for key, svc_id in self.ids.items():
-            if svc_id in self.applied and key in self.desired:
-                parts.setdefault((key.name, key.family), []).append((self.applied[svc_id],
-                                                                     self.desired[key]))
-        named = tuple(AppliedServicePort.merge(name, family, parts[name, family])
-                      for name, family in sorted(parts, key=lambda k: (str(k[0]), k[1])))
-        return named + tuple(AppliedServicePort.adopted(self.applied[i], self.kept_reason)
-                             for i in self.kept if i in self.applied)
+            kernel = applied.get(svc_id)
+            if kernel is not None:
+                state = desired.get(key)
+                if state is not None:
+                    parts.setdefault((key.name, key.family), []).append((kernel, state))
+        named = []
+        kept = memo.ports
+        memo.ports = {}
+        for name, family in sorted(parts, key=lambda k: (str(k[0]), k[1])):
+            now = parts[name, family]
+            before = kept.get((name, family))
+            if before is not None and _same_parts(before.parts, now):
+                before.parts = now      # the old parts may go
+                memo.ports[name, family] = before
+                named.append(before.port)
+            else:
+                sp = AppliedServicePort.merge(name, family, now)
+                memo.ports[name, family] = MemoEntry(now, sp)
+                named.append(sp)
+        return tuple(named) + tuple(AppliedServicePort.adopted(self.applied[i],
+                                                               self.kept_reason)
+                                    for i in self.kept if i in self.applied)
+
+
+class PortMemo:
+    """The named service ports of the last view built with it, by (name, family), each with
+    the parts it was merged from (AppliedView.service_ports_reusing) and what a reader
+    keeps of it while it is unchanged (the API: its encoded answer)."""
+
+    def __init__(self) -> None:
+        self.ports: dict[tuple[ServicePortName, int], MemoEntry] = {}
+        self.lock = threading.Lock()
+
+
+@dataclass(slots=True)
+class MemoEntry:
+    parts: list              # [(KernelService, ServicePortState)], as merged
+    port: AppliedServicePort
+    kept: object = None      # the reader's, dropped with the entry when the port changes
+
+
+def _same_parts(before: list, now: list) -> bool:
+    """Whether a service port's parts are what they were: the same objects (an
+    incremental sync keeps an unchanged service's), else equal (a full sync or a kernel
+    re-read makes new ones of the same content)."""
+    return len(before) == len(now) and all(
+        (k1 is k2 or k1 == k2) and (d1 is d2 or d1 == d2)
+        for (k1, d1), (k2, d2) in zip(before, now, strict=True))
 
 
 @dataclass
@@ -94,7 +151,10 @@ class AgentStatus:
     # the TC path's flow table at its last sweep (datapath.conntrack.FlowTableStats);
     # None: no TC path, or not swept yet
     flows: object | None = None
+    # the service ports readers had merged, kept across views (AppliedView.service_ports)
+    memo: PortMemo = field(default_factory=lambda: PortMemo(), repr=False, compare=False)
 
     @property
     def services(self) -> tuple[AppliedServicePort, ...]:
-        return self.view.service_ports
+        """The view's service ports, merged anew only where the last sync changed them."""
+        return self.view.service_ports_reusing(self.memo)

@@ -183,7 +183,7 @@ class StateCollector(Collector):
                         ("refused", "connections refused or dropped: no usable backend."),
                         ("dropped", "packets dropped by loadBalancerSourceRanges."))}
         by_port: dict[tuple, Counters] = {}
-        named = [sp for sp in s.view.service_ports if not sp.held_back]
+        named = [sp for sp in s.services if not sp.held_back]
         for row in queries.port_stats(s.view, stats, named):
             n = row.port.name        # both address families of a port summed
             by_port.setdefault((n.namespace, n.name, n.port_name, n.protocol.value),

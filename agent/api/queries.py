@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from agent.datapath.inventory import Counters, StatsTable
 from agent.planner import BackendAddr
-from agent.status import AppliedServicePort, AppliedView
+from agent.status import AppliedServicePort, AppliedView, PortMemo
 
 DEFAULT_PAGE = 500
 MAX_PAGE = 5000
@@ -134,10 +134,11 @@ class SortedView:
     backends sorted on first use: a page is then a bisect and a slice, not a sort of the
     whole view. Each sync makes a new AppliedView, so a SortedView never goes stale."""
 
-    def __init__(self, view: AppliedView) -> None:
+    def __init__(self, view: AppliedView, memo: PortMemo | None = None) -> None:
         # not the view itself: SortedViewCache must not keep an old applied state alive
         self._ids = view.ids
-        self.ports = sorted(view.service_ports, key=service_key)
+        self.memo = memo or PortMemo()
+        self.ports = sorted(view.service_ports_reusing(self.memo), key=service_key)
         self.port_keys = [service_key(sp) for sp in self.ports]
         self._backends: list[tuple | None] = [None] * len(self.ports)
 
@@ -178,12 +179,14 @@ class SortedViewCache:
         self._view: weakref.ref | None = None
         self._sorted: SortedView | None = None
 
-    def of(self, view: AppliedView) -> SortedView:
+    def of(self, view: AppliedView, memo: PortMemo | None = None) -> SortedView:
+        """memo: the one service ports are merged with (AgentStatus.memo): kept across
+        views, a sync's new view merges (and the API encodes) only what it changed."""
         with self._lock:
             found = self._sorted
             if found is None or self._view is None or self._view() is not view:
                 self._sorted = None         # the old one goes before the new is built
-                found = SortedView(view)
+                found = SortedView(view, memo)
                 self._sorted, self._view = found, weakref.ref(view, self._forget)
             return found
 

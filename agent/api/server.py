@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from agent.api.generated import agent_pb2, agent_pb2_grpc
 from agent.api.observed import Observed
 from agent.api.queries import Filter, InvalidRequest
 from agent.datapath.inventory import Counters
-from agent.status import AgentStatus, AppliedServicePort
+from agent.status import AgentStatus, AppliedServicePort, PortMemo
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,53 @@ def service_port_message(sp: AppliedServicePort, allocations: Mapping | None = N
     return response.ports[0]
 
 
+def encoded_page(ports: Sequence[AppliedServicePort], memo: PortMemo,
+                 allocations: Mapping | None, next_token: str = "") -> bytes:
+    """ListServicesResponse(services=ports, next_page_token=next_token), serialized: the
+    concatenation of each port's kept encoding (field 1, framed once) and the token (field
+    2), as protobuf lays out a message's repeated field. A port's encoding is made on its
+    first request and kept in memo (AgentStatus.memo) until a sync changes the port or
+    the manifest source changes what it allocated to it; GetServiceResponse's ports are
+    field 1 too, so the same bytes make its answer."""
+    allocations = allocations or {}
+    entries = memo.ports
+    out: list[bytes] = []
+    missing: list[tuple[int, AppliedServicePort, object]] = []
+    for sp in ports:
+        n = sp.name
+        allocation = allocations.get((n.namespace, n.name))
+        entry = entries.get((n, sp.family))
+        kept = entry.kept if entry is not None and entry.port is sp else None
+        if kept is not None and (kept[0] is allocation or kept[0] == allocation):
+            out.append(kept[1])
+        else:
+            missing.append((len(out), sp, allocation))
+            out.append(b"")
+    if missing:
+        built = agent_pb2.GetServiceResponse()
+        add_service_ports(built.ports, [sp for _, sp, _ in missing], allocations)
+        for (at, sp, allocation), message in zip(missing, built.ports, strict=True):
+            body = message.SerializeToString()
+            framed = b"\x0a" + _varint(len(body)) + body
+            out[at] = framed
+            entry = entries.get((sp.name, sp.family))
+            if entry is not None and entry.port is sp:
+                entry.kept = (allocation, framed)
+    if next_token:
+        token = next_token.encode()
+        out.append(b"\x12" + _varint(len(token)) + token)
+    return b"".join(out)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _allocated(allocation, address: str, port: int, kind: str) -> bool:
     if allocation is None:
         return False
@@ -147,7 +194,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _sorted(self) -> queries.SortedView:
         """The applied state in key order, sorted once per sync (in an API thread)."""
-        return self.sorted_views.of(self.observed.status.view)
+        status = self.observed.status
+        return self.sorted_views.of(status.view, status.memo)
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -221,11 +269,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def ListServices(self, request, context):
         return await self._list(request, context, "ListServices", self._services_page)
 
-    def _services_page(self, flt: Filter, size: int, token: str):
+    def _services_page(self, flt: Filter, size: int, token: str) -> bytes:
+        """The page already serialized (encoded_page): served as it is (_serialize)."""
         ports, next_token = queries.select_services(self._sorted(), flt, size, token)
-        response = agent_pb2.ListServicesResponse(next_page_token=next_token)
-        add_service_ports(response.services, ports, self.observed.allocations)
-        return response
+        return encoded_page(ports, self.observed.status.memo, self.observed.allocations,
+                            next_token)
 
     async def GetService(self, request, context):
         try:
@@ -240,10 +288,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"Service {request.namespace}/{request.name}: not in the "
                                 f"kernel (no such Service, or none of its ports is served)")
-        response = agent_pb2.GetServiceResponse()
-        add_service_ports(response.ports, sorted(ports, key=queries.service_key),
-                          self.observed.allocations)
-        return response
+        return encoded_page(sorted(ports, key=queries.service_key),
+                            self.observed.status.memo, self.observed.allocations)
 
     async def ListBackends(self, request, context):
         return await self._list(request, context, "ListBackends", self._backends_page)
@@ -266,7 +312,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _stats_page(self, flt: Filter, size: int, token: str):
         view = self.observed.status.view
-        pages = self.sorted_views.of(view)
+        pages = self.sorted_views.of(view, self.observed.status.memo)
         ports, next_token = queries.select_services(pages, flt, size, token)
         rows = queries.port_stats(view, self.observed.inventory.stats(), ports, pages.svc_ids)
         return agent_pb2.GetStatsResponse(services=[agent_pb2.ServiceStats(
@@ -394,8 +440,7 @@ async def start(address: str, observed: Observed | AgentStatus,
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api")
     server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
                              options=watch_limits.server_options())
-    agent_pb2_grpc.add_AgentServicer_to_server(
-        AgentService(observed, executor, watch_limits), server)
+    _add_agent_service(AgentService(observed, executor, watch_limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     initial, on_event = _health_tracker(observed, health_servicer)
@@ -424,6 +469,26 @@ async def start(address: str, observed: Observed | AgentStatus,
     log.info("event=api_listening address=%s tls=%s client_certs=%s", address,
              tls is not None, bool(tls and tls.ca))
     return server
+
+
+def _add_agent_service(servicer: AgentService, server: grpc.aio.Server) -> None:
+    """As agent_pb2_grpc.add_AgentServicer_to_server, every method from the proto's
+    descriptor, except that an answer may come already serialized (bytes: ListServices')."""
+    handlers = {}
+    for method in agent_pb2.DESCRIPTOR.services_by_name["Agent"].methods:
+        request = getattr(agent_pb2, method.input_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else \
+            grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=request.FromString,
+                                     response_serializer=_serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _serialize(answer) -> bytes:
+    return answer if isinstance(answer, bytes) else answer.SerializeToString()
 
 
 def _here(bind: Callable, *args):

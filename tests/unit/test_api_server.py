@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent import cli
-from agent.api import server
+from agent.api import queries, server
 from agent.api.events import EventHub
 from agent.api.generated import agent_pb2, agent_pb2_grpc
 from agent.api.observed import Observed
@@ -448,3 +448,69 @@ def test_service_port_messages_mark_what_the_manifest_source_allocated(status):
     one = server.service_port_message(next(sp for sp in status.view.service_ports
                                            if sp.name.name == "np"), allocations)
     assert one.name == "np" and all(f.allocated for f in one.frontends)
+
+
+def _fresh_page(ports, allocations=None, token="") -> agent_pb2.ListServicesResponse:
+    response = agent_pb2.ListServicesResponse(next_page_token=token)
+    server.add_service_ports(response.services, ports, allocations)
+    return response
+
+
+def test_a_kept_encoding_is_reused_until_its_service_port_changes():
+    """ListServices serves each service port's encoding kept from an earlier call (and an
+    earlier sync's view): the same bytes as the message built afresh, kept while the port
+    is unchanged, made again when a sync changes it or the manifest source's allocation
+    for it changes."""
+    from types import SimpleNamespace
+
+    from agent.sources.events import ObjectChange
+    from tests.unit.test_api_support import endpoint_slice
+    objects, node_ips = cluster()
+    status, agent = synced_status(objects, node_ips)
+    ports = sorted(status.services, key=queries.service_key)
+    first = server.encoded_page(ports, status.memo, {}, "tok")
+    assert first == _fresh_page(ports, token="tok").SerializeToString()
+    kept = {(e.port.name.name, e.port.name.port_name): e.kept
+            for e in status.memo.ports.values()}
+
+    # web gains a backend: a change sync, a new view; only web's ports are merged again
+    slice_ = endpoint_slice("web", ["10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.1.9"],
+                            ["http", "https"])
+    agent._changes.record_batch([ObjectChange(slice_.key, slice_)])
+    assert asyncio.run(agent._sync_once())
+    ports = sorted(status.services, key=queries.service_key)
+    page = agent_pb2.ListServicesResponse.FromString(
+        server.encoded_page(ports, status.memo, {}))
+    assert page == _fresh_page(ports)
+    web = [p for p in page.services if p.name == "web"]
+    assert len(web) == 2 and all("10.244.1.9" in {b.address for b in p.backends} for p in web)
+    now = {(e.port.name.name, e.port.name.port_name): e.kept for e in status.memo.ports.values()}
+    assert now[("db", "sql")] is kept[("db", "sql")]          # the same bytes, not rebuilt
+    assert now[("np", "http")] is kept[("np", "http")]
+    assert now[("web", "http")] != kept[("web", "http")]
+
+    # the manifest source allocated np's cluster IP: np's encoding is made again
+    allocations = {("other", "np"): SimpleNamespace(cluster_ips={"10.96.0.30"},
+                                                    node_ports=set())}
+    page = server.encoded_page(ports, status.memo, allocations)
+    assert page == _fresh_page(ports, allocations).SerializeToString()
+    assert any(f.allocated for p in agent_pb2.ListServicesResponse.FromString(page).services
+               if p.name == "np" for f in p.frontends)
+
+
+def test_a_periodic_re_read_keeps_every_encoding():
+    """A sync that re-reads the kernel makes new kernel records of the same content: the
+    service ports' merged form and encodings are kept (compared, not rebuilt)."""
+    objects, node_ips = cluster()
+    status, agent = synced_status(objects, node_ips)
+    ports = sorted(status.services, key=queries.service_key)
+    server.encoded_page(ports, status.memo, {})
+    before = {key: (e.port, e.kept) for key, e in status.memo.ports.items()}
+    assert len(before) == 4 and all(kept is not None for _, kept in before.values())
+    view = status.view
+    assert asyncio.run(agent._sync_once(reread_kernel=True))
+    assert status.view is not view
+    again = sorted(status.services, key=queries.service_key)
+    assert again == ports and all(a is b for a, b in zip(again, ports, strict=True))
+    assert server.encoded_page(again, status.memo, {}) == _fresh_page(again).SerializeToString()
+    assert {key: (e.port, e.kept) for key, e in status.memo.ports.items()} == before
