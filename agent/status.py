@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass, field, replace
 
 from agent.model.types import DesiredState, Protocol, ServicePortName, ServicePortState
@@ -67,12 +66,13 @@ class AppliedView:
         """service_ports (cached as it), each named one taken from memo (an earlier view's,
         by its name and family) when its parts are the same as then: a new view per sync
         merges only the service ports that sync changed. memo is brought up to date."""
-        with memo.lock:          # one builder at a time: the others find its result
-            found = self.__dict__.get("service_ports")
-            if found is None:
-                found = self._merge(memo)
-                self.__dict__["service_ports"] = found     # where cached_property keeps it
-            return found
+        found = self.__dict__.get("service_ports")
+        if found is None:
+            # Two readers racing (API and metrics threads) both merge, each right; the first
+            # result stays (where cached_property keeps it). The memo may then hold the
+            # other's equal objects: only their kept encodings are made once more.
+            found = self.__dict__.setdefault("service_ports", self._merge(memo))
+        return found
 
     def _merge(self, memo: PortMemo) -> tuple[AppliedServicePort, ...]:
         parts: dict[tuple[ServicePortName, int], list] = {}
@@ -84,19 +84,19 @@ class AppliedView:
                 if state is not None:
                     parts.setdefault((key.name, key.family), []).append((kernel, state))
         named = []
-        kept = memo.ports
-        memo.ports = {}
+        kept, now_kept = memo.ports, {}
         for name, family in sorted(parts, key=lambda k: (str(k[0]), k[1])):
             now = parts[name, family]
             before = kept.get((name, family))
             if before is not None and _same_parts(before.parts, now):
                 before.parts = now      # the old parts may go
-                memo.ports[name, family] = before
+                now_kept[name, family] = before
                 named.append(before.port)
             else:
                 sp = AppliedServicePort.merge(name, family, now)
-                memo.ports[name, family] = MemoEntry(now, sp)
+                now_kept[name, family] = MemoEntry(now, sp)
                 named.append(sp)
+        memo.ports = now_kept
         return tuple(named) + tuple(AppliedServicePort.adopted(self.applied[i],
                                                                self.kept_reason)
                                     for i in self.kept if i in self.applied)
@@ -109,7 +109,6 @@ class PortMemo:
 
     def __init__(self) -> None:
         self.ports: dict[tuple[ServicePortName, int], MemoEntry] = {}
-        self.lock = threading.Lock()
 
 
 @dataclass(slots=True)
