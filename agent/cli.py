@@ -14,26 +14,76 @@ import sys
 import time
 from pathlib import Path
 
-from agent.datapath import sizing
-from agent.datapath.config import ACCELERATIONS, DEFAULT_PIN_DIR, LB_ALGORITHMS, NODEPORT_MODES
-from agent.sources.apiserver.control_plane import (
-    DEFAULT_CLUSTER_IP_RANGES,
-    DEFAULT_NODE_PORT_RANGE,
-    parse_cluster_ip_ranges,
-    parse_node_port_range,
-)
-
 DEFAULT_API = "unix:///run/bpfproxy/api.sock"
 MAX_MAP_ENTRIES = 1 << 30
 
 
-def build_parser() -> argparse.ArgumentParser:
+# the commands that only ask the agent's API: their parser leaves out the agent's and
+# cleanup's flags, whose defaults import the datapath (~0.1 s a call)
+CLIENT_COMMANDS = frozenset({"status", "services", "backends", "stats", "watch"})
+
+
+def build_parser(agent_flags: bool = True) -> argparse.ArgumentParser:
+    """agent_flags False: the agent and cleanup commands without their flags (for parsing
+    a client command's arguments only: main)."""
     parser = argparse.ArgumentParser(prog="bpfproxy", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=os.environ.get("BPFPROXY_LOG_LEVEL", "info"),
                         choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 
     agent = sub.add_parser("agent", help="run the node agent")
+    if agent_flags:
+        _agent_flags(agent)
+
+    status = sub.add_parser("status", help="exit 0 once the first full sync is in the kernel",
+                            epilog=EXIT_CODES)
+    _api_client_flags(status, filters=False)
+    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep asking until synced or SECONDS have passed")
+
+    services = sub.add_parser("services", help="list service ports as the kernel serves them",
+                              epilog=EXIT_CODES)
+    _api_client_flags(services)
+    backends = sub.add_parser("backends", help="list backends per service port, with state",
+                              epilog=EXIT_CODES)
+    _api_client_flags(backends)
+    stats = sub.add_parser("stats", help="counters per service port and backend",
+                           epilog=EXIT_CODES)
+    _api_client_flags(stats)
+    watch = sub.add_parser("watch", help="print sync events and errors as they happen",
+                           epilog=EXIT_CODES)
+    _api_client_flags(watch, filters=False)
+    watch.add_argument("--count", type=int, default=0, metavar="N",
+                       help="exit 0 after N events (default: until interrupted)")
+
+    cleanup = sub.add_parser("cleanup", help="remove every program, link and map installed")
+    if agent_flags:
+        from agent.datapath.config import DEFAULT_PIN_DIR
+        cleanup.add_argument("--cgroup", type=Path, metavar="DIR",
+                             help="also check that no program is left attached here")
+        cleanup.add_argument("--bpffs", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR")
+        cleanup.add_argument("--kube-proxy", action="store_true",
+                             help="instead, remove kube-proxy's iptables chains and nftables "
+                                  "tables from this network namespace, as `kube-proxy "
+                                  "--cleanup` does (run it once bpfproxy serves; bpfproxy's "
+                                  "own state stays)")
+    return parser
+
+
+def _agent_flags(agent: argparse.ArgumentParser) -> None:
+    """The agent's flags: their defaults come from the datapath and the manifest source's
+    control plane, which a client command never imports (main: build_parser)."""
+    from agent.datapath import sizing
+    from agent.datapath.config import (
+        ACCELERATIONS,
+        DEFAULT_PIN_DIR,
+        LB_ALGORITHMS,
+        NODEPORT_MODES,
+    )
+    from agent.sources.apiserver.control_plane import (
+        DEFAULT_CLUSTER_IP_RANGES,
+        DEFAULT_NODE_PORT_RANGE,
+    )
     src = agent.add_mutually_exclusive_group()
     src.add_argument("--manifests", type=Path, metavar="DIR",
                      help="read Services and EndpointSlices from *.yaml/*.yml/*.json in DIR")
@@ -118,37 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--min-sync-period", type=float, default=0.1, metavar="SECONDS")
     agent.add_argument("--sync-period", type=float, default=30.0, metavar="SECONDS")
 
-    status = sub.add_parser("status", help="exit 0 once the first full sync is in the kernel",
-                            epilog=EXIT_CODES)
-    _api_client_flags(status, filters=False)
-    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                        help="keep asking until synced or SECONDS have passed")
-
-    services = sub.add_parser("services", help="list service ports as the kernel serves them",
-                              epilog=EXIT_CODES)
-    _api_client_flags(services)
-    backends = sub.add_parser("backends", help="list backends per service port, with state",
-                              epilog=EXIT_CODES)
-    _api_client_flags(backends)
-    stats = sub.add_parser("stats", help="counters per service port and backend",
-                           epilog=EXIT_CODES)
-    _api_client_flags(stats)
-    watch = sub.add_parser("watch", help="print sync events and errors as they happen",
-                           epilog=EXIT_CODES)
-    _api_client_flags(watch, filters=False)
-    watch.add_argument("--count", type=int, default=0, metavar="N",
-                       help="exit 0 after N events (default: until interrupted)")
-
-    cleanup = sub.add_parser("cleanup", help="remove every program, link and map installed")
-    cleanup.add_argument("--cgroup", type=Path, metavar="DIR",
-                         help="also check that no program is left attached here")
-    cleanup.add_argument("--bpffs", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR")
-    cleanup.add_argument("--kube-proxy", action="store_true",
-                         help="instead, remove kube-proxy's iptables chains and nftables "
-                              "tables from this network namespace, as `kube-proxy --cleanup` "
-                              "does (run it once bpfproxy serves; bpfproxy's own state stays)")
-    return parser
-
 
 EXIT_CODES = ("exit codes: 0 ok; 1 no agent answering, not synced (status) or the stream "
               "broke (watch); 2 bad flags or a request the agent refused; 3 a filter matched "
@@ -175,7 +194,8 @@ def _api_client_flags(parser: argparse.ArgumentParser, filters: bool = True) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(agent_flags=_command(sys.argv[1:] if argv is None else argv)
+                          not in CLIENT_COMMANDS)
     args = parser.parse_args(argv)
     if args.command == "agent" and args.config is not None:
         from agent import config
@@ -193,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
             "cleanup": run_cleanup}[args.command](args)
 
 
+def _command(argv: list[str]) -> str:
+    """The command argv names ("" when unclear: then the whole parser is built)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif word.startswith("--log-level="):
+            continue
+        else:
+            return "" if word.startswith("-") else word
+    return ""
+
+
 # --- agent ----------------------------------------------------------------------------
 
 def _split(value: str) -> list[str]:
@@ -202,6 +235,7 @@ def _split(value: str) -> list[str]:
 def _check_tc_flags(args) -> str:
     """The TC path's flags, checked before anything is loaded."""
     from agent import maglev
+    from agent.datapath import sizing
     if not maglev.is_prime(args.maglev_table_size) or \
             not maglev.M_MIN <= args.maglev_table_size <= maglev.M_MAX:
         return (f"--maglev-table-size {args.maglev_table_size}: must be a prime between "
@@ -261,6 +295,10 @@ def run_agent(args) -> int:
     except ValueError as exc:
         print(f"bpfproxy: --node-ip/--nodeport-addresses: {exc}", file=sys.stderr)
         return 2
+    from agent.sources.apiserver.control_plane import (
+        parse_cluster_ip_ranges,
+        parse_node_port_range,
+    )
     try:
         args.cluster_ip_ranges = parse_cluster_ip_ranges(args.service_cluster_ip_range)
         args.node_port_range = parse_node_port_range(args.service_node_port_range)

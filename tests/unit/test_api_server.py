@@ -514,3 +514,25 @@ def test_a_periodic_re_read_keeps_every_encoding():
     assert again == ports and all(a is b for a, b in zip(again, ports, strict=True))
     assert server.encoded_page(again, status.memo, {}) == _fresh_page(again).SerializeToString()
     assert {key: (e.port, e.kept) for key, e in status.memo.ports.items()} == before
+
+
+def test_a_client_command_imports_none_of_the_agent_s_parts(tmp_path):
+    """`bpfproxy services` (any command that only asks the API) parses its flags without
+    the agent's, whose defaults import the datapath, planner and model (~0.1 s a call);
+    its arguments parse as with the whole parser."""
+    import subprocess
+    import sys
+    probe = ("import sys; from agent import cli; code = cli.main(['services', '--api', "
+             f"'unix://{tmp_path}/none.sock', '-o', 'json']); "
+             "print(code, sorted(m for m in sys.modules if m.startswith(("
+             "'agent.datapath', 'agent.planner', 'agent.model', 'agent.sources'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "1 []", done.stdout + done.stderr
+    for argv in (["services", "-n", "ns", "-o", "json"], ["status", "--wait", "3"],
+                 ["--log-level", "debug", "watch", "--count", "2"],
+                 ["stats", "--api", "h:1", "--tls-ca", "ca.pem"]):
+        assert cli._command(argv) in cli.CLIENT_COMMANDS
+        assert vars(cli.build_parser(agent_flags=False).parse_args(argv)) == \
+            vars(cli.build_parser().parse_args(argv))
+    assert cli._command(["agent", "--manifests", "m"]) not in cli.CLIENT_COMMANDS
