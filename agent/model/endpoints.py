@@ -18,6 +18,7 @@ from agent.model.types import (
 
 _FAMILIES = {"IPv4": 4, "IPv6": 6}   # FQDN slices are ignored (endpointschangetracker.go)
 _ADDRESS_CLASSES = {4: IPv4Address, 6: IPv6Address}
+_IPV4 = IPv4Address
 _READY, _TERMINATING = BackendState.READY, BackendState.TERMINATING
 
 
@@ -82,24 +83,32 @@ def endpoints_by_service_port(slices: Iterable[EndpointSlice],
             own_ips = node_ips[family]
             for index, endpoint in enumerate(endpoint_slice.endpoints):
                 # Kubernetes uses only the first address (endpointslicecache.go addEndpoints).
-                if not endpoint.addresses:
-                    continue
-                address = endpoint.addresses[0]
-                if address.__class__ is not address_class:
-                    continue
-                as_int = address._ip
+                # Read in the Endpoint's stored form (types.Endpoint): one IPv4 address is
+                # its integer, made an address object here, once per Backend.
+                stored = endpoint._address
+                if stored.__class__ is int:
+                    if family != 4:
+                        continue
+                    as_int, address = stored, None
+                else:
+                    if not stored:
+                        continue
+                    address = stored[0]
+                    if address.__class__ is not address_class:
+                        continue
+                    as_int = address._ip
                 info = shared.get((index, number)) if shared is not None else None
                 if info is None:
-                    ready = endpoint.ready
+                    ready, serving, terminating, endpoint_node, zone, zone_hints, \
+                        node_hints = endpoint._rest
                     # kube-proxy's isLocal is the nodeName alone; a hostNetwork endpoint is
                     # the node itself whatever its slice says (the kernel delivers it locally)
-                    local = (bool(node_name) and endpoint.node_name == node_name) \
+                    local = (bool(node_name) and endpoint_node == node_name) \
                         or as_int in own_ips
                     info = EndpointInfo(
-                        Backend(address, number, _READY if ready else _TERMINATING,
-                                endpoint.node_name, endpoint.zone, local),
-                        ready, endpoint.serving, endpoint.terminating,
-                        endpoint.zone_hints, endpoint.node_hints)
+                        Backend(address or _IPV4(as_int), number,
+                                _READY if ready else _TERMINATING, endpoint_node, zone, local),
+                        ready, serving, terminating, zone_hints, node_hints)
                     if shared is not None:
                         shared[index, number] = info
                 if info.zone_hints or info.node_hints:

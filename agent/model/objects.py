@@ -25,6 +25,7 @@ from agent.model.types import (
     Protocol,
     Service,
     ServicePort,
+    endpoint_rest,
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -191,10 +192,16 @@ def fast_ipv4(text: str) -> ipaddress.IPv4Address | None:
     """The IPv4Address of a plain dotted quad, else None (the caller then asks ipaddress).
     Accepts exactly what ipaddress.IPv4Address(str) accepts for such text: four ASCII
     decimal octets, each 0-255 without leading zeros; it only skips its slower parser."""
-    # inet_pton(AF_INET) is that strict (glibc inet_pton4: '0'-'9' and '.' only, four
-    # octets, no leading zero, none above 255); a NUL in the text is a ValueError
+    value = _ipv4_int(text)
+    return None if value is None else _IPV4(value)
+
+
+def _ipv4_int(text: str) -> int | None:
+    """fast_ipv4's address as an integer. inet_pton(AF_INET) is that strict (glibc
+    inet_pton4: '0'-'9' and '.' only, four octets, no leading zero, none above 255); a NUL
+    in the text is a ValueError."""
     try:
-        return _IPV4(_from_bytes(_inet_pton(_AF_INET, text), "big"))
+        return _from_bytes(_inet_pton(_AF_INET, text), "big")
     except (OSError, ValueError, TypeError):
         return None
 
@@ -429,11 +436,15 @@ def _special(ip: IPAddress) -> bool:
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.version == 4:
-        value = int(ip)   # an endpoint's hot path: integers, not ipaddress' network tests
-        return value == 0 or value >> 24 == 127 or value >> 16 == 0xA9FE or \
-            value >> 8 == 0xE00000
+        return _special_v4(int(ip))
     return ip.is_unspecified or ip.is_loopback or ip.is_link_local or \
         ip in _LINK_LOCAL_MULTICAST[6]
+
+
+def _special_v4(value: int) -> bool:
+    """_special of an IPv4 address's integer (an endpoint's hot path: no network tests)."""
+    return value == 0 or value >> 24 == 127 or value >> 16 == 0xA9FE or \
+        value >> 8 == 0xE00000
 
 
 def _load_balancer_ingress(where: _Where, d: dict) -> tuple[LoadBalancerIngress, ...]:
@@ -608,16 +619,20 @@ def _endpoint(where: _Where, raw: Any, index: int, family: int | None) -> Endpoi
                 where.fail(f"endpoints[{index}].addresses[{i}]",
                            f"must be a name, got {_show(value)}")
         addresses: tuple[IPAddress, ...] = ()
+    # The common case, one plain IPv4 address, kept as its integer (types.Endpoint)
     elif family == 4 and len(raw_addresses) == 1 and raw_addresses[0].__class__ is str and \
-            (ip := fast_ipv4(raw_addresses[0])) is not None:
-        addresses = (ip,)
+            (value := _ipv4_int(raw_addresses[0])) is not None:
+        addresses = value
+        if _special_v4(value):
+            where.fail(f"endpoints[{index}].addresses[0]",
+                       f"{raw_addresses[0]} is an unspecified, loopback or link-local address")
     else:
         addresses = tuple(where.address(v, f"endpoints[{index}].addresses[{i}]", family)
                           for i, v in enumerate(raw_addresses))
     # ValidateNonSpecialIP, as the API server applies it to EndpointSlices: a backend at
     # 127.0.0.1, 0.0.0.0 or 169.254.169.254 would send pods to their own or the node's
     # local services. (Found by tests/unit/test_fuzz_objects.py.)
-    for i, ip in enumerate(addresses):
+    for i, ip in enumerate(addresses if addresses.__class__ is tuple else ()):
         if _special(ip):
             where.fail(f"endpoints[{index}].addresses[{i}]",
                        f"{ip} is an unspecified, loopback or link-local address")
@@ -645,9 +660,11 @@ def _endpoint(where: _Where, raw: Any, index: int, family: int | None) -> Endpoi
         hints = where.mapping(entry["hints"], field)
         zone_hints = _hint_names(where, hints.get("forZones"), f"{field}.forZones")
         node_hints = _hint_names(where, hints.get("forNodes"), f"{field}.forNodes")
-    return Endpoint(addresses, ready, serving, terminating, _shared(node_name), _shared(zone),
-                    zone_hints,
-                    node_hints)
+    rest = endpoint_rest(ready, serving, terminating, _shared(node_name), _shared(zone),
+                         zone_hints, node_hints)
+    if addresses.__class__ is int:
+        return Endpoint.packed(addresses, rest)
+    return Endpoint(addresses, *rest)
 
 
 def _condition(where: _Where, conditions: dict, name: str, default: bool, index: int) -> bool:

@@ -73,7 +73,7 @@ def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
     # across nodes.
     if maglev_m and scope != INTERNAL and len(wanted) < min(maglev_m, 65536):
         flags |= SVC_F_MAGLEV
-    local = [addr for b, addr in zip(state.backends, wanted) if b.local]
+    local = [addr for b, addr in zip(state.backends, wanted, strict=True) if b.local]
     return KernelService(svc_id, key.family, frontends,
                          stable_slots(old.backends if old else (), wanted),
                          name_hash=port_hash(key),

@@ -747,3 +747,37 @@ def test_fast_ipv4_agrees_with_ipaddress(text):
         assert _ipaddress_v4(text) is None or not all(
             p.isdigit() and len(p) <= 3 and (p[0] != "0" or len(p) == 1)
             for p in text.split("."))
+
+
+def test_endpoint_is_a_value_whatever_its_stored_form():
+    """types.Endpoint keeps one IPv4 address as its integer and its other fields in a
+    shared tuple: it must still compare, hash, copy, pickle and refuse assignment as the
+    frozen dataclass did, and read back every field as given."""
+    import pickle
+    v4, v6 = ipaddress.ip_address("10.1.0.7"), ipaddress.ip_address("fd00::7")
+    hints = frozenset({"zone-a"})
+    parsed = parse_endpoint_slice(slice_dict(endpoints=[{
+        "addresses": ["10.1.0.7"], "conditions": {"ready": False, "terminating": True},
+        "nodeName": "node-1", "zone": "zone-a", "hints": {"forZones": [{"name": "zone-a"}]}}]
+    )).endpoints[0]
+    built = Endpoint((v4,), False, True, True, "node-1", "zone-a", hints)
+    assert parsed == built and hash(parsed) == hash(built)
+    assert (built.addresses, built.ready, built.serving, built.terminating, built.node_name,
+            built.zone, built.zone_hints, built.node_hints) == \
+        ((v4,), False, True, True, "node-1", "zone-a", hints, frozenset())
+    for other in (Endpoint((v4,), True, True, True, "node-1", "zone-a", hints),
+                  Endpoint((v4, v4), False, True, True, "node-1", "zone-a", hints),
+                  Endpoint((ipaddress.ip_address("10.1.0.8"),), False, True, True,
+                           "node-1", "zone-a", hints)):
+        assert other != built
+    two = Endpoint((v4, ipaddress.ip_address("10.1.0.8")), True, True, False)
+    six = Endpoint((v6,), True, True, False)
+    for endpoint in (built, two, six):
+        assert pickle.loads(pickle.dumps(endpoint)) == endpoint
+        assert copy.deepcopy(endpoint) == endpoint
+        assert eval(repr(endpoint), {"Endpoint": Endpoint, "IPv4Address": ipaddress.IPv4Address,
+                                     "IPv6Address": ipaddress.IPv6Address}) == endpoint
+    assert two.addresses[1] == ipaddress.ip_address("10.1.0.8") and six.addresses == (v6,)
+    with pytest.raises(AttributeError):
+        built.ready = True
+    assert len({built, parsed, two, six}) == 3
