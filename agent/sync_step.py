@@ -108,9 +108,17 @@ class SyncStep:
         node, by_name = inputs
         desired, parts = Overlay(self.desired), Overlay(self.parts)
         changed = set()
-        for name, (service, slices) in by_name.items():
-            part = by_scope(self._servable(model.desired_state(
-                [service] if service else [], slices, node)))
+        # one model call for every changed service (each service's part is its own: the
+        # full step groups them the same way), not one per service: a churn of thousands
+        # of services paid the per-call cost thousands of times
+        everything = by_scope(self._servable(model.desired_state(
+            [service for service, _ in by_name.values() if service is not None],
+            [s for _, slices in by_name.values() for s in slices], node)))
+        grouped: dict[ServiceName, dict] = {}
+        for key, state in everything.items():
+            grouped.setdefault((key.name.namespace, key.name.name), {})[key] = state
+        for name in by_name:
+            part = grouped.get(name, {})
             old_keys = parts.pop(name, frozenset())
             for key in old_keys - part.keys():
                 del desired[key]

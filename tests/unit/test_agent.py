@@ -387,6 +387,23 @@ def test_changes_are_synced_incrementally_and_match_a_full_sync():
     assert "10.96.0.6:80/TCP" not in frontends(maps) and "10.96.0.8:81/TCP" in frontends(maps)
 
 
+
+def test_a_batch_changing_under_half_the_services_is_synced_incrementally():
+    """Issue 16: a batch that changes many services (here 15 of 40) re-models and re-plans
+    those only, not all 40 (a churn arrives in several such batches); same kernel."""
+    services = [service(f"s{i:02d}", [f"10.96.0.{i + 1}"]) for i in range(40)]
+    slices = [endpoint_slice(f"s{i:02d}", ["10.0.0.1", "10.0.0.2"]) for i in range(40)]
+    changed = [endpoint_slice(f"s{i:02d}", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+               for i in range(15)]
+    maps = FakeServiceMaps()
+    agent = Agent(ScriptedSource([upserts(*services, *slices), upserts(*changed)]), maps,
+                  min_sync_period=0.01)
+    run(agent)
+    assert agent.status.full_syncs == 1 and agent.status.syncs == 2
+    from agent.model import desired_state
+    assert plan(desired_state(services, changed + slices[15:]), maps.read_back()).ops == ()
+
+
 def test_external_frontends_get_their_own_backends_under_a_local_policy():
     """iTP=Local: a ClusterIP connection from this node gets only this node's endpoints
     (none here: refused); a NodePort connection from this node is short-circuited to the
