@@ -216,7 +216,7 @@ class Agent:
             kept = tuple(sorted(self._adopted))
         self.status.view = AppliedView(result.result, desired, result.ids,
                                        (len(result.result), len(result.owners),
-                                        result.slot_total), kept, why)
+                                        result.slot_total), kept, why, result.usage)
         elapsed = time.perf_counter() - started
         self.status.syncs += 1
         self.status.full_syncs += full

@@ -57,6 +57,10 @@ class AppliedView:
     # svc_ids adopted at start that the kernel keeps for input never read, and why
     kept: tuple[int, ...] = ()
     kept_reason: str = ""
+    # entries of each map only the agent writes (planner.capacity.BUDGETED_MAPS, by their
+    # bpf/maps.h names; absent: 0), from the plan: status counts them without a walk.
+    # None: not known (a view not made by a sync)
+    usage: dict[str, int] | None = None
 
     @functools.cached_property
     def service_ports(self) -> tuple[AppliedServicePort, ...]:

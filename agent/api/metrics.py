@@ -83,7 +83,7 @@ class StateCollector(Collector):
 
     def _kernel(self, o: Observed, s) -> Iterator[Metric]:
         try:
-            maps = o.inventory.maps()
+            maps = o.inventory.maps(o.map_entries)
         except OSError:
             maps = []
         entries = GaugeMetricFamily(f"{PREFIX}_bpf_map_entries", "Entries in a pinned map.",

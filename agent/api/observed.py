@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from agent.api.events import EventHub
+from agent.datapath import layout
 from agent.datapath.inventory import Inventory
+from agent.planner.capacity import BUDGETED_MAPS
 from agent.status import AgentStatus
 
 # error counters a source may keep (manifests: parse_errors, refused_files,
@@ -36,6 +38,19 @@ class Observed:
     started_unix: float = field(default_factory=time.time)
     invalid_requests: int = 0               # API requests refused as malformed
     watches_stalled: int = 0                # WatchEvents streams ended: client not reading
+
+    @property
+    def map_entries(self) -> dict[str, int] | None:
+        """Entries of the maps only the agent writes (frontends, backend slots, source
+        ranges, Maglev rows), by pin name, from the last plan the kernel took: what status
+        and metrics show without walking them (300k entries at 50k services, every second
+        while polled). None before the first sync: the kernel then holds what an earlier
+        agent left, known only by reading it. Exact while the agent is the maps' only
+        writer; a write that failed makes the next sync re-read the kernel."""
+        view = self.status.view
+        if not self.status.synced or view.usage is None:
+            return None
+        return {layout.MAPS[name].pin: view.usage.get(name, 0) for name in BUDGETED_MAPS}
 
     @property
     def source_complete(self) -> bool:

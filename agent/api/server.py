@@ -254,7 +254,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     for a in read(inv.programs, [])]
         maps = [agent_pb2.MapUsage(name=m.name, type=m.type, entries=m.entries,
                                    max_entries=m.max_entries, memory_bytes=m.memory_bytes)
-                for m in read(inv.maps, [])]
+                for m in read(lambda: inv.maps(self.observed.map_entries), [])]
         return programs, maps, read(inv.events, {})
 
     async def _list(self, request, context, method: str, page):

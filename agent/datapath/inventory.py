@@ -13,8 +13,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -84,17 +84,18 @@ def map_memory(fd: int) -> int:
     return 0
 
 
-def map_usage(pin_dir: Path) -> list[MapUsage]:
-    """Every map pinned under pin_dir (bpfp_*), with its entries counted now."""
+def map_usage(pin_dir: Path, uncounted: Container[str] = ()) -> list[MapUsage]:
+    """Every map pinned under pin_dir (bpfp_*), with its entries counted now; those pinned
+    as a name in uncounted are not walked (entries -1: the caller knows them)."""
     cpus = possible_cpus()
     usage = []
     for pin in sorted(pin_dir.glob("bpfp_*")):
         fd = bpfsys.obj_get(str(pin))
         try:
             info = bpfsys.map_info(fd)
+            entries = -1 if pin.name in uncounted else count_entries(fd, info, cpus)
             usage.append(MapUsage(pin.name, MAP_TYPES.get(info["type"], str(info["type"])),
-                                  count_entries(fd, info, cpus), info["max_entries"],
-                                  map_memory(fd)))
+                                  entries, info["max_entries"], map_memory(fd)))
         finally:
             os.close(fd)
     return usage
@@ -362,7 +363,8 @@ class Inventory:
         self.read_errors = 0
         # one lock per kind: a health probe (programs) never waits behind a walk of every
         # map's entries (maps), which takes long with full flow tables
-        self._locks = {"programs": threading.Lock(), "maps": threading.Lock()}
+        self._locks = {"programs": threading.Lock(), "maps": threading.Lock(),
+                       "maps_uncounted": threading.Lock()}
         self._cache: dict[str, tuple[float, object]] = {}
 
     def _cached(self, kind: str, read: Callable[[], object]):
@@ -392,8 +394,17 @@ class Inventory:
                              self.xdp_fallback) if self.expect_tc else [])
         return self._cached("programs", read)
 
-    def maps(self) -> list[MapUsage]:
-        return self._cached("maps", lambda: map_usage(self.pin_dir))
+    def maps(self, known: Mapping[str, int] | None = None) -> list[MapUsage]:
+        """known: entries of maps the caller keeps the count of, by pin name (the maps
+        only the agent writes: Observed.map_entries); those are not walked. The others'
+        entries (the LRU flow, NAT, affinity and counter maps, which the programs write)
+        are counted in the kernel."""
+        if not known:
+            return self._cached("maps", lambda: map_usage(self.pin_dir))
+        pins = frozenset(known)
+        found = self._cached("maps_uncounted", lambda: map_usage(self.pin_dir, pins))
+        return [replace(m, entries=known[m.name]) if m.entries < 0 and m.name in known
+                else m for m in found]
 
     def events(self) -> dict[tuple[str, str], int]:
         """The programs' own counters (read_events); never cached, a few syscalls."""

@@ -536,3 +536,30 @@ def test_a_client_command_imports_none_of_the_agent_s_parts(tmp_path):
         assert vars(cli.build_parser(agent_flags=False).parse_args(argv)) == \
             vars(cli.build_parser().parse_args(argv))
     assert cli._command(["agent", "--manifests", "m"]) not in cli.CLIENT_COMMANDS
+
+
+def test_status_counts_the_agent_s_own_maps_from_the_applied_plan():
+    """The maps only the agent writes are counted from the plan the kernel took (no walk
+    of 300k entries each second while status is polled): the same figures as the maps
+    hold, after the first sync and after a change; unknown (read from the kernel) before
+    the first sync."""
+    from agent.datapath import layout
+    from agent.planner.capacity import BUDGETED_MAPS
+    from agent.sources.events import ObjectChange
+    from tests.unit.test_api_support import endpoint_slice
+    objects, node_ips = cluster()
+    status, agent = synced_status(objects, node_ips)
+
+    def held() -> dict[str, int]:
+        entries = agent.maps.entries()
+        return {layout.MAPS[name].pin: entries.get(name, 0) for name in BUDGETED_MAPS}
+
+    observed = Observed(status)
+    assert observed.map_entries == held()
+    # web: 3 backends x 2 ports; np: 1 backend, in its internal and its external svc_id
+    assert observed.map_entries["bpfp_slot4_v1"] == 3 * 2 + 2
+    slice_ = endpoint_slice("web", ["10.244.1.2"], ["http", "https"])     # two slots go
+    agent._changes.record_batch([ObjectChange(slice_.key, slice_)])
+    assert asyncio.run(agent._sync_once())
+    assert observed.map_entries == held() and observed.map_entries["bpfp_slot4_v1"] == 4
+    assert Observed(server.AgentStatus()).map_entries is None
