@@ -60,9 +60,15 @@ def diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServic
                     delete_slots.append(DeleteMaglev(svc_id, maglev_m or maglev.M_MAX))
             continue
         new_local, old_local = new.local, old.local if old else NO_BACKENDS
+        if old is None:   # a new port (a whole first sync): every slot, as the loop below
+            family = new.family
+            put_slots.extend([PutSlot(family, svc_id, i, b, BE_LOCAL if b in new_local else 0)
+                              for i, b in enumerate(new.backends)] if new_local else
+                             [PutSlot(family, svc_id, i, b) for i, b in enumerate(new.backends)])
         flagged = new_local or old_local    # else no lookups: most ports have no local one
         # slots unchanged (the planner keeps the old tuple then) need no look unless flagged
-        for i, backend in enumerate(() if new.backends is old_slots and not flagged
+        for i, backend in enumerate(() if old is None or (new.backends is old_slots
+                                                         and not flagged)
                                     else new.backends):
             local = bool(new_local) and backend in new_local
             # a slot whose backend stays but whose BE_LOCAL is wrong (written by an agent
