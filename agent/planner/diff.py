@@ -84,9 +84,9 @@ def diff(applied: Mapping[int, KernelService], result: Mapping[int, KernelServic
         rewrite = old is None or len(old_slots) != len(new.backends) \
             or old.name_hash != new.name_hash or old.affinity != new.affinity \
             or old.flags != new.flags
-        had = old.frontends if old else frozenset()
+        had = old.frontends if old else ()
         stale = old.stale_frontends if old else frozenset()
-        for fkey in sorted(new.frontends, key=_frontend_order):
+        for fkey in new.frontends:            # in frontend_order
             if rewrite or fkey not in had or fkey in stale:
                 put_frontends.append(PutFrontend(fkey, svc_id, len(new.backends),
                                                  new.name_hash, new.affinity, new.flags))

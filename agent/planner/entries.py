@@ -13,14 +13,15 @@ from agent.planner.kernel import (
     BackendAddr,
     FrontendKey,
     KernelService,
+    frontends_tuple,
 )
 from agent.planner.scopes import FIREWALLED, INTERNAL, ServiceKey, is_outside, port_hash
 
 
 def claim(key: ServiceKey, state: ServicePortState, svc_id: int, owners, losers: dict,
-          conflicts: list[str]) -> frozenset[FrontendKey]:
+          conflicts: list[str]) -> tuple[FrontendKey, ...]:
     """The frontends of `state` that go to svc_id: all but those another port owns."""
-    frontends = set()
+    frontends = []
     for f in state.frontends:
         fkey = frontend_key(f, key)
         if owners.setdefault(fkey, svc_id) != svc_id:
@@ -28,8 +29,8 @@ def claim(key: ServiceKey, state: ServicePortState, svc_id: int, owners, losers:
                              f"service port; frontend skipped")
             losers.setdefault(fkey, set()).add(key)
             continue
-        frontends.add(fkey)
-    return frozenset(frontends)
+        frontends.append(fkey)
+    return frontends_tuple(frontends)
 
 
 def shrunk(old: KernelService, state: ServicePortState) -> KernelService:
@@ -48,7 +49,7 @@ def frontend_key(f, key: ServiceKey) -> FrontendKey:
 
 
 def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
-          frontends: frozenset[FrontendKey], old: KernelService | None,
+          frontends: tuple[FrontendKey, ...], old: KernelService | None,
           maglev_m: int = 0, addrs: dict[int, BackendAddr] | None = None) -> KernelService:
     """The service port part as the kernel will hold it: surviving backends keep their
     slots; flags from its scope (source ranges when firewalled, Maglev from outside).

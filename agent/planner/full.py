@@ -86,7 +86,7 @@ def _plan_all(desired: DesiredState, order: list[ServiceKey],
     for svc_id in sorted(keep_unclaimed):
         old = applied.get(svc_id)
         if old is not None and svc_id not in claimed:
-            kept = frozenset(f for f in old.frontends if f not in owners)
+            kept = tuple([f for f in old.frontends if f not in owners])
             if kept:
                 result[svc_id] = replace(old, frontends=kept, stray_slots=(),
                                          stale_frontends=frozenset())

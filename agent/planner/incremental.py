@@ -61,7 +61,7 @@ def _plan_changes(desired: Mapping, previous: Plan, changed: set[ServiceKey], ma
         old = result.get(svc_id) if svc_id is not None else None
         if key in desired and old is not None:
             wanted = {frontend_key(f, key) for f in desired[key].frontends}
-            for f in old.frontends - wanted:
+            for f in [f for f in old.frontends if f not in wanted]:
                 if owners.get(f) == svc_id:
                     del owners[f]
                     released.add(f)
@@ -90,7 +90,7 @@ def _plan_changes(desired: Mapping, previous: Plan, changed: set[ServiceKey], ma
         touched.add(svc_id)
         old = result.get(svc_id)
         frontends = claim(key, state, svc_id, owners, losers, conflicts)
-        for f in (old.frontends - frontends) if old else ():
+        for f in [f for f in old.frontends if f not in frontends] if old else ():
             if owners.get(f) == svc_id:
                 del owners[f]
         if frontends:
