@@ -4,14 +4,17 @@ Opens the pinned maps by path (the agent itself never loads BCC) and checks that
 key and value sizes are the ones agent/datapath/layout.py mirrors from bpf/maps.h."""
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import ipaddress
 import itertools
 import logging
+import operator
 import os
 import socket
 import struct
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -209,7 +212,8 @@ class BpfServiceMaps:
                 if kind is planner.PutSlot:
                     backend = _BACKEND_ROW[family]
                     self.slots[family].update_packed(
-                        _pack(_SLOT_KEY, [(o.svc_id, o.slot) for o in batch]),
+                        _slot_keys(batch),
+                        _backend4_values(batch) if family == 4 and _WORDS else
                         _pack(_BACKEND_VALUE[family],
                               [backend(o.backend, o.flags) for o in batch]))
                 elif kind is planner.PutFrontend:
@@ -223,8 +227,7 @@ class BpfServiceMaps:
                     self.svc[family].delete(
                         _pack(_SVC_KEY_PACKED[family], [key(o.frontend) for o in batch]))
                 elif kind is planner.DeleteSlot:
-                    self.slots[family].delete(
-                        _pack(_SLOT_KEY, [(o.svc_id, o.slot) for o in batch]))
+                    self.slots[family].delete(_slot_keys(batch))
 
     def read_back(self) -> planner.AppliedState:
         """Rebuild the applied state from the maps alone (how a restarted agent adopts)."""
@@ -419,6 +422,42 @@ def _pack(packer: struct.Struct, rows: list[tuple]) -> bytearray:
     for i, row in enumerate(rows):
         pack_into(buffer, i * size, *row, *tails[len(row)])
     return buffer
+
+
+# The two layouts a full sync writes most of (one entry per backend slot) are whole
+# 32-bit words: packed through an array of them, no struct call per entry. Checked
+# against the layouts' formats, else _pack does it (and test_map_packing holds both to
+# the ctypes structs' bytes).
+_WORDS = _SLOT_KEY.format == "=II" and _BACKEND_VALUE[4].format == "=IHH" and \
+    array.array("I").itemsize == 4
+_SLOT_ID = operator.attrgetter("svc_id", "slot")
+# Backend4's port and flags (u16 each) as the word they make in native order
+_PORT_SHIFT, _FLAGS_SHIFT = (0, 16) if sys.byteorder == "little" else (16, 0)
+
+
+def _slot_keys(batch: list) -> bytearray:
+    """_pack(_SLOT_KEY, (svc_id, slot) of each op): the same bytes."""
+    if not _WORDS:
+        return _pack(_SLOT_KEY, list(map(_SLOT_ID, batch)))
+    return bytearray(array.array("I", itertools.chain.from_iterable(map(_SLOT_ID, batch))))
+
+
+def _backend4_values(batch: list) -> bytearray:
+    """_pack(_BACKEND_VALUE[4], _backend4(...) of each PutSlot): the same bytes; an address
+    not IPv4 raises as _be32 does, flags past 16 bits as struct does (struct.error), a port
+    past 16 bits as htons does (OverflowError)."""
+    htonl, htons, v4 = socket.htonl, socket.htons, ipaddress.IPv4Address
+    port_shift, flags_shift = _PORT_SHIFT, _FLAGS_SHIFT
+    words = []
+    append = words.append
+    for o in batch:
+        b = o.backend
+        address, flags = b.address, o.flags
+        append(htonl(address._ip) if address.__class__ is v4 else _be32(address))
+        if not 0 <= flags <= 0xFFFF:
+            raise struct.error(f"backend flags {flags:#x} do not fit in 16 bits")
+        append(htons(b.port) << port_shift | flags << flags_shift)
+    return bytearray(array.array("I", words))
 
 
 def _packed6(address: ipaddress.IPv6Address) -> bytes:

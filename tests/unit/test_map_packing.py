@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 
 import pytest
 
@@ -92,3 +93,25 @@ def test_an_address_of_the_other_family_is_refused():
         door.apply([PutSlot(4, 1, 0, BackendAddr(V6("fd00::1"), 80))])
     with pytest.raises(ValueError, match="IPv6 maps cannot hold it"):
         door.apply([PutSlot(6, 1, 0, BackendAddr(V4("10.0.0.1"), 80))])
+
+
+def test_slot_batches_packed_as_words_are_the_structs_bytes():
+    """A full sync's slot keys and IPv4 backends go through arrays of 32-bit words
+    (maps._slot_keys, maps._backend4_values): the bytes _pack and ctypes give, at the
+    fields' edges, and a field too wide is refused, not truncated into its neighbour."""
+    assert maps._WORDS      # this machine's layouts take the word path
+    batch = [PutSlot(4, svc_id, slot, BackendAddr(V4(address), port), flags)
+             for svc_id, slot, address, port, flags in (
+                 (1, 0, "0.0.0.1", 1, 0), ((1 << 32) - 1, 65535, "255.255.255.255", 65535,
+                                          0xFFFF), (70000, 3, "10.244.1.2", 8080, 1))]
+    assert bytes(maps._slot_keys(batch)) == raw(*(layout.SlotKey(o.svc_id, o.slot)
+                                                  for o in batch))
+    assert bytes(maps._backend4_values(batch)) == raw(*(layout.Backend4(
+        socket.htonl(int(o.backend.address)), socket.htons(o.backend.port), o.flags)
+        for o in batch))
+    assert bytes(maps._backend4_values(batch)) == bytes(maps._pack(
+        maps._BACKEND_VALUE[4], [maps._backend4(o.backend, o.flags) for o in batch]))
+    with pytest.raises(struct.error):
+        maps._backend4_values([PutSlot(4, 1, 0, BackendAddr(V4("10.0.0.1"), 80), 0x10000)])
+    with pytest.raises(OverflowError):
+        maps._slot_keys([PutSlot(4, 1 << 32, 0, BackendAddr(V4("10.0.0.1"), 80))])
