@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from itertools import repeat
+from operator import attrgetter
 
 from agent.model.types import DesiredState, Protocol, ServicePortName, ServicePortState
 from agent.planner import AppliedState, BackendAddr, FrontendKey, KernelService, ServiceKey
@@ -33,16 +36,45 @@ class AppliedServicePort:
     @classmethod
     def merge(cls, name: ServicePortName, family: int,
               parts: list[tuple[KernelService, ServicePortState]]) -> AppliedServicePort:
-        kinds = {FrontendKey(f.address, f.port, f.protocol): f.kind.value
-                 for _, desired in parts for f in desired.frontends}
-        states = {BackendAddr(b.address, b.port): b.state.value
-                  for _, desired in parts for b in desired.backends}
-        # a frontend seen by traffic from outside only (scope 1) is the same address
-        frontends = sorted({replace(f, scope=0) for kernel, _ in parts for f in kernel.frontends},
-                           key=lambda f: (int(f.address), f.port))
-        backends = list(dict.fromkeys(b for kernel, _ in parts for b in kernel.backends))
-        return cls(name, family, tuple((f, kinds.get(f, "unknown")) for f in frontends),
-                   tuple((b, states.get(b, "unknown")) for b in backends))
+        # keyed by (address as an int, port), read and hashed in C (an ipaddress and a
+        # dataclass hash in Python): one service port's frontends share its protocol
+        kinds: dict[tuple[int, int], str] = {}
+        states: dict[tuple[int, int], str] = {}
+        frontends: dict[tuple[int, int], FrontendKey] = {}
+        backends: dict[tuple[int, int], BackendAddr] = {}
+        for _, desired in parts:
+            kinds.update(zip(_keys(desired.frontends), map(_KIND, desired.frontends),
+                             strict=True))
+            states.update(zip(_keys(desired.backends), map(_STATE, desired.backends),
+                              strict=True))
+        for kernel, _ in parts:
+            # a frontend seen by traffic from outside only (scope 1) is the same address
+            for key, f in zip(_keys(kernel.frontends), kernel.frontends, strict=True):
+                if key not in frontends:
+                    frontends[key] = f if f.scope == 0 else replace(f, scope=0)
+            if not backends:
+                backends = dict(zip(_keys(kernel.backends), kernel.backends, strict=True))
+            else:
+                for key, b in zip(_keys(kernel.backends), kernel.backends, strict=True):
+                    backends.setdefault(key, b)
+        ordered = sorted(frontends)
+        return cls(name, family,
+                   tuple(zip(map(frontends.__getitem__, ordered),
+                             map(kinds.get, ordered, repeat("unknown")), strict=True)),
+                   tuple(zip(backends.values(), map(states.get, backends, repeat("unknown")),
+                             strict=True)))
+
+
+_KIND, _STATE = attrgetter("kind._value_"), attrgetter("state._value_")
+_KEY, _INT_KEY = attrgetter("address._ip", "port"), attrgetter("address", "port")
+
+
+def _keys(items) -> Iterator[tuple[int, int]]:
+    """(address as an int, port) of each item (an ipaddress keeps its int as _ip; an
+    address may be an int already)."""
+    for first in items:
+        return map(_INT_KEY if type(first.address) is int else _KEY, items)
+    return iter(())
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,8 @@ def service_type(sp: AppliedServicePort) -> str:
 
 
 def service_key(sp: AppliedServicePort) -> tuple:
-    n = sp.name
-    return (n.namespace, n.name, n.port_name, n.protocol.value, sp.family)
+    n = sp.name       # _value_: Enum's value property runs in Python, per port per sort
+    return (n.namespace, n.name, n.port_name, n.protocol._value_, sp.family)
 
 
 def backend_key(sp: AppliedServicePort, backend: BackendAddr) -> tuple:

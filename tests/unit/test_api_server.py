@@ -563,3 +563,14 @@ def test_status_counts_the_agent_s_own_maps_from_the_applied_plan():
     assert asyncio.run(agent._sync_once())
     assert observed.map_entries == held() and observed.map_entries["bpfp_slot4_v1"] == 4
     assert Observed(server.AgentStatus()).map_entries is None
+
+
+def test_an_ipv4_address_is_written_as_ipaddress_writes_it():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.integers(0, 2**32 - 1))
+    def check(n):
+        address = ipaddress.IPv4Address(n)
+        assert server._ipv4_text(address) == server._ipv4_text(n) == str(address)
+    check()
