@@ -284,14 +284,36 @@ static __always_inline __u32 dsr_route(struct __sk_buff *skb, struct pkt *p,
 }
 
 
+/* A flow np_dsr_left: its entries go, its backend is kept in *be for the flow opened anew. */
+static __always_inline void dsr_flow_left(struct pkt *p, struct ct_value *v,
+                                          struct lb_backend *be)
+{
+        __builtin_memcpy(be->addr, v->daddr, 16);
+        be->port = v->dport;
+        be->flags = 0;                          /* on another node: it was DSR */
+        struct ct_key other = {};
+        if (partner_of(&p->t, v, &other))
+                bpfp_ct.delete(&other);
+        bpfp_ct.delete(&p->t);
+}
+
 #define NEW_DSR_FLOW (-1000)            /* no TC_ACT_* */
-static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
+/* keep: the backend of a flow opened anew (dsr_flow_left), else a backend is chosen */
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p,
+                                    struct lb_backend *keep)
 {
         struct svc_value *svc = NULL;
         struct lb_backend be = {};
-        int verdict = np_choose(p, &svc, &be);
-        if (verdict != NP_GO || !svc)
-                return verdict == NP_PASS ? PASS : TC_ACT_SHOT;
+        if (keep) {
+                svc = find_service(p);
+                if (!svc)
+                        return PASS;            /* the service is gone, and its flow */
+                be = *keep;
+        } else {
+                int verdict = np_choose(p, &svc, &be);
+                if (verdict != NP_GO || !svc)
+                        return verdict == NP_PASS ? PASS : TC_ACT_SHOT;
+        }
 
         /* Where the backend runs is the model's word, carried in its slot: one on this
          * node (a pod here, or the node itself) gets the packet as it came, with the
@@ -540,10 +562,16 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
         if (ingress && dsr.found)
                 return dsr_backend(&p, &dsr, now);
         struct ct_value *v = np_find_flow(&p, ingress, now);
+        struct lb_backend keep = {};
+        int left = v && ingress && np_dsr_left(&p, v);
+        if (left) {
+                dsr_flow_left(&p, v, &keep);
+                v = NULL;
+        }
         if (!v) {
                 if (!ingress)
                         return PASS;
-                int verdict = new_flow(skb, &p);
+                int verdict = new_flow(skb, &p, left ? &keep : NULL);
                 if (verdict != NEW_DSR_FLOW)
                         return verdict;
                 v = bpfp_ct.lookup(&p.t);       /* opened by new_flow, counted there */

@@ -79,6 +79,19 @@ static __always_inline int np_uses_dsr(__u8 proto)
                (BPFP_NODEPORT_MODE == BPFP_NODEPORT_HYBRID && proto == IPPROTO_TCP);
 }
 
+/* A flow this node opened by DSR that its mode no longer sends that way: a UDP flow after a
+ * restart from dsr into hybrid or snat. Kept, its datagrams would carry the option for as
+ * long as the client used it (one with a fixed port: for ever), and a new socket of the
+ * client drawing its port would be a DSR flow too. The caller opens it anew on the same
+ * backend (nodeport.c's handle; XDP passes it there): only the address the backend sees changes, as for a
+ * client that moved. A TCP flow keeps its way: the backend answers its connection from
+ * the service address. */
+static __always_inline int np_dsr_left(struct pkt *p, struct ct_value *v)
+{
+        return p->t.proto == IPPROTO_UDP && !np_uses_dsr(IPPROTO_UDP) &&
+               (v->flags & (BPFP_CT_DSR | BPFP_CT_REPLY)) == BPFP_CT_DSR;
+}
+
 /* The bytes the DSR option adds to a packet of a DSR flow on the entry node: a TCP flow's
  * first packet (its SYN) and every UDP datagram carry it, the backend's node needing it to
  * open the flow; 0 for the others. */

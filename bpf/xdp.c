@@ -277,8 +277,8 @@ int bpfp_xdp(struct xdp_md *ctx)
                 return xdp_new_flow(ctx, &p, now);
         /* a flow of a backend on this node is the TC program's: it leaves towards a pod */
         int dsr = (v->flags & (BPFP_CT_DSR | BPFP_CT_REPLY)) == BPFP_CT_DSR;
-        if (!(v->flags & BPFP_CT_SNAT) && !dsr)
-                return XDP_PASS;
+        if ((!(v->flags & BPFP_CT_SNAT) && !dsr) || np_dsr_left(&p, v))
+                return XDP_PASS;                /* np_dsr_left: the TC program opens it anew */
         struct ct_value to = *v;
         struct bpf_fib_lookup fib = {};
         __u32 extra = dsr ? np_dsr_option_len(&p) : 0;

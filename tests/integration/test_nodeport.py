@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -675,12 +676,40 @@ def test_direct_server_return_too_big_for_the_option_tells_the_client_the_mtu_le
     assert answer.startswith("b:8080@"), done.stdout
 
 
+# Two datagrams from one client port, SPORT, to ADDR PORT: prints the two answers.
+FROM_PORT = """
+import socket, sys
+addr, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+v6 = ":" in addr
+sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("::" if v6 else "0.0.0.0", sport))
+sock.settimeout(2)
+for _ in range(2):
+    sock.sendto(b"?\\n", (addr, port))
+    print(sock.recv(2048).decode().strip())
+"""
+UDP_PORT = 20459           # a client port of the hybrid test's: below the ephemeral range
+
+
+def from_port(cluster, family: int) -> list[str]:
+    """The answers to FROM_PORT through node 1's NodePort of `far` (UDP)."""
+    done = cluster.external.run([sys.executable, "-c", FROM_PORT, cluster.node_ip(1, family),
+                                 str(FAR[1]), str(UDP_PORT)])
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
 @DSR
 def test_hybrid_after_a_restart_keeps_dsr_flows_and_cleanup_leaves_nothing(world):
     """Node 1's agent restarted into --nodeport-mode hybrid with --acceleration native: TCP
     connections opened by DSR before keep working (pinned flows, programs swapped in place,
     the XDP program taking them over); new flows to a backend on node 2 go by DSR for TCP,
-    forwarded in XDP with the option, and are SNATed to node 1 for UDP, both families. Then
+    forwarded in XDP with the option, and are SNATed to node 1 for UDP, both families; a UDP
+    flow opened by DSR before, still open, goes on from its client port SNATed to node 1 (to
+    the same backend): hybrid sends UDP by SNAT, the flow's datagrams no longer carry the
+    option (before, it stayed DSR as long as it was in use, and a new socket of the client
+    that drew that port was a DSR flow). Then
     `bpfproxy cleanup` on node 1 takes away its programs, links and pinned maps (the DSR
     flows' entries among them) as in snat mode, and the NodePort no longer answers; node 2,
     which answered those flows, still serves. The dsr world's last test: node 1 is left
@@ -706,12 +735,22 @@ def test_hybrid_after_a_restart_keeps_dsr_flows_and_cleanup_leaves_nothing(world
     args[args.index("--nodeport-mode") + 1] = "hybrid"
     agent.extra_args = (*args, "--acceleration", "native")
     cluster.prepare_for_xdp()
+    for family in (4, 6):       # the dsr programs, still attached: a UDP flow by DSR
+        client = cluster.external.ip if family == 4 else cluster.external.ip6
+        assert from_port(cluster, family) == [f"b:8080@{client}"] * 2
     agent.start()
     held.wait_round(time.monotonic())
     conns = held.stop()["connections"]
     assert {c["backend"] for c in conns} == {"b"} and min(c["requests"] for c in conns) > 2, \
         conns
     assert all(c["error"] is None and c["wrong_answers"] == 0 for c in conns), conns
+    udp_dsr = [k for k, v in read_flows(agent, 17)
+               if v.flags & 64 and k.sport == socket.htons(UDP_PORT)]   # still open
+    assert len(udp_dsr) == 2, udp_dsr
+    for family in (4, 6):
+        assert from_port(cluster, family) == [f"b:8080@{cluster.node_ip(1, family)}"] * 2
+    assert not any(v.flags & 64 and k.sport == socket.htons(UDP_PORT)
+                   for k, v in read_flows(agent, 17))
     from agent.datapath.inventory import read_events
     for family in (4, 6):
         client = cluster.external.ip if family == 4 else cluster.external.ip6
