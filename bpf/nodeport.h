@@ -436,7 +436,27 @@ static __always_inline int source_allowed(struct pkt *p, struct svc_value *svc)
  * holds that (backend, node address, port). A port whose flow is over (closed and past
  * the close timeout, or idle past its lifetime) is taken back here, at once: waiting for
  * a packet of that flow, or for the LRU to evict it, would leave the port lost.
- * Two plain loops and one take-over between them keep the verifier's work small. */
+ * Two plain loops and one take-over between them keep the verifier's work small.
+ *
+ * When the range is nearly full, the last SNAT_CLOSING_TRIES tries may also take the port
+ * of a TCP flow that is closing (an RST, or a FIN each way) before its close timeout is
+ * over, as Linux's SNAT (kube-proxy's MASQUERADE) does in its last attempts since 6.5
+ * (nf_nat_used_tuple_harder: "snat: evict closing tcp entries on reply tuple collision").
+ * The close timeout is only a margin for the old flow's last packets, and a new flow
+ * refused for want of a port costs its client a second (its SYN's retransmission): at the
+ * defaults, 4,536 ports held 10 s each after an RST last a client of one backend 4,536
+ * connections, under a second of TCP_CRR. Not a flow the backend closed first: it holds
+ * TIME_WAIT on that tuple and would refuse the new SYN (BPFP_CT_TIME_WAIT_HOLD). */
+#define SNAT_CLOSING_TRIES (SNAT_TRIES / 4)
+
+/* Whether old's port may go to a new flow: past its time, or (late: the last tries) its
+ * TCP flow closing with no TIME_WAIT at the backend. */
+static __always_inline int snat_port_yields(struct ct_value *old, __u64 now, int late)
+{
+        if (old->expires < now)
+                return 1;
+        return late && (old->flags & (BPFP_CT_CLOSING | BPFP_CT_TIME_WAIT)) == BPFP_CT_CLOSING;
+}
 static __always_inline int try_port(struct pkt *p, struct ct_value *fwd,
                                     struct ct_value *rev, struct ct_key *rkey)
 {
@@ -456,14 +476,23 @@ static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
                 if (try_port(p, fwd, rev, rkey))
                         return 1;
                 old = bpfp_ct.lookup(rkey);
-                if (old && old->expires < now)
+                if (old && snat_port_yields(old, now, i >= SNAT_TRIES - SNAT_CLOSING_TRIES))
                         break;                  /* a finished flow's, perhaps: see below */
                 old = NULL;
         }
         if (old) {
-                /* taken when its partner is past its time too; another CPU may take it
-                 * first: then its insert wins and we go on */
-                if (!expire_flow(rkey, old, now) && bpfp_ct.insert(rkey, rev) == 0) {
+                /* past its time, taken when its partner is too; closing, taken with its
+                 * partner. Another CPU may take it first: then its insert wins and we go on */
+                int over = 1;
+                if (old->expires < now) {
+                        over = !expire_flow(rkey, old, now);
+                } else {
+                        struct ct_key other = {};
+                        if (partner_of(rkey, old, &other))
+                                bpfp_ct.delete(&other);
+                        bpfp_ct.delete(rkey);
+                }
+                if (over && bpfp_ct.insert(rkey, rev) == 0) {
                         tc_event(BPFP_TCEV_SNAT_PORT_REUSED);
                         return 1;
                 }

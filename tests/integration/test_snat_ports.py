@@ -1,7 +1,9 @@
 """SNAT ports of flows from outside to a backend on another node come back: tens of
 thousands of short connections through one node's NodePort, many times the 4,536 ports of
 the SNAT range, all answered; afterwards the flow table empties and status shows no port in
-use. A flow the backend closed first keeps its port while the backend holds TIME_WAIT.
+use. A flow the backend closed first keeps its port while the backend holds TIME_WAIT. A
+full range gives a new connection the port of a closed flow that the backend holds nothing
+for.
 
 Before the fix, a closed flow's port stayed taken until a packet with exactly its tuple
 came by: after about 4,500 connections to one backend every new one was dropped."""
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.datapath import layout
+from agent.datapath.inventory import read_events
 from agent.datapath.maps import BpfServiceMaps
 from bench import loadgen
 from lab import manifests
@@ -33,14 +36,33 @@ CONNECTIONS = 12000               # at least: well over the range's 4,536 ports
 # the range's capacity, 4,536 a second here (453 at the default 10 s; README), is not what
 # this test is about.
 RATE = 2000
-CRR_PORT, PODSERVER_PORT = 8081, 8080
+CRR_PORT, PODSERVER_PORT, HOLD_PORT = 8081, 8080, 8083
+
+# Pod b's server on HOLD_PORT: a connection whose first byte is "c" it closes first (b holds
+# TIME_WAIT); any other it keeps until the client closes it or resets it.
+HOLD_SERVER = """
+import socket, sys, threading
+listener = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=1024)
+print("ready", flush=True)
+def serve(conn):
+    with conn:
+        try:
+            if conn.recv(1) != b"c":
+                while conn.recv(4096):
+                    pass
+        except OSError:
+            pass
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Two nodes; the service's only backend, pod b, is on node 2: every flow the external
     client opens through node 1 is SNATed there. b runs the bench's loadgen server (the
-    client closes first: no TIME_WAIT at b) and the lab's podserver (b closes first)."""
+    client closes first: no TIME_WAIT at b), the lab's podserver (b closes first) and
+    HOLD_SERVER (b closes first when asked)."""
     from lab.cluster import Cluster
     directory = tmp_path_factory.mktemp("manifests")
     binary = loadgen.build(tmp_path_factory.mktemp("loadgen"))
@@ -50,19 +72,25 @@ def world(tmp_path_factory):
         server = b.popen([str(binary), "server", "--port", str(CRR_PORT)],
                          stdout=subprocess.PIPE, text=True)
         assert loadgen.wait_ready(server), "loadgen server not ready"
+        hold = b.popen([sys.executable, "-c", HOLD_SERVER, str(HOLD_PORT)],
+                       stdout=subprocess.PIPE, text=True)
+        assert loadgen.wait_ready(hold), "hold server not ready"
         ports = [{"name": "crr", "port": 80, "targetPort": CRR_PORT, "nodePort": 30090,
                   "protocol": "TCP"},
                  {"name": "dns", "port": 53, "targetPort": PODSERVER_PORT, "nodePort": 30091,
                   "protocol": "UDP"},
                  {"name": "http", "port": 8080, "targetPort": PODSERVER_PORT,
-                  "nodePort": 30092, "protocol": "TCP"}]
+                  "nodePort": 30092, "protocol": "TCP"},
+                 {"name": "hold", "port": 8083, "targetPort": HOLD_PORT, "nodePort": 30093,
+                  "protocol": "TCP"}]
         manifests.write(directory, "remote.yaml",
                         manifests.service("remote", ("10.96.0.40",), ports,
                                           service_type="NodePort"),
                         manifests.endpoint_slice("remote", [b.ip], [
                             {"name": "crr", "port": CRR_PORT, "protocol": "TCP"},
                             {"name": "dns", "port": PODSERVER_PORT, "protocol": "UDP"},
-                            {"name": "http", "port": PODSERVER_PORT, "protocol": "TCP"}],
+                            {"name": "http", "port": PODSERVER_PORT, "protocol": "TCP"},
+                            {"name": "hold", "port": HOLD_PORT, "protocol": "TCP"}],
                             name="remote-v4", node_name="node2"))
         cluster.start_agents(directory, extra_args=(
             "--conntrack-tcp-close-timeout", str(CLOSE_TIMEOUT), "--sync-period", "2",
@@ -170,6 +198,88 @@ def test_a_flow_the_backend_closed_first_keeps_its_port_through_time_wait(world)
     for _, v in held:
         assert v.flags & layout.CT_TIME_WAIT and v.flags & layout.CT_CLOSING, v.flags
         assert 40 * 10**9 < v.expires - now <= 60 * 10**9, v.expires - now
+
+
+def tc_events(cluster) -> dict[str, int]:
+    """bpfp_tc_events now, summed over CPUs (status shows them as of the last sweep)."""
+    return {name: n for (program, name), n in read_events(cluster.agents[1].bpffs).items()
+            if program == "tc"}
+
+
+def test_a_full_range_gives_a_new_connection_the_port_of_a_closed_flow(world):
+    """Node 1 restarted with 64 SNAT ports and a 30 s close timeout: hundreds of short
+    connections (the client closes with an RST, as the bench's TCP_CRR does) need many times
+    the range within the close timeout. Once it is full, the last tries of a new flow take
+    the port of a closed flow, as Linux's SNAT does: every connection is answered (before,
+    each SYN past the 64th was dropped for want of a port, and its connect() timed out).
+    Flows the backend closed first keep their ports all the same: the backend holds
+    TIME_WAIT there. Node 1's agent is given its first flags back at the end."""
+    cluster, binary = world
+    agent = cluster.agents[1]
+    first_args = agent.extra_args
+    low, high = SNAT_HIGH + 1, SNAT_HIGH + 64
+    agent.stop()
+    agent.extra_args = first_args + (
+        "--snat-port-range", f"{low}-{high}", "--conntrack-tcp-close-timeout", "30")
+    agent.start()
+    try:
+        before = tc_events(cluster)
+        result = crr(cluster, binary, 1.0)
+        events = {k: v - before.get(k, 0) for k, v in tc_events(cluster).items()}
+        assert result["errors"] == {}, (result, events)
+        assert result["transactions"] > 4 * (high - low + 1), result
+        assert events["no_snat_port"] == 0 and events["snat_port_reused"] > 0, events
+
+        # to another backend port (ports of its own): the backend closes these first, and
+        # their ports are held for its TIME_WAIT ...
+        count = 8
+        for first, connections in (("c", count), ("", 300)):
+            before = tc_events(cluster)
+            done = cluster.external.run([sys.executable, "-c", HOLD_CLIENT, cluster.node_ip(1, 4),
+                                         "30093", str(connections), first], timeout=60)
+            assert done.stdout.strip() == "done", done.stderr
+            if first:
+                held = time_wait_flows(cluster, low, high)
+                assert len(held) == count, held
+        # ... while hundreds more, reset by the client, fill the range and take each
+        # other's ports, never those
+        events = {k: v - before.get(k, 0) for k, v in tc_events(cluster).items()}
+        assert events["no_snat_port"] == 0 and events["snat_port_reused"] > 200, events
+        assert held.items() <= time_wait_flows(cluster, low, high).items()
+    finally:
+        agent.stop()
+        agent.extra_args = first_args
+        agent.start()
+
+
+# COUNT connections to HOLD_SERVER at ADDR:PORT: with FIRST "c", each read until the
+# server closes it (it holds TIME_WAIT); without, each reset by the client.
+HOLD_CLIENT = """
+import socket, struct, sys
+addr, port, count, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+for _ in range(count):
+    with socket.create_connection((addr, port), timeout=2) as sock:
+        if first:
+            sock.sendall(first.encode())
+            while sock.recv(4096):
+                pass
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+print("done")
+"""
+
+
+def time_wait_flows(cluster, low: int, high: int) -> dict[int, int]:
+    """Node 1's SNAT ports in [low, high] held for a backend's TIME_WAIT (HOLD_SERVER's
+    flows), each with the client port of its flow."""
+    maps = BpfServiceMaps(cluster.agents[1].bpffs)
+    try:
+        return {socket.ntohs(k.dport): socket.ntohs(v.dport) for k, v in maps.flows()
+                if k.sport == socket.htons(HOLD_PORT) and k.proto == socket.IPPROTO_TCP
+                and v.flags & layout.CT_REPLY and v.flags & layout.CT_TIME_WAIT
+                and low <= socket.ntohs(k.dport) <= high}
+    finally:
+        maps.close()
 
 
 RESERVE_AND_BIND = """
