@@ -542,6 +542,35 @@ def test_an_overflowed_or_directory_event_asks_for_a_whole_pass():
     assert gone.whole and gone.ended
 
 
+
+def test_a_file_rewritten_with_the_same_bytes_is_not_parsed_again(tmp_path, monkeypatch):
+    """Issue 16: every file of a directory regenerated (or a ConfigMap volume's keys under
+    a new ..data) costs a read of each, not a parse and an admission of each; a file that
+    holds something back (here: broken) is parsed and reported on every read as before."""
+    parsed = []
+    real = manifests.parse_object
+
+    def counting(raw):
+        parsed.append(raw["metadata"]["name"])
+        return real(raw)
+
+    monkeypatch.setattr(manifests, "parse_object", counting)
+    write(tmp_path, "a.yaml", svc("web"))
+    write(tmp_path, "b.yaml", svc("api", ip="10.96.0.11"))
+    write(tmp_path, "c.yaml", "kind: Service\nmetadata: [unclosed\n")
+    source = ManifestSource(tmp_path)
+    source.rescan()
+    assert sorted(parsed) == ["api", "web"] and source.parse_errors == 1
+    parsed.clear()
+    for name in ("a.yaml", "c.yaml"):          # replaced by rename: a new inode, same bytes
+        write(tmp_path, f".{name}.tmp", (tmp_path / name).read_text())
+        os.replace(tmp_path / f".{name}.tmp", tmp_path / name)
+    write(tmp_path, "b.yaml", svc("api", 81, ip="10.96.0.11"))
+    assert ports(source.rescan()) == {"Service default/api": 81}
+    assert parsed == ["api"] and source.parse_errors == 2
+    assert ports(source.rescan_names({"a.yaml"})) == {} and parsed == ["api"]
+
+
 def test_listing_is_incomplete_while_a_file_cannot_be_parsed(tmp_path):
     """A restarted agent keeps what it adopted while the listing may lack objects."""
     write(tmp_path, "a.yaml", svc("a"))
