@@ -448,7 +448,7 @@ def _backend4_values(batch: list) -> bytearray:
     past 16 bits as htons does (OverflowError)."""
     htonl, htons, v4 = socket.htonl, socket.htons, ipaddress.IPv4Address
     port_shift, flags_shift = _PORT_SHIFT, _FLAGS_SHIFT
-    words = []
+    words = array.array("I")          # each int freed once appended: no list of 400k
     append = words.append
     for o in batch:
         b = o.backend
@@ -457,7 +457,7 @@ def _backend4_values(batch: list) -> bytearray:
         if not 0 <= flags <= 0xFFFF:
             raise struct.error(f"backend flags {flags:#x} do not fit in 16 bits")
         append(htons(b.port) << port_shift | flags << flags_shift)
-    return bytearray(array.array("I", words))
+    return bytearray(words)
 
 
 def _packed6(address: ipaddress.IPv6Address) -> bytes:
