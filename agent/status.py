@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter
 
 from agent.model.types import DesiredState, Protocol, ServicePortName, ServicePortState
@@ -125,12 +125,12 @@ class AppliedView:
             now = parts[name, family]
             before = kept.get((name, family))
             if before is not None and _same_parts(before.parts, now):
-                before.parts = now      # the old parts may go
+                before.parts = _flat(now)   # the old parts may go
                 now_kept[name, family] = before
                 named.append(before.port)
             else:
                 sp = AppliedServicePort.merge(name, family, now)
-                now_kept[name, family] = MemoEntry(now, sp)
+                now_kept[name, family] = MemoEntry(_flat(now), sp)
                 named.append(sp)
         memo.ports = now_kept
         return tuple(named) + tuple(AppliedServicePort.adopted(self.applied[i],
@@ -149,18 +149,23 @@ class PortMemo:
 
 @dataclass(slots=True)
 class MemoEntry:
-    parts: list              # [(KernelService, ServicePortState)], as merged
+    parts: tuple             # (KernelService, ServicePortState, ...) as merged, flat
     port: AppliedServicePort
     kept: object = None      # the reader's, dropped with the entry when the port changes
 
 
-def _same_parts(before: list, now: list) -> bool:
-    """Whether a service port's parts are what they were: the same objects (an
-    incremental sync keeps an unchanged service's), else equal (a full sync or a kernel
-    re-read makes new ones of the same content)."""
-    return len(before) == len(now) and all(
-        (k1 is k2 or k1 == k2) and (d1 is d2 or d1 == d2)
-        for (k1, d1), (k2, d2) in zip(before, now, strict=True))
+def _flat(parts: list[tuple]) -> tuple:
+    """[(kernel, desired), ...] as one tuple (kept per port: a third of the memory)."""
+    return tuple(chain.from_iterable(parts))
+
+
+def _same_parts(before: tuple, now: list[tuple]) -> bool:
+    """Whether a service port's parts (before: _flat's) are what they were: the same
+    objects (an incremental sync keeps an unchanged service's), else equal (a full sync
+    or a kernel re-read makes new ones of the same content)."""
+    return len(before) == 2 * len(now) and all(
+        (was is part or was == part)
+        for was, part in zip(before, chain.from_iterable(now), strict=True))
 
 
 @dataclass

@@ -130,12 +130,12 @@ def encoded_page(ports: Sequence[AppliedServicePort], memo: PortMemo,
         n = sp.name
         allocation = allocations.get((n.namespace, n.name))
         entry = entries.get((n, sp.family))
-        kept = entry.kept if entry is not None and entry.port is sp else None
-        if kept is not None and (kept[0] is allocation or kept[0] == allocation):
-            out.append(kept[1])
-        else:
+        kept = _kept(entry.kept, allocation) if entry is not None and entry.port is sp \
+            else None
+        if kept is None:
             missing.append((len(out), sp, allocation))
-            out.append(b"")
+            kept = b""
+        out.append(kept)
     if missing:
         built = agent_pb2.GetServiceResponse()
         add_service_ports(built.ports, [sp for _, sp, _ in missing], allocations)
@@ -145,11 +145,19 @@ def encoded_page(ports: Sequence[AppliedServicePort], memo: PortMemo,
             out[at] = framed
             entry = entries.get((sp.name, sp.family))
             if entry is not None and entry.port is sp:
-                entry.kept = (allocation, framed)
+                entry.kept = framed if allocation is None else (allocation, framed)
     if next_token:
         token = next_token.encode()
         out.append(b"\x12" + _varint(len(token)) + token)
     return b"".join(out)
+
+
+def _kept(kept, allocation) -> bytes | None:
+    """A kept encoding if it was made with this allocation: kept as the bytes alone when
+    nothing was allocated (most ports: less memory), else (allocation, bytes)."""
+    if kept is None or type(kept) is bytes:
+        return kept if allocation is None else None
+    return kept[1] if kept[0] is allocation or kept[0] == allocation else None
 
 
 def _varint(n: int) -> bytes:
