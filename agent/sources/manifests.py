@@ -137,6 +137,7 @@ class ManifestSource:
         # files read again because another file's change altered what they admit: their
         # bytes are the same, their admission is not
         self._force: set[str] | frozenset[str] = frozenset()
+        self._gone: set[str] = set()       # files gone since the control plane settled
         # Progress, read by the health server's thread: the file being read (or "" for the
         # listing) and since when, while a pass runs; when the last pass ended, once watching.
         self._busy: tuple[str, float] | None = None
@@ -322,7 +323,8 @@ class ManifestSource:
                 self._force = frozenset()
 
         try:
-            return self.control_plane.settled(scan(names), lambda: self._files, again)
+            return self.control_plane.settled(scan(names), lambda: self._files, again,
+                                              self._take_gone)
         finally:
             self._notable = {name for name in self._notable if name in self._files and
                              _notable(self._files[name])}
@@ -331,6 +333,10 @@ class ManifestSource:
             self._busy = None
             if self._last_pass is not None:
                 self._last_pass = time.monotonic()
+
+    def _take_gone(self) -> set[str]:
+        gone, self._gone = self._gone, set()
+        return gone
 
     def _rescan(self, touched: set[str] | frozenset[str]) -> list[ObjectChange]:
         # One descriptor of the directory for the pass: every stat and open is relative
@@ -371,6 +377,7 @@ class ManifestSource:
         affected: set[ObjectKey] = set()      # keys whose winning definition may change
         for name in gone_names:
             gone = self._files.pop(name)
+            self._gone.add(name)
             self._withholding.discard(name)
             self._notable.discard(name)
             self._index(name, gone.objects, None)

@@ -474,6 +474,19 @@ def test_a_watcher_woken_pass_looks_only_at_the_names_reported(tmp_path, monkeyp
     assert [held.origin for held in source.held_back] == ["b.yaml"]
 
 
+
+def test_a_file_gone_in_a_watcher_woken_pass_releases_what_was_allocated_to_it(tmp_path):
+    write(tmp_path, "a.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
+                              "spec: {type: NodePort, ports: [{port: 80}]}\n")
+    write(tmp_path, "b.yaml", svc("api", ip="10.96.0.11"))
+    source = ManifestSource(tmp_path)
+    source.rescan()
+    assert ("default", "web") in source.control_plane.allocations
+    (tmp_path / "a.yaml").unlink()
+    assert ports(source.rescan_names({"a.yaml"})) == {"Service default/web": None}
+    assert ("default", "web") not in source.control_plane.allocations
+
+
 def test_a_watcher_woken_pass_restats_symlinked_manifests(tmp_path):
     """A manifest that is a symlink changes when its target does, under another name:
     a watcher-woken pass stats it too (a ConfigMap volume's keys, a link to a file)."""

@@ -199,28 +199,35 @@ class ControlPlane:
         return [pair for i in sorted(out) for pair in out[i]]
 
     def settled(self, changes: list, files: Callable[[], Iterable[str]],
-                read_again: Callable[[set[str]], list]) -> list:
+                read_again: Callable[[set[str]], list],
+                gone: Callable[[], Iterable[str]] | None = None) -> list:
         """A pass's changes once settled: files whose objects another file's change
         altered (an address taken back, Endpoints mirrored or no longer) are read again
-        at once, so the consumer never sees a state no cluster would have stored."""
+        at once, so the consumer never sees a state no cluster would have stored. gone,
+        when given, names the files gone since it was last asked (else all are looked at)."""
         for _ in range(_ROUNDS):
-            again = self.settle(files())
+            again = self.settle(files(), None if gone is None else gone())
             if not again:
                 break
             changes = merge_changes(changes, read_again(again))
         return changes
 
-    def settle(self, files: Iterable[str]) -> set[str]:
+    def settle(self, files: Iterable[str], gone: Iterable[str] | None = None) -> set[str]:
         """Ends a pass: forgets files gone, releases what an earlier run remembered for
-        Services not read, saves the allocations, and returns the files to read again."""
-        # the source's own record of its files (a dict) is not copied: a one-file pass
-        # costs that file
+        Services not read, saves the allocations, and returns the files to read again.
+        gone: the files gone since the last settle, when the caller knows them (a
+        one-file pass then costs that file, not a look at every file)."""
+        # the source's own record of its files (a dict) is not copied
         present = files if isinstance(files, (dict, set, frozenset)) else set(files)
-        for file in [f for f in self._file_services if f not in present]:
+        services_files = self._file_services if gone is None else \
+            [f for f in gone if f in self._file_services]
+        endpoints_files = self._file_endpoints if gone is None else \
+            [f for f in gone if f in self._file_endpoints]
+        for file in [f for f in services_files if f not in present]:
             for key in self._file_services.pop(file):
                 if self._services.get(key) is not None and self._services[key].file == file:
                     self._release(key, None)
-        for file in [f for f in self._file_endpoints if f not in present]:
+        for file in [f for f in endpoints_files if f not in present]:
             del self._file_endpoints[file]
         for problems in (self._refused, self._shared):
             for key, (file, _) in list(problems.items()):
