@@ -436,7 +436,9 @@ static double percentile_ns(const struct histogram *h, double p)
 /* Error kinds that are not an errno: the server closing before it answered (EOF), a UDP
  * answer from another address than asked (WRONG_SOURCE), anything unexpected (BAD_REPLY).
  * A bounded wait that ran out is ETIMEDOUT. Only transactions that start after the warmup
- * are counted, successes and errors alike. */
+ * are counted as done; an error counts when it ends after the warmup, even one begun
+ * before: a connect() that timed out across the warmup's end held the measured window up
+ * (a bulk stream then measures nothing), and the result must say why. */
 #define ERRNO_SLOTS 512
 enum { ERR_EOF = ERRNO_SLOTS - 3, ERR_WRONG_SOURCE, ERR_BAD_REPLY };
 
@@ -462,11 +464,12 @@ struct client_worker {
 	unsigned id;
 };
 
-static void count_error(struct client_worker *w, uint64_t started, int err)
+static void count_error(struct client_worker *w, int err)
 {
-	if (started >= w->cfg->measure_from) {
+	uint64_t end = now_ns();
+	if (end >= w->cfg->measure_from) {
 		w->errors[err > 0 && err < ERRNO_SLOTS ? err : ERR_BAD_REPLY]++;
-		w->last_end_ns = now_ns();
+		w->last_end_ns = end;
 	}
 }
 
@@ -556,13 +559,13 @@ static void run_tcp_crr(struct client_worker *w)
 	for (uint64_t start; pace(cfg, &next), (start = now_ns()) < cfg->stop_at;) {
 		int fd = tcp_connect(cfg, true);
 		if (fd < 0) {
-			count_error(w, start, errno);
+			count_error(w, errno);
 			continue;
 		}
 		int err = exchange_byte(fd);
 		close(fd);
 		if (err)
-			count_error(w, start, err);
+			count_error(w, err);
 		else
 			count_done(w, start);
 	}
@@ -576,7 +579,7 @@ static void run_tcp_rr(struct client_worker *w)
 		if (fd < 0) {
 			/* (Re)connecting is not a transaction; a failure to is an error. */
 			if ((fd = tcp_connect(cfg, true)) < 0) {
-				count_error(w, start, errno);
+				count_error(w, errno);
 				continue;
 			}
 			int one = 1;
@@ -585,7 +588,7 @@ static void run_tcp_rr(struct client_worker *w)
 		}
 		int err = exchange_byte(fd);
 		if (err) {
-			count_error(w, start, err);
+			count_error(w, err);
 			close(fd);
 			fd = -1;
 		} else {
@@ -659,12 +662,12 @@ static void run_udp(struct client_worker *w, bool new_socket_each)
 	int fd = -1;
 	for (uint64_t start; (start = now_ns()) < cfg->stop_at;) {
 		if (fd < 0 && (fd = udp_socket(cfg)) < 0) {
-			count_error(w, start, errno);
+			count_error(w, errno);
 			continue;
 		}
 		int err = udp_exchange(w, fd, ++seq);
 		if (err)
-			count_error(w, start, err);
+			count_error(w, err);
 		else
 			count_done(w, start);
 		if (new_socket_each) {
@@ -696,11 +699,11 @@ static void run_tcp_stream(struct client_worker *w)
 	for (uint64_t start; (start = now_ns()) < cfg->stop_at;) {
 		if (fd < 0) {
 			if ((fd = tcp_connect(cfg, false)) < 0) {
-				count_error(w, start, errno);
+				count_error(w, errno);
 				continue;
 			}
 			if (send(fd, "S", 1, MSG_NOSIGNAL) != 1) {
-				count_error(w, start, errno);
+				count_error(w, errno);
 				close(fd);
 				fd = -1;
 				continue;
@@ -712,7 +715,7 @@ static void run_tcp_stream(struct client_worker *w)
 		}
 		ssize_t n = send(fd, buf, sizeof(buf), MSG_NOSIGNAL);
 		if (n < 0) {
-			count_error(w, start, timeout_errno(errno));
+			count_error(w, timeout_errno(errno));
 			close(fd);
 			fd = -1;
 			continue;

@@ -106,6 +106,22 @@ def test_unanswered_udp_times_out_within_the_run(pods, binary):
     print(f"unanswered udp_rr: {result['seconds']:.2f} s for a {DURATION} s run")
 
 
+def test_a_connect_that_times_out_across_the_warmup_is_counted(pods, binary):
+    """The server's SYNs are dropped: tcp_stream's connect() begins in the warmup and times
+    out after it, when the window is over. That error is the run's: else a bulk stream that
+    measured nothing would not say why (the north-south bench's rows of 0 Gbit/s)."""
+    server_pod, client, _server = pods
+    for rule in (["add", "table", "inet", "bpfpdrop"],
+                 ["add", "chain", "inet", "bpfpdrop", "in",
+                  "{ type filter hook input priority 0; }"],
+                 ["add", "rule", "inet", "bpfpdrop", "in", "tcp", "dport", str(PORTS[0]),
+                  "drop"]):
+        server_pod.run(["nft", *rule], check=True)
+    result = run_client(client, binary, "tcp_stream", server_pod.ip, PORTS[0], "--warmup",
+                        "0.5", "--duration", "0.2", "--timeout", "1")
+    assert result["bytes"] == 0 and result["errors"] == {"ETIMEDOUT": 1}, result
+
+
 def test_server_exits_cleanly_on_sigterm(pods):
     server_pod, _client, server = pods
     server.send_signal(signal.SIGTERM)
