@@ -3,6 +3,7 @@ table, flags, hash), and the same entry shrunk when its change is refused. Pure.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import replace
 
 from agent.model.types import ServicePortState
@@ -50,21 +51,20 @@ def frontend_key(f, key: ServiceKey) -> FrontendKey:
 
 def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
           frontends: tuple[FrontendKey, ...], old: KernelService | None,
-          maglev_m: int = 0, addrs: dict[int, BackendAddr] | None = None) -> KernelService:
+          maglev_m: int = 0, last: list | None = None) -> KernelService:
     """The service port part as the kernel will hold it: surviving backends keep their
     slots; flags from its scope (source ranges when firewalled, Maglev from outside).
-    addrs: the BackendAddr made for each Backend object so far in this plan, by id(): the
-    parts and same-number ports that share a Backend share its slot value too (one
-    object per endpoint, not per slot). The caller keeps the Backends alive meanwhile."""
-    if addrs is None:
-        wanted = [BackendAddr(b.address, b.port) for b in state.backends]
+    last: [backends, slot values] of the previous call in this plan, updated here. The
+    parts of one port and the same-number ports of one slice come one after the other in
+    name order with the very same Backend objects (the model shares them): those share
+    the slot values, and a new port's slot tuple too (one per endpoint, not per slot)."""
+    backends = state.backends
+    if last and len(last[0]) == len(backends) and all(map(operator.is_, last[0], backends)):
+        wanted = last[1]
     else:
-        wanted = []
-        for b in state.backends:
-            addr = addrs.get(id(b))
-            if addr is None:
-                addr = addrs[id(b)] = BackendAddr(b.address, b.port)
-            wanted.append(addr)
+        wanted = tuple([BackendAddr(b.address, b.port) for b in backends])
+        if last is not None:
+            last[:] = (backends, wanted)
     scope = key.scope
     flags = 0
     if scope == FIREWALLED:
@@ -74,7 +74,7 @@ def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
     # across nodes.
     if maglev_m and scope != INTERNAL and len(wanted) < min(maglev_m, 65536):
         flags |= SVC_F_MAGLEV
-    local = [addr for b, addr in zip(state.backends, wanted, strict=True) if b.local]
+    local = [addr for b, addr in zip(backends, wanted, strict=True) if b.local]
     return KernelService(svc_id, key.family, frontends,
                          stable_slots(old.backends if old else (), wanted),
                          name_hash=port_hash(key),
@@ -83,7 +83,7 @@ def entry(key: ServiceKey, state: ServicePortState, svc_id: int,
                          local=frozenset(local) if local else NO_BACKENDS)
 
 
-def stable_slots(old: tuple[BackendAddr, ...], wanted: list[BackendAddr]
+def stable_slots(old: tuple[BackendAddr, ...], wanted: Sequence[BackendAddr]
                  ) -> tuple[BackendAddr, ...]:
     """Surviving backends keep their slot; new ones fill the holes, then the tail moves in.
     Fewer writes on large services, and no slot ever names a backend twice."""
@@ -96,7 +96,7 @@ def stable_slots(old: tuple[BackendAddr, ...], wanted: list[BackendAddr]
     return placed_slots(old, wanted)
 
 
-def placed_slots(old: tuple[BackendAddr, ...], wanted: list[BackendAddr]
+def placed_slots(old: tuple[BackendAddr, ...], wanted: Sequence[BackendAddr]
                  ) -> tuple[BackendAddr, ...]:
     """stable_slots' rule without its shortcuts (the tests hold the shortcuts to it)."""
     wanted_set = set(wanted)

@@ -67,7 +67,7 @@ def _plan_all(desired: DesiredState, order: list[ServiceKey],
     losers: dict[FrontendKey, set] = {}
     result: AppliedState = {}
     refused_keys = set()
-    addrs: dict = {}        # entry()'s BackendAddr per Backend; desired keeps those alive
+    last: list = []         # entry()'s previous backends and slot values
     for key in order:
         svc_id = ids[key]
         if service_of(key) in held:
@@ -81,7 +81,7 @@ def _plan_all(desired: DesiredState, order: list[ServiceKey],
         frontends = claim(key, desired[key], svc_id, owners, losers, conflicts)
         if frontends:     # else nothing can reach it: write no slots for it
             result[svc_id] = entry(key, desired[key], svc_id, frontends,
-                                   applied.get(svc_id), maglev_m, addrs)
+                                   applied.get(svc_id), maglev_m, last)
     claimed = set(ids.values()) if keep_unclaimed else set()
     for svc_id in sorted(keep_unclaimed):
         old = applied.get(svc_id)

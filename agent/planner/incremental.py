@@ -78,7 +78,7 @@ def _plan_changes(desired: Mapping, previous: Plan, changed: set[ServiceKey], ma
     # table a frontend still points at
     next_id = previous.next_id
     conflicts: list[str] = []
-    addrs: dict = {}        # entry()'s BackendAddr per Backend; desired keeps those alive
+    last: list = []         # entry()'s previous backends and slot values
     for key in changed:
         if key not in desired:
             continue
@@ -94,7 +94,7 @@ def _plan_changes(desired: Mapping, previous: Plan, changed: set[ServiceKey], ma
             if owners.get(f) == svc_id:
                 del owners[f]
         if frontends:
-            result[svc_id] = entry(key, state, svc_id, frontends, old, maglev_m, addrs)
+            result[svc_id] = entry(key, state, svc_id, frontends, old, maglev_m, last)
         else:
             result.pop(svc_id, None)
     ops, removed = diff(previous.result, result, owners, touched, maglev_m)
