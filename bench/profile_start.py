@@ -7,7 +7,7 @@ PY_SPY = os.environ.get("PY_SPY", "py-spy")
 SITE = '# profiling hook (scratch, not project code): SIGUSR2 dumps a tracemalloc snapshot\nimport os, signal, tracemalloc\nif os.environ.get("BPFP_TRACEMALLOC_OUT"):\n    tracemalloc.start(25)\n    def _dump(*_):\n        snap = tracemalloc.take_snapshot()\n        snap.dump(os.environ["BPFP_TRACEMALLOC_OUT"])\n        open(os.environ["BPFP_TRACEMALLOC_OUT"] + ".done", "w").close()\n    signal.signal(signal.SIGUSR2, _dump)\n'
 from bench import sources, workload
 from bench.topology import AgentClient
-MODE, SOURCE = sys.argv[1], sys.argv[2]        # plain|pyspy|tracemalloc|churn-pyspy, yaml|json|kube
+MODE, SOURCE = sys.argv[1], sys.argv[2]        # plain|churn|pyspy|tracemalloc|churn-pyspy, yaml|json|kube
 N, E = int(sys.argv[3]) if len(sys.argv) > 3 else 10000, 10
 W = Path(f"/tmp/bpfp-profile-{SOURCE}")
 shutil.rmtree(W, ignore_errors=True); (W / "manifests").mkdir(parents=True)
@@ -53,16 +53,21 @@ try:
     print(f"{SOURCE}: ready after {st.last_sync_unix - t0:.2f}s (last sync {st.last_sync_seconds:.2f}s) "
           f"rss {mem['VmRSS']} MiB peak {mem['VmHWM']} MiB; GetStatus median {polls[10]*1e3:.1f} ms "
           f"(min {polls[0]*1e3:.1f}, max {polls[-1]*1e3:.1f})", flush=True)
-    if MODE == "churn-pyspy" or MODE == "tracemalloc":
+    if MODE in ("churn", "churn-pyspy", "tracemalloc"):
         # churn: every slice rewritten
         new = sources.with_extra_endpoint(objects)
         want = 2 * N * (E + 1)
         if SOURCE == "kube":
-            b = time.time(); kube.put(*new)
+            cpu0 = sources.cpu_seconds(p.pid); s0 = c.status(); b = time.time(); kube.put(*new)
         else:
-            staged = sources.write_objects(W / "manifests", new, SOURCE); b = time.time(); sources._publish(staged)
-        st = c.wait(lambda s: s.backends == want and s.last_sync_unix > b, timeout=900)
-        print(f"{SOURCE}: churn -> kernel {st.last_sync_unix - b:.2f}s", flush=True)
+            # the staged files' events pass first; the clock starts at the renames
+            staged = sources.write_objects(W / "manifests", new, SOURCE); time.sleep(2)
+            cpu0 = sources.cpu_seconds(p.pid); s0 = c.status(); b = time.time(); sources._publish(staged)
+        st = c.wait(lambda s: s.backends == want and s.last_sync_unix > b, timeout=900, poll=0.05)
+        # the agent's CPU time (and its children's), rewrite -> kernel; syncs it took
+        print(f"{SOURCE}: churn -> kernel {st.last_sync_unix - b:.2f}s cpu "
+              f"{sources.cpu_seconds(p.pid) - cpu0:.2f}s syncs {st.syncs - s0.syncs} "
+              f"full {st.full_syncs - s0.full_syncs}", flush=True)
     if MODE == "tracemalloc":
         os.kill(p.pid, signal.SIGUSR2)
         while not Path(str(W / "tm.snap") + ".done").exists():
