@@ -391,6 +391,7 @@ def measure_target(bed: NsBed, where: str, frontend: str, plan: Plan, out: North
     figures["crr_p99_us"].add(crr["p99_us"])
     stream = bed.client(["tcp_stream", *common], plan.seconds)
     figures["bits_per_second"].add(stream["bits_per_second"])
+    figures["bulk_retransmits"].add(stream["retransmits"])   # a STALLED bulk: lost or idle
     out.errors[key] += 0                  # a row without errors says 0
     for phase, result in (("flood", full), ("paced", paced), ("crr", crr), ("bulk", stream)):
         for kind, n in result["errors"].items():

@@ -14,11 +14,12 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parent / "loadgen.c"
 DEFAULT_OUT = SOURCE.parent / "build"
 CLIENT_MODES = ("tcp_crr", "tcp_rr", "udp_rr", "udp_crr", "tcp_stream", "udp_flood")
-# Every client result has these; tcp_stream has bytes/bits_per_second instead of the rest,
+# Every client result has these; tcp_stream has bytes/bits_per_second (and its connections'
+# retransmitted segments) instead of the rest,
 # udp_flood (one-way, the receiver counts arrivals) what it sent.
 COMMON_FIELDS = ("mode", "threads", "errors", "seconds")
 RR_FIELDS = ("transactions", "rate", "p50_us", "p90_us", "p99_us", "max_us")
-STREAM_FIELDS = ("bytes", "bits_per_second")
+STREAM_FIELDS = ("bytes", "bits_per_second", "retransmits")
 FLOOD_FIELDS = ("packets", "rate", "flows")
 MODE_FIELDS = {"tcp_stream": STREAM_FIELDS, "udp_flood": FLOOD_FIELDS}
 

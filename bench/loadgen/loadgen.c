@@ -434,13 +434,15 @@ static double percentile_ns(const struct histogram *h, double p)
 /* -- clients --------------------------------------------------------------------------- */
 
 /* Error kinds that are not an errno: the server closing before it answered (EOF), a UDP
- * answer from another address than asked (WRONG_SOURCE), anything unexpected (BAD_REPLY).
+ * answer from another address than asked (WRONG_SOURCE), anything unexpected (BAD_REPLY),
+ * a bulk stream whose connection was up and saw nothing acknowledged in the window
+ * (STALLED).
  * A bounded wait that ran out is ETIMEDOUT. Only transactions that start after the warmup
  * are counted as done; an error counts when it ends after the warmup, even one begun
  * before: a connect() that timed out across the warmup's end held the measured window up
  * (a bulk stream then measures nothing), and the result must say why. */
 #define ERRNO_SLOTS 512
-enum { ERR_EOF = ERRNO_SLOTS - 3, ERR_WRONG_SOURCE, ERR_BAD_REPLY };
+enum { ERR_STALLED = ERRNO_SLOTS - 4, ERR_EOF, ERR_WRONG_SOURCE, ERR_BAD_REPLY };
 
 enum mode { TCP_CRR, TCP_RR, UDP_RR, UDP_CRR, TCP_STREAM };
 static const char *const mode_names[] = {"tcp_crr", "tcp_rr", "udp_rr", "udp_crr", "tcp_stream"};
@@ -450,6 +452,7 @@ struct client_config {
 	struct address target;
 	bool connected;
 	uint64_t measure_from, stop_at; /* monotonic ns */
+	uint64_t timeout_ns;
 	struct timeval timeout;
 	int timeout_ms;
 	uint64_t interval_ns; /* --rate: a thread starts a transaction at most this often */
@@ -461,6 +464,7 @@ struct client_worker {
 	struct histogram hist;
 	uint64_t errors[ERRNO_SLOTS];
 	uint64_t bytes, last_end_ns;
+	uint64_t retransmits; /* tcp_stream: segments its connections sent again (TCP_INFO) */
 	unsigned id;
 };
 
@@ -688,6 +692,39 @@ static int unacked(int fd)
 	return queued;
 }
 
+/* Segments fd's connection sent again: a STALLED stream with some lost packets on the way;
+ * with none, the sender or the receiver did not run (or read). */
+static uint64_t retransmitted(int fd)
+{
+	struct tcp_info info;
+	socklen_t len = sizeof(info);
+	memset(&info, 0, sizeof(info));
+	if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) < 0)
+		return 0;
+	return info.tcpi_total_retrans;
+}
+
+/* A blocking send() bounded by the window's next edge when that comes before --timeout:
+ * the stream's loop is back at the warmup's end and at the deadline even while the peer
+ * acknowledges nothing, so the window is measured at its edges. Else one send() blocked
+ * across the warmup's end (its 64 KiB waiting for room) started the window only when it
+ * returned, and one blocked across the whole window measured nothing and said nothing:
+ * bits_per_second 0, errors {}. Returns send()'s result; *at_edge: it was cut at the edge. */
+static ssize_t send_until(int fd, const void *buf, size_t len, uint64_t edge,
+			  const struct client_config *cfg, bool *at_edge)
+{
+	uint64_t now = now_ns(), wait = cfg->timeout_ns;
+	*at_edge = edge > now && edge - now < wait;
+	if (*at_edge)
+		wait = edge - now;
+	struct timeval tv = {.tv_sec = (time_t)(wait / 1000000000u),
+			     .tv_usec = (suseconds_t)(wait % 1000000000u / 1000u)};
+	if (tv.tv_sec == 0 && tv.tv_usec == 0)
+		tv.tv_usec = 1; /* zero would mean "wait forever" */
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	return send(fd, buf, len, MSG_NOSIGNAL);
+}
+
 static void run_tcp_stream(struct client_worker *w)
 {
 	const struct client_config *cfg = w->cfg;
@@ -713,9 +750,14 @@ static void run_tcp_stream(struct client_worker *w)
 			measuring = true;
 			delivered = unacked(fd); /* written before the window, delivered in it */
 		}
-		ssize_t n = send(fd, buf, sizeof(buf), MSG_NOSIGNAL);
+		bool at_edge;
+		ssize_t n = send_until(fd, buf, sizeof(buf),
+				       measuring ? cfg->stop_at : cfg->measure_from, cfg, &at_edge);
 		if (n < 0) {
+			if (at_edge && (errno == EAGAIN || errno == EWOULDBLOCK))
+				continue; /* the edge came first: not an error */
 			count_error(w, timeout_errno(errno));
+			w->retransmits += retransmitted(fd);
 			close(fd);
 			fd = -1;
 			continue;
@@ -728,6 +770,9 @@ static void run_tcp_stream(struct client_worker *w)
 	if (fd >= 0) {
 		if (measuring)
 			delivered -= unacked(fd);
+		if (delivered <= 0)
+			count_error(w, ERR_STALLED); /* up through the window, nothing went */
+		w->retransmits += retransmitted(fd);
 		close(fd);
 	}
 	w->bytes = delivered > 0 ? (uint64_t)delivered : 0;
@@ -759,6 +804,8 @@ static void *client_run(void *arg)
 static const char *error_name(int slot, char *spare, size_t size)
 {
 	switch (slot) {
+	case ERR_STALLED:
+		return "STALLED";
 	case ERR_EOF:
 		return "EOF";
 	case ERR_WRONG_SOURCE:
@@ -816,6 +863,7 @@ static int cmd_client(struct client_config *cfg, int nthreads, double duration, 
 	if (cfg->timeout.tv_sec == 0 && cfg->timeout.tv_usec == 0)
 		cfg->timeout.tv_usec = 1; /* zero would mean "wait forever" */
 	cfg->timeout_ms = (int)(timeout * 1000.0 + 0.999);
+	cfg->timeout_ns = (uint64_t)(timeout * 1e9);
 	uint64_t begin = now_ns();
 	cfg->measure_from = begin + (uint64_t)(warmup * 1e9);
 	cfg->stop_at = cfg->measure_from + (uint64_t)(duration * 1e9);
@@ -830,7 +878,8 @@ static int cmd_client(struct client_config *cfg, int nthreads, double duration, 
 			die("pthread_create");
 	}
 	struct histogram *all = calloc(1, sizeof(*all));
-	uint64_t errors[ERRNO_SLOTS] = {0}, bytes = 0, last_end = cfg->measure_from;
+	uint64_t errors[ERRNO_SLOTS] = {0}, bytes = 0, retransmits = 0;
+	uint64_t last_end = cfg->measure_from;
 	if (!all)
 		die("calloc");
 	for (int t = 0; t < nthreads; t++) {
@@ -839,6 +888,7 @@ static int cmd_client(struct client_config *cfg, int nthreads, double duration, 
 		for (int e = 0; e < ERRNO_SLOTS; e++)
 			errors[e] += workers[t].errors[e];
 		bytes += workers[t].bytes;
+		retransmits += workers[t].retransmits;
 		if (workers[t].last_end_ns > last_end)
 			last_end = workers[t].last_end_ns;
 	}
@@ -854,6 +904,7 @@ static int cmd_client(struct client_config *cfg, int nthreads, double duration, 
 	if (cfg->mode == TCP_STREAM) {
 		printf(", \"bytes\": %" PRIu64 ", \"bits_per_second\": %.0f", bytes,
 		       (double)bytes * 8.0 / seconds);
+		printf(", \"retransmits\": %" PRIu64, retransmits);
 	} else {
 		bool any = all->total > 0;
 		printf(", \"transactions\": %" PRIu64 ", \"rate\": %.1f", all->total,

@@ -122,6 +122,24 @@ def test_a_connect_that_times_out_across_the_warmup_is_counted(pods, binary):
     assert result["bytes"] == 0 and result["errors"] == {"ETIMEDOUT": 1}, result
 
 
+def test_a_stream_that_stalls_across_the_window_says_so(pods, binary):
+    """The server's data segments are dropped (the handshake and the 1-byte 'S' pass): the
+    stream's send() blocks before the warmup ends and nothing is acknowledged in the window.
+    The window is measured at its edges all the same, and the run names the stall; before,
+    the one send() blocked across the whole window (until --timeout) left it unstarted:
+    bytes 0, errors {} (a north-south bench bulk row of 0 Gbit/s saying nothing of why)."""
+    server_pod, client, _server = pods
+    for rule in (["add", "table", "inet", "bpfpdrop"],
+                 ["add", "chain", "inet", "bpfpdrop", "in",
+                  "{ type filter hook input priority 0; }"],
+                 ["add", "rule", "inet", "bpfpdrop", "in", "tcp", "dport", str(PORTS[0]),
+                  "meta", "length", "gt", "100", "drop"]):
+        server_pod.run(["nft", *rule], check=True)
+    result = run_client(client, binary, "tcp_stream", server_pod.ip, PORTS[0], "--warmup",
+                        "0.3", "--duration", "0.3", "--timeout", "1")
+    assert result["bytes"] == 0 and result["errors"] == {"STALLED": 1}, result
+
+
 def test_server_exits_cleanly_on_sigterm(pods):
     server_pod, _client, server = pods
     server.send_signal(signal.SIGTERM)
