@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # at 10k x 10, CPU: a quarter changed 0.7 s incremental vs 1.5-1.7 s full, a half about
 # even (1.6 / 1.9 s), all of them 2.5-3.3 vs 1.8-2.3 s (issue 16, third pass)
 FULL_SYNC_SHARE = 0.5
+# an incremental sync of at least this many services leaves much long-lived memory too:
+# frozen like a full sync's (a churn of 10k x 10 arrives as incremental batches)
+FREEZE_AFTER_SERVICES = 1000
 
 
 class Source(TypingProtocol):
@@ -234,7 +237,7 @@ class Agent:
                    event_to_kernel_seconds=(self.status.last_event_to_kernel_seconds
                                             if since is not None else 0.0),
                    service_ports=len(result.result))
-        if full and self.freeze_heap:
+        if self.freeze_heap and (full or len(dirty) >= FREEZE_AFTER_SERVICES):
             freeze_after_full_sync()
         await self._cleaner.after_sync(gone, lost, result.removed_udp)
         return True

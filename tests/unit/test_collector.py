@@ -80,3 +80,27 @@ def test_an_agent_that_freezes_its_heap_does_so_after_a_full_sync_only_when_aske
     assert synced(False) == 0
     assert synced(True) > 0
     assert gc.isenabled()
+
+
+def test_a_large_incremental_sync_freezes_the_heap_as_a_full_one_does(monkeypatch):
+    """A churn arrives as incremental batches (under half the services each): a batch of
+    many services leaves as much long-lived memory as a full sync, frozen alike; a small
+    one does not freeze (its young objects are the collector's business)."""
+    from agent import agent as agent_module
+    monkeypatch.setattr(agent_module, "FREEZE_AFTER_SERVICES", 3)
+    services = [service(f"s{i}", [f"10.96.0.{i + 1}"]) for i in range(10)]
+    slices = [endpoint_slice(f"s{i}", ["10.0.0.1"]) for i in range(10)]
+
+    def freezes(changed: int) -> list[tuple[int, int]]:
+        batch = upserts(*[endpoint_slice(f"s{i}", ["10.0.0.2"]) for i in range(changed)])
+        agent = Agent(ScriptedSource([upserts(*services, *slices), batch]),
+                      FakeServiceMaps(), min_sync_period=0.01, freeze_heap=True)
+        seen = []
+        monkeypatch.setattr(agent_module, "freeze_after_full_sync", lambda: seen.append(
+            (agent.status.syncs, agent.status.full_syncs)))
+        run(agent)
+        assert agent.status.full_syncs == 1 and agent.status.syncs == 2
+        return seen
+
+    assert freezes(2) == [(1, 1)]                  # the first, full sync only
+    assert freezes(4) == [(1, 1), (2, 1)]          # and the large incremental one
