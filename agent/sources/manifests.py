@@ -137,6 +137,9 @@ class ManifestSource:
         # files read again because another file's change altered what they admit: their
         # bytes are the same, their admission is not
         self._force: set[str] | frozenset[str] = frozenset()
+        # files holding a Service the control plane refused, as the pass began: always
+        # parsed, so a touch (or a ConfigMap's ..data swap) retries the Service
+        self._refusing: set[str] = set()
         self._gone: set[str] = set()       # files gone since the control plane settled
         # Progress, read by the health server's thread: the file being read (or "" for the
         # listing) and since when, while a pass runs; when the last pass ended, once watching.
@@ -314,6 +317,7 @@ class ManifestSource:
     def _pass(self, scan: Callable[[set[str] | frozenset[str]], list[ObjectChange]],
               names: set[str] | frozenset[str]) -> list[ObjectChange]:
         self._busy = ("", time.monotonic())
+        self._refusing = self.control_plane.refusing()
 
         def again(stale: set[str]) -> list[ObjectChange]:
             self._force = stale
@@ -542,9 +546,11 @@ class ManifestSource:
         known = previous.known if previous else False
         path = self.directory / name
         limit = self.max_json_bytes if path.suffix == ".json" else self.max_file_bytes
-        # a clean last read of the same bytes stands (nothing held back for this file)
+        # a clean last read of the same bytes stands (nothing held back for this file,
+        # no Service of it refused: its admission may differ now)
         same = previous.digest if previous is not None and previous.known and \
-            not _notable(previous) and name not in self._force else None
+            not _notable(previous) and name not in self._force and \
+            name not in self._refusing else None
         try:
             signature, documents, digest = _load_documents(path, limit, self.directory,
                                                            directory_fd, same)

@@ -237,6 +237,19 @@ def test_exhaustion_is_reported_once_per_version_and_the_previous_version_kept(c
     assert control_plane.problems == ()
 
 
+def test_room_freed_by_a_change_retries_the_refused_like_a_deletion():
+    """A node port or cluster IP let go by an edit (NodePort -> ClusterIP, an explicit
+    address) frees room as a deleted Service does: the refused Services' files are named."""
+    control_plane = ControlPlane(node_port_range="30000-30001")
+    admitted(control_plane, "a.yaml", svc("a", type="NodePort"), svc("b", type="NodePort"))
+    assert admitted(control_plane, "c.yaml", svc("c", type="NodePort")) == []
+    assert control_plane.stale == set()
+    admitted(control_plane, "a.yaml", svc("a"), svc("b", type="NodePort"))
+    assert control_plane.stale == {"c.yaml"}
+    assert admitted(control_plane, "c.yaml", svc("c", type="NodePort"))[0]["spec"]["ports"]
+    assert control_plane.problems == ()
+
+
 def test_allocations_are_remembered_across_a_restart(tmp_path):
     state = tmp_path / "bpfp.allocations.json"
     first = ControlPlane("10.96.0.0/28", state_file=state)

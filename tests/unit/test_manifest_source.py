@@ -584,6 +584,53 @@ def test_a_file_rewritten_with_the_same_bytes_is_not_parsed_again(tmp_path, monk
     assert ports(source.rescan_names({"a.yaml"})) == {} and parsed == ["api"]
 
 
+def node_port_svc(name: str, kind: str = "NodePort") -> str:
+    return (f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n"
+            f"spec: {{type: {kind}, ports: [{{port: 80}}], selector: {{app: {name}}}}}\n")
+
+
+def test_a_service_refused_for_want_of_a_node_port_is_admitted_once_another_frees_one(
+        tmp_path):
+    """A Service refused because the node-port range was full is admitted in the very pass
+    another Service's change (NodePort -> ClusterIP) frees a port, as a retried create
+    would be by kube-apiserver; no touch of its file needed."""
+    from agent.sources.apiserver.control_plane import ControlPlane
+    for name in "abc":
+        write(tmp_path, f"{name}.yaml", node_port_svc(name))
+    source = ManifestSource(tmp_path, control_plane=ControlPlane(node_port_range="30000-30001"))
+    assert set(ports(source.rescan())) == {"Service default/a", "Service default/b"}
+    assert [p[1] for p in source.control_plane.problems] == ["c"]
+    write(tmp_path, "a.yaml", node_port_svc("a", "ClusterIP"))
+    changes = {change.key.name: change.obj for change in source.rescan_names({"a.yaml"})}
+    assert set(changes) == {"a", "c"} and changes["c"].ports[0].node_port in (30000, 30001)
+    assert source.control_plane.problems == ()
+
+
+def test_a_file_holding_a_refused_service_is_parsed_on_every_read(tmp_path, monkeypatch):
+    """Its admission may differ from one read to the next (room freed): a touch, a
+    same-bytes rewrite or a ConfigMap's ..data swap retries it, the digest skip aside."""
+    from agent.sources.apiserver.control_plane import ControlPlane
+    for name in "abc":
+        write(tmp_path, f"{name}.yaml", node_port_svc(name))
+    source = ManifestSource(tmp_path, control_plane=ControlPlane(node_port_range="30000-30001"))
+    admitted = []
+    real = source.control_plane.admit
+
+    def counting(file, documents):
+        admitted.append(file)
+        return real(file, documents)
+
+    monkeypatch.setattr(source.control_plane, "admit", counting)
+    source.rescan()
+    admitted.clear()
+    for name in ("a.yaml", "c.yaml"):          # replaced by rename: a new inode, same bytes
+        write(tmp_path, f".{name}.tmp", (tmp_path / name).read_text())
+        os.replace(tmp_path / f".{name}.tmp", tmp_path / name)
+    source.rescan_names({"a.yaml", "c.yaml"})
+    assert admitted == ["c.yaml"]              # a's same bytes stand; c's are admitted again
+    assert [p[1] for p in source.control_plane.problems] == ["c"]
+
+
 def test_listing_is_incomplete_while_a_file_cannot_be_parsed(tmp_path):
     """A restarted agent keeps what it adopted while the listing may lack objects."""
     write(tmp_path, "a.yaml", svc("a"))

@@ -431,11 +431,14 @@ class ControlPlane:
 
     def _commit(self, key: str, previous: _Admitted | None, record: _Admitted,
                 file: str) -> None:
+        freed = False
         if previous is not None:
             for family, ip in previous.held_ips() - record.held_ips():
                 self._let_go(self._ips[family], ip, key)
+                freed = True
             for port in previous.held_ports() - record.held_ports():
                 self._let_go(self._ports, port, key)
+                freed = True
         self._services[key] = record
         self._dirty.add(key)
         sharing = self._sharing.pop(key, None)
@@ -447,6 +450,8 @@ class ControlPlane:
         if self._refused.pop(key, None) is not None:
             self._reported.pop(key, None)
             log.info(kv(event="service_admitted", file=file, object=f"Service {key}"))
+        if freed:       # room freed (a NodePort now ClusterIP, a port dropped): as _release
+            self._retry_refused()
         if previous is None or previous.file is None or \
                 previous.selectorless != record.selectorless:
             self._endpoints_changed(key, file)
@@ -461,8 +466,18 @@ class ControlPlane:
         self._reported.pop(key, None)
         if record.file is not None:
             self._endpoints_changed(key, current_file)
-        # room freed: Services refused for want of it try again
+        self._retry_refused()
+
+    def _retry_refused(self) -> None:
+        """Room freed: the files of Services refused (for want of it, or anything else)
+        are read again in this pass, as a cluster's client retrying a refused create
+        would be admitted once there is room."""
         self._stale.update(file for file, _ in self._refused.values())
+
+    def refusing(self) -> set[str]:
+        """The files holding a Service refused: read (parsed and admitted) on every
+        read, never kept as the same bytes, since their admission may differ now."""
+        return {file for file, _ in self._refused.values()}
 
     def _endpoints_changed(self, key: str, current_file: str | None) -> None:
         """Whether key's Endpoints are mirrored changed: its file is read again (the
