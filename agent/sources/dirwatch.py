@@ -1,7 +1,8 @@
 """One directory's inotify watch (not recursive), on the event loop: which names changed,
 and whether only a whole pass can tell what did (the queue overflowed, a directory came
-or went, the watched directory itself was moved, deleted or unmounted). Linux only, as
-the agent is; watchfiles, used before, drops the overflow event (it carries no path)."""
+or went, the watched directory itself was moved, deleted or unmounted: then the watch has
+ended and rearm() watches whatever directory the path names again). Linux only, as the
+agent is; watchfiles, used before, drops the overflow event (it carries no path)."""
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,8 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
 # events after which the names reported cannot say what changed
 WHOLE_PASS = IN_Q_OVERFLOW | IN_ISDIR | IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
-# the watch is gone: nothing more will be reported
-WATCH_ENDED = IN_IGNORED | IN_UNMOUNT
+# the watch no longer follows the path: gone, or (moved) following the directory elsewhere
+WATCH_ENDED = IN_IGNORED | IN_UNMOUNT | IN_DELETE_SELF | IN_MOVE_SELF
 
 _EVENT = struct.Struct("iIII")          # struct inotify_event: wd, mask, cookie, len; name
 _READ_SIZE = 256 * 1024
@@ -51,16 +52,19 @@ class Events:
         self.ended |= other.ended
 
 
-def parse_events(data: bytes) -> Events:
+def parse_events(data: bytes, wd: int | None = None) -> Events:
     """The events in one read of an inotify descriptor (whole events only: the kernel
-    never splits one across reads)."""
+    never splits one across reads). wd, when given: events of other watches (one ended,
+    re-armed since) are left out; the queue's overflow (wd -1) is not."""
     out = Events()
     offset, size = 0, len(data)
     while offset + _EVENT.size <= size:
-        _, mask, _, length = _EVENT.unpack_from(data, offset)
+        event_wd, mask, _, length = _EVENT.unpack_from(data, offset)
         offset += _EVENT.size
         name = data[offset:offset + length].split(b"\0", 1)[0]
         offset += length
+        if wd is not None and event_wd not in (wd, -1):
+            continue
         if mask & WHOLE_PASS:
             out.whole = True
         if mask & WATCH_ENDED:
@@ -83,25 +87,51 @@ def _lib() -> ctypes.CDLL:
 class DirectoryWatch:
     """An inotify descriptor watching one directory. changed() waits for the first event,
     then until no more come for `step` seconds (at most `debounce` in all), and returns
-    what they say."""
+    what they say. The descriptor is watched by the loop only while changed() waits for
+    a first event: asyncio's readers are level-triggered, so one left registered through
+    the debounce's sleeps would be called on every turn of the loop while events are
+    pending (a busy loop for as long as a writer keeps writing)."""
 
     def __init__(self, directory: os.PathLike | str, step: float, debounce: float) -> None:
+        self.directory = directory
         self.step, self.debounce = step, debounce
-        libc = _lib()
-        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = _lib().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             raise _os_error("inotify_init1", directory)
-        if libc.inotify_add_watch(fd, os.fsencode(directory), WATCH_MASK) < 0:
-            error = _os_error("inotify_add_watch", directory)
-            os.close(fd)
-            raise error
         self._fd: int | None = fd
-        self._ready: asyncio.Event | None = None
+        self._wd: int | None = None        # None: not watching (ended, not re-armed yet)
+        try:
+            self._arm()
+        except OSError:
+            os.close(fd)
+            self._fd = None
+            raise
+
+    @property
+    def armed(self) -> bool:
+        return self._wd is not None
+
+    def _arm(self) -> None:
+        wd = _lib().inotify_add_watch(self._fd, os.fsencode(self.directory), WATCH_MASK)
+        if wd < 0:
+            raise _os_error("inotify_add_watch", self.directory)
+        self._wd = wd
+
+    def rearm(self) -> bool:
+        """After the watch ended: watch the directory the path names now. False while
+        there is none (moved away, deleted, not a directory): try again later."""
+        if self._fd is None:
+            return False
+        self._ended()
+        try:
+            self._arm()
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
+        """Also off the loop (the reader is registered only while changed() waits)."""
         if self._fd is not None:
-            if self._ready is not None:
-                asyncio.get_running_loop().remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
 
@@ -114,27 +144,56 @@ class DirectoryWatch:
                 return out
             if not data:
                 return out
-            out.add(parse_events(data))
+            # not armed: only an overflow is read (0 is no watch's number)
+            out.add(parse_events(data, 0 if self._wd is None else self._wd))
+
+    async def _readable(self) -> None:
+        """Until the descriptor has something to read: the reader is removed by its first
+        call (one call per wait, however long the events wait to be read)."""
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+        fd = self._fd
+
+        def wake() -> None:
+            loop.remove_reader(fd)
+            if not woken.done():
+                woken.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            await woken
+        finally:
+            loop.remove_reader(fd)
 
     async def changed(self, clock: Callable[[], float] = None) -> Events:
         loop = asyncio.get_running_loop()
         clock = clock or loop.time
-        if self._ready is None:
-            self._ready = asyncio.Event()
-            loop.add_reader(self._fd, self._ready.set)
         events = self._drain()
         while not (events.names or events.whole or events.ended):
-            self._ready.clear()
-            await self._ready.wait()
+            await self._readable()
             events = self._drain()
+        if events.ended:
+            self._ended()
+            return events
         first = clock()
-        while not events.ended and clock() - first < self.debounce:
+        while clock() - first < self.debounce:
             await asyncio.sleep(self.step)
             more = self._drain()
             if not (more.names or more.whole or more.ended):
                 break                           # quiet for a step: the writer is done
             events.add(more)
+            if more.ended:
+                self._ended()
+                break
         return events
+
+    def _ended(self) -> None:
+        """The watch no longer follows the path: a moved directory's watch is removed (it
+        would report the directory where it went); what the old watch still queues, its
+        IN_IGNORED included, is left out by its number (the kernel does not reuse it soon)."""
+        if self._wd is not None and self._fd is not None:
+            _lib().inotify_rm_watch(self._fd, self._wd)
+        self._wd = None
 
 
 def _os_error(call: str, directory) -> OSError:

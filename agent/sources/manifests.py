@@ -44,6 +44,7 @@ DEFAULT_STALL_SECONDS = 60.0
 # ... > file` truncates first): its deletions wait for a read this much later that agrees.
 DEFAULT_SHRINK_CONFIRM_SECONDS = 2.0
 WAIT_FOR_DIRECTORY = 0.5          # seconds between looks for a directory not there yet
+REARM_FIRST_SECONDS = 0.01        # the watched directory gone: first look again
 # Kubernetes objects nest about ten deep. libyaml's composer recurses in C and kills the
 # process on deep input (~40k levels on an 8 MiB stack, fewer on a thread's), so deeper
 # files are refused before the composer sees them; 1000 is also Python's recursion limit.
@@ -162,7 +163,7 @@ class ManifestSource:
                         waited_seconds=round(waited, 1)))
         wake, stop = asyncio.Event(), asyncio.Event()
         watcher = asyncio.create_task(self._watch(wake, stop))
-        # awatch arms inotify before its first await: one turn of the loop, and no edit can
+        # _watch arms inotify before its first await: one turn of the loop, and no edit can
         # fall between the listing below and the watch.
         await asyncio.sleep(0)
         self._last_pass = time.monotonic()
@@ -230,8 +231,7 @@ class ManifestSource:
                 self._whole |= events.whole
                 wake.set()
                 if events.ended:
-                    raise OSError(f"the watch on {self.directory} ended (the directory "
-                                  "was moved, deleted or unmounted)")
+                    await self._rearm(watch, wake, stop)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 -- the periodic resync still runs
@@ -240,6 +240,26 @@ class ManifestSource:
         finally:
             if watch is not None:
                 watch.close()
+
+    async def _rearm(self, watch: DirectoryWatch, wake: asyncio.Event,
+                     stop: asyncio.Event) -> None:
+        """The directory was moved, deleted or unmounted (a deploy swapping it by rename):
+        watch whatever directory the path names again, as soon as there is one (looked
+        for on a short backoff, up to WAIT_FOR_DIRECTORY apart), then a whole pass reads
+        it. Said once when the watch ends and once when it is back."""
+        log.warning(kv(event="watch_ended", directory=self.directory,
+                       reason="the directory was moved, deleted or unmounted",
+                       action="watching the path again once it is a directory"))
+        delay, since = REARM_FIRST_SECONDS, time.monotonic()
+        while not watch.rearm():
+            if stop.is_set():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WAIT_FOR_DIRECTORY)
+        self._whole = True     # what came before the new watch: only a listing tells
+        wake.set()
+        log.info(kv(event="watch_rearmed", directory=self.directory,
+                    after_seconds=round(time.monotonic() - since, 3)))
 
     def _next_read_in(self) -> float:
         """Seconds until the periodic resync (a resync period after the last whole pass),
