@@ -206,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # one line per file change is noise at info level; our source logs what matters
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     return {"agent": run_agent, "status": show_status, "services": show_services,
             "backends": show_backends, "stats": show_stats, "watch": watch_events,
             "cleanup": run_cleanup}[args.command](args)
