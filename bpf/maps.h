@@ -252,6 +252,12 @@ struct ct_key {
                                  * from the backend's node (the reply entry: ICMP only) */
 #define BPFP_CT_DSR_BACKEND 128 /* backend's node of a DSR flow: the forward entry keeps
                                  * the packet, the reply entry answers from the service */
+#define BPFP_CT_FIN_ACKED   256 /* TCP: the client's ACK of the backend's FIN passed, after
+                                 * the client's own FIN: neither end holds the connection */
+#define BPFP_CT_RST_LAST    512 /* TCP: an RST passed and, in this direction, nothing else
+                                 * since (a live flow's next packet clears it) */
+#define BPFP_CT_GONE        1024 /* the entry is being removed: set once, atomically, by the
+                                  * CPU that alone may delete it (nodeport.h ct_claim) */
 
 /* How long a SNATed flow the backend closed first keeps its port: the backend's
  * TIME_WAIT (Linux's TCP_TIMEWAIT_LEN). A new flow on that port before then meets the

@@ -298,9 +298,85 @@ static __always_inline struct ct_value *partner_of(struct ct_key *key, struct ct
         return same_key(&back, key) ? o : NULL;
 }
 
+/* Removing a flow. Several CPUs (XDP and TC too) may meet one old flow at once: new flows
+ * of other clients picking its SNAT port (claim_snat), its own late packets finding it
+ * expired. A map delete is not conditional: a CPU that
+ * deleted a key after another had removed the old flow and inserted a new flow's entry
+ * there would delete the new entry (two live flows SNATed to one port); and in the
+ * preallocated LRU map a pointer from an earlier lookup may meet an element already
+ * reused for another entry. So a flow's entries are deleted only by the CPU that claimed
+ * it (ct_claim, on its reply entry: remove_flow): the one whose atomic fetch-or set
+ * BPFP_CT_GONE on that entry, and which then found the element still the key's; the
+ * decision is taken again on the flags the fetch-or returned. No other BPF path then
+ * deletes it or puts another entry on that key (a SNAT port's reply entry goes in with
+ * BPF_NOEXIST only), so the delete removes that entry. Every flag change of an existing
+ * entry is an atomic or/and (track_tcp), which keeps the mark. Left unguarded: the
+ * agent's sweep (a fresh read, then a delete), nodeport.c's dsr_flow_left (a UDP DSR
+ * flow's entries, no SNAT port), a forward entry deleted with its claimed reply entry
+ * while a SYN of that client tuple opens a new flow on another CPU (np_open_flow writes
+ * it with BPF_ANY), and the LRU's own eviction when the table is full.
+ * The atomics are on the 64-bit word of flags and partner_refreshed: BCC's clang (LLVM 14
+ * without -mcpu=v3) has no 32-bit ones; on a little-endian target flags is its low half. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ct_word: flags is the low half of its 64-bit word on little-endian targets only"
+#endif
+static __always_inline __u64 *ct_word(struct ct_value *v)
+{
+        return (__u64 *)&v->flags;      /* offset 48 of 56: 8-byte aligned */
+}
+
+static __always_inline void ct_set_flags(struct ct_value *v, __u32 flags)
+{
+        __sync_fetch_and_or(ct_word(v), (__u64)flags);
+}
+
+/* Claim key's entry v for removal: 1 when this CPU set BPFP_CT_GONE on it (its flags
+ * before in *flags) and v is still key's entry. An element found reused for another key
+ * keeps the mark (releasing it might undo a claim made since): that entry is then removed
+ * by the agent's sweep once expired, or by the LRU. */
+static __always_inline int ct_claim(struct ct_key *key, struct ct_value *v, __u32 *flags)
+{
+        __u64 before = __sync_fetch_and_or(ct_word(v), (__u64)BPFP_CT_GONE);
+        if (before & BPFP_CT_GONE)
+                return 0;
+        if (bpfp_ct.lookup(key) != v)
+                return 0;
+        *flags = (__u32)before;
+        return 1;
+}
+
+/* Give a claim back (ct_claim returned 1) when the flow turned out not to be over. */
+static __always_inline void ct_release(struct ct_value *v)
+{
+        __sync_fetch_and_and(ct_word(v), ~(__u64)BPFP_CT_GONE);
+}
+
+/* Remove key's flow, v its entry and o its partner at other (partner_of's, or NULL), when
+ * this CPU claims it: 1 when it did. A flow is claimed on its reply entry (the one keyed
+ * by the SNAT port), or on v when alone: one claim per flow whichever entry a CPU met it
+ * by, so that no two CPUs delete the entries of one flow. */
+static __always_inline int remove_flow(struct ct_key *key, struct ct_value *v,
+                                       struct ct_value *o, struct ct_key *other)
+{
+        struct ct_key *lkey = key;
+        struct ct_value *lock = v;
+        if (o && !(v->flags & BPFP_CT_REPLY)) {
+                lkey = other;
+                lock = o;
+        }
+        __u32 flags;
+        if (!ct_claim(lkey, lock, &flags))
+                return 0;
+        if (o)
+                bpfp_ct.delete(other);
+        bpfp_ct.delete(key);
+        return 1;
+}
+
 /* A flow is over when neither of its entries is alive (a one-way stream refreshes its
  * partner only now and then, so one entry alone may lag). Its entries are removed and
- * 0 returned; a live flow's lagging entry takes its partner's time and 1 is returned. */
+ * 0 returned; a live flow's lagging entry takes its partner's time and 1 is returned.
+ * 0 too when another CPU claimed the flow first: that one removes it. */
 static __always_inline int expire_flow(struct ct_key *key, struct ct_value *v, __u64 now)
 {
         struct ct_key other = {};
@@ -309,9 +385,7 @@ static __always_inline int expire_flow(struct ct_key *key, struct ct_value *v, _
                 v->expires = o->expires;
                 return 1;
         }
-        if (o)
-                bpfp_ct.delete(&other);
-        bpfp_ct.delete(key);
+        remove_flow(key, v, o, &other);
         return 0;
 }
 
@@ -439,24 +513,73 @@ static __always_inline int source_allowed(struct pkt *p, struct svc_value *svc)
  * Two plain loops and one take-over between them keep the verifier's work small.
  *
  * When the range is nearly full, the last SNAT_CLOSING_TRIES tries may also take the port
- * of a TCP flow that is closing (an RST, or a FIN each way) before its close timeout is
- * over, as Linux's SNAT (kube-proxy's MASQUERADE) does in its last attempts since 6.5
- * (nf_nat_used_tuple_harder: "snat: evict closing tcp entries on reply tuple collision").
- * The close timeout is only a margin for the old flow's last packets, and a new flow
- * refused for want of a port costs its client a second (its SYN's retransmission): at the
- * defaults, 4,536 ports held 10 s each after an RST last a client of one backend 4,536
- * connections, under a second of TCP_CRR. Not a flow the backend closed first: it holds
- * TIME_WAIT on that tuple and would refuse the new SYN (BPFP_CT_TIME_WAIT_HOLD). */
+ * of a TCP flow that is over for both ends before its close timeout is, as Linux's SNAT
+ * (kube-proxy's MASQUERADE) does in its last attempts since 6.5 (nf_nat_used_tuple_harder:
+ * "snat: evict closing tcp entries on reply tuple collision"). The close timeout is only a
+ * margin for the old flow's last packets, and a new flow refused for want of a port costs
+ * its client a second (its SYN's retransmission): at the defaults, 4,536 ports held 10 s
+ * each after an RST last a client of one backend 4,536 connections, under a second of
+ * TCP_CRR. Linux (nf_nat_may_kill) evicts a conntrack entry only in TIME_WAIT (the last
+ * ACK seen) or CLOSE (an RST inside the window), and only a reply-direction clash. Here,
+ * with no sequence numbers kept (snat_flow_done):
+ *  - the FIN way: the client's FIN, the backend's FIN, then the client's ACK of it
+ *    (BPFP_CT_FIN_ACKED; Linux's LAST_ACK -> TIME_WAIT): the backend's socket is gone.
+ *    Not at the second FIN: the backend in LAST_ACK would resend its FIN to the new
+ *    client until that ACK came;
+ *  - the RST way: an RST and, in each direction, nothing but RSTs since (BPFP_CT_RST_LAST,
+ *    cleared by the next other packet of that direction). A stray RST (out of window:
+ *    the ends ignore it) into a flow that is still talking does not free its port: the
+ *    client's next segment, the backend's challenge ACK clear it. Into an idle flow it
+ *    does, until either end sends: the cost of keeping no sequence numbers; an RST
+ *    answered by anything but RSTs is Linux's ignored one;
+ *  - never a flow the backend closed first: it holds TIME_WAIT on that tuple and would
+ *    refuse the new SYN (BPFP_CT_TIME_WAIT_HOLD).
+ * Only reply entries are looked at: the port's key (backend -> node:port) is the reply
+ * direction, as Linux's clash is. */
 #define SNAT_CLOSING_TRIES (SNAT_TRIES / 4)
 
+/* Whether a SNATed TCP flow not yet past its time is over for both ends (flags: its reply
+ * entry's; partner: its forward entry's, or BPFP_CT_RST_LAST when it has none). */
+static __always_inline int snat_flow_done(__u32 flags, __u32 partner)
+{
+        if (flags & (BPFP_CT_TIME_WAIT | BPFP_CT_GONE))
+                return 0;
+        if (flags & BPFP_CT_FIN_ACKED)
+                return 1;
+        return (flags & partner & BPFP_CT_RST_LAST) != 0;
+}
+
 /* Whether old's port may go to a new flow: past its time, or (late: the last tries) its
- * TCP flow closing with no TIME_WAIT at the backend. */
+ * TCP flow over for both ends. A first look: take_port decides on the claimed flags. */
 static __always_inline int snat_port_yields(struct ct_value *old, __u64 now, int late)
 {
         if (old->expires < now)
                 return 1;
-        return late && (old->flags & (BPFP_CT_CLOSING | BPFP_CT_TIME_WAIT)) == BPFP_CT_CLOSING;
+        return late && snat_flow_done(old->flags, BPFP_CT_RST_LAST);
 }
+
+/* Free rkey's port, held by old (snat_port_yields), for a new flow: 1 when old's flow is
+ * gone (removed here, or by another CPU that claimed it first: the caller's insert, with
+ * BPF_NOEXIST, then tells whether this CPU got the port). */
+static __always_inline int take_port(struct ct_key *rkey, struct ct_value *old, __u64 now)
+{
+        if (old->expires < now)
+                return !expire_flow(rkey, old, now);
+        __u32 flags;
+        if (!ct_claim(rkey, old, &flags))       /* old: a reply entry, its flow's claim */
+                return 0;
+        struct ct_key other = {};
+        struct ct_value *o = partner_of(rkey, old, &other);
+        if (!snat_flow_done(flags, o ? o->flags : BPFP_CT_RST_LAST)) {
+                ct_release(old);
+                return 0;
+        }
+        if (o)
+                bpfp_ct.delete(&other);
+        bpfp_ct.delete(rkey);
+        return 1;
+}
+
 static __always_inline int try_port(struct pkt *p, struct ct_value *fwd,
                                     struct ct_value *rev, struct ct_key *rkey)
 {
@@ -481,18 +604,9 @@ static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
                 old = NULL;
         }
         if (old) {
-                /* past its time, taken when its partner is too; closing, taken with its
-                 * partner. Another CPU may take it first: then its insert wins and we go on */
-                int over = 1;
-                if (old->expires < now) {
-                        over = !expire_flow(rkey, old, now);
-                } else {
-                        struct ct_key other = {};
-                        if (partner_of(rkey, old, &other))
-                                bpfp_ct.delete(&other);
-                        bpfp_ct.delete(rkey);
-                }
-                if (over && bpfp_ct.insert(rkey, rev) == 0) {
+                /* of the CPUs that picked this port, one alone removes the old flow (it
+                 * claimed it) and one alone inserts (BPF_NOEXIST); the others go on */
+                if (take_port(rkey, old, now) && bpfp_ct.insert(rkey, rev) == 0) {
                         tc_event(BPFP_TCEV_SNAT_PORT_REUSED);
                         return 1;
                 }
@@ -508,15 +622,28 @@ static __always_inline int claim_snat(struct pkt *p, struct ct_value *fwd,
 
 /* TCP's progress on both entries of a flow: established once a reply passed, closing
  * after an RST or a FIN each way (then the short close timeout applies, or the backend's
- * TIME_WAIT when it closed first and the flow is SNATed). */
-#define CT_SHARED (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING | BPFP_CT_TIME_WAIT)
+ * TIME_WAIT when it closed first and the flow is SNATed); over for both ends
+ * (snat_flow_done) after the client's ACK of the backend's FIN, or an RST with nothing
+ * else since. Flags change by atomic or/and only (ct_claim's mark must stay). */
+#define CT_SHARED (BPFP_CT_ESTABLISHED | BPFP_CT_CLOSING | BPFP_CT_TIME_WAIT | \
+                   BPFP_CT_FIN_ACKED | BPFP_CT_RST_LAST)
 static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 now)
 {
         __u32 add = 0;
         if ((v->flags & BPFP_CT_REPLY) && !(v->flags & BPFP_CT_ESTABLISHED))
                 add |= BPFP_CT_ESTABLISHED;
         if (p->tcp_flags & TH_RST)
-                add |= BPFP_CT_CLOSING;
+                add |= BPFP_CT_CLOSING | BPFP_CT_RST_LAST;
+        else    /* this side still talks: not reset (no branch: the verifier's paths) */
+                __sync_fetch_and_and(ct_word(v), ~(__u64)BPFP_CT_RST_LAST);
+        /* the client's pure ACK once its FIN and the flow's closing passed, the backend
+         * not first (its FIN too: checked below), not yet seen: the last ACK */
+        __u32 last = ((p->tcp_flags & (TH_SYN | TH_ACK | TH_FIN | TH_RST)) ^ TH_ACK) |
+                     ((v->flags & (BPFP_CT_REPLY | BPFP_CT_FIN | BPFP_CT_CLOSING |
+                                   BPFP_CT_TIME_WAIT | BPFP_CT_FIN_ACKED)) ^
+                      (BPFP_CT_FIN | BPFP_CT_CLOSING));
+        if (!last)
+                add |= BPFP_CT_FIN_ACKED;
         if (v->flags & BPFP_CT_DSR) {
                 /* the entry node of a DSR flow sees the client's side alone: its ACK of the
                  * backend's SYN-ACK establishes the flow, its FIN closes it */
@@ -527,23 +654,27 @@ static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 n
                         add |= BPFP_CT_CLOSING;
         }
         if ((p->tcp_flags & TH_FIN) && !(v->flags & BPFP_CT_FIN)) {
-                v->flags |= BPFP_CT_FIN;
+                ct_set_flags(v, BPFP_CT_FIN);
                 add |= BPFP_CT_FIN;     /* tells the other entry, which checks its own */
         }
         if (!add)
                 return;
         struct ct_key other = {};
         struct ct_value *o = partner_of(&p->t, v, &other);
-        if (o && (add & BPFP_CT_FIN)) {
+        if (!o) {
+                ct_set_flags(v, add & CT_SHARED & ~BPFP_CT_FIN_ACKED);
+                return;
+        }
+        if (add & BPFP_CT_FIN) {
                 if (o->flags & BPFP_CT_FIN)
                         add |= BPFP_CT_CLOSING;
                 else if (v->flags & BPFP_CT_REPLY)
                         add |= BPFP_CT_TIME_WAIT;       /* the backend's FIN came first */
         }
-        v->flags |= add & CT_SHARED;
-        if (!o)
-                return;
-        o->flags |= add & CT_SHARED;
+        /* the last ACK's only after both FINs (not an RST's closing): FIN_ACKED is FIN << 4 */
+        add &= ~((~o->flags & BPFP_CT_FIN) << 4);
+        ct_set_flags(v, add & CT_SHARED);
+        ct_set_flags(o, add & CT_SHARED);
         o->expires = now + lifetime(p, o->flags);
 }
 
@@ -568,8 +699,12 @@ static __always_inline void keep_alive(struct pkt *p, struct ct_value *v, __u64 
 /* --- the steps both programs take ---------------------------------------------------- */
 
 /* The packet's flow: its entry, or NULL for a new flow. A flow past its time goes (both
- * entries); so does a closed one whose client tuple opens a new connection (a SYN on
- * ingress), which is then balanced afresh. */
+ * entries). A closed one whose client tuple opens a new connection (a SYN on ingress) is
+ * left for a new flow, balanced afresh: its forward entry is overwritten by the new
+ * flow's, and its reply entry, which no longer finds a partner, holds its old port until
+ * it is over (claim_snat may take it) or past its time. Not deleted here: that would take
+ * a claim (the port's entry may be another CPU's by now), which costs the verifier more
+ * than the program may have. */
 static __always_inline struct ct_value *np_find_flow(struct pkt *p, int ingress, __u64 now)
 {
         struct ct_value *v = bpfp_ct.lookup(&p->t);
@@ -579,10 +714,6 @@ static __always_inline struct ct_value *np_find_flow(struct pkt *p, int ingress,
         }
         if (v && ingress && (p->tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN &&
             (v->flags & (BPFP_CT_CLOSING | BPFP_CT_REPLY)) == BPFP_CT_CLOSING) {
-                struct ct_key other = {};
-                if (partner_of(&p->t, v, &other))
-                        bpfp_ct.delete(&other);
-                bpfp_ct.delete(&p->t);
                 v = NULL;
         }
         return v;

@@ -137,6 +137,7 @@ class CtValue(ctypes.Structure):
 # ct_value.flags: BPFP_CT_<name>
 CT_REPLY, CT_SNAT, CT_CLOSING, CT_ESTABLISHED, CT_FIN, CT_TIME_WAIT = 1, 2, 4, 8, 16, 32
 CT_DSR, CT_DSR_BACKEND = 64, 128
+CT_FIN_ACKED, CT_RST_LAST, CT_GONE = 256, 512, 1024
 
 # bpfp_tc_events slots: what the TC path did, per CPU, as SOCK_EVENTS: slot i is
 # BPFP_TCEV_<TC_EVENTS[i] in capitals>

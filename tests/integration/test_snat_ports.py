@@ -3,12 +3,13 @@ thousands of short connections through one node's NodePort, many times the 4,536
 the SNAT range, all answered; afterwards the flow table empties and status shows no port in
 use. A flow the backend closed first keeps its port while the backend holds TIME_WAIT. A
 full range gives a new connection the port of a closed flow that the backend holds nothing
-for.
+for, and only of one over for both ends (the last ACK passed, or an RST with nothing after).
 
 Before the fix, a closed flow's port stayed taken until a packet with exactly its tuple
 came by: after about 4,500 connections to one backend every new one was dropped."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -215,14 +216,7 @@ def test_a_full_range_gives_a_new_connection_the_port_of_a_closed_flow(world):
     Flows the backend closed first keep their ports all the same: the backend holds
     TIME_WAIT there. Node 1's agent is given its first flags back at the end."""
     cluster, binary = world
-    agent = cluster.agents[1]
-    first_args = agent.extra_args
-    low, high = SNAT_HIGH + 1, SNAT_HIGH + 64
-    agent.stop()
-    agent.extra_args = first_args + (
-        "--snat-port-range", f"{low}-{high}", "--conntrack-tcp-close-timeout", "30")
-    agent.start()
-    try:
+    with small_range(cluster) as (low, high):
         before = tc_events(cluster)
         result = crr(cluster, binary, 1.0)
         events = {k: v - before.get(k, 0) for k, v in tc_events(cluster).items()}
@@ -246,14 +240,140 @@ def test_a_full_range_gives_a_new_connection_the_port_of_a_closed_flow(world):
         events = {k: v - before.get(k, 0) for k, v in tc_events(cluster).items()}
         assert events["no_snat_port"] == 0 and events["snat_port_reused"] > 200, events
         assert held.items() <= time_wait_flows(cluster, low, high).items()
+
+
+@contextlib.contextmanager
+def small_range(cluster):
+    """Node 1's agent restarted with 64 SNAT ports and a 30 s close timeout (its first
+    flags given back at the end): the range fills within a second of short connections."""
+    agent = cluster.agents[1]
+    first_args = agent.extra_args
+    low, high = SNAT_HIGH + 1, SNAT_HIGH + 64
+    agent.stop()
+    agent.extra_args = first_args + (
+        "--snat-port-range", f"{low}-{high}", "--conntrack-tcp-close-timeout", "30")
+    agent.start()
+    try:
+        yield low, high
     finally:
         agent.stop()
         agent.extra_args = first_args
         agent.start()
 
 
+def test_a_full_range_takes_no_port_of_a_flow_one_end_may_still_hold(world):
+    """With the range full, the last tries take only the port of a flow over for both ends
+    (Linux evicts TIME_WAIT, or CLOSE after an RST in the window): not that of a flow whose
+    client's last ACK did not pass (the backend, in LAST_ACK, resends its FIN to that
+    port), nor that of a live flow an RST from outside hit (out of the window: both ends
+    ignore it and talk on). Each keeps its port and its client while 300 connections closed
+    by their clients (a FIN each way, then the last ACK) take each other's; before, any RST
+    or a FIN each way let a port go."""
+    cluster, binary = world
+    node1 = cluster.node_ip(1, 4)
+    with small_range(cluster):
+        flows = cluster.external.popen([sys.executable, "-c", NOT_OVER_CLIENT, node1, "30093"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+        last_ack_withheld = None
+        try:
+            line = flows.stdout.readline().split()
+            assert line[:1] == ["ready"], (line, flows.stderr.read() if flows.poll() else "")
+            last_ack_withheld, stray_rst = int(line[1]), int(line[2])
+            before = snat_ports_of(cluster, (last_ack_withheld, stray_rst))
+            assert set(before) == {last_ack_withheld, stray_rst}, before
+            # the states meant: both FINs passed and no last ACK; the stray RST went
+            # through node 1 (its flow is closing) and the flow talked on after it
+            flags = before[last_ack_withheld][1]
+            assert flags & layout.CT_CLOSING and flags & layout.CT_FIN, flags
+            assert not flags & (layout.CT_TIME_WAIT | layout.CT_FIN_ACKED), flags
+            assert before[stray_rst][1] & layout.CT_CLOSING, before[stray_rst]
+            assert not before[stray_rst][1] & layout.CT_RST_LAST, before[stray_rst]
+
+            start = tc_events(cluster)
+            done = cluster.external.run([sys.executable, "-c", HOLD_CLIENT, node1, "30093",
+                                         "300", "f"], timeout=60)
+            assert done.stdout.strip() == "done", done.stderr
+            events = {k: v - start.get(k, 0) for k, v in tc_events(cluster).items()}
+            assert events["no_snat_port"] == 0 and events["snat_port_reused"] > 200, events
+            after = snat_ports_of(cluster, (last_ack_withheld, stray_rst))
+            assert {c: p for c, (p, _) in after.items()} == \
+                {c: p for c, (p, _) in before.items()}, (before, after)
+            flows.stdin.write("end\n")
+            flows.stdin.flush()
+            assert flows.stdout.readline().strip() == "done", flows.stderr.read()
+        finally:
+            flows.kill()
+            flows.wait()
+            if last_ack_withheld is not None:
+                cluster.external.run(["iptables", "-D", "OUTPUT", *drop_last_ack(
+                    last_ack_withheld)])
+
+
+# Two connections to HOLD_SERVER at ADDR:PORT that are not over for both ends. One closed
+# each way whose last ACK is dropped in the client's namespace (an iptables rule on its
+# port): the backend stays in LAST_ACK. One hit by an RST from a raw socket, out of the
+# window (a sequence number at random), then used again. Prints "ready" and their client
+# ports; on a line from stdin, sends on the live one once more and prints "done".
+NOT_OVER_CLIENT = """
+import random, socket, struct, subprocess, sys, time
+addr, port = sys.argv[1], int(sys.argv[2])
+def csum(data):
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+withheld = socket.create_connection((addr, port), timeout=2)
+live = socket.create_connection((addr, port), timeout=2)
+withheld.sendall(b"x")
+live.sendall(b"x")
+time.sleep(0.2)
+wport = withheld.getsockname()[1]
+subprocess.run(["iptables", "-A", "OUTPUT", *RULE.replace("PORT", str(wport)).split()],
+               check=True)
+withheld.shutdown(socket.SHUT_WR)       # the server answers with its FIN
+src, lport = live.getsockname()
+rst = struct.pack("!HHIIBBHHH", lport, port, random.getrandbits(32), 0, 5 << 4, 0x04, 0, 0, 0)
+pseudo = socket.inet_aton(src) + socket.inet_aton(addr) + struct.pack("!BBH", 0, 6, len(rst))
+rst = rst[:16] + struct.pack("!H", csum(pseudo + rst)) + rst[18:]
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+raw.sendto(rst, (addr, 0))
+time.sleep(0.2)
+live.sendall(b"y")                      # talks on: the server ACKs it
+time.sleep(0.5)
+print("ready", wport, lport, flush=True)
+sys.stdin.readline()
+live.sendall(b"z")
+print("done", flush=True)
+"""
+
+
+def drop_last_ack(port: int) -> list[str]:
+    """The iptables rule (after its chain) that drops the pure ACKs from this client port."""
+    return ["-p", "tcp", "--sport", str(port), "--tcp-flags", "SYN,ACK,FIN,RST", "ACK",
+            "-j", "DROP"]
+
+
+NOT_OVER_CLIENT = NOT_OVER_CLIENT.replace("RULE", repr(" ".join(drop_last_ack(0)).replace(
+    "--sport 0", "--sport PORT")))
+
+
+def snat_ports_of(cluster, client_ports) -> dict[int, tuple[int, int]]:
+    """Node 1's flows to HOLD_SERVER from these client ports: client port -> (its SNAT
+    port, its reply entry's flags)."""
+    maps = BpfServiceMaps(cluster.agents[1].bpffs)
+    try:
+        return {socket.ntohs(v.dport): (socket.ntohs(k.dport), v.flags)
+                for k, v in maps.flows()
+                if k.sport == socket.htons(HOLD_PORT) and k.proto == socket.IPPROTO_TCP
+                and v.flags & layout.CT_REPLY and socket.ntohs(v.dport) in client_ports}
+    finally:
+        maps.close()
+
+
 # COUNT connections to HOLD_SERVER at ADDR:PORT: with FIRST "c", each read until the
-# server closes it (it holds TIME_WAIT); without, each reset by the client.
+# server closes it (it holds TIME_WAIT); with "f", each closed by the client first, the
+# server closing in answer; without, each reset by the client.
 HOLD_CLIENT = """
 import socket, struct, sys
 addr, port, count, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -261,6 +381,8 @@ for _ in range(count):
     with socket.create_connection((addr, port), timeout=2) as sock:
         if first:
             sock.sendall(first.encode())
+            if first == "f":
+                sock.shutdown(socket.SHUT_WR)
             while sock.recv(4096):
                 pass
         else:
