@@ -634,7 +634,7 @@ static __always_inline void track_tcp(struct pkt *p, struct ct_value *v, __u64 n
                 add |= BPFP_CT_ESTABLISHED;
         if (p->tcp_flags & TH_RST)
                 add |= BPFP_CT_CLOSING | BPFP_CT_RST_LAST;
-        else    /* this side still talks: not reset (no branch: the verifier's paths) */
+        else if (v->flags & BPFP_CT_RST_LAST)   /* this side still talks: not reset */
                 __sync_fetch_and_and(ct_word(v), ~(__u64)BPFP_CT_RST_LAST);
         /* the client's pure ACK once its FIN and the flow's closing passed, the backend
          * not first (its FIN too: checked below), not yet seen: the last ACK */
