@@ -103,7 +103,7 @@ class DrivenSocket:
 def write_services(directory, addresses: list[list[str]], family: int) -> None:
     """Two UDP services: 'dns' at VIPS[family][0] on addresses[0], 'dns2' at [1] on [1]
     (other backends: a socket's entries are per backend)."""
-    for name, vip, backends in zip(("dns", "dns2"), VIPS[family], addresses):
+    for name, vip, backends in zip(("dns", "dns2"), VIPS[family], addresses, strict=False):
         manifests.write(
             directory, f"{name}.yaml",
             manifests.service(name, vip, [{"name": "dns", "port": 53, "targetPort": 5353,
@@ -197,7 +197,7 @@ def test_a_socket_that_sends_to_more_backends_than_it_keeps_stays_bounded(make_l
     client_pod = lab.add_pod("client")
     directory = tmp_path / "manifests"
     vips = [f"10.96.1.{10 + i}" for i in range(len(ports))]
-    for i, (vip, port) in enumerate(zip(vips, ports)):
+    for i, (vip, port) in enumerate(zip(vips, ports, strict=True)):
         manifests.write(
             directory, f"dns{i}.yaml",
             manifests.service(f"dns{i}", vip, [{"name": "dns", "port": 53,

@@ -134,14 +134,14 @@ def ip_families(where: str, spec: dict, given: list[str], cluster: tuple[int, ..
     if policy == "SingleStack" and len(families) > 1:
         raise AdmissionError(f"Service {where}: spec.ipFamilyPolicy: SingleStack with two "
                              "IP families; service not served")
-    if policy == "RequireDualStack" or (policy == "PreferDualStack" and len(cluster) > 1):
-        if len(families) == 1:
-            other = 6 if families[0] == 4 else 4
-            if other not in cluster and policy == "RequireDualStack":
-                raise AdmissionError(
-                    f"Service {where}: spec.ipFamilyPolicy: RequireDualStack, but "
-                    f"--service-cluster-ip-range has no {FAMILY_NAMES[other]} range; "
-                    "service not served")
-            if other in cluster:
-                families.append(other)
+    if len(families) == 1 and (policy == "RequireDualStack"
+                               or (policy == "PreferDualStack" and len(cluster) > 1)):
+        other = 6 if families[0] == 4 else 4
+        if other not in cluster and policy == "RequireDualStack":
+            raise AdmissionError(
+                f"Service {where}: spec.ipFamilyPolicy: RequireDualStack, but "
+                f"--service-cluster-ip-range has no {FAMILY_NAMES[other]} range; "
+                "service not served")
+        if other in cluster:
+            families.append(other)
     return families[:2], policy
