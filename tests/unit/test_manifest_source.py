@@ -402,15 +402,20 @@ def test_deeply_nested_json_is_a_parse_error(tmp_path):
 
 # --- only changed files are read --------------------------------------------------------
 
-def test_only_changed_or_touched_files_are_reread(tmp_path, monkeypatch):
-    reads = []
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """The names of the files the source parses, in order, from here on."""
+    names: list[str] = []
     real = manifests._load_documents
 
     def counting(path, *args):
-        reads.append(path.name)
+        names.append(path.name)
         return real(path, *args)
 
     monkeypatch.setattr(manifests, "_load_documents", counting)
+    return names
+
+def test_only_changed_or_touched_files_are_reread(tmp_path, reads):
     write(tmp_path, "a.yaml", svc("web"))
     write(tmp_path, "b.yaml", svc("api"))
     source = ManifestSource(tmp_path)
@@ -433,18 +438,11 @@ def test_only_changed_or_touched_files_are_reread(tmp_path, monkeypatch):
 
 
 
-def test_a_watcher_woken_pass_looks_only_at_the_names_reported(tmp_path, monkeypatch):
+def test_a_watcher_woken_pass_looks_only_at_the_names_reported(tmp_path, monkeypatch,
+                                                               reads):
     """Issue 16: a pass the watcher woke for one file stats and reads that file only: no
     listing, and another file broken meanwhile is neither read nor reported until a pass
     names it (or the periodic pass lists the directory)."""
-    reads = []
-    real = manifests._load_documents
-
-    def counting(path, *args):
-        reads.append(path.name)
-        return real(path, *args)
-
-    monkeypatch.setattr(manifests, "_load_documents", counting)
     write(tmp_path, "a.yaml", svc("web"))
     write(tmp_path, "b.yaml", svc("api", ip="10.96.0.11"))
     write(tmp_path, "c.yaml", svc("db", ip="10.96.0.12"))
